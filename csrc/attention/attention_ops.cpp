@@ -1,0 +1,475 @@
+#include "attention_ops.h"
+
+#include <c10/util/irange.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
+#include "params.h"
+#ifdef AVAR_WITH_CUDA
+#include "cuda_dispatch.h"
+#endif
+
+namespace avar {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Sizes of one call, for the batched ([B, L, H, D]) or the varlen ([T, H, D] + cu_seqlens) layout.
+struct Geometry {
+  bool varlen = false;
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // varlen: batch = len(cu) - 1, seqlen = longest sequence
+  int64_t total_q = 0, total_k = 0;                // varlen: rows of q and k; batched: B·L
+  int64_t heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t covered_q = 0, covered_k = 0;  // varlen: cu_seqlens_*[-1] (rows past them belong to no sequence)
+};
+
+bool is_supported_dtype(const at::Device& device, at::ScalarType dt) {
+  if (device.is_cuda()) return dt == at::kHalf || dt == at::kBFloat16;
+  return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble;
+}
+
+void check_same_device(const Tensor& ref, const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "avar.attention: ", name, " must be on the same device as q (",
+                    ref.device(), "), got ", t.device());
+}
+
+void check_last_dim_contiguous(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "avar.attention: ", name,
+                    " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+// Reads cu_seqlens to the host, checks it and returns it (so kernels can trust every offset).
+std::vector<int32_t> check_cu_seqlens(const Tensor& cu, const Tensor& ref, const char* name, int64_t total,
+                                      const char* total_name) {
+  check_same_device(ref, cu, name);
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "avar.attention: ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2, "avar.attention: ", name,
+                    " must be 1-D with at least 2 entries (batch + 1), got shape ", cu.sizes());
+  const Tensor host = cu.to(at::kCPU).contiguous();
+  const int32_t* c = host.data_ptr<int32_t>();
+  std::vector<int32_t> vals(c, c + host.numel());
+  TORCH_CHECK_VALUE(vals[0] == 0, "avar.attention: ", name, "[0] must be 0, got ", vals[0]);
+  for (const auto i : c10::irange<size_t>(1, vals.size())) {
+    TORCH_CHECK_VALUE(vals[i] >= vals[i - 1], "avar.attention: ", name, " must be non-decreasing, got ",
+                      vals[i - 1], " then ", vals[i], " at index ", i);
+  }
+  TORCH_CHECK_VALUE(vals.back() <= total, "avar.attention: ", name, "[-1] = ", vals.back(), " is past the ", total,
+                    " rows of ", total_name);
+  return vals;
+}
+
+int64_t longest(const std::vector<int32_t>& cu) {
+  int64_t m = 0;
+  for (const auto i : c10::irange<size_t>(1, cu.size())) m = std::max<int64_t>(m, cu[i] - cu[i - 1]);
+  return m;
+}
+
+Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& cu_q, const OptTensor& cu_k,
+                   int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  Geometry g;
+  TORCH_CHECK_VALUE(cu_q.has_value() == cu_k.has_value(),
+                    "avar.attention: cu_seqlens_q and cu_seqlens_k must be given together (varlen), got ",
+                    cu_q.has_value() ? "only cu_seqlens_q" : "only cu_seqlens_k");
+  g.varlen = cu_q.has_value();
+  const int64_t rank = g.varlen ? 3 : 4;
+  const char* layout = g.varlen ? "[T, H, D] (varlen)" : "[B, L, H, D]";
+  TORCH_CHECK_VALUE(q.dim() == rank, "avar.attention: q must be ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == rank, "avar.attention: k must be ", layout, ", got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.dim() == rank, "avar.attention: v must be ", layout, ", got shape ", v.sizes());
+  check_same_device(q, k, "k");
+  check_same_device(q, v, "v");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "avar.attention: q, k and v must share one dtype, got q ", q.scalar_type(), ", k ",
+                   k.scalar_type(), ", v ", v.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_dtype(q.device(), q.scalar_type()), "avar.attention: q dtype ", q.scalar_type(),
+                   " is not supported on ", q.device().type(),
+                   q.is_cuda() ? " (expected float16 or bfloat16)" : " (expected float32, bfloat16 or float64)");
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "avar.attention: k and v must have the same shape, got k ", k.sizes(),
+                    " and v ", v.sizes());
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+
+  g.head_dim = q.size(-1);
+  g.heads = q.size(-2);
+  g.kv_heads = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == g.head_dim, "avar.attention: q and k must have the same head dim, got q ",
+                    q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK_VALUE(g.kv_heads > 0 && g.heads % g.kv_heads == 0,
+                    "avar.attention: the number of query heads must be a multiple of the number of kv heads "
+                    "(H % H_kv == 0), got H = ",
+                    g.heads, " and H_kv = ", g.kv_heads);
+  if (q.is_cuda()) {
+    TORCH_CHECK_VALUE(g.head_dim == 64 || g.head_dim == 80 || g.head_dim == 128,
+                      "avar.attention: head dim ", g.head_dim, " is not supported on CUDA (expected 64, 80 or 128)");
+  } else {
+    TORCH_CHECK_VALUE(g.head_dim >= 1 && g.head_dim <= 256, "avar.attention: head dim ", g.head_dim,
+                      " is not supported on the CPU (expected 1..256)");
+  }
+
+  if (g.varlen) {
+    const auto cq = check_cu_seqlens(*cu_q, q, "cu_seqlens_q", q.size(0), "q");
+    const auto ck = check_cu_seqlens(*cu_k, q, "cu_seqlens_k", k.size(0), "k");
+    TORCH_CHECK_VALUE(cq.size() == ck.size(), "avar.attention: cu_seqlens_q and cu_seqlens_k must have the same "
+                      "length (batch + 1), got ", cq.size(), " and ", ck.size());
+    g.batch = static_cast<int64_t>(cq.size()) - 1;
+    g.total_q = q.size(0);
+    g.total_k = k.size(0);
+    g.covered_q = cq.back();
+    g.covered_k = ck.back();
+    g.seqlen_q = longest(cq);
+    g.seqlen_k = longest(ck);
+    TORCH_CHECK_VALUE(max_seqlen_q <= 0 || max_seqlen_q >= g.seqlen_q, "avar.attention: max_seqlen_q = ",
+                      max_seqlen_q, " is smaller than the longest query sequence in cu_seqlens_q (", g.seqlen_q, ")");
+    TORCH_CHECK_VALUE(max_seqlen_k <= 0 || max_seqlen_k >= g.seqlen_k, "avar.attention: max_seqlen_k = ",
+                      max_seqlen_k, " is smaller than the longest key sequence in cu_seqlens_k (", g.seqlen_k, ")");
+  } else {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "avar.attention: q and k must have the same batch size, got q ",
+                      q.sizes(), " and k ", k.sizes());
+    g.batch = q.size(0);
+    g.seqlen_q = q.size(1);
+    g.seqlen_k = k.size(1);
+    g.total_q = g.batch * g.seqlen_q;
+    g.total_k = g.batch * g.seqlen_k;
+    g.covered_q = g.total_q;
+    g.covered_k = g.total_k;
+  }
+  return g;
+}
+
+void check_key_group(const Tensor& kg, const Tensor& q, const Geometry& g) {
+  check_same_device(q, kg, "key_group");
+  TORCH_CHECK_TYPE(kg.scalar_type() == at::kChar, "avar.attention: key_group must be int8, got ", kg.scalar_type());
+  if (g.varlen) {
+    TORCH_CHECK_VALUE(kg.dim() == 1 && kg.size(0) == g.total_k, "avar.attention: key_group must be [Tk] = [",
+                      g.total_k, "] (one group id per key row), got shape ", kg.sizes());
+  } else {
+    TORCH_CHECK_VALUE(kg.dim() == 2 && kg.size(0) == g.batch && kg.size(1) == g.seqlen_k,
+                      "avar.attention: key_group must be [B, Lk] = [", g.batch, ", ", g.seqlen_k,
+                      "], got shape ", kg.sizes());
+  }
+  if (kg.numel() > 0) {
+    const auto lo = kg.min().item<int>();
+    const auto hi = kg.max().item<int>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < kNumGroups, "avar.attention: key_group values must be in -1..",
+                      kNumGroups - 1, " (-1 masked, 0 other text, 1 visual, 2 system, 3 user text), got values in ",
+                      lo, "..", hi);
+  }
+}
+
+// A [H, G] or [G] float32 table, returned as a contiguous [H, G] float32 tensor; `fill` when absent.
+Tensor check_group_table(const OptTensor& t, const Tensor& q, int64_t heads, const char* name, float fill) {
+  if (!t.has_value()) return at::full({heads, kNumGroups}, fill, q.options().dtype(at::kFloat));
+  const Tensor& x = *t;
+  check_same_device(q, x, name);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "avar.attention: ", name, " must be float32, got ", x.scalar_type());
+  const bool per_head = x.dim() == 2 && x.size(0) == heads && x.size(1) == kNumGroups;
+  const bool shared = x.dim() == 1 && x.size(0) == kNumGroups;
+  TORCH_CHECK_VALUE(per_head || shared, "avar.attention: ", name, " must be [H, G] = [", heads, ", ", kNumGroups,
+                    "] or [G] = [", kNumGroups, "], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(at::isfinite(x).all().item<bool>(), "avar.attention: ", name,
+                    " must be finite, got non-finite values: ", x.to(at::kCPU));
+  return (shared ? x.unsqueeze(0).expand({heads, kNumGroups}) : x).contiguous();
+}
+
+void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "avar.attention: scale must be finite, got ", scale);
+}
+
+// Row strides of a [B, L, H, D] / [T, H, D] tensor in the unified (batch, row, head) addressing.
+struct Strides3 {
+  int64_t batch, row, head;
+};
+
+Strides3 bshd_strides(const Tensor& t, bool varlen) {
+  if (varlen) return {0, t.stride(0), t.stride(1)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// lse-like [B, H, L] / [H, T] and mass-like [B, H, L, G] / [H, T, G]: (batch, row, head) strides.
+Strides3 bhl_strides(const Tensor& t, bool varlen) {
+  if (varlen) return {0, t.stride(1), t.stride(0)};
+  return {t.stride(0), t.stride(2), t.stride(1)};
+}
+
+SeqLayout make_layout(const Geometry& g, const OptTensor& cu_q, const OptTensor& cu_k, double scale, bool causal) {
+  SeqLayout s;
+  s.cu_seqlens_q = g.varlen ? cu_q->data_ptr<int32_t>() : nullptr;
+  s.cu_seqlens_k = g.varlen ? cu_k->data_ptr<int32_t>() : nullptr;
+  s.batch = g.batch;
+  s.seqlen_q = g.seqlen_q;
+  s.seqlen_k = g.seqlen_k;
+  s.heads = g.heads;
+  s.kv_heads = g.kv_heads;
+  s.head_dim = g.head_dim;
+  s.causal = causal;
+  s.scale = static_cast<float>(scale);
+  return s;
+}
+
+// Everything the forward reads (not out/lse/mass), checked and laid into Params.
+struct PreparedInputs {
+  Geometry geo;
+  Tensor bias, logit_scale;  // [H, G] float32 contiguous
+  OptTensor cu_q, cu_k;      // contiguous int32
+  AttnFwdParams params;
+};
+
+PreparedInputs prepare_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& key_group,
+                              const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal,
+                              const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                              int64_t max_seqlen_k) {
+  PreparedInputs in;
+  in.geo = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Geometry& g = in.geo;
+  check_scale(scale);
+  if (key_group.has_value()) check_key_group(*key_group, q, g);
+  in.bias = check_group_table(bias, q, g.heads, "bias", 0.f);
+  in.logit_scale = check_group_table(logit_scale, q, g.heads, "logit_scale", 1.f);
+  if (g.varlen) {
+    in.cu_q = cu_seqlens_q->contiguous();
+    in.cu_k = cu_seqlens_k->contiguous();
+  }
+
+  AttnFwdParams& p = in.params;
+  p.seq = make_layout(g, in.cu_q, in.cu_k, scale, causal);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  const auto sq = bshd_strides(q, g.varlen), sk = bshd_strides(k, g.varlen), sv = bshd_strides(v, g.varlen);
+  p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
+  p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
+  p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
+  if (key_group.has_value()) {
+    p.key_group = key_group->data_ptr<int8_t>();
+    p.kg_batch_stride = g.varlen ? 0 : key_group->stride(0);
+    p.kg_row_stride = key_group->stride(-1);
+  }
+  p.bias = in.bias.data_ptr<float>();
+  p.logit_scale = in.logit_scale.data_ptr<float>();
+  return in;
+}
+
+void set_lse(AttnFwdParams& p, const Tensor& lse, bool varlen) {
+  const auto s = bhl_strides(lse, varlen);
+  p.lse = lse.data_ptr<float>();
+  p.lse_batch_stride = s.batch, p.lse_row_stride = s.row, p.lse_head_stride = s.head;
+}
+
+void set_mass(AttnFwdParams& p, const Tensor& mass, bool varlen) {
+  const auto s = bhl_strides(mass, varlen);
+  p.mass = mass.data_ptr<float>();
+  p.mass_batch_stride = s.batch, p.mass_row_stride = s.row, p.mass_head_stride = s.head;
+}
+
+std::vector<int64_t> lse_shape(const Geometry& g) {
+  if (g.varlen) return {g.heads, g.total_q};
+  return {g.batch, g.heads, g.seqlen_q};
+}
+
+std::vector<int64_t> mass_shape(const Geometry& g) {
+  auto s = lse_shape(g);
+  s.push_back(kNumGroups);
+  return s;
+}
+
+void check_like(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const Tensor& q, const char* name,
+                const char* what) {
+  check_same_device(q, t, name);
+  TORCH_CHECK_VALUE(t.sizes() == shape, "avar.attention_bwd: ", name, " must have shape ", shape, " (", what,
+                    "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "avar.attention_bwd: ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  check_last_dim_contiguous(t, name);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const OptTensor& key_group, const OptTensor& bias,
+                                                 const OptTensor& logit_scale, double scale, bool causal,
+                                                 const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+                                                 int64_t max_seqlen_q, int64_t max_seqlen_k, bool return_mass) {
+  PreparedInputs in = prepare_inputs(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
+                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Geometry& g = in.geo;
+  AttnFwdParams& p = in.params;
+
+  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::empty(lse_shape(g), q.options().dtype(at::kFloat));
+  Tensor mass = return_mass ? at::empty(mass_shape(g), q.options().dtype(at::kFloat))
+                            : at::empty({0}, q.options().dtype(at::kFloat));
+  if (g.covered_q < g.total_q) {
+    // varlen rows past cu_seqlens_q[-1] belong to no sequence: they attend to nothing.
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    if (return_mass) mass.zero_();
+  }
+  const auto so = bshd_strides(out, g.varlen);
+  p.out = out.data_ptr();
+  p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+  set_lse(p, lse, g.varlen);
+  if (return_mass) set_mass(p, mass, g.varlen);
+
+  if (q.numel() == 0) return {out, lse, mass};
+  if (q.is_cuda()) {
+#ifdef AVAR_WITH_CUDA
+    cuda_dispatch::attention_fwd(p, q.scalar_type());
+#else
+    TORCH_CHECK(false, "avar.attention: q is on ", q.device(), " but this build of avar_ops has no CUDA kernels "
+                "(rebuild with a CUDA torch and nvcc, without AVAR_FORCE_CPU=1)");
+#endif
+  } else {
+    cpu::attention_fwd(p, q.scalar_type());
+  }
+  return {out, lse, mass};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout, const OptTensor& dmass, const OptTensor& dlse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const OptTensor& mass, const OptTensor& key_group,
+    const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal, const OptTensor& cu_seqlens_q,
+    const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool need_dbias,
+    bool need_dlogit_scale) {
+  PreparedInputs in = prepare_inputs(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
+                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Geometry& g = in.geo;
+  check_like(out, q.sizes(), q.scalar_type(), q, "out", "the forward's output, like q");
+  check_like(dout, q.sizes(), q.scalar_type(), q, "dout", "the gradient of out, like q");
+  const auto lshape = lse_shape(g), mshape = mass_shape(g);
+  check_like(lse, lshape, at::kFloat, q, "lse", "the forward's log-sum-exp");
+  TORCH_CHECK_VALUE(!dmass.has_value() || mass.has_value(),
+                    "avar.attention_bwd: dmass was given without mass (the forward's masses are needed for D)");
+  if (mass.has_value()) check_like(*mass, mshape, at::kFloat, q, "mass", "the forward's masses");
+  if (dmass.has_value()) check_like(*dmass, mshape, at::kFloat, q, "dmass", "the gradient of mass");
+  if (dlse.has_value()) check_like(*dlse, lshape, at::kFloat, q, "dlse", "the gradient of lse");
+
+  AttnBwdParams bp;
+  bp.fwd = in.params;
+  AttnFwdParams& p = bp.fwd;
+  const auto so = bshd_strides(out, g.varlen);
+  p.out = const_cast<void*>(out.data_ptr());
+  p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+  set_lse(p, lse, g.varlen);
+  if (mass.has_value()) set_mass(p, *mass, g.varlen);
+
+  const auto sdo = bshd_strides(dout, g.varlen);
+  bp.dout = dout.data_ptr();
+  bp.do_batch_stride = sdo.batch, bp.do_row_stride = sdo.row, bp.do_head_stride = sdo.head;
+  if (dmass.has_value()) {
+    const auto s = bhl_strides(*dmass, g.varlen);
+    bp.dmass = dmass->data_ptr<float>();
+    bp.dmass_batch_stride = s.batch, bp.dmass_row_stride = s.row, bp.dmass_head_stride = s.head;
+  }
+  if (dlse.has_value()) {
+    const auto s = bhl_strides(*dlse, g.varlen);
+    bp.dlse = dlse->data_ptr<float>();
+    bp.dlse_batch_stride = s.batch, bp.dlse_row_stride = s.row, bp.dlse_head_stride = s.head;
+  }
+
+  // Kernels write every row of every sequence; varlen rows past the last sequence get no gradient.
+  const auto alloc = [](const Tensor& like, bool zero) {
+    return zero ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+  };
+  Tensor dq = alloc(q, g.covered_q < g.total_q);
+  Tensor dk = alloc(k, g.covered_k < g.total_k);
+  Tensor dv = alloc(v, g.covered_k < g.total_k);
+  const auto sdq = bshd_strides(dq, g.varlen), sdk = bshd_strides(dk, g.varlen), sdv = bshd_strides(dv, g.varlen);
+  bp.dq = dq.data_ptr();
+  bp.dk = dk.data_ptr();
+  bp.dv = dv.data_ptr();
+  bp.dq_batch_stride = sdq.batch, bp.dq_row_stride = sdq.row, bp.dq_head_stride = sdq.head;
+  bp.dk_batch_stride = sdk.batch, bp.dk_row_stride = sdk.row, bp.dk_head_stride = sdk.head;
+  bp.dv_batch_stride = sdv.batch, bp.dv_row_stride = sdv.row, bp.dv_head_stride = sdv.head;
+
+  const auto table = q.options().dtype(at::kFloat);
+  Tensor dbias = need_dbias ? at::zeros({g.heads, kNumGroups}, table) : at::empty({0}, table);
+  Tensor dlogit = need_dlogit_scale ? at::zeros({g.heads, kNumGroups}, table) : at::empty({0}, table);
+  bp.dbias = need_dbias ? dbias.data_ptr<float>() : nullptr;
+  bp.dlogit_scale = need_dlogit_scale ? dlogit.data_ptr<float>() : nullptr;
+
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dbias, dlogit};
+  }
+  if (q.is_cuda()) {
+#ifdef AVAR_WITH_CUDA
+    cuda_dispatch::attention_bwd(bp, q.scalar_type());
+#else
+    TORCH_CHECK(false, "avar.attention_bwd: q is on ", q.device(), " but this build of avar_ops has no CUDA kernels");
+#endif
+  } else {
+    cpu::attention_bwd(bp, q.scalar_type());
+  }
+  return {dq, dk, dv, dbias, dlogit};
+}
+
+Tensor attention_key_mass(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& query_weight,
+                          const OptTensor& key_group, const OptTensor& bias, const OptTensor& logit_scale,
+                          double scale, bool causal, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  // v is not read; k stands in for it so that the shared checks apply.
+  PreparedInputs in = prepare_inputs(q, k, k, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
+                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Geometry& g = in.geo;
+  const auto lshape = lse_shape(g);
+  check_same_device(q, lse, "lse");
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lshape), "avar.attention_key_mass: lse must have shape ",
+                    at::IntArrayRef(lshape), " (the forward's log-sum-exp), got ", lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "avar.attention_key_mass: lse must be float32, got ",
+                   lse.scalar_type());
+
+  check_same_device(q, query_weight, "query_weight");
+  TORCH_CHECK_TYPE(query_weight.scalar_type() == at::kFloat,
+                   "avar.attention_key_mass: query_weight must be float32, got ", query_weight.scalar_type());
+  KeyMassParams kp;
+  kp.fwd = in.params;
+  set_lse(kp.fwd, lse, g.varlen);
+  const Tensor w = query_weight;
+  if (g.varlen) {
+    const bool per_head = w.dim() == 2 && w.size(0) == g.heads && w.size(1) == g.total_q;
+    const bool shared = w.dim() == 1 && w.size(0) == g.total_q;
+    TORCH_CHECK_VALUE(per_head || shared, "avar.attention_key_mass: query_weight must be [H, Tq] = [", g.heads,
+                      ", ", g.total_q, "] or [Tq] = [", g.total_q, "], got shape ", w.sizes());
+    kp.w_batch_stride = 0;
+    kp.w_row_stride = w.stride(-1);
+    kp.w_head_stride = per_head ? w.stride(0) : 0;
+  } else {
+    const bool per_head = w.dim() == 3 && w.size(0) == g.batch && w.size(1) == g.heads && w.size(2) == g.seqlen_q;
+    const bool shared = w.dim() == 2 && w.size(0) == g.batch && w.size(1) == g.seqlen_q;
+    TORCH_CHECK_VALUE(per_head || shared, "avar.attention_key_mass: query_weight must be [B, H, Lq] = [", g.batch,
+                      ", ", g.heads, ", ", g.seqlen_q, "] or [B, Lq] = [", g.batch, ", ", g.seqlen_q,
+                      "], got shape ", w.sizes());
+    kp.w_batch_stride = w.stride(0);
+    kp.w_row_stride = w.stride(-1);
+    kp.w_head_stride = per_head ? w.stride(1) : 0;
+  }
+  kp.query_weight = w.data_ptr<float>();
+
+  const std::vector<int64_t> kshape =
+      g.varlen ? std::vector<int64_t>{g.heads, g.total_k} : std::vector<int64_t>{g.batch, g.heads, g.seqlen_k};
+  Tensor key_mass = at::zeros(kshape, q.options().dtype(at::kFloat));
+  const auto s = bhl_strides(key_mass, g.varlen);
+  kp.key_mass = key_mass.data_ptr<float>();
+  kp.km_batch_stride = s.batch, kp.km_row_stride = s.row, kp.km_head_stride = s.head;
+
+  if (q.numel() == 0 || k.numel() == 0) return key_mass;
+  if (q.is_cuda()) {
+#ifdef AVAR_WITH_CUDA
+    cuda_dispatch::attention_key_mass(kp, q.scalar_type());
+#else
+    TORCH_CHECK(false, "avar.attention_key_mass: q is on ", q.device(), " but this build has no CUDA kernels");
+#endif
+  } else {
+    cpu::attention_key_mass(kp, q.scalar_type());
+  }
+  return key_mass;
+}
+
+}  // namespace avar

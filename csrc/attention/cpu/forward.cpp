@@ -1,0 +1,154 @@
+// CPU forward: tiled online softmax with per-(head, group) logit scale and bias, and per-group masses.
+//
+// One task = (sequence b, kv head, query block). The rep = H / H_kv query heads that share the kv head are
+// stacked as rows of one tile, so each K/V tile is loaded once for all of them and the GEMMs are tall.
+// V is extended with G indicator columns (one-hot of the key's group): the same P·V GEMM then accumulates
+// the unnormalised group masses a[g], and the softmax denominator is l = Σ_g a[g] (masked keys have p = 0).
+#include "cpu_kernels.h"
+#include "row_ops.h"
+
+namespace avar::cpu {
+namespace {
+
+struct QueryBlock {
+  int64_t b, q0, cost;
+};
+
+// Query blocks of every sequence, most expensive first so that dynamic claiming balances the threads.
+std::vector<QueryBlock> query_blocks(const SeqLayout& s, int64_t block) {
+  std::vector<QueryBlock> blocks;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const SeqBounds sb = seq_bounds(s, b);
+    for (int64_t q0 = 0; q0 < sb.len_q; q0 += block) {
+      const int64_t q1 = std::min(sb.len_q, q0 + block);
+      blocks.push_back({b, q0, (q1 - q0) * visible_end(s, sb, q1 - 1)});
+    }
+  }
+  std::stable_sort(blocks.begin(), blocks.end(),
+                   [](const QueryBlock& a, const QueryBlock& c) { return a.cost > c.cost; });
+  return blocks;
+}
+
+template <typename scalar_t>
+void forward_impl(const AttnFwdParams& p) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const SeqLayout& s = p.seq;
+  const int64_t rep = s.heads / s.kv_heads;
+  const int64_t D = s.head_dim, G = kNumGroups, Dv = D + G;
+  const int64_t Bq = query_block_rows(rep), Bk = kKeyBlock;
+  const int64_t max_rows = rep * Bq;
+  const std::vector<QueryBlock> blocks = query_blocks(s, Bq);
+  const int64_t n_tasks = static_cast<int64_t>(blocks.size()) * s.kv_heads;
+
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+
+  parallel_tasks(n_tasks, [&](const auto& claim) {
+    std::vector<acc_t> qbuf(max_rows * D);   // [rows, D], pre-scaled by `scale`
+    std::vector<acc_t> kt(D * Bk);           // [D, Bk]  K tile transposed
+    std::vector<acc_t> vext(Bk * Dv);        // [Bk, D + G]  V tile and group indicators
+    std::vector<acc_t> sbuf(max_rows * Bk);  // [rows, Bk]  scores, then probabilities
+    std::vector<acc_t> acc(max_rows * Dv);   // [rows, D + G]  unnormalised out and group masses
+    std::vector<acc_t> mrow(max_rows);       // [rows]  running max
+    std::vector<acc_t> gam(rep * Bk), bet(rep * Bk);  // [rep, Bk]  per-column logit scale and bias
+    std::vector<int8_t> grp(Bk);
+
+    for (int64_t t = claim(); t >= 0; t = claim()) {
+      const QueryBlock& qb = blocks[t / s.kv_heads];
+      const int64_t kvh = t % s.kv_heads;
+      const int64_t b = qb.b;
+      const SeqBounds sb = seq_bounds(s, b);
+      const int64_t nq = std::min(Bq, sb.len_q - qb.q0);
+      const int64_t rows = rep * nq;  // row r = hh * nq + qi, head h = kvh * rep + hh
+
+      for (int64_t hh = 0; hh < rep; ++hh) {
+        const int64_t h = kvh * rep + hh;
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const scalar_t* src = row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b,
+                                        sb.q_start + qb.q0 + qi, h);
+          load_row(src, qbuf.data() + (hh * nq + qi) * D, D, static_cast<acc_t>(s.scale));
+        }
+      }
+      std::fill(acc.begin(), acc.begin() + rows * Dv, acc_t(0));
+      std::fill(mrow.begin(), mrow.begin() + rows, neg_inf<acc_t>());
+
+      const int64_t kv_end = visible_end(s, sb, qb.q0 + nq - 1);
+      const int64_t first_row_end = visible_end(s, sb, qb.q0);
+      for (int64_t j0 = 0; j0 < kv_end; j0 += Bk) {
+        const int64_t nk = std::min(Bk, kv_end - j0);
+        for (int64_t c = 0; c < nk; ++c) {
+          const int64_t row = sb.k_start + j0 + c;
+          const scalar_t* kp = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, row, kvh);
+          const scalar_t* vp = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, row, kvh);
+          for (int64_t d = 0; d < D; ++d) kt[d * Bk + c] = static_cast<acc_t>(kp[d]);
+          acc_t* ve = vext.data() + c * Dv;
+          load_row(vp, ve, D, acc_t(1));
+          const int g = key_group_of(p, b, row);
+          grp[c] = static_cast<int8_t>(g);
+          for (int64_t gg = 0; gg < G; ++gg) ve[D + gg] = (gg == g) ? acc_t(1) : acc_t(0);
+        }
+        for (int64_t hh = 0; hh < rep; ++hh)
+          fill_group_columns(p, nk, kvh * rep + hh, grp.data(), gam.data() + hh * Bk, bet.data() + hh * Bk);
+
+        gemm(rows, nk, D, qbuf.data(), D, kt.data(), Bk, sbuf.data(), Bk, /*accumulate=*/false);
+
+        const bool all_visible = j0 + nk <= first_row_end;  // no causal cut inside this tile
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t hh = r / nq, qi = r % nq;
+          const int64_t n_vis =
+              all_visible ? nk : std::clamp<int64_t>(visible_end(s, sb, qb.q0 + qi) - j0, 0, nk);
+          acc_t* srow = sbuf.data() + r * Bk;
+          const acc_t tile_max = bias_and_max(srow, gam.data() + hh * Bk, bet.data() + hh * Bk, n_vis, nk);
+          const acc_t m_new = std::max(mrow[r], tile_max);
+          if (m_new == neg_inf<acc_t>()) {
+            std::fill(srow, srow + nk, acc_t(0));
+            continue;
+          }
+          if (mrow[r] != m_new) {
+            const acc_t alpha = std::exp(mrow[r] - m_new);  // 0 when the row had no visible key yet
+            scale_row(acc.data() + r * Dv, alpha, Dv);
+            mrow[r] = m_new;
+          }
+          exp_shifted(srow, m_new, nk);
+        }
+
+        gemm(rows, Dv, nk, sbuf.data(), Bk, vext.data(), Dv, acc.data(), Dv, /*accumulate=*/true);
+      }
+
+      for (int64_t hh = 0; hh < rep; ++hh) {
+        const int64_t h = kvh * rep + hh;
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const int64_t r = hh * nq + qi, row = sb.q_start + qb.q0 + qi;
+          const acc_t* a = acc.data() + r * Dv;
+          acc_t l = 0;
+          for (int64_t g = 0; g < G; ++g) l += a[D + g];
+          const bool any = l > 0;
+          const acc_t inv = any ? acc_t(1) / l : acc_t(0);
+          scalar_t* o = row_ptr(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, row, h);
+          store_row(a, o, D, inv);
+          p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride] =
+              any ? static_cast<float>(mrow[r] + std::log(l)) : -std::numeric_limits<float>::infinity();
+          if (p.mass != nullptr) {
+            float* ms = row_ptr(p.mass, p.mass_batch_stride, p.mass_row_stride, p.mass_head_stride, b, row, h);
+            for (int64_t g = 0; g < G; ++g) ms[g] = static_cast<float>(a[D + g] * inv);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return forward_impl<float>(p);
+    case at::kBFloat16: return forward_impl<at::BFloat16>(p);
+    case at::kDouble: return forward_impl<double>(p);
+    default: TORCH_CHECK(false, "avar: CPU attention_fwd has no kernel for dtype ", dtype);
+  }
+}
+
+}  // namespace avar::cpu

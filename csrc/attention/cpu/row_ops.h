@@ -1,0 +1,67 @@
+// Vectorised row operations on one score-tile row: group bias + max, and exp against the running max.
+#pragma once
+
+#include <type_traits>
+
+#include "common.h"
+
+namespace avar::cpu {
+
+// s[c] = s[c] · gamma[c] + beta[c] on the visible prefix [0, n_vis), −inf on [n_vis, n); returns the row max.
+template <typename acc_t>
+inline acc_t bias_and_max(acc_t* s, const acc_t* gamma, const acc_t* beta, int64_t n_vis, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  acc_t m = neg_inf<acc_t>();
+  int64_t c = 0;
+  if (n_vis >= W) {
+    Vec vmax(neg_inf<acc_t>());
+    for (; c + W <= n_vis; c += W) {
+      const Vec x = at::vec::fmadd(Vec::loadu(s + c), Vec::loadu(gamma + c), Vec::loadu(beta + c));
+      x.store(s + c);
+      vmax = at::vec::maximum(vmax, x);
+    }
+    alignas(64) acc_t lanes[W];
+    vmax.store(lanes);
+    for (int64_t w = 0; w < W; ++w) m = std::max(m, lanes[w]);
+  }
+  for (; c < n_vis; ++c) {
+    s[c] = s[c] * gamma[c] + beta[c];
+    m = std::max(m, s[c]);
+  }
+  for (; c < n; ++c) s[c] = neg_inf<acc_t>();
+  return m;
+}
+
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// s[c] = exp(s[c] − m) for c in [0, n).
+template <typename acc_t>
+inline void exp_shifted(acc_t* s, acc_t m, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vm(m);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) fast_exp<acc_t>(Vec::loadu(s + c) - vm).store(s + c);
+  for (; c < n; ++c) s[c] = std::exp(s[c] - m);
+}
+
+// x[c] *= mul for c in [0, n) (rescaling an accumulator row when the running max moves).
+template <typename acc_t>
+inline void scale_row(acc_t* x, acc_t mul, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vm(mul);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) (Vec::loadu(x + c) * vm).store(x + c);
+  for (; c < n; ++c) x[c] *= mul;
+}
+
+}  // namespace avar::cpu
