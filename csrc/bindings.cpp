@@ -47,4 +47,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("cpu_capability") = AVAR_CPU_CAPABILITY_NAME;
+  m.def("set_poison_outputs", &avar::set_poison_outputs,
+        "Fill every output buffer with NaN before the kernel writes it (for tests).");
 }

@@ -2,6 +2,7 @@
 
 #include <c10/util/irange.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -13,7 +14,21 @@
 #endif
 
 namespace avar {
+
 namespace {
+std::atomic<bool> g_poison{false};
+}  // namespace
+
+void set_poison_outputs(bool on) { g_poison.store(on); }
+
+namespace {
+
+// Under test, outputs start as NaN so that a row a kernel forgets to write cannot pass as zeros.
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+  if (g_poison.load() && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -299,9 +314,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   const Geometry& g = in.geo;
   AttnFwdParams& p = in.params;
 
-  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor lse = at::empty(lse_shape(g), q.options().dtype(at::kFloat));
-  Tensor mass = return_mass ? at::empty(mass_shape(g), q.options().dtype(at::kFloat))
+  Tensor out = new_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = new_output(lse_shape(g), q.options().dtype(at::kFloat));
+  Tensor mass = return_mass ? new_output(mass_shape(g), q.options().dtype(at::kFloat))
                             : at::empty({0}, q.options().dtype(at::kFloat));
   if (g.covered_q < g.total_q) {
     // varlen rows past cu_seqlens_q[-1] belong to no sequence: they attend to nothing.
@@ -373,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
 
   // Kernels write every row of every sequence; varlen rows past the last sequence get no gradient.
   const auto alloc = [](const Tensor& like, bool zero) {
-    return zero ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+    return zero ? at::zeros(like.sizes(), like.options()) : new_output(like.sizes(), like.options());
   };
   Tensor dq = alloc(q, g.covered_q < g.total_q);
   Tensor dk = alloc(k, g.covered_k < g.total_k);

@@ -9,6 +9,9 @@
 
 namespace avar {
 
+// Tests turn this on: every output buffer is filled with NaN before a kernel writes it.
+void set_poison_outputs(bool on);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_group,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& logit_scale, double scale, bool causal,

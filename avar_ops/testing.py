@@ -1,0 +1,92 @@
+"""Test support shared by tests/ and benchmarks/: the one place for tolerances, error measures, output
+poisoning, and PyTorch's own low-precision attention (the yardstick for bf16/fp16 tolerances).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from avar_ops._extension import load_extension
+from avar_ops.reference import NUM_GROUPS
+
+# fp32 kernels against the float64 reference.
+FP32_OUT_REL = 1e-5  # relative (Frobenius) error of out and of gradients
+FP32_MASS_ABS = 1e-5  # absolute error of every mass entry
+FP32_LSE_ABS = 1e-5 * 4  # lse is ~log(L) + max logit; absolute, scaled for |lse| up to ~10
+
+# Low precision: our error may be at most this multiple of PyTorch's own error at the same precision
+# (DESIGN: forward ≤ 2×, gradients ≤ 3×), plus a floor well below one ulp of the dtype at |x| ~ 1 so that
+# a lucky PyTorch result that is exact to rounding cannot make a correct kernel fail.
+LOWP_FWD_FACTOR = 2.0
+LOWP_GRAD_FACTOR = 3.0
+LOWP_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64 (0 when both are zero)."""
+    x64, r64 = x.detach().to(torch.float64), ref.detach().to(torch.float64)
+    den = r64.norm().item()
+    num = (x64 - r64).norm().item()
+    return num / den if den > 0 else num
+
+
+def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.detach().to(torch.float64) - ref.detach().to(torch.float64)).abs().max().item() if x.numel() else 0.0
+
+
+def lowp_bound(torch_err: float, dtype: torch.dtype, factor: float) -> float:
+    return factor * torch_err + LOWP_FLOOR[dtype]
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Inside this context every output buffer of the avar ops starts as NaN."""
+    ext = load_extension()
+    ext.set_poison_outputs(True)
+    try:
+        yield
+    finally:
+        ext.set_poison_outputs(False)
+
+
+def torch_lowp_attention(
+    q: torch.Tensor,  # [B, Lq, H, D] low precision
+    k: torch.Tensor,  # [B, Lk, Hkv, D]
+    v: torch.Tensor,  # [B, Lk, Hkv, D]
+    key_group: Optional[torch.Tensor] = None,  # [B, Lk]
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+):
+    """The same attention computed by plain PyTorch ops in q's dtype (eager maps, PyTorch's own rounding).
+
+    Returns out [B, Lq, H, D] and mass [B, H, Lq, G] in q's dtype. This is the error yardstick: a fused
+    kernel at bf16 should be at most a small multiple as far from the float64 reference as this is.
+    """
+    dt = q.dtype
+    B, Lq, H, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    qh = q.transpose(1, 2)  # [B, H, Lq, D]
+    kh = k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # [B, H, Lk, D]
+    vh = v.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # [B, H, Lk, D]
+    groups = key_group.long() if key_group is not None else torch.zeros(B, Lk, dtype=torch.long, device=q.device)
+    g_idx = groups.clamp(min=0)
+    gam = torch.ones(H, NUM_GROUPS) if logit_scale is None else logit_scale.float().expand(H, NUM_GROUPS)
+    bet = torch.zeros(H, NUM_GROUPS) if bias is None else bias.float().expand(H, NUM_GROUPS)
+    gam = gam.to(q.device)[:, g_idx].permute(1, 0, 2).to(dt)  # [B, H, Lk]
+    bet = bet.to(q.device)[:, g_idx].permute(1, 0, 2).to(dt)  # [B, H, Lk]
+    s = (qh @ kh.transpose(-1, -2)) * scale * gam[:, :, None] + bet[:, :, None]  # [B, H, Lq, Lk]
+    visible = (groups >= 0)[:, None, None, :].expand(B, 1, Lq, Lk)
+    if causal:
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        visible = visible & (j <= i + (Lk - Lq))
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # dead rows: 0
+    onehot = torch.nn.functional.one_hot(g_idx, NUM_GROUPS).to(dt) * (groups >= 0)[..., None].to(dt)
+    return (p @ vh).transpose(1, 2), p @ onehot[:, None]
