@@ -17,6 +17,16 @@ FP32_OUT_REL = 1e-5  # relative (Frobenius) error of out and of gradients
 FP32_MASS_ABS = 1e-5  # absolute error of every mass entry
 FP32_LSE_ABS = 1e-5 * 4  # lse is ~log(L) + max logit; absolute, scaled for |lse| up to ~10
 
+# Two float64 computations of the same reduction that differ only in summation order (the AVAR metrics from
+# masses vs from full maps): each reduction of n ≤ 1e4 terms rounds by ≲ n·2.2e-16 ≈ 2e-12 relative, and the
+# ratios and logs on top at most double that; 1e-10 leaves room while a wrong definition is off by O(1).
+FP64_REDUCTION_REL = 1e-10
+
+# fp64 kernels (gradcheck support): out is float64, exact up to summation-order rounding; mass and lse are
+# always returned as float32, so they carry one float32 rounding (half an ulp of 1.0 bounds it for masses).
+FP64_OUT_REL = 1e-12
+FP32_OUTPUT_ROUNDING = 2.0**-24
+
 # Low precision: our error may be at most this multiple of PyTorch's own error at the same precision
 # (DESIGN: forward ≤ 2×, gradients ≤ 3×), plus a floor well below one ulp of the dtype at |x| ~ 1 so that
 # a lucky PyTorch result that is exact to rounding cannot make a correct kernel fail.
