@@ -172,6 +172,7 @@ def build_tiny_qwen2_5_vl(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vision_depth: int = 2,
+    init_std: float = 0.1,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     min_pixels: int = 56 * 56,
@@ -182,6 +183,8 @@ def build_tiny_qwen2_5_vl(
     The text decoder has `num_layers` layers of `num_heads` query heads sharing `num_kv_heads` key/value heads
     (head_dim = hidden_size / num_heads); the vision tower has `vision_depth` blocks, the last one with full
     attention and the others windowed, as in the real model. Token ids in the config are the tokenizer's.
+    Weights are drawn with std `init_std`: the checkpoint default (0.02) gives a tiny model whose logits are
+    nearly flat and whose greedy output repeats one token; 0.1 gives peaked, input-dependent outputs.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -209,6 +212,7 @@ def build_tiny_qwen2_5_vl(
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
             max_position_embeddings=4096,
+            initializer_range=init_std,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
@@ -225,7 +229,9 @@ def build_tiny_qwen2_5_vl(
             temporal_patch_size=2,
             window_size=56,
             fullatt_block_indexes=[vision_depth - 1],
+            initializer_range=init_std,
         ),
+        initializer_range=init_std,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
