@@ -15,9 +15,10 @@ Tables are identity (γ = 1, β = 0) outside the selected layers and heads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -214,3 +215,68 @@ def apply(model, intervention: Intervention, *, tokenizer=None):
     num_layers, num_heads = _num_layers_heads(model)
     t = intervention.tables(num_layers, num_heads)
     return patch.apply_to_qwen2_5_vl(model, tokenizer=tokenizer, bias=t.bias, logit_scale=t.logit_scale)
+
+
+@contextlib.contextmanager
+def patched(model, processor, intervention: Optional[Intervention] = None):
+    """The model routed through avar (with the intervention, if any) for the duration of the block.
+
+    A model the caller already patched is used as it is, with whatever tables it was patched with; passing an
+    intervention for it is an error, since the two could disagree. Otherwise the model is patched here and
+    reverted on exit. Yields the patch handle, or None for a model patched by the caller.
+    """
+    from avar_ops import patch
+
+    if getattr(model, "_avar_handle", None) is not None:
+        if intervention is not None:
+            raise RuntimeError(
+                "avar: the model is already patched; revert it (avar_ops.patch.revert(model)) before passing an "
+                "intervention, or use it as it is"
+            )
+        yield None
+        return
+    if intervention is not None:
+        handle = apply(model, intervention, tokenizer=processor)
+    else:
+        handle = patch.apply_to_qwen2_5_vl(model, tokenizer=processor)
+    try:
+        yield handle
+    finally:
+        handle.revert()
+
+
+def generate(model, processor, samples, *, intervention: Optional[Intervention] = None, max_new_tokens: int = 32,
+             batch_size: int = 1) -> List[dict]:
+    """Greedy answers to `samples` (dicts / JSONL records, see `avar_ops.samples`) under the intervention.
+
+    The intervention acts in the prefill and in every decode step (the patch keeps the groups of the cached
+    positions). Returns one {"id", "answer", "tokens"} per sample; tokens are the generated ids up to and
+    including the end-of-turn token.
+    """
+    from avar_ops.samples import build_inputs, normalize_sample
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"generate: batch_size must be a positive int, got {batch_size!r}")
+    samples = [normalize_sample(s, i) for i, s in enumerate(samples)]
+    tok = processor.tokenizer
+    stop = {t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
+            if t is not None}
+    device = next(model.parameters()).device
+    results = []
+    with patched(model, processor, intervention), torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i:i + batch_size]
+            inputs = build_inputs(processor, batch, device=device)
+            prompt_len = inputs["input_ids"].shape[1]
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            for s, row in zip(batch, out[:, prompt_len:].tolist()):
+                tokens = []
+                for t in row:
+                    tokens.append(t)
+                    if t in stop:
+                        break
+                results.append({"id": s["id"], "answer": tok.decode(tokens, skip_special_tokens=True),
+                                "tokens": tokens})
+    return results

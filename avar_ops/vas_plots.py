@@ -13,11 +13,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 GROUP_NAMES = ("other", "visual", "system", "user")
 GROUP_COLORS = {"visual": "#d95f02", "user": "#1b9e77", "system": "#7570b3", "other": "#999999"}
 # Stacking order of the lazy-attention bars: the two quantities VAS compares sit next to each other.
 SPLIT_ORDER = ("visual", "system", "user", "other")
+_LOG_AXIS_SPAN = 20.0
+_ANNOTATE_MAX_CELLS = 64  # write the value in each cell only while the numbers stay legible
 
 
 def _save(fig, path: str) -> str:
@@ -46,6 +49,11 @@ def vas_heatmap(vas_layer_head: np.ndarray, path: str, *, title: str = "VAS per 
     ax.set_ylabel("layer")
     ax.set_xticks(range(0, heads, max(1, heads // 14)))
     ax.set_yticks(range(0, layers, max(1, layers // 14)))
+    if layers * heads <= _ANNOTATE_MAX_CELLS:
+        mid = np.nanmean(shown[np.isfinite(shown)]) if np.isfinite(shown).any() else 0.0
+        for (i, j), v in np.ndenumerate(data):
+            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                    color="black" if np.isfinite(shown[i, j]) and shown[i, j] > mid else "white")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=label)
     return _save(fig, path)
@@ -66,6 +74,7 @@ def lazy_attention_split(split: Dict[str, Sequence[float]], path: str, *,
         ax.bar(x, vals, bottom=bottom, color=GROUP_COLORS[g], label=g, width=0.85)
         bottom += vals
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("share of user-token attention")
     ax.set_ylim(0, 1.0)
     ax.set_xlim(-0.6, layers - 0.4)
@@ -93,13 +102,15 @@ def compare_reports(reports: Sequence[dict], path: str, *, title: str = "VAS and
             vals = np.asarray(split[g], dtype=np.float64)  # [NL]
             ax.plot(np.arange(len(vals)), vals, marker="o", ms=3, color=color, label=rep["label"])
     vas_all = np.concatenate([np.asarray(r["vas_per_layer"], dtype=np.float64) for r in reports])
-    if np.all(np.isfinite(vas_all)) and np.all(vas_all > 0):
+    # A log axis only pays off when the models differ by more than an order of magnitude.
+    if np.all(np.isfinite(vas_all)) and np.all(vas_all > 0) and vas_all.max() > _LOG_AXIS_SPAN * vas_all.min():
         axes[0].set_yscale("log")
     axes[0].set_title("VAS per layer")
     axes[1].set_title("user → visual share")
     axes[2].set_title("user → system share")
     for ax in axes:
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
