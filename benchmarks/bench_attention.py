@@ -81,7 +81,7 @@ def run(lengths, dtypes, repeat, methods, memory_lengths):
             if m != "avar" and est_gb > 12:
                 entry["peak_mb"][m] = None
                 continue
-            entry["peak_mb"][m] = peak_rss_mb_of(f"fn = build({m!r}, {L}, torch.float32)\nfn()",
+            entry["peak_mb"][m] = peak_rss_mb_of(f"from bench_attention import build\nfn = build({m!r}, {L}, torch.float32)\nfn()",
                                                  env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
         memory.append(entry)
         print(f"memory L={L}: " + ", ".join(f"{m} {v:.0f} MB" if v is not None else f"{m} skipped (>12 GB)"
@@ -114,7 +114,7 @@ def markdown(info, rows, memory, command) -> str:
         lines += ["", "Baselines that could not run:", ""]
         lines += [f"- {d} L={L} {LABELS[m]}: {e}" for d, L, m, e in errors]
     if memory:
-        lines += ["", "Peak resident memory added by one fp32 call (MB, fresh process):", "",
+        lines += ["", "Peak resident memory of one fp32 call, inputs (and the mask a baseline needs) included (MB, fresh process):", "",
                   "| L | avar | SDPA + mask | eager with maps |", "|---:|---:|---:|---:|"]
         for e in memory:
             cells = [f"{e['peak_mb'][m]:.0f}" if e["peak_mb"][m] is not None else "skipped (> 12 GB)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -122,14 +121,22 @@ def causal_fwd_flops(B, H, L, D) -> float:
 
 
 def peak_rss_mb_of(code: str, env=None) -> float:
-    """Peak resident memory (MB) added by running `code` in a fresh interpreter, over its import baseline."""
+    """Peak resident memory (MB) that running `code` adds, in a fresh interpreter.
+
+    The kernel's high-water mark (VmHWM) is reset after the imports (writing 5 to /proc/self/clear_refs), so
+    the import's own transient peak does not hide what `code` allocates.
+    """
     prog = (
-        "import resource, torch, avar_ops, sys\n"
+        "import torch, avar_ops, sys\n"
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
         "from common import *\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key): return int(line.split()[1]) / 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = status('VmRSS:')\n"
         f"{code}\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+        "print(status('VmHWM:') - base)\n"
     )
     res = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, env=env, timeout=900)
     if res.returncode != 0:
@@ -145,6 +152,3 @@ def write_report(name: str, payload: dict, markdown: str) -> None:
         f.write(markdown)
     print(f"wrote {RESULTS}/{name}.json and .md")
 
-
-def rss_now_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
