@@ -26,7 +26,8 @@ How it hooks in (transformers >= 5.17, < 6):
   collected from the patch state attached to each attention module.
 
 Limitations, each raising a clear error: packed sequences (positions restarting inside a row without an
-attention mask), sliding-window layers, attention dropout, 4D custom masks, `output_attentions=True`.
+attention mask), sliding-window layers, attention dropout, 4D custom masks, masks prepared in advance (static
+cache), `output_attentions=True`.
 Beam search that reorders the cache keeps the group history of the original rows; that is exact as long as
 generated tokens are all group 0 (they are, inside an assistant turn).
 """
@@ -159,6 +160,11 @@ def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len:
     """int8 [B, past_len + new_len]: the key groups of this forward, keeping the cached positions' history."""
     total = past_len + new_len
     if attention_mask is not None:
+        if isinstance(attention_mask, dict):
+            raise NotImplementedError(
+                "avar patch: this forward got masks prepared in advance (generate with a static cache or a "
+                "compiled forward), which no longer say where the padding is; use the default dynamic cache"
+            )
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             got = type(attention_mask).__name__ if not isinstance(attention_mask, torch.Tensor) else \
                 f"a {attention_mask.dim()}D tensor"
@@ -257,15 +263,11 @@ def _avar_attention(module, query, key, value, attention_mask, dropout: float = 
     if groups is None:
         raise RuntimeError("avar attention: no token groups; the model's forward pre-hook did not run")
     B, Lk = query.shape[0], key.shape[2]
-    if Lk > groups.shape[1]:
+    if groups.shape != (B, Lk):
         raise RuntimeError(
-            f"avar attention: {Lk} keys but groups for {groups.shape[1]} positions; the cache was changed "
-            "outside a forward of the patched model"
+            f"avar attention: {B}×{Lk} keys but groups for {tuple(groups.shape)}; the layer was called outside "
+            "a forward of the patched model, or its cache was changed outside one"
         )
-    if groups.shape[0] != B:
-        raise RuntimeError(f"avar attention: groups for batch {groups.shape[0]}, the forward has batch {B}")
-    if Lk < groups.shape[1]:
-        raise RuntimeError(f"avar attention: {Lk} keys but groups for {groups.shape[1]} positions")
     layer = module.layer_idx
     bias, logit_scale = state.bias[layer], state.logit_scale[layer]
     if bias is not None:

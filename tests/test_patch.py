@@ -365,3 +365,35 @@ def test_bad_tables_raise(tiny):
     with pytest.raises(ValueError, match=r"layers must be in \[0, 3\), got \[7\]"):
         apply_to_qwen2_5_vl(model, bias=torch.zeros(G), layers=[0, 7])
     assert cfg._attn_implementation == "sdpa" and not hasattr(model, "_avar_state")
+
+
+def test_unsupported_inputs_raise(tiny, patched):
+    model, processor = tiny
+    batch = make_batch(processor, "left")
+    with pytest.raises(NotImplementedError, match="does not return attention maps"):
+        model(**batch, output_attentions=True)
+    with pytest.raises(NotImplementedError, match="masks prepared in advance"):
+        model.generate(**batch, max_new_tokens=2, cache_implementation="static")
+    # Packed sequences: positions restart inside the row and there is no attention mask.
+    ids = processor.tokenizer(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nyes<|im_end|>"],
+                              return_tensors="pt")["input_ids"]  # [1, L]
+    L = ids.shape[1]
+    pos = torch.cat([torch.arange(6), torch.arange(L - 6)])[None, None].expand(4, 1, L)  # [4, 1, L]
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+
+
+def test_cache_filled_before_patch_raises(tiny):
+    """A cache the patch did not see being filled has no groups; continuing from it must not guess."""
+    model, processor = tiny
+    batch = make_batch(processor, "left")
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor)
+    try:
+        nxt = torch.full((2, 1), 5)
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+        with pytest.raises(RuntimeError, match="cannot be grouped"):
+            model(input_ids=nxt, attention_mask=mask, past_key_values=cache)
+    finally:
+        handle.revert()
