@@ -124,8 +124,9 @@ def _last_index(flag: torch.Tensor) -> torch.Tensor:
 def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[torch.Tensor] = None) -> TokenGroups:
     """Groups and masks of every position of `input_ids` [B, L] (see the module docstring).
 
-    `tokenizer` is the Qwen2.5-VL tokenizer or processor that made the ids (or its `template_tokens`); `attention_mask` [B, L] (1 = token,
-    0 = padding, left or right) marks padding, which gets group -1 and is in no mask.
+    `tokenizer` is the Qwen2.5-VL tokenizer or processor that made the ids (or its `template_tokens`);
+    `attention_mask` [B, L] (1 = token, 0 = padding, left or right) marks padding, which gets group -1 and is
+    in no mask.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -176,11 +177,10 @@ def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[to
     user_mask = (role == _ROLE_USER) & body & ~image_mask & ~vision_marker  # [B, L]
     response_mask = (role == _ROLE_ASSISTANT) & in_turn & ~header  # [B, L]
 
+    # masked_fill rather than boolean indexing: no device sync on GPU.
     key_group = torch.zeros(B, L, dtype=torch.int8, device=device)  # [B, L]
-    key_group[system_mask] = GROUP_SYSTEM
-    key_group[user_mask] = GROUP_USER
-    key_group[image_mask] = GROUP_VISUAL
-    key_group[~valid] = GROUP_PAD
+    key_group = key_group.masked_fill(system_mask, GROUP_SYSTEM).masked_fill(user_mask, GROUP_USER)
+    key_group = key_group.masked_fill(image_mask, GROUP_VISUAL).masked_fill(~valid, GROUP_PAD)
     return TokenGroups(
         key_group=key_group,
         user_mask=user_mask,

@@ -190,10 +190,7 @@ def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len:
             groups = groups[:, :total]
         else:
             groups = torch.nn.functional.pad(groups, (0, total - groups.shape[1]), value=0)  # generated: group 0
-        groups = groups.clone()
-        if valid is not None:
-            groups[~valid] = -1
-        return groups
+        return groups if valid is None else groups.masked_fill(~valid, -1)
 
     if state.template is None:
         raise RuntimeError(

@@ -277,9 +277,12 @@ def test_explicit_groups_equal_tokenizer_groups(tiny):
     model, processor = tiny
     batch = make_batch(processor, "left")
     bias = torch.tensor([0.0, 0.5, -0.5, 0.2])
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=bias)
     try:
         want = _logits(model, batch)
+        with torch.no_grad():
+            want_gen = model.generate(**batch, **gen)
     finally:
         handle.revert()
     handle = apply_to_qwen2_5_vl(model, bias=bias)
@@ -289,10 +292,16 @@ def test_explicit_groups_equal_tokenizer_groups(tiny):
         groups = token_groups(batch["input_ids"], processor, batch["attention_mask"]).key_group
         handle.set_key_groups(groups)
         got = _logits(model, batch)
+        # Generated positions past the explicit groups are group 0, as the tokenizer gives them.
+        with torch.no_grad():
+            got_gen = model.generate(**batch, **gen)
     finally:
         handle.revert()
     v = _valid(batch)
     assert torch.equal(got[v], want[v])
+    assert torch.equal(got_gen.sequences, want_gen.sequences)
+    for a, b in zip(got_gen.logits, want_gen.logits):
+        assert torch.equal(a, b)
 
 
 def test_single_sequence_without_padding(tiny, patched):
