@@ -162,3 +162,146 @@ def test_bad_layer_and_head_indices_are_rejected():
         Intervention(alpha_img=0.1, heads=(-1,)).tables(4, H)
     with pytest.raises(TypeError, match="expected ints"):
         Intervention(alpha_img=0.1, heads=(0.5,)).tables(4, H)
+
+
+# ------------------------------------------------------------------------------------------ through the model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tiny_eager import tiny_eager
+
+    return tiny_eager()
+
+
+@pytest.fixture(scope="module")
+def sample():
+    from tiny_eager import tiny_samples
+
+    return tiny_samples()[1]  # two images and its own system prompt
+
+
+def _layer_masses(model, processor, sample, iv):
+    from avar_ops.intervention import patched
+    from avar_ops.patch import collect_masses
+    from avar_ops.samples import build_inputs
+
+    inputs = build_inputs(processor, [sample])
+    with patched(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
+        model(**inputs)
+    return [m.double() for m in rec.masses]  # per layer [1, H, L, G]
+
+
+@pytest.mark.parametrize(
+    "iv, img_factor, sys_factor, heads",
+    [
+        (Intervention(mode="weights", alpha_img=0.15, alpha_sys=0.2), 1.15, 0.8, None),
+        (Intervention(mode="weights", alpha_img=0.5, alpha_sys=0.4, heads=(1, 2)), 1.5, 0.6, (1, 2)),
+        (Intervention(mode="bias", beta_img=0.5, beta_sys=-0.7), math.exp(0.5), math.exp(-0.7), None),
+    ],
+    ids=["weights", "weights-heads", "bias"],
+)
+def test_model_layer0_is_reweighted_eager_map(tiny, sample, iv, img_factor, sys_factor, heads):
+    """Layer 0 sees the same inputs with and without the intervention, so its attention under the intervention
+    is exactly the stock eager map of layer 0 with image / system columns scaled and rows renormalised."""
+    from tiny_eager import eager_maps, masses_from_maps
+
+    model, processor = tiny
+    maps, groups, _ = eager_maps(model, processor, sample)
+    kg = groups.key_group[:, None, None, :].long()  # [1, 1, 1, L]
+    reweighted = reweight_probabilities(maps[0], kg, img_factor - 1.0, 1.0 - sys_factor)  # [1, H, L, L]
+    if heads is not None:
+        keep = torch.ones(maps[0].shape[1], dtype=torch.bool)
+        keep[list(heads)] = False
+        reweighted[:, keep] = maps[0][:, keep]
+    expected = masses_from_maps([reweighted], groups.key_group)[0]  # [1, H, L, G]
+    got = _layer_masses(model, processor, sample, iv)[0]
+    valid = groups.key_group[0] >= 0
+    assert testing.max_abs_err(got[..., valid, :], expected[..., valid, :]) <= testing.FP32_MASS_ABS
+    plain = masses_from_maps([maps[0]], groups.key_group)[0]
+    assert testing.max_abs_err(expected, plain) > 100 * testing.FP32_MASS_ABS  # the intervention shows
+
+
+def test_model_logits_reading_matches_reference_on_layer_inputs(tiny, sample):
+    """The logits reading inside the model: layer 1's masses equal the float64 reference run on that layer's
+    own q, k, v (captured from its inputs) with the logit-scale table."""
+    from avar_ops.groups import token_groups
+    from avar_ops.image_attention import _Capture, _qkv
+    from avar_ops.intervention import patched
+    from avar_ops.patch import collect_masses
+    from avar_ops.samples import build_inputs
+
+    model, processor = tiny
+    iv = Intervention(mode="logits", alpha_img=0.3, alpha_sys=0.3, layers=(1,))
+    inputs = build_inputs(processor, [sample])
+    attn = model.model.language_model.layers[1].self_attn
+    cap = _Capture()
+    hook = attn.register_forward_pre_hook(cap, with_kwargs=True)
+    try:
+        with patched(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
+            model(**inputs)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        q, k, v = _qkv(attn, cap)
+    kg = token_groups(inputs["input_ids"], processor).key_group
+    gamma = iv.tables(3, H, dtype=torch.float64).logit_scale[1]
+    ref = avar_ops.attention_reference(q, k, v, kg, logit_scale=gamma, scale=attn.scaling, return_mass=True)
+    plain = avar_ops.attention_reference(q, k, v, kg, scale=attn.scaling, return_mass=True)
+    assert testing.max_abs_err(rec.masses[1], ref.mass) <= testing.FP32_MASS_ABS
+    assert testing.max_abs_err(ref.mass, plain.mass) > 100 * testing.FP32_MASS_ABS
+
+
+def test_every_decode_step_gets_the_intervention(tiny, sample):
+    """Masses of each generated token, taken during generate() (KV cache, one query per step), equal those of
+    one full forward over the final sequence under the same intervention, and differ from the plain ones."""
+    from avar_ops.intervention import patched
+    from avar_ops.patch import collect_masses
+    from avar_ops.samples import build_inputs
+
+    model, processor = tiny
+    iv = Intervention(mode="weights", alpha_img=0.4, alpha_sys=0.3)
+    inputs = build_inputs(processor, [sample])
+    P = inputs["input_ids"].shape[1]
+    with patched(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    steps = rec.steps
+    assert len(steps) == 6  # the prefill and five decode steps (the sixth token is not fed back)
+    full_inputs = {**inputs, "input_ids": out[:, :-1], "attention_mask": torch.ones_like(out[:, :-1]),
+                   "mm_token_type_ids": torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 5))}
+
+    def full_masses(intervention):
+        with patched(model, processor, intervention), torch.no_grad(), collect_masses(model) as full:
+            model(**full_inputs)
+        return full.masses
+
+    with_iv, without = full_masses(iv), full_masses(None)
+    for layer in range(len(steps[0])):
+        decode = torch.cat([steps[t][layer] for t in range(1, 6)], dim=2)  # [1, H, 5, G]
+        assert testing.max_abs_err(decode, with_iv[layer][:, :, P:]) <= testing.FP32_MASS_ABS
+        assert testing.max_abs_err(steps[0][layer], with_iv[layer][:, :, :P]) <= testing.FP32_MASS_ABS
+        assert testing.max_abs_err(decode, without[layer][:, :, P:]) > 100 * testing.FP32_MASS_ABS
+
+
+def test_generate_without_intervention_is_stock_generate(tiny, sample):
+    from avar_ops.intervention import generate
+    from avar_ops.samples import build_inputs
+
+    model, processor = tiny
+    inputs = build_inputs(processor, [sample])
+    with torch.no_grad():
+        stock = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    ours = generate(model, processor, [sample], max_new_tokens=6)[0]
+    assert ours["tokens"] == stock.tolist()[: len(ours["tokens"])]
+    assert getattr(model, "_avar_handle", None) is None
+
+
+def test_patched_refuses_second_intervention(tiny):
+    from avar_ops.intervention import patched
+
+    model, processor = tiny
+    with patched(model, processor, Intervention(alpha_img=0.1)):
+        with pytest.raises(RuntimeError, match="already patched"):
+            with patched(model, processor, Intervention(alpha_img=0.2)):
+                pass
+    assert getattr(model, "_avar_handle", None) is None
