@@ -117,6 +117,18 @@ def _intervention_from_flags(args):
     return _intervention(args, args.alpha_img, args.alpha_sys)
 
 
+def _check_fits(ivs, model) -> None:
+    """Layer and head indices of the interventions against the loaded model, as one-line errors."""
+    text = getattr(model.config, "text_config", None) or model.config
+    for iv in ivs:
+        if iv is None:
+            continue
+        try:
+            iv.tables(int(text.num_hidden_layers), int(text.num_attention_heads))
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"--layers / --heads: {exc}") from exc
+
+
 def _parse_alpha(token: str, default_sys: float):
     """'IMG' or 'IMG:SYS' -> (img, sys)."""
     parts = token.split(":")
@@ -151,6 +163,7 @@ def _cmd_vas(args) -> int:
     samples = _load_samples(args.data, args.limit)
     iv = _intervention_from_flags(args)
     model, processor, label = load_model(args.model, dtype=args.dtype, device=args.device)
+    _check_fits([iv], model)
     label = args.label or label
     report = vas.measure(model, processor, samples, layers=args.vas_layers, batch_size=args.batch_size,
                          progress=not args.no_progress, label=label, intervention=iv)
@@ -201,6 +214,7 @@ def _cmd_generate(args) -> int:
             raise CLIError(f"--image: file not found: {p}")
     iv = _intervention_from_flags(args)
     model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    _check_fits([iv], model)
     sample = {"images": args.image, "question": args.question, "system": args.system}
     if iv is None or args.baseline:
         base = generate(model, processor, [sample], max_new_tokens=args.max_new_tokens)[0]
@@ -219,6 +233,7 @@ def _cmd_sweep(args) -> int:
     settings = [_parse_alpha(t, args.alpha_sys) for t in args.alphas]
     ivs = [_intervention(args, img, sys_) for img, sys_ in settings]  # checks every value before loading
     model, processor, label = load_model(args.model, dtype=args.dtype, device=args.device)
+    _check_fits(ivs, model)
     rows, answers = [], {}
     for (img, sys_), iv in zip(settings, ivs):
         name = iv.describe() if iv is not None else "none"

@@ -109,6 +109,8 @@ def test_demo(tmp_path, capsys):
         (["generate", "--image", "IMAGE", "--question", "q", "--alpha-sys", "1.0"], "alpha_sys < 1"),
         (["generate", "--image", "IMAGE", "--question", "q", "--mode", "bias", "--alpha-img", "0.1"], "--beta-img"),
         (["sweep", "--data", "DATA", "--alphas", "0.1:x", "--out", "OUT"], "IMG or IMG:SYS"),
+        (["generate", "--image", "IMAGE", "--question", "q", "--alpha-img", "0.1", "--layers", "9"],
+         "layer index 9 out of range"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, data, tmp_path, capsys):
