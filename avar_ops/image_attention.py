@@ -225,7 +225,7 @@ def save_overlays(result: ImageAttention, sample, out_dir: str, prefix: str = "a
     paths = []
     for n, (img, heat) in enumerate(zip(images, result.maps)):
         title = (f"{result.queries} tokens → image {n + 1}, layers {result.layers} "
-                 f"(visual share {result.visual_share:.3f})")
+                 f"(share on all images {result.visual_share:.3f})")
         paths.append(vas_plots.image_attention_overlay(
             img, heat, os.path.join(out_dir, f"{prefix}_image{n + 1}.png"), title=title))
     return paths
