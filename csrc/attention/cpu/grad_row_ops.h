@@ -1,5 +1,9 @@
 // Vectorised row operations of the passes that recompute P from the saved LSE (backward and key mass),
 // and the tile transpose that turns P and dS into the A operands of Pᵀ·dO and dSᵀ·Q.
+//
+// These passes use the 1-ulp exp, not the forward's 20-ulp one: dS = P∘(dP − D) and the dβ/dγ sums cancel
+// (Σⱼ dSᵢⱼ = dlseᵢ), which magnifies the relative error of P several times. exp is a small fraction of the
+// work here (five GEMMs per score element against two in the forward).
 #pragma once
 
 #include "row_ops.h"
@@ -22,7 +26,7 @@ inline void probs_from_lse(acc_t* s, const acc_t* gamma, const acc_t* beta, acc_
   int64_t c = 0;
   for (; c + W <= n_vis; c += W) {
     const Vec x = at::vec::fmadd(Vec::loadu(s + c), Vec::loadu(gamma + c), Vec::loadu(beta + c));
-    fast_exp<acc_t>(x - vlse).store(s + c);
+    (x - vlse).exp().store(s + c);
   }
   for (; c < n_vis; ++c) s[c] = std::exp(s[c] * gamma[c] + beta[c] - lse);
   for (; c < n; ++c) s[c] = 0;
@@ -51,7 +55,7 @@ inline void softmax_grad_row(acc_t* s, acc_t* dp, const acc_t* gamma, const acc_
   int64_t c = 0;
   for (; c + W <= n_vis; c += W) {
     const Vec raw = Vec::loadu(s + c), g = Vec::loadu(gamma + c);
-    const Vec pr = fast_exp<acc_t>(at::vec::fmadd(raw, g, Vec::loadu(beta + c)) - vlse);
+    const Vec pr = (at::vec::fmadd(raw, g, Vec::loadu(beta + c)) - vlse).exp();
     const Vec ds = pr * (Vec::loadu(dp + c) - vd);
     if constexpr (kTables) {
       (Vec::loadu(col_db + c) + ds).store(col_db + c);
