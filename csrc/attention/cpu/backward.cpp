@@ -60,6 +60,7 @@ void backward_impl(const AttnBwdParams& bp) {
   const int64_t Bq = query_block_rows(rep), Bk = kKeyBlock;
   const int64_t max_rows = rep * Bq;
   const int64_t Lk = s.seqlen_k;  // longest key sequence: leading dimension of the per-task key buffers
+  const int64_t Lk_pad = ceil_div(Lk, Bk) * Bk;
   const bool tables = bp.dbias != nullptr || bp.dlogit_scale != nullptr;
   const acc_t scale = static_cast<acc_t>(s.scale);
 
@@ -84,8 +85,10 @@ void backward_impl(const AttnBwdParams& bp) {
 
   parallel_tasks(n_tasks, [&](const auto& claim) {
     std::vector<acc_t> kbuf(Lk * D);                // [Lk, D]  K rows
-    std::vector<acc_t> kt(D * Lk);                  // [D, Lk]  Kᵀ
-    std::vector<acc_t> vt(De * Lk);                 // [D (+G), Lk]  Vᵀ and group indicator rows
+    // Kᵀ and Vᵀ are stored per key block, [n_blocks, D, Bk], so a GEMM's B operand is one contiguous tile
+    // with a short row stride (a stride of Lk, a power of two at the usual lengths, would alias cache sets).
+    std::vector<acc_t> kt(Lk_pad * D);   // [n_blocks, D, Bk]  Kᵀ
+    std::vector<acc_t> vt(Lk_pad * De);  // [n_blocks, D (+G), Bk]  Vᵀ and group indicator rows
     std::vector<acc_t> gam(rep * Lk), bet(rep * Lk);  // [rep, Lk]  per-key logit scale and bias
     std::vector<acc_t> dk_acc(Lk * D), dv_acc(Lk * D);  // [Lk, D]
     std::vector<acc_t> col_db(tables ? rep * Lk : 0), col_dg(tables ? rep * Lk : 0);  // [rep, Lk]
@@ -113,14 +116,16 @@ void backward_impl(const AttnBwdParams& bp) {
         const scalar_t* vp = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, row, kvh);
         acc_t* kr = kbuf.data() + j * D;
         load_row(kp, kr, D, acc_t(1));
+        acc_t* ktj = kt.data() + (j / Bk) * D * Bk + j % Bk;
+        acc_t* vtj = vt.data() + (j / Bk) * De * Bk + j % Bk;
         for (int64_t d = 0; d < D; ++d) {
-          kt[d * Lk + j] = kr[d];
-          vt[d * Lk + j] = static_cast<acc_t>(vp[d]);
+          ktj[d * Bk] = kr[d];
+          vtj[d * Bk] = static_cast<acc_t>(vp[d]);
         }
         const int g = key_group_of(p, b, row);
         grp[j] = static_cast<int8_t>(g);
         if (with_dmass)
-          for (int64_t gg = 0; gg < G; ++gg) vt[(D + gg) * Lk + j] = (gg == g) ? acc_t(1) : acc_t(0);
+          for (int64_t gg = 0; gg < G; ++gg) vtj[(D + gg) * Bk] = (gg == g) ? acc_t(1) : acc_t(0);
       }
       for (int64_t hh = 0; hh < rep; ++hh)
         fill_group_columns(p, kv_need, kvh * rep + hh, grp.data(), gam.data() + hh * Lk, bet.data() + hh * Lk);
@@ -171,8 +176,8 @@ void backward_impl(const AttnBwdParams& bp) {
         const int64_t first_row_end = visible_end(s, sb, q0);
         for (int64_t j0 = 0; j0 < kv_end; j0 += Bk) {
           const int64_t nk = std::min(Bk, kv_end - j0);
-          gemm(rows, nk, D, qs.data(), D, kt.data() + j0, Lk, sbuf.data(), Bk, /*accumulate=*/false);
-          gemm(rows, nk, De, doe.data(), De, vt.data() + j0, Lk, dpbuf.data(), Bk, /*accumulate=*/false);
+          gemm(rows, nk, D, qs.data(), D, kt.data() + j0 * D, Bk, sbuf.data(), Bk, /*accumulate=*/false);
+          gemm(rows, nk, De, doe.data(), De, vt.data() + j0 * De, Bk, dpbuf.data(), Bk, /*accumulate=*/false);
 
           const bool all_visible = j0 + nk <= first_row_end;  // no causal cut inside this tile
           for (int64_t r = 0; r < rows; ++r) {

@@ -45,7 +45,7 @@ void key_mass_impl(const KeyMassParams& kp) {
   const auto* k = static_cast<const scalar_t*>(p.k);
 
   parallel_tasks(n_tasks, [&](const auto& claim) {
-    std::vector<acc_t> kt(D * Kc);                    // [D, Kc]  Kᵀ of the chunk
+    std::vector<acc_t> kt(Kc * D);                    // [Kc / Bk, D, Bk]  Kᵀ of the chunk, per key block
     std::vector<acc_t> gam(rep * Kc), bet(rep * Kc);  // [rep, Kc]
     std::vector<acc_t> km(rep * Kc);                  // [rep, Kc]  accumulated key mass
     std::vector<int8_t> grp(Kc);
@@ -62,7 +62,8 @@ void key_mass_impl(const KeyMassParams& kp) {
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t row = sb.k_start + ch.j0 + c;
         const scalar_t* kr = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, row, kvh);
-        for (int64_t d = 0; d < D; ++d) kt[d * Kc + c] = static_cast<acc_t>(kr[d]);
+        acc_t* ktc = kt.data() + (c / Bk) * D * Bk + c % Bk;
+        for (int64_t d = 0; d < D; ++d) ktc[d * Bk] = static_cast<acc_t>(kr[d]);
         grp[c] = static_cast<int8_t>(key_group_of(p, b, row));
       }
       for (int64_t hh = 0; hh < rep; ++hh)
@@ -89,7 +90,7 @@ void key_mass_impl(const KeyMassParams& kp) {
         const int64_t first_row_end = visible_end(s, sb, q0) - ch.j0;
         for (int64_t c0 = 0; c0 < kv_end; c0 += Bk) {
           const int64_t nk = std::min(Bk, kv_end - c0);
-          gemm(rows, nk, D, qs.data(), D, kt.data() + c0, Kc, sbuf.data(), Bk, /*accumulate=*/false);
+          gemm(rows, nk, D, qs.data(), D, kt.data() + c0 * D, Bk, sbuf.data(), Bk, /*accumulate=*/false);
           const bool all_visible = c0 + nk <= first_row_end;
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t hh = r / nq, qi = r % nq;
