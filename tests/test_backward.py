@@ -117,6 +117,25 @@ def test_grads_fp32_match_reference(case):
             assert err <= testing.FP32_OUT_REL, f"d{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_grads_fp32_any_thread_count(threads):
+    """One (sequence, kv head) and several threads: the backward splits the query blocks and sums partials."""
+    case = Case("one_kv_head", batch=1, len_q=150, len_k=170, heads=7, kv_heads=1, head_dim=32,
+                logit_scale="random")
+    kw = make_inputs(case, torch.float32, seed=9, requires_grad=True)
+    w = _loss_weights(avar_ops.attention(**kw, return_mass=True), seed=10)
+    ref = _reference_grads(kw, w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _our_grads(kw, w)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("q", "k", "v"):
+        err = testing.rel_err(got[name], ref[name])
+        assert err <= testing.FP32_OUT_REL, f"d{name} with {threads} threads: relative error {err:.2e}"
+
+
 def _torch_lowp_grads(kw, w, causal):
     """Gradients of PyTorch's own bf16 attention (eager maps) for the same loss (varlen: per sequence)."""
     names, leaves = _grad_inputs(kw)
