@@ -42,6 +42,16 @@ LOWP_FWD_FACTOR = 2.0
 LOWP_GRAD_FACTOR = 3.0
 LOWP_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
+# float64 gradcheck of the ops. out is float64 for float64 inputs, so its numerical Jacobian is exact enough for
+# gradcheck's defaults. lse and mass are float32 whatever the input dtype: each evaluation rounds them by up to
+# 2^-24·|y| (|lse| ≲ 8 on the gradcheck shapes, so ≲ 5e-7), and a central difference divides two such
+# roundings by 2·eps, giving ≲ 5e-4 at eps = 1e-3 (the truncation error, ~eps²·|f‴|/6, is ~1e-6 there).
+# The bias and logit_scale tables are float32 too: a float64 perturbation of them is rounded by ≲ 2^-24·|x|,
+# which changes the effective eps by ≲ 1e-4 relative at eps = 1e-3, well inside gradcheck's rtol of 1e-3.
+# An atol of twice that still catches any wrong term, which moves these O(1) derivatives by O(0.1) or more.
+GRADCHECK_F32_OUTPUT_EPS = 1e-3
+GRADCHECK_F32_OUTPUT_ATOL = 1e-3
+
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """‖x − ref‖ / ‖ref‖ in float64 (0 when both are zero)."""
@@ -105,6 +115,8 @@ def torch_lowp_attention(
         j = torch.arange(Lk, device=q.device)[None, :]
         visible = visible & (j <= i + (Lk - Lq))
     s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # dead rows: 0
+    # Dead rows (no visible key) give p = 0; a finite stand-in keeps softmax's backward free of NaN there.
+    alive = visible.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1]
+    p = torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1) * alive
     onehot = torch.nn.functional.one_hot(g_idx, NUM_GROUPS).to(dt) * (groups >= 0)[..., None].to(dt)
     return (p @ vh).transpose(1, 2), p @ onehot[:, None]
