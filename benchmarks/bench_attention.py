@@ -10,7 +10,6 @@ writes benchmarks/results/cpu_attention.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import avar_ops  # noqa: E402
 from common import (  # noqa: E402
-    additive_mask, causal_fwd_flops, eager_with_maps, flex_callable, machine_info, make_problem, peak_rss_mb_of,
-    time_fn, to_bhld, write_report,
+    additive_mask, arg_parser, causal_fwd_flops, eager_with_maps, error_lines, flex_callable, machine_info,
+    make_problem, measure_memory, memory_lines, parse_args, peak_rss_mb_of, publish, time_methods, to_bhld,
 )
 
 METHODS = ["avar", "sdpa_causal", "sdpa_mask", "flex", "eager"]
@@ -56,36 +55,18 @@ def run(lengths, dtypes, repeat, methods, memory_lengths):
     rows = []
     for dtype in dtypes:
         for L in lengths:
-            flops = causal_fwd_flops(1, 28, L, 128)
             row = {"dtype": str(dtype).replace("torch.", ""), "L": L, "gflops": {}, "seconds": {}, "errors": {}}
-            for m in methods:
-                try:
-                    fn = build(m, L, dtype)
-                    sec = time_fn(fn, repeat, warmup=2 if m == "flex" else 1)
-                    row["seconds"][m] = sec
-                    row["gflops"][m] = flops / sec / 1e9
-                except Exception as e:  # a baseline that cannot run here is reported, not hidden
-                    row["errors"][m] = f"{type(e).__name__}: {str(e)[:200]}"
-                print(f"{row['dtype']:>8} L={L:5d} {m:12s} "
-                      + (f"{row['gflops'][m]:7.1f} GFLOP/s" if m in row["gflops"] else row["errors"][m]),
-                      flush=True)
-            ours = row["gflops"].get("avar")
-            row["ratio"] = {m: ours / g for m, g in row["gflops"].items() if m != "avar" and ours}
-            rows.append(row)
+            rows.append(time_methods(row, methods, lambda m: build(m, L, dtype), causal_fwd_flops(1, 28, L, 128),
+                                     repeat, f"{row['dtype']:>8} L={L:5d}", warmup={"flex": 2}))
 
-    memory = []
-    for L in memory_lengths:
-        entry = {"L": L, "peak_mb": {}}
-        for m in ("avar", "sdpa_mask", "eager"):
-            est_gb = 28 * L * L * 4 * 3 / 1e9  # maps (and the mask) for the materialising baselines
-            if m != "avar" and est_gb > 12:
-                entry["peak_mb"][m] = None
-                continue
-            entry["peak_mb"][m] = peak_rss_mb_of(f"from bench_attention import build\nfn = build({m!r}, {L}, torch.float32)\nfn()",
-                                                 env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
-        memory.append(entry)
-        print(f"memory L={L}: " + ", ".join(f"{m} {v:.0f} MB" if v is not None else f"{m} skipped (>12 GB)"
-                                           for m, v in entry["peak_mb"].items()), flush=True)
+    def needs_gb(m, L):  # maps (and the mask) for the materialising baselines
+        return 0.0 if m == "avar" else 28 * L * L * 4 * 3 / 1e9
+
+    def peak_mb(m, L):
+        return peak_rss_mb_of(f"from bench_attention import build\nfn = build({m!r}, {L}, torch.float32)\nfn()",
+                              env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
+
+    memory = measure_memory(memory_lengths, ("avar", "sdpa_mask", "eager"), needs_gb, peak_mb)
     return rows, memory
 
 
@@ -109,41 +90,20 @@ def markdown(info, rows, memory, command) -> str:
         ratios = [f"{r['ratio'][m]:.2f}×" if m in r["ratio"] else "n/a"
                   for m in ("sdpa_causal", "sdpa_mask", "flex", "eager")]
         lines.append(f"| {r['dtype']} | {r['L']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    errors = [(r["dtype"], r["L"], m, e) for r in rows for m, e in r["errors"].items()]
-    if errors:
-        lines += ["", "Baselines that could not run:", ""]
-        lines += [f"- {d} L={L} {LABELS[m]}: {e}" for d, L, m, e in errors]
-    if memory:
-        lines += ["", "Peak resident memory of one fp32 call, inputs (and the mask a baseline needs) included (MB, fresh process):", "",
-                  "| L | avar | SDPA + mask | eager with maps |", "|---:|---:|---:|---:|"]
-        for e in memory:
-            cells = [f"{e['peak_mb'][m]:.0f}" if e["peak_mb"][m] is not None else "skipped (> 12 GB)"
-                     for m in ("avar", "sdpa_mask", "eager")]
-            lines.append(f"| {e['L']} | " + " | ".join(cells) + " |")
+    lines += error_lines(rows, LABELS)
+    lines += memory_lines(memory, ("avar", "sdpa_mask", "eager"), "Peak resident memory of one fp32 call, inputs "
+                          "(and the mask a baseline needs) included (MB, fresh process):",
+                          ["avar", "SDPA + mask", "eager with maps"])
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, no report: checks that everything runs")
-    ap.add_argument("--name", default="cpu_attention", help="report file name under benchmarks/results")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.lengths, args.repeat, args.memory_lengths = [256], 1, [256]
-    dtypes = [getattr(torch, d) for d in args.dtypes]
+    args = parse_args(arg_parser(__doc__, METHODS, "cpu_attention"), argv)
     info = machine_info()
-    rows, memory = run(args.lengths, dtypes, args.repeat, args.methods, args.memory_lengths)
+    rows, memory = run(args.lengths, args.dtypes, args.repeat, args.methods, args.memory_lengths)
     command = "OMP_NUM_THREADS={} python benchmarks/bench_attention.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:]))
-    md = markdown(info, rows, memory, command.strip())
-    print(md)
-    if not args.quick:
-        write_report(args.name, {"machine": info, "command": command, "results": rows, "memory": memory}, md)
+    publish(args, info, command, rows, memory, markdown(info, rows, memory, command.strip()))
 
 
 if __name__ == "__main__":

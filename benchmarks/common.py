@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -120,11 +121,47 @@ def causal_fwd_flops(B, H, L, D) -> float:
     return 4.0 * B * H * L * L * D / 2
 
 
-def peak_rss_mb_of(code: str, env=None) -> float:
+def causal_bwd_flops(B, H, L, D) -> float:
+    """FlashAttention's count for the backward: 2.5× the forward (five L×L GEMMs against the forward's two)."""
+    return 2.5 * causal_fwd_flops(B, H, L, D)
+
+
+def time_methods(row: dict, methods, make_fn, flops: float, repeat: int, tag: str, warmup=None,
+                 budget_s: float = 60.0) -> dict:
+    """Times each method into row["seconds"] / row["gflops"] (or row["errors"]), then row["ratio"]: avar's
+    GFLOP/s over each baseline's. make_fn(method) builds the timed callable; tag starts each printed line."""
+    for m in methods:
+        try:
+            sec = time_fn(make_fn(m), repeat, warmup=(warmup or {}).get(m, 1), budget_s=budget_s)
+            row["seconds"][m], row["gflops"][m] = sec, flops / sec / 1e9
+        except Exception as e:  # a baseline that cannot run here is reported, not hidden
+            row["errors"][m] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(f"{tag} {m:12s} " + (f"{row['gflops'][m]:7.1f} GFLOP/s" if m in row["gflops"] else row["errors"][m]),
+              flush=True)
+    ours = row["gflops"].get("avar")
+    row["ratio"] = {m: ours / g for m, g in row["gflops"].items() if m != "avar" and ours}
+    return row
+
+
+def measure_memory(lengths, methods, needs_gb, peak_mb, limit_gb: float = 12.0) -> list:
+    """Peak memory per length and method; a method whose estimated need needs_gb(m, L) passes limit_gb is
+    recorded as None rather than run (it would swap or be killed)."""
+    memory = []
+    for L in lengths:
+        entry = {"L": L, "peak_mb": {}}
+        for m in methods:
+            entry["peak_mb"][m] = None if needs_gb(m, L) > limit_gb else peak_mb(m, L)
+        memory.append(entry)
+        print(f"memory L={L}: " + ", ".join(f"{m} {v:.0f} MB" if v is not None else f"{m} skipped (> {limit_gb:g} GB)"
+                                           for m, v in entry["peak_mb"].items()), flush=True)
+    return memory
+
+
+def peak_rss_mb_of(code: str, env=None, setup: str = "") -> float:
     """Peak resident memory (MB) that running `code` adds, in a fresh interpreter.
 
-    The kernel's high-water mark (VmHWM) is reset after the imports (writing 5 to /proc/self/clear_refs), so
-    the import's own transient peak does not hide what `code` allocates.
+    The kernel's high-water mark (VmHWM) is reset after the imports and `setup` (writing 5 to
+    /proc/self/clear_refs), so neither the import's transient peak nor what `setup` builds counts.
     """
     prog = (
         "import torch, avar_ops, sys\n"
@@ -133,6 +170,7 @@ def peak_rss_mb_of(code: str, env=None) -> float:
         "def status(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key): return int(line.split()[1]) / 1024\n"
+        f"{setup}\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "base = status('VmRSS:')\n"
         f"{code}\n"
@@ -144,6 +182,48 @@ def peak_rss_mb_of(code: str, env=None) -> float:
     return float(res.stdout.strip().splitlines()[-1])
 
 
+def error_lines(rows, labels) -> list:
+    """The report's list of baselines that could not run (nothing when all ran)."""
+    errors = [(r, m, e) for r in rows for m, e in r["errors"].items()]
+    if not errors:
+        return []
+    return ["", "Baselines that could not run:", ""] + [
+        f"- {r['dtype']} L={r['L']}" + (f" {r['phase']}" if "phase" in r else "") + f" {labels[m]}: {e}"
+        for r, m, e in errors]
+
+
+def memory_lines(memory, methods, title: str, headers) -> list:
+    """The report's peak-memory table, one row per length (nothing when memory was not measured)."""
+    if not memory:
+        return []
+    lines = ["", title, "", "| L | " + " | ".join(headers) + " |", "|---:|" + "---:|" * len(methods)]
+    for e in memory:
+        cells = [f"{e['peak_mb'][m]:.0f}" if e["peak_mb"][m] is not None else "skipped (> 12 GB)" for m in methods]
+        lines.append(f"| {e['L']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def arg_parser(doc: str, methods, report_name: str) -> argparse.ArgumentParser:
+    """The flags both benchmarks take; parse with parse_args below so --quick applies."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, no report: checks that everything runs")
+    ap.add_argument("--name", default=report_name, help="report file name under benchmarks/results")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeat, args.memory_lengths = [256], 1, [256]
+    args.dtypes = [getattr(torch, d) for d in args.dtypes]
+    return args
+
+
 def write_report(name: str, payload: dict, markdown: str) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
@@ -152,3 +232,9 @@ def write_report(name: str, payload: dict, markdown: str) -> None:
         f.write(markdown)
     print(f"wrote {RESULTS}/{name}.json and .md")
 
+
+def publish(args, info: dict, command: str, rows, memory, markdown: str) -> None:
+    """Prints the report; writes it too unless this was a --quick smoke run."""
+    print(markdown)
+    if not args.quick:
+        write_report(args.name, {"machine": info, "command": command, "results": rows, "memory": memory}, markdown)
