@@ -6,10 +6,11 @@ queries, i.e. the mean over queries of the attention on key j. It is averaged ov
 cut into one [grid_h, grid_w] map per image (Qwen2.5-VL merges 2×2 patches into one token: the grid is
 image_grid_thw's h and w divided by the merge size, row-major, averaged over temporal patches).
 
-The key mass needs the layer's q, k and the forward's LSE. The patch does not hand them out, so forward
+The key mass needs the layer's q, k and the forward's LSE. The patch does not hand out q and k, so forward
 pre-hooks on the chosen attention modules capture their inputs (hidden states and rotary cos / sin) and q, k, v
 are recomputed with the module's own projections and rotary embedding; the LSE comes from one extra
-`avar_ops.attention` call with the same groups, bias and logit scale the patched forward used.
+`avar_ops.attention` call with the same groups and with the bias and logit scale the patched forward used
+(`PatchHandle.tables`).
 """
 
 from __future__ import annotations
@@ -118,24 +119,21 @@ def image_attention(
     """Attention received by each image patch of one sample, from user-text or response tokens.
 
     Args:
-        model: Qwen2_5_VLForConditionalGeneration, not patched (it is patched here, with `intervention`'s
-            tables if given, so that the maps show the attention of the forward the tables apply to).
+        model: Qwen2_5_VLForConditionalGeneration. Not patched: it is patched here (with `intervention`'s
+            tables if given) and reverted afterwards. Already patched (with tokenizer=processor, so that its
+            groups are the processor's): used as it is, and the maps use the tables it runs with; passing an
+            intervention for it is then a RuntimeError, as in `avar_ops.intervention.patched`.
         sample: dict or JSONL record with at least one image.
         layers: decoder layers to average over (negative counts from the end).
         queries: "user" (the prompt's user-text tokens) or "response" (the sample's "response" if it has one,
             else a greedy generation of up to max_new_tokens tokens).
+        intervention: an `avar_ops.intervention.Intervention` to patch an unpatched model with.
     """
     from avar_ops import patch
-    from avar_ops.intervention import Intervention
-    from avar_ops.intervention import apply as apply_intervention
+    from avar_ops.intervention import patched
 
     if queries not in QUERY_KINDS:
         raise ValueError(f"image_attention: queries must be one of {QUERY_KINDS}, got {queries!r}")
-    if getattr(model, "_avar_handle", None) is not None:
-        raise RuntimeError(
-            "image_attention: the model is already patched, and the maps must use the same bias as its forward; "
-            "revert it (avar_ops.patch.revert(model)) and pass the intervention here"
-        )
     sample = normalize_sample(sample, 0)
     if not sample["images"]:
         raise ValueError("image_attention: the sample has no image")
@@ -150,16 +148,12 @@ def image_attention(
     chosen = sorted(set(chosen))
     if not chosen:
         raise ValueError("image_attention: layers must not be empty")
-    num_heads = decoder[0].self_attn.config.num_attention_heads
-    iv = intervention if intervention is not None else Intervention()
-    tables = iv.tables(num_layers, num_heads)
     device = next(model.parameters()).device
 
-    handle = apply_intervention(model, iv, tokenizer=processor) if intervention is not None else \
-        patch.apply_to_qwen2_5_vl(model, tokenizer=processor)
     hooks = []
-    try:
-        with torch.no_grad():
+    with patched(model, processor, intervention), torch.no_grad():
+        handle = patch.get_handle(model)
+        try:
             response = sample["response"]
             inputs = build_inputs(processor, [sample], responses=[response] if response is not None else None,
                                   device=device)
@@ -195,17 +189,15 @@ def image_attention(
             for j in chosen:
                 attn = decoder[j].self_attn
                 q, k, v = _qkv(attn, captures[j])
-                bias = None if tables.bias is None else tables.bias[j].to(device)
-                gamma = None if tables.logit_scale is None else tables.logit_scale[j].to(device)
+                bias, gamma = (t.to(device) for t in handle.tables(j))  # [H, G] each
                 lse = avar_ops.attention(q, k, v, key_group, bias, logit_scale=gamma, scale=attn.scaling).lse
                 km = avar_ops.attention_key_mass(q, k, lse, weight.to(device), key_group, bias, logit_scale=gamma,
                                                  scale=attn.scaling)  # [1, H, L]
                 received += km[0].mean(0).double().cpu()
             received /= len(chosen)
-    finally:
-        for hk in hooks:
-            hk.remove()
-        handle.revert()
+        finally:
+            for hk in hooks:
+                hk.remove()
 
     merge = int(model.config.vision_config.spatial_merge_size)
     maps = _split_images(received, groups.image_mask[0].cpu(), inputs["image_grid_thw"].cpu(), merge)

@@ -227,7 +227,7 @@ def patched(model, processor, intervention: Optional[Intervention] = None):
     """
     from avar_ops import patch
 
-    if getattr(model, "_avar_handle", None) is not None:
+    if patch.is_patched(model):
         if intervention is not None:
             raise RuntimeError(
                 "avar: the model is already patched; revert it (avar_ops.patch.revert(model)) before passing an "

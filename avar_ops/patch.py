@@ -7,6 +7,8 @@ Public surface (what the VAS measurement, the intervention and the trainers use)
         model(**inputs)
     rec.masses                                # per layer, in layer order: float32 [B, H, L, 4] (or fn(mass))
     handle.revert()                           # or revert(model)
+    get_handle(model) / is_patched(model)     # the live handle of a patched model (None / False otherwise)
+    handle.tables(layer)                      # (bias [H, 4], logit_scale [H, 4]) that layer runs with
 
 How it hooks in (transformers >= 5.17, < 6):
 
@@ -45,7 +47,10 @@ import avar_ops
 from avar_ops.groups import template_tokens, token_groups
 from avar_ops.reference import NUM_GROUPS
 
-__all__ = ["apply_to_qwen2_5_vl", "revert", "collect_masses", "PatchHandle", "MassRecord", "SUPPORTED_TRANSFORMERS"]
+__all__ = [
+    "apply_to_qwen2_5_vl", "revert", "get_handle", "is_patched", "collect_masses", "PatchHandle", "MassRecord",
+    "SUPPORTED_TRANSFORMERS",
+]
 
 SUPPORTED_TRANSFORMERS = (">=5.17", "<6")
 _MIN_VERSION, _MAX_VERSION = (5, 17), (6, 0)
@@ -325,7 +330,7 @@ def _register() -> None:
 
 
 class PatchHandle:
-    """What `apply_to_qwen2_5_vl` returns: change bias / groups, or revert the patch."""
+    """What `apply_to_qwen2_5_vl` returns: read or change bias / groups, or revert the patch."""
 
     def __init__(self, model, base, state: _PatchState, hook, previous_impl):
         self._model, self._base, self._state = model, base, state
@@ -335,6 +340,31 @@ class PatchHandle:
     @property
     def active(self) -> bool:
         return self._hook is not None
+
+    def tables(self, layer: int):
+        """(bias, logit_scale) of one decoder layer as its attention uses them: float32 [H, 4] each.
+
+        A layer without a bias reads as zeros and one without a logit scale as ones (what the op does with
+        none); a [4] table is expanded over heads. The tensors are detached copies on the tables' device, so
+        they can be handed to `avar_ops.attention` / `attention_key_mass`, but changing them changes nothing
+        (use `set_bias` for that).
+        """
+        self._require_active()
+        s = self._state
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"PatchHandle.tables: layer must be an int, got {layer!r} ({type(layer).__name__})")
+        if not 0 <= layer < s.num_layers:
+            raise ValueError(f"PatchHandle.tables: layer must be in [0, {s.num_layers}), got {layer}")
+
+        given = [t for t in (s.bias[layer], s.logit_scale[layer]) if t is not None]
+        device = given[0].device if given else torch.device("cpu")
+
+        def full(table: Optional[torch.Tensor], identity: float) -> torch.Tensor:  # -> [H, G]
+            if table is None:
+                return torch.full((s.num_heads, NUM_GROUPS), identity, dtype=torch.float32, device=device)
+            return table.detach().to(torch.float32).expand(s.num_heads, NUM_GROUPS).clone()
+
+        return full(s.bias[layer], 0.0), full(s.logit_scale[layer], 1.0)
 
     def set_bias(self, bias: Optional[TableLike] = None, logit_scale: Optional[TableLike] = None,
                  layers: Optional[Iterable[int]] = None) -> None:
@@ -406,8 +436,9 @@ def apply_to_qwen2_5_vl(
         logit_scale: multiplies the scaled logit, s = scale·q·k·logit_scale[h, g] + bias[h, g]; same shapes.
         layers: the decoder layers that get bias and logit_scale (default: all).
 
-    Returns a `PatchHandle` (`.revert()`, `.set_bias(...)`, `.set_key_groups(...)`). Raises RuntimeError if the
-    installed transformers is outside >=5.17,<6 or the model is already patched.
+    Returns a `PatchHandle` (`.revert()`, `.tables(layer)`, `.set_bias(...)`, `.set_key_groups(...)`); later
+    `get_handle(model)` finds it again. Raises RuntimeError if the installed transformers is outside >=5.17,<6
+    or the model is already patched.
     """
     _check_transformers_version()
     base = _base_model(model)
@@ -453,9 +484,20 @@ def apply_to_qwen2_5_vl(
     return handle
 
 
+def get_handle(model) -> Optional[PatchHandle]:
+    """The `PatchHandle` of a patched model (the conditional-generation model or its `Qwen2_5_VLModel`), or None."""
+    handle = getattr(model, "_avar_handle", None)
+    return handle if isinstance(handle, PatchHandle) and handle.active else None
+
+
+def is_patched(model) -> bool:
+    """Whether `apply_to_qwen2_5_vl` routes this model's attention through avar (and was not reverted)."""
+    return get_handle(model) is not None
+
+
 def revert(model) -> None:
     """Undo `apply_to_qwen2_5_vl` on `model` (RuntimeError if it is not patched)."""
-    handle = getattr(model, "_avar_handle", None)
+    handle = get_handle(model)
     if handle is None:
         raise RuntimeError(f"avar patch: {type(model).__name__} is not patched")
     handle.revert()

@@ -25,6 +25,15 @@ FP32_LSE_ABS = 1e-5 * 4  # lse is ~log(L) + max logit; absolute, scaled for |lse
 # by 1e-3 relative or more.
 FP32_MODEL_REL = 1e-5
 
+# Whole-model fp32 gradients (tests/test_train_through_patch.py): the gradient of the AGTO objective with
+# respect to a projection weight of the tiny model, with attention and masses from the fused op versus from
+# eager maps. The backward runs the same three layers in reverse with reductions no longer than in the forward
+# (L < 100 keys, hidden 128, MLP 256), so it rounds like the forward above: a few 1e-6 relative (about 1.5e-6
+# measured). The log(mass + eps) of AGTO adds no amplification of note since the masses on the user tokens are
+# ≳ 1e-2, far above their fp32 rounding. A slip in the mass gradient (a dropped dmass·mass term in D, dmass
+# routed to the wrong group) changes these gradients by O(1) relative, so 1e-5 separates the two by far.
+FP32_MODEL_GRAD_REL = 1e-5
+
 # Two float64 computations of the same reduction that differ only in summation order (the AVAR metrics from
 # masses vs from full maps): each reduction of n ≤ 1e4 terms rounds by ≲ n·2.2e-16 ≈ 2e-12 relative, and the
 # ratios and logs on top at most double that; 1e-10 leaves room while a wrong definition is off by O(1).

@@ -13,6 +13,7 @@ import torch
 import avar_ops
 from avar_ops import testing
 from avar_ops.intervention import Intervention, reweight_probabilities
+from avar_ops.patch import is_patched
 
 B, LQ, H, HKV, D = 2, 24, 4, 2, 16
 
@@ -293,7 +294,7 @@ def test_generate_without_intervention_is_stock_generate(tiny, sample):
         stock = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     ours = generate(model, processor, [sample], max_new_tokens=6)[0]
     assert ours["tokens"] == stock.tolist()[: len(ours["tokens"])]
-    assert getattr(model, "_avar_handle", None) is None
+    assert not is_patched(model)
 
 
 def test_patched_refuses_second_intervention(tiny):
@@ -304,4 +305,4 @@ def test_patched_refuses_second_intervention(tiny):
         with pytest.raises(RuntimeError, match="already patched"):
             with patched(model, processor, Intervention(alpha_img=0.2)):
                 pass
-    assert getattr(model, "_avar_handle", None) is None
+    assert not is_patched(model)

@@ -15,7 +15,7 @@ from transformers.masking_utils import eager_mask
 
 from avar_ops import testing
 from avar_ops.groups import token_groups
-from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, revert
+from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert
 from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
 
 G = 4
@@ -339,6 +339,35 @@ def test_revert_restores_stock(tiny):
     handle.revert()  # a second revert through the handle is a no-op
     with pytest.raises(RuntimeError, match="reverted"):
         handle.set_bias(None)
+
+
+def test_handle_lookup_and_tables(tiny):
+    model, processor = tiny
+    H = model.config.text_config.num_attention_heads
+    assert get_handle(model) is None and not is_patched(model) and not is_patched(torch.nn.Linear(2, 2))
+    per_head = torch.randn(H, G)  # [H, G]
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=per_head, layers=[1])
+    try:
+        assert get_handle(model) is handle and get_handle(model.model) is handle and is_patched(model)
+        bias, gamma = handle.tables(1)
+        assert torch.equal(bias, per_head) and torch.equal(gamma, torch.ones(H, G))
+        bias[0, 0] = 7.0  # a copy: the layer keeps its table
+        assert torch.equal(handle.tables(1)[0], per_head)
+        bias0, gamma0 = handle.tables(0)  # outside `layers`: the identity
+        assert torch.equal(bias0, torch.zeros(H, G)) and torch.equal(gamma0, torch.ones(H, G))
+        handle.set_bias(logit_scale=torch.tensor([1.0, 2.0, 0.5, 1.0]))  # [G] expands over heads
+        bias, gamma = handle.tables(2)
+        assert torch.equal(bias, torch.zeros(H, G))
+        assert torch.equal(gamma, torch.tensor([1.0, 2.0, 0.5, 1.0]).expand(H, G))
+        with pytest.raises(ValueError, match=r"layer must be in \[0, 3\), got 3"):
+            handle.tables(3)
+        with pytest.raises(TypeError, match="layer must be an int"):
+            handle.tables(1.0)
+    finally:
+        revert(model)
+    assert get_handle(model) is None and not is_patched(model.model)
+    with pytest.raises(RuntimeError, match="reverted"):
+        handle.tables(0)
 
 
 @pytest.mark.parametrize("version", ["4.57.1", "5.16.0", "6.0.0", "6.1.0.dev0"])

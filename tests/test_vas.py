@@ -11,7 +11,8 @@ from PIL import Image
 
 from avar_ops import testing, vas
 from avar_ops.image_attention import image_attention, save_overlays
-from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, revert
+from avar_ops.intervention import Intervention
+from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert
 from avar_ops.groups import token_groups
 from avar_ops.samples import build_inputs, load_samples
 from tiny_eager import eager_maps, masses_from_maps, tiny_eager, tiny_samples, write_jsonl
@@ -115,11 +116,11 @@ def test_batch_size_and_layer_subset(tiny, samples, stats, report):
 
 def test_measure_leaves_model_unpatched_and_respects_caller_patch(tiny, samples, report):
     model, processor = tiny
-    assert getattr(model, "_avar_handle", None) is None
+    assert not is_patched(model)
     handle = apply_to_qwen2_5_vl(model, tokenizer=processor)
     try:
         again = vas.measure(model, processor, samples, batch_size=2, progress=False)
-        assert getattr(model, "_avar_handle", None) is handle
+        assert get_handle(model) is handle
     finally:
         revert(model)
     assert again.vas == pytest.approx(report.vas, rel=testing.FP64_REDUCTION_REL)
@@ -235,11 +236,22 @@ def test_image_attention_on_generated_response(tiny, samples):
     assert 0 < res.visual_share < 1
 
 
-def test_image_attention_refuses_patched_model(tiny, samples):
+def test_image_attention_uses_caller_patch_tables(tiny, samples):
+    """A model the caller patched keeps its patch, and the maps use the tables it runs with."""
     model, processor = tiny
-    apply_to_qwen2_5_vl(model, tokenizer=processor)
+    iv = Intervention(alpha_img=0.5, alpha_sys=0.3, layers=(1,))
+    own = image_attention(model, processor, samples[1], layers=[1, 2], intervention=iv)
+    plain = image_attention(model, processor, samples[1], layers=[1, 2])
+    tables = iv.tables(3, model.config.text_config.num_attention_heads)
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=tables.bias)
     try:
+        caller = image_attention(model, processor, samples[1], layers=[1, 2])
+        assert get_handle(model) is handle
         with pytest.raises(RuntimeError, match="already patched"):
-            image_attention(model, processor, samples[0])
+            image_attention(model, processor, samples[1], intervention=iv)
     finally:
         revert(model)
+    for a, b in zip(caller.maps, own.maps):
+        assert np.abs(a - b).max() <= EPS
+    # The intervention moves the maps by far more than the tolerance, so the tables were not ignored.
+    assert abs(caller.visual_share - plain.visual_share) > 100 * EPS
