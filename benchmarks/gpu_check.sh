@@ -56,8 +56,15 @@ record "build" "rc=$BUILD_RC in $(($(date +%s) - T0)) s (AVAR_CUDA_ARCHS=$ARCH, 
 if [[ $BUILD_RC -ne 0 ]]; then
   tail -n 40 "$OUT/build.log" | tee -a "$LOG"
 fi
-"$PY" -c "import avar_ops, avar_ops._C as C; print('avar_ops from', avar_ops.__file__, 'with_cuda', C.with_cuda)" \
-  >>"$LOG" 2>&1
+IMPORT_CHECK="import avar_ops, avar_ops._C as C; assert C.with_cuda, 'built without CUDA'; print('avar_ops from', avar_ops.__file__)"
+if [[ $BUILD_RC -eq 0 ]] && ! "$PY" -c "$IMPORT_CHECK" >>"$LOG" 2>&1; then
+  # The tests import avar_ops from this tree: make sure the extension sits next to its sources.
+  log "the editable install left no importable avar_ops._C in the tree: building in place"
+  timeout 300 "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
+  BUILD_RC=$?
+  record "build (in place)" "rc=$BUILD_RC"
+fi
+"$PY" -c "$IMPORT_CHECK" >>"$LOG" 2>&1 || record "import" "avar_ops._C does not import with CUDA (see gpu_check.log)"
 
 # 2. CUDA tests (the whole case grid, bf16 and fp16).
 T0=$(date +%s)

@@ -39,7 +39,7 @@ DTYPE_IDS = ["bf16", "fp16"]
 DECODE_CASES = [
     Case("decode_split_L1", batch=1, len_q=1, len_k=3000, heads=8, kv_heads=2, head_dim=128),
     Case("decode_split_L4_d80", batch=2, len_q=4, len_k=2500, heads=4, kv_heads=1, head_dim=80, logit_scale="random"),
-    Case("decode_split_dead_rows", batch=1, len_q=3, len_k=1200, heads=4, kv_heads=4, groups="dead_rows"),
+    Case("decode_split_masked_keys", batch=1, len_q=3, len_k=1200, heads=4, kv_heads=4, groups="dead_rows"),
     Case("decode_split_varlen", varlen=(1, 2, 1), len_k=1500, heads=4, kv_heads=1, head_dim=64),
 ]
 
