@@ -26,9 +26,18 @@ def _lse_shape(q: torch.Tensor, varlen: bool):
     return (q.shape[0], q.shape[2], q.shape[1])  # [B, H, Lq]
 
 
+def _check_fake_devices(q, **tensors):
+    """The C++ checks do not run while tracing; a device mix-up must still fail there, not at run time."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"avar.attention: {name} must be on the same device as q ({q.device}), got {t.device}")
+
+
 @torch.library.register_fake("avar::attention_fwd")
 def _attention_fwd_fake(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q, max_seqlen_k, return_mass):
+    _check_fake_devices(q, k=k, v=v, key_group=key_group, bias=bias, logit_scale=logit_scale,
+                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     varlen = cu_seqlens_q is not None
     lse_shape = _lse_shape(q, varlen)
     out = q.new_empty(q.shape)
@@ -64,13 +73,12 @@ def _setup_context(ctx, inputs, output):
     out, lse, mass = output
     ctx.save_for_backward(q, k, v, out, lse, mass if return_mass else None, key_group, bias, logit_scale, cu_q, cu_k)
     ctx.scale, ctx.causal, ctx.max_q, ctx.max_k, ctx.return_mass = scale, causal, max_q, max_k, return_mass
-    ctx.bias_shape = None if bias is None else tuple(bias.shape)
-    ctx.logit_scale_shape = None if logit_scale is None else tuple(logit_scale.shape)
 
 
-def _fold_table(grad: torch.Tensor, shape) -> torch.Tensor:
-    """dbias / dlogit_scale come back per head [H, G]; a shared [G] table gets their sum over heads."""
-    return grad.sum(dim=0) if len(shape) == 1 else grad
+def _fold_table(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """dbias / dlogit_scale come back per head [H, G] in float32; a shared [G] table gets their sum over heads."""
+    grad = grad.to(like.dtype)
+    return grad.sum(dim=0) if like.dim() == 1 else grad
 
 
 def _backward(ctx, dout, dlse, dmass):
@@ -94,8 +102,8 @@ def _backward(ctx, dout, dlse, dmass):
         dk if needs[1] else None,
         dv if needs[2] else None,
         None,
-        _fold_table(dbias, ctx.bias_shape) if need_dbias else None,
-        _fold_table(dlogit, ctx.logit_scale_shape) if need_dlogit else None,
+        _fold_table(dbias, bias) if need_dbias else None,
+        _fold_table(dlogit, logit_scale) if need_dlogit else None,
         None, None, None, None, None, None, None,
     )
 
@@ -104,9 +112,8 @@ torch.library.register_autograd("avar::attention_fwd", _backward, setup_context=
 
 
 def _check_public_args(q, scale, causal, return_mass, max_seqlen_q, max_seqlen_k):
-    for name, t in (("q", q),):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"avar.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"avar.attention: q must be a torch.Tensor, got {type(q).__name__}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"avar.attention: scale must be a float or None, got {type(scale).__name__}")
     if scale is not None and not math.isfinite(scale):

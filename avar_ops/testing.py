@@ -17,6 +17,24 @@ FP32_OUT_REL = 1e-5  # relative (Frobenius) error of out and of gradients
 FP32_MASS_ABS = 1e-5  # absolute error of every mass entry
 FP32_LSE_ABS = 1e-5 * 4  # lse is ~log(L) + max logit; absolute, scaled for |lse| up to ~10
 
+# Whole-model fp32 parity (tests/test_patch.py): logits of the tiny Qwen2.5-VL (3 layers, hidden 128, L < 100)
+# when its attention is computed by two different fp32 kernels. Each kernel rounds at the fp32 unit roundoff
+# (6e-8) with reduction lengths ≤ 128, so one attention differs by ~1e-6 relative and three layers compound
+# that to a few 1e-6; PyTorch's own eager and SDPA paths differ by ~8e-7 on this model. 1e-5 leaves that
+# margin, while any semantic slip (one padding key visible, a wrong group, a bias of 0.01) moves the logits
+# by 1e-3 relative or more.
+FP32_MODEL_REL = 1e-5
+
+# Two float64 computations of the same reduction that differ only in summation order (the AVAR metrics from
+# masses vs from full maps): each reduction of n ≤ 1e4 terms rounds by ≲ n·2.2e-16 ≈ 2e-12 relative, and the
+# ratios and logs on top at most double that; 1e-10 leaves room while a wrong definition is off by O(1).
+FP64_REDUCTION_REL = 1e-10
+
+# fp64 kernels (gradcheck support): out is float64, exact up to summation-order rounding; mass and lse are
+# always returned as float32, so they carry one float32 rounding (half an ulp of 1.0 bounds it for masses).
+FP64_OUT_REL = 1e-12
+FP32_OUTPUT_ROUNDING = 2.0**-24
+
 # Low precision: our error may be at most this multiple of PyTorch's own error at the same precision
 # (DESIGN: forward ≤ 2×, gradients ≤ 3×), plus a floor well below one ulp of the dtype at |x| ~ 1 so that
 # a lucky PyTorch result that is exact to rounding cannot make a correct kernel fail.
@@ -28,6 +46,16 @@ LOWP_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 # fp32 by the tensor cores, and l is summed in fp32 from fast exp2 (≤ 2 ulp), so lse carries fp32 error only
 # (~1e-6 relative at |lse| ≲ 30, D ≤ 128, L ≤ a few thousand); no low-precision rounding enters it.
 LOWP_LSE_ABS = 1e-4
+
+# float64 gradcheck of the ops. out is float64 for float64 inputs, so its numerical Jacobian is exact enough for
+# gradcheck's defaults. lse and mass are float32 whatever the input dtype: each evaluation rounds them by up to
+# 2^-24·|y| (|lse| ≲ 8 on the gradcheck shapes, so ≲ 5e-7), and a central difference divides two such
+# roundings by 2·eps, giving ≲ 5e-4 at eps = 1e-3 (the truncation error, ~eps²·|f‴|/6, is ~1e-6 there).
+# The bias and logit_scale tables are float32 too: a float64 perturbation of them is rounded by ≲ 2^-24·|x|,
+# which changes the effective eps by ≲ 1e-4 relative at eps = 1e-3, well inside gradcheck's rtol of 1e-3.
+# An atol of twice that still catches any wrong term, which moves these O(1) derivatives by O(0.1) or more.
+GRADCHECK_F32_OUTPUT_EPS = 1e-3
+GRADCHECK_F32_OUTPUT_ATOL = 1e-3
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -88,7 +116,9 @@ def _torch_lowp_probs(q, k, key_group, bias, logit_scale, scale, causal):
         j = torch.arange(Lk, device=q.device)[None, :]
         visible = visible & (j <= i + (Lk - Lq))
     s = s.masked_fill(~visible, float("-inf"))
-    return torch.softmax(s, dim=-1).nan_to_num(0.0), groups  # dead rows: 0
+    # Dead rows (no visible key) give p = 0; a finite stand-in keeps softmax's backward free of NaN there.
+    alive = visible.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1]
+    return torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1) * alive, groups
 
 
 def torch_lowp_attention(

@@ -176,19 +176,23 @@ void check_key_group(const Tensor& kg, const Tensor& q, const Geometry& g) {
   }
 }
 
-// A [H, G] or [G] float32 table, returned as a contiguous [H, G] float32 tensor; `fill` when absent.
-Tensor check_group_table(const OptTensor& t, const Tensor& q, int64_t heads, const char* name, float fill) {
-  if (!t.has_value()) return at::full({heads, kNumGroups}, fill, q.options().dtype(at::kFloat));
+// A [H, G] or [G] table, returned as a contiguous [H, G] tensor of `dtype`; `fill` when absent. float32, or
+// float64 with float64 inputs (so gradcheck can perturb it without float32 rounding).
+Tensor check_group_table(const OptTensor& t, const Tensor& q, int64_t heads, const char* name, float fill,
+                         at::ScalarType dtype) {
+  if (!t.has_value()) return at::full({heads, kNumGroups}, fill, q.options().dtype(dtype));
   const Tensor& x = *t;
   check_same_device(q, x, name);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "avar.attention: ", name, " must be float32, got ", x.scalar_type());
+  const bool fp64_ok = q.scalar_type() == at::kDouble && x.scalar_type() == at::kDouble;
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || fp64_ok, "avar.attention: ", name, " must be float32",
+                   q.scalar_type() == at::kDouble ? " or float64" : "", ", got ", x.scalar_type());
   const bool per_head = x.dim() == 2 && x.size(0) == heads && x.size(1) == kNumGroups;
   const bool shared = x.dim() == 1 && x.size(0) == kNumGroups;
   TORCH_CHECK_VALUE(per_head || shared, "avar.attention: ", name, " must be [H, G] = [", heads, ", ", kNumGroups,
                     "] or [G] = [", kNumGroups, "], got shape ", x.sizes());
   TORCH_CHECK_VALUE(at::isfinite(x).all().item<bool>(), "avar.attention: ", name,
                     " must be finite, got non-finite values: ", x.to(at::kCPU));
-  return (shared ? x.unsqueeze(0).expand({heads, kNumGroups}) : x).contiguous();
+  return (shared ? x.unsqueeze(0).expand({heads, kNumGroups}) : x).to(dtype).contiguous();
 }
 
 void check_scale(double scale) {
@@ -222,14 +226,15 @@ SeqLayout make_layout(const Geometry& g, const OptTensor& cu_q, const OptTensor&
   s.kv_heads = g.kv_heads;
   s.head_dim = g.head_dim;
   s.causal = causal;
-  s.scale = static_cast<float>(scale);
+  s.scale = scale;
   return s;
 }
 
 // Everything the forward reads (not out/lse/mass), checked and laid into Params.
 struct PreparedInputs {
   Geometry geo;
-  Tensor bias, logit_scale;  // [H, G] float32 contiguous
+  Tensor bias, logit_scale;          // [H, G] float32 contiguous
+  Tensor bias_f64, logit_scale_f64;  // [H, G] float64 contiguous, float64 inputs only
   OptTensor cu_q, cu_k;      // contiguous int32
   AttnFwdParams params;
 };
@@ -243,8 +248,12 @@ PreparedInputs prepare_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
   const Geometry& g = in.geo;
   check_scale(scale);
   if (key_group.has_value()) check_key_group(*key_group, q, g);
-  in.bias = check_group_table(bias, q, g.heads, "bias", 0.f);
-  in.logit_scale = check_group_table(logit_scale, q, g.heads, "logit_scale", 1.f);
+  in.bias = check_group_table(bias, q, g.heads, "bias", 0.f, at::kFloat);
+  in.logit_scale = check_group_table(logit_scale, q, g.heads, "logit_scale", 1.f, at::kFloat);
+  if (q.scalar_type() == at::kDouble) {
+    in.bias_f64 = check_group_table(bias, q, g.heads, "bias", 0.f, at::kDouble);
+    in.logit_scale_f64 = check_group_table(logit_scale, q, g.heads, "logit_scale", 1.f, at::kDouble);
+  }
   if (g.varlen) {
     in.cu_q = cu_seqlens_q->contiguous();
     in.cu_k = cu_seqlens_k->contiguous();
@@ -266,6 +275,10 @@ PreparedInputs prepare_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
   }
   p.bias = in.bias.data_ptr<float>();
   p.logit_scale = in.logit_scale.data_ptr<float>();
+  if (q.scalar_type() == at::kDouble) {
+    p.bias_f64 = in.bias_f64.data_ptr<double>();
+    p.logit_scale_f64 = in.logit_scale_f64.data_ptr<double>();
+  }
   return in;
 }
 

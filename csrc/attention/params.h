@@ -23,7 +23,7 @@ struct SeqLayout {
   int64_t kv_heads = 0;
   int64_t head_dim = 0;
   bool causal = true;
-  float scale = 1.f;
+  double scale = 1.0;  // kept in double so fp64 runs (gradcheck) see the exact value
 };
 
 struct AttnFwdParams {
@@ -43,6 +43,9 @@ struct AttnFwdParams {
 
   const float* bias = nullptr;         // [H, G] contiguous, always present (zeros by default)
   const float* logit_scale = nullptr;  // [H, G] contiguous, always present (ones by default)
+  // float64 copies of the two tables, set only for float64 inputs (CPU gradcheck needs them unrounded).
+  const double* bias_f64 = nullptr;
+  const double* logit_scale_f64 = nullptr;
 
   float* lse = nullptr;  // [B, H, Lq] | [H, Tq]
   int64_t lse_batch_stride = 0, lse_row_stride = 0, lse_head_stride = 0;

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../params.h"
@@ -103,8 +104,16 @@ inline int key_group_of(const AttnFwdParams& p, int64_t b, int64_t row) {
 template <typename acc_t>
 inline void fill_group_columns(const AttnFwdParams& p, int64_t n, int64_t h, const int8_t* groups, acc_t* gamma_col,
                                acc_t* beta_col) {
-  const float* gam = p.logit_scale + h * kNumGroups;
-  const float* bet = p.bias + h * kNumGroups;
+  acc_t gam[kNumGroups], bet[kNumGroups];
+  for (int g = 0; g < kNumGroups; ++g) {
+    if constexpr (std::is_same_v<acc_t, double>) {
+      gam[g] = p.logit_scale_f64[h * kNumGroups + g];
+      bet[g] = p.bias_f64[h * kNumGroups + g];
+    } else {
+      gam[g] = p.logit_scale[h * kNumGroups + g];
+      bet[g] = p.bias[h * kNumGroups + g];
+    }
+  }
   for (int64_t c = 0; c < n; ++c) {
     const int g = groups[c];
     if (g < 0) {

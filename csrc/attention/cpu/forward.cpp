@@ -1,10 +1,11 @@
 // CPU forward: tiled online softmax with per-(head, group) logit scale and bias, and per-group masses.
 //
-// One task = (sequence b, kv head, query block). The rep = H / H_kv query heads that share the kv head are
+// K/V are first packed per (kv head, key block) (packed_kv.h). Then one task = (sequence b, kv head, query block). The rep = H / H_kv query heads that share the kv head are
 // stacked as rows of one tile, so each K/V tile is loaded once for all of them and the GEMMs are tall.
 // V is extended with G indicator columns (one-hot of the key's group): the same P·V GEMM then accumulates
 // the unnormalised group masses a[g], and the softmax denominator is l = Σ_g a[g] (masked keys have p = 0).
 #include "cpu_kernels.h"
+#include "packed_kv.h"
 #include "row_ops.h"
 
 namespace avar::cpu {
@@ -41,19 +42,14 @@ void forward_impl(const AttnFwdParams& p) {
   const int64_t n_tasks = static_cast<int64_t>(blocks.size()) * s.kv_heads;
 
   const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
+  PackedKV<scalar_t> kv(p, Bk);  // K/V converted and tiled once, shared by all query-block tasks
   auto* out = static_cast<scalar_t*>(p.out);
 
   parallel_tasks(n_tasks, [&](const auto& claim) {
     std::vector<acc_t> qbuf(max_rows * D);   // [rows, D], pre-scaled by `scale`
-    std::vector<acc_t> kt(D * Bk);           // [D, Bk]  K tile transposed
-    std::vector<acc_t> vext(Bk * Dv);        // [Bk, D + G]  V tile and group indicators
     std::vector<acc_t> sbuf(max_rows * Bk);  // [rows, Bk]  scores, then probabilities
     std::vector<acc_t> acc(max_rows * Dv);   // [rows, D + G]  unnormalised out and group masses
     std::vector<acc_t> mrow(max_rows);       // [rows]  running max
-    std::vector<acc_t> gam(rep * Bk), bet(rep * Bk);  // [rep, Bk]  per-column logit scale and bias
-    std::vector<int8_t> grp(Bk);
 
     for (int64_t t = claim(); t >= 0; t = claim()) {
       const QueryBlock& qb = blocks[t / s.kv_heads];
@@ -78,21 +74,8 @@ void forward_impl(const AttnFwdParams& p) {
       const int64_t first_row_end = visible_end(s, sb, qb.q0);
       for (int64_t j0 = 0; j0 < kv_end; j0 += Bk) {
         const int64_t nk = std::min(Bk, kv_end - j0);
-        for (int64_t c = 0; c < nk; ++c) {
-          const int64_t row = sb.k_start + j0 + c;
-          const scalar_t* kp = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, row, kvh);
-          const scalar_t* vp = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, row, kvh);
-          for (int64_t d = 0; d < D; ++d) kt[d * Bk + c] = static_cast<acc_t>(kp[d]);
-          acc_t* ve = vext.data() + c * Dv;
-          load_row(vp, ve, D, acc_t(1));
-          const int g = key_group_of(p, b, row);
-          grp[c] = static_cast<int8_t>(g);
-          for (int64_t gg = 0; gg < G; ++gg) ve[D + gg] = (gg == g) ? acc_t(1) : acc_t(0);
-        }
-        for (int64_t hh = 0; hh < rep; ++hh)
-          fill_group_columns(p, nk, kvh * rep + hh, grp.data(), gam.data() + hh * Bk, bet.data() + hh * Bk);
-
-        gemm(rows, nk, D, qbuf.data(), D, kt.data(), Bk, sbuf.data(), Bk, /*accumulate=*/false);
+        const auto tile = kv.tile(kvh, kv.block_of(b, j0));
+        gemm(rows, nk, D, qbuf.data(), D, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
 
         const bool all_visible = j0 + nk <= first_row_end;  // no causal cut inside this tile
         for (int64_t r = 0; r < rows; ++r) {
@@ -100,7 +83,7 @@ void forward_impl(const AttnFwdParams& p) {
           const int64_t n_vis =
               all_visible ? nk : std::clamp<int64_t>(visible_end(s, sb, qb.q0 + qi) - j0, 0, nk);
           acc_t* srow = sbuf.data() + r * Bk;
-          const acc_t tile_max = bias_and_max(srow, gam.data() + hh * Bk, bet.data() + hh * Bk, n_vis, nk);
+          const acc_t tile_max = bias_and_max(srow, tile.gamma + hh * Bk, tile.beta + hh * Bk, n_vis, nk);
           const acc_t m_new = std::max(mrow[r], tile_max);
           if (m_new == neg_inf<acc_t>()) {
             std::fill(srow, srow + nk, acc_t(0));
@@ -114,7 +97,7 @@ void forward_impl(const AttnFwdParams& p) {
           exp_shifted(srow, m_new, nk);
         }
 
-        gemm(rows, Dv, nk, sbuf.data(), Bk, vext.data(), Dv, acc.data(), Dv, /*accumulate=*/true);
+        gemm(rows, Dv, nk, sbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
       }
 
       for (int64_t hh = 0; hh < rep; ++hh) {

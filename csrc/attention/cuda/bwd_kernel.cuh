@@ -73,7 +73,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + sp.k_start * p.v_row_stride +
                     kvh * p.v_head_stride;
   const int64_t Lmax = p.seq.seqlen_q, H = p.seq.heads;
-  const float scale_log2 = p.seq.scale * kLog2e;
+  const float scale = static_cast<float>(p.seq.scale);  // the kernels work in fp32
+  const float scale_log2 = scale * kLog2e;
   const bool has_dmass = bp.dmass != nullptr;
   const bool want_tables = bp.dbias != nullptr || bp.dlogit_scale != nullptr;
 
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         kf[r] = key_factors(p, b, sp.k_start, n0 + key_local[r], sp.len_k, gamma_h, beta_h, scale_log2);
-        sg[r] = kf[r].group >= 0 ? p.seq.scale * gamma_h[kf[r].group] : 0.f;
+        sg[r] = kf[r].group >= 0 ? scale * gamma_h[kf[r].group] : 0.f;
       }
     }
 
@@ -284,7 +285,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
         const float cg = quad_sum(col_g[r]);
         if (tig == 0 && kf[r].group >= 0) {
           atomicAdd(&sRed[kf[r].group], cb);
-          atomicAdd(&sRed[kNumGroups + kf[r].group], cg * p.seq.scale);
+          atomicAdd(&sRed[kNumGroups + kf[r].group], cg * scale);
         }
         col_b[r] = 0.f;
         col_g[r] = 0.f;

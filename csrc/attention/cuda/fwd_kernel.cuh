@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
                     kvh * p.v_head_stride;
   const float* gamma_h = p.logit_scale + h * kNumGroups;
   const float* beta_h = p.bias + h * kNumGroups;
-  const float scale_log2 = p.seq.scale * kLog2e;
+  const float scale_log2 = static_cast<float>(p.seq.scale) * kLog2e;  // the kernels work in fp32
   const bool want_mass = p.mass != nullptr;
 
   auto load_kv = [&](int t, int stage) {

@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(KeyMassConfig<kD>::kThreads) key_mass_kernel(c
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     kf[r] = key_factors(p, b, sp.k_start, n0 + key_local[r], sp.len_k, p.logit_scale + h * kNumGroups,
-                        p.bias + h * kNumGroups, p.seq.scale * kLog2e);
+                        p.bias + h * kNumGroups, static_cast<float>(p.seq.scale) * kLog2e);
   }
   float km[2] = {0.f, 0.f};
 

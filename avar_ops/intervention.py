@@ -1,0 +1,282 @@
+"""The training-free intervention: boost image keys and damp system keys at inference.
+
+Every reading of the method is a per-(layer, head, group) logit scale γ and bias β of the avar op
+(s = scale·q·k·γ[h, g] + β[h, g]), so the patched model applies it in prefill and in every decode step:
+
+- ``bias``:    the additive logit of ``softmax(QKᵀ·scale + β·VisualMask)``: β_img on image keys, β_sys on
+               system keys (β_sys < 0 damps them).
+- ``weights``: the paper's reading, image-key weights × (1 + α_img) and system-key weights × (1 − α_sys),
+               then renormalised. Renormalising a softmax whose numerators are scaled by c is the softmax of
+               the logits plus log c, so this is exactly β_img = log(1 + α_img), β_sys = log(1 − α_sys).
+- ``logits``:  the same α on the logits (PAI-style amplification): γ_img = 1 + α_img, γ_sys = 1 − α_sys.
+
+Tables are identity (γ = 1, β = 0) outside the selected layers and heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from avar_ops.reference import NUM_GROUPS
+
+GROUP_VISUAL = 1
+GROUP_SYSTEM = 2
+MODES = ("weights", "logits", "bias")
+
+
+@dataclass(frozen=True)
+class InterventionTables:
+    """Per-layer tables for the patch: None when that reading leaves the quantity at its identity."""
+
+    bias: Optional[torch.Tensor]  # float32 [num_layers, H, G] or None (all zero)
+    logit_scale: Optional[torch.Tensor]  # float32 [num_layers, H, G] or None (all one)
+    layers: tuple  # the layer indices whose tables are not the identity
+
+
+def _check_index_list(name: str, values: Optional[Sequence[int]], bound: int, what: str) -> Optional[list]:
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"Intervention.{name}: expected ints, got {v!r} ({type(v).__name__})")
+        if not 0 <= v < bound:
+            raise ValueError(f"Intervention.{name}: {what} index {v} out of range [0, {bound})")
+        out.append(v)
+    if not out:
+        raise ValueError(f"Intervention.{name}: expected a non-empty list of {what} indices or None (all), got []")
+    return sorted(set(out))
+
+
+def _check_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Intervention.{name}: expected a float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"Intervention.{name}: expected a finite float, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One setting of the intervention.
+
+    mode "weights" and "logits" read alpha_img / alpha_sys; mode "bias" reads beta_img / beta_sys.
+    layers / heads: indices to act on (None = all).
+    """
+
+    mode: str = "weights"
+    alpha_img: float = 0.0
+    alpha_sys: float = 0.0
+    beta_img: float = 0.0
+    beta_sys: float = 0.0
+    layers: Optional[tuple] = field(default=None)
+    heads: Optional[tuple] = field(default=None)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"Intervention.mode: expected one of {MODES}, got {self.mode!r}")
+        for name in ("alpha_img", "alpha_sys", "beta_img", "beta_sys"):
+            object.__setattr__(self, name, _check_finite(name, getattr(self, name)))
+        if self.mode in ("weights", "logits"):
+            if self.alpha_img <= -1.0:
+                raise ValueError(
+                    f"Intervention.alpha_img: image weights are scaled by 1 + alpha_img, which must be > 0; "
+                    f"expected alpha_img > -1, got {self.alpha_img}"
+                )
+            if self.alpha_sys >= 1.0:
+                raise ValueError(
+                    f"Intervention.alpha_sys: system weights are scaled by 1 - alpha_sys, which must be > 0; "
+                    f"expected alpha_sys < 1, got {self.alpha_sys}"
+                )
+        elif self.alpha_img != 0.0 or self.alpha_sys != 0.0:
+            raise ValueError(
+                f"Intervention: mode 'bias' reads beta_img / beta_sys, but alpha_img={self.alpha_img}, "
+                f"alpha_sys={self.alpha_sys} were given; use mode 'weights' or 'logits' for alphas"
+            )
+        if self.mode != "bias" and (self.beta_img != 0.0 or self.beta_sys != 0.0):
+            raise ValueError(
+                f"Intervention: mode {self.mode!r} reads alpha_img / alpha_sys, but beta_img={self.beta_img}, "
+                f"beta_sys={self.beta_sys} were given; use mode 'bias' for additive logits"
+            )
+        for name in ("layers", "heads"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(v))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.alpha_img == 0.0 and self.alpha_sys == 0.0 and self.beta_img == 0.0 and self.beta_sys == 0.0
+
+    def group_bias(self) -> list:
+        """β per group [G] on the acted-on heads."""
+        b = [0.0] * NUM_GROUPS
+        if self.mode == "bias":
+            b[GROUP_VISUAL], b[GROUP_SYSTEM] = self.beta_img, self.beta_sys
+        elif self.mode == "weights":
+            b[GROUP_VISUAL], b[GROUP_SYSTEM] = math.log1p(self.alpha_img), math.log1p(-self.alpha_sys)
+        return b
+
+    def group_logit_scale(self) -> list:
+        """γ per group [G] on the acted-on heads."""
+        g = [1.0] * NUM_GROUPS
+        if self.mode == "logits":
+            g[GROUP_VISUAL], g[GROUP_SYSTEM] = 1.0 + self.alpha_img, 1.0 - self.alpha_sys
+        return g
+
+    def head_tables(self, num_heads: int, dtype: torch.dtype = torch.float32):
+        """(bias [H, G], logit_scale [H, G]) for one acted-on layer (values computed in float64, then cast)."""
+        heads = _check_index_list("heads", self.heads, num_heads, "head")
+        on = torch.zeros(num_heads, 1, dtype=torch.float64)  # [H, 1]: 1 on the acted-on heads
+        on[heads if heads is not None else slice(None)] = 1.0
+        bias = on * torch.tensor(self.group_bias(), dtype=torch.float64)  # [H, G]
+        gamma = 1.0 + on * (torch.tensor(self.group_logit_scale(), dtype=torch.float64) - 1.0)  # [H, G]
+        return bias.to(dtype), gamma.to(dtype)
+
+    def tables(self, num_layers: int, num_heads: int, dtype: torch.dtype = torch.float32) -> InterventionTables:
+        """Per-layer tables [num_layers, H, G]; identity outside the selected layers and heads.
+
+        The op takes float32 tables; float64 ones serve the float64 reference.
+        """
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"Intervention.tables: num_layers must be a positive int, got {num_layers!r}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"Intervention.tables: num_heads must be a positive int, got {num_heads!r}")
+        layers = _check_index_list("layers", self.layers, num_layers, "layer")
+        layers = list(range(num_layers)) if layers is None else layers
+        bias = torch.zeros(num_layers, num_heads, NUM_GROUPS, dtype=dtype)  # [NL, H, G]
+        gamma = torch.ones(num_layers, num_heads, NUM_GROUPS, dtype=dtype)  # [NL, H, G]
+        head_bias, head_gamma = self.head_tables(num_heads, dtype)
+        bias[layers] = head_bias
+        gamma[layers] = head_gamma
+        uses_bias = self.mode in ("bias", "weights") and not self.is_identity
+        uses_gamma = self.mode == "logits" and not self.is_identity
+        return InterventionTables(
+            bias=bias if uses_bias else None,
+            logit_scale=gamma if uses_gamma else None,
+            layers=tuple(layers) if not self.is_identity else (),
+        )
+
+    def describe(self) -> str:
+        where = ""
+        if self.layers is not None:
+            where += f" layers={list(self.layers)}"
+        if self.heads is not None:
+            where += f" heads={list(self.heads)}"
+        if self.mode == "bias":
+            return f"bias β_img={self.beta_img:g} β_sys={self.beta_sys:g}{where}"
+        return f"{self.mode} α_img={self.alpha_img:g} α_sys={self.alpha_sys:g}{where}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        d["heads"] = list(self.heads) if self.heads is not None else None
+        return d
+
+
+def reweight_probabilities(
+    p: torch.Tensor,  # [..., Lk] attention weights (rows sum to 1 or 0)
+    key_group: torch.Tensor,  # [..., Lk] broadcastable int group ids
+    alpha_img: float,
+    alpha_sys: float,
+) -> torch.Tensor:
+    """The paper's reading applied literally to materialised weights: scale, then renormalise each row.
+
+    Used as the independent definition that the "weights" tables are checked against; rows with no mass stay 0.
+    """
+    factor = torch.ones_like(p)
+    factor = torch.where(key_group == GROUP_VISUAL, torch.full_like(p, 1.0 + alpha_img), factor)
+    factor = torch.where(key_group == GROUP_SYSTEM, torch.full_like(p, 1.0 - alpha_sys), factor)
+    scaled = p * factor  # [..., Lk]
+    total = scaled.sum(dim=-1, keepdim=True)  # [..., 1]
+    return torch.where(total > 0, scaled / torch.where(total > 0, total, torch.ones_like(total)), scaled)
+
+
+def _num_layers_heads(model) -> tuple:
+    cfg = model.config
+    text = getattr(cfg, "text_config", None) or cfg
+    return int(text.num_hidden_layers), int(text.num_attention_heads)
+
+
+def apply(model, intervention: Intervention, *, tokenizer=None):
+    """Patch `model` (Qwen2.5-VL) so that every forward and generate() runs with this intervention.
+
+    Returns the patch handle (call `.revert()` to undo). An identity intervention still patches, so that
+    masses are collected the same way with and without it.
+    """
+    from avar_ops import patch
+
+    if not isinstance(intervention, Intervention):
+        raise TypeError(f"intervention.apply: expected an Intervention, got {type(intervention).__name__}")
+    num_layers, num_heads = _num_layers_heads(model)
+    t = intervention.tables(num_layers, num_heads)
+    return patch.apply_to_qwen2_5_vl(model, tokenizer=tokenizer, bias=t.bias, logit_scale=t.logit_scale)
+
+
+@contextlib.contextmanager
+def patched(model, processor, intervention: Optional[Intervention] = None):
+    """The model routed through avar (with the intervention, if any) for the duration of the block.
+
+    A model the caller already patched is used as it is, with whatever tables it was patched with; passing an
+    intervention for it is an error, since the two could disagree. Otherwise the model is patched here and
+    reverted on exit. Yields the patch handle, or None for a model patched by the caller.
+    """
+    from avar_ops import patch
+
+    if getattr(model, "_avar_handle", None) is not None:
+        if intervention is not None:
+            raise RuntimeError(
+                "avar: the model is already patched; revert it (avar_ops.patch.revert(model)) before passing an "
+                "intervention, or use it as it is"
+            )
+        yield None
+        return
+    if intervention is not None:
+        handle = apply(model, intervention, tokenizer=processor)
+    else:
+        handle = patch.apply_to_qwen2_5_vl(model, tokenizer=processor)
+    try:
+        yield handle
+    finally:
+        handle.revert()
+
+
+def generate(model, processor, samples, *, intervention: Optional[Intervention] = None, max_new_tokens: int = 32,
+             batch_size: int = 1) -> List[dict]:
+    """Greedy answers to `samples` (dicts / JSONL records, see `avar_ops.samples`) under the intervention.
+
+    The intervention acts in the prefill and in every decode step (the patch keeps the groups of the cached
+    positions). Returns one {"id", "answer", "tokens"} per sample; tokens are the generated ids up to and
+    including the end-of-turn token.
+    """
+    from avar_ops.samples import build_inputs, normalize_sample
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"generate: batch_size must be a positive int, got {batch_size!r}")
+    samples = [normalize_sample(s, i) for i, s in enumerate(samples)]
+    tok = processor.tokenizer
+    stop = {t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
+            if t is not None}
+    device = next(model.parameters()).device
+    results = []
+    with patched(model, processor, intervention), torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i:i + batch_size]
+            inputs = build_inputs(processor, batch, device=device)
+            prompt_len = inputs["input_ids"].shape[1]
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            for s, row in zip(batch, out[:, prompt_len:].tolist()):
+                tokens = []
+                for t in row:
+                    tokens.append(t)
+                    if t in stop:
+                        break
+                results.append({"id": s["id"], "answer": tok.decode(tokens, skip_special_tokens=True),
+                                "tokens": tokens})
+    return results

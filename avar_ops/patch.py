@@ -1,0 +1,516 @@
+"""Run Qwen2.5-VL's text attention through `avar_ops.attention`: token groups, per-group bias, attention masses.
+
+Public surface (what the VAS measurement, the intervention and the trainers use):
+
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=None, logit_scale=None, layers=None)
+    with collect_masses(model) as rec:        # or collect_masses(model, reduce=fn)
+        model(**inputs)
+    rec.masses                                # per layer, in layer order: float32 [B, H, L, 4] (or fn(mass))
+    handle.revert()                           # or revert(model)
+
+How it hooks in (transformers >= 5.17, < 6):
+
+- The text decoder's config gets `_attn_implementation = "avar"`, a name registered with transformers'
+  `AttentionInterface` (the attention function) and `AttentionMaskInterface` (its mask function). The vision
+  tower has its own config and keeps its own attention.
+- Padding travels as key group -1 rather than as a mask: the mask function builds nothing (it only refuses
+  mask patterns the kernel does not implement, such as packed sequences), and causality is the kernel's own,
+  bottom-right aligned, which serves prefill and decoding alike.
+- A forward pre-hook on the `Qwen2_5_VLModel` sees every forward, including each step of `generate()`. It keeps
+  the input ids of everything in the KV cache, so the groups always cover the cached positions too: on a fresh
+  forward (empty or no cache) the history restarts; on a cached step the new ids are appended and the groups
+  of the whole history are recomputed from the tokens and the full attention mask (cheap: a few vectorised
+  passes over [B, L]). Groups come from `groups.token_groups` when a tokenizer is given, or from groups set
+  with `handle.set_key_groups`; positions past the explicit groups (generated tokens) are group 0.
+- The attention function reads the groups, the layer's bias / logit scale and whether masses are being
+  collected from the patch state attached to each attention module.
+
+Limitations, each raising a clear error: packed sequences (positions restarting inside a row without an
+attention mask), sliding-window layers, attention dropout, 4D custom masks, masks prepared in advance (static
+cache), `output_attentions=True`.
+Beam search that reorders the cache keeps the group history of the original rows; that is exact as long as
+generated tokens are all group 0 (they are, inside an assistant turn).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional, Union
+
+import torch
+
+import avar_ops
+from avar_ops.groups import template_tokens, token_groups
+from avar_ops.reference import NUM_GROUPS
+
+__all__ = ["apply_to_qwen2_5_vl", "revert", "collect_masses", "PatchHandle", "MassRecord", "SUPPORTED_TRANSFORMERS"]
+
+SUPPORTED_TRANSFORMERS = (">=5.17", "<6")
+_MIN_VERSION, _MAX_VERSION = (5, 17), (6, 0)
+ATTN_IMPLEMENTATION = "avar"
+
+TableLike = Union[torch.Tensor, float, Iterable]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Version and model checks
+
+
+def _check_transformers_version() -> None:
+    import transformers
+    from packaging.version import InvalidVersion, Version
+
+    version = transformers.__version__
+    try:
+        parsed = Version(version)
+    except InvalidVersion as exc:
+        raise RuntimeError(f"avar patch: cannot parse the transformers version {version!r}") from exc
+    release = parsed.release + (0,) * (2 - len(parsed.release))
+    if not (_MIN_VERSION <= release[:2] < _MAX_VERSION):
+        raise RuntimeError(
+            f"avar patch supports transformers {','.join(SUPPORTED_TRANSFORMERS)}, found {version}: the attention "
+            f"interface and Qwen2.5-VL's modelling code it hooks into are only checked for that range"
+        )
+
+
+def _base_model(model):
+    """The Qwen2_5_VLModel inside `model` (the model itself or the conditional-generation wrapper)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+    if isinstance(model, Qwen2_5_VLForConditionalGeneration):
+        return model.model
+    if isinstance(model, Qwen2_5_VLModel):
+        return model
+    raise TypeError(
+        "avar patch: model must be a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, "
+        f"got {type(model).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bias / logit-scale tables
+
+
+def _layer_tables(value: Optional[TableLike], name: str, num_layers: int, num_heads: int,
+                  layers: Optional[List[int]]) -> List[Optional[torch.Tensor]]:
+    """Per layer: a float32 table [G] or [H, G] for `avar_ops.attention`, or None (layer not biased/scaled)."""
+    if value is None:
+        return [None] * num_layers
+    table = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float32)
+    if table.dtype != torch.float32:
+        table = table.float()
+    shapes = {1: (NUM_GROUPS,), 2: (num_heads, NUM_GROUPS), 3: (num_layers, num_heads, NUM_GROUPS)}
+    if table.dim() not in shapes or tuple(table.shape) != shapes[table.dim()]:
+        raise ValueError(
+            f"avar patch: {name} must have shape [{NUM_GROUPS}], [{num_heads}, {NUM_GROUPS}] or "
+            f"[{num_layers}, {num_heads}, {NUM_GROUPS}] (groups; heads, groups; layers, heads, groups), "
+            f"got {tuple(table.shape)}"
+        )
+    if not torch.isfinite(table.detach()).all():
+        raise ValueError(f"avar patch: {name} must be finite, got {table.detach().cpu().tolist()}")
+    selected = range(num_layers) if layers is None else layers
+    out: List[Optional[torch.Tensor]] = [None] * num_layers
+    for layer in selected:
+        out[layer] = table[layer] if table.dim() == 3 else table
+    return out
+
+
+def _check_layers(layers, num_layers: int) -> Optional[List[int]]:
+    if layers is None:
+        return None
+    if isinstance(layers, int):
+        layers = [layers]
+    try:
+        layers = [int(i) for i in layers]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"avar patch: layers must be None or an iterable of ints, got {layers!r}") from exc
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"avar patch: layers must be in [0, {num_layers}), got {bad}")
+    return sorted(set(layers))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State shared by the hook and the attention function
+
+
+@dataclass
+class _Collector:
+    reduce: Optional[Callable]
+    steps: List[dict] = field(default_factory=list)  # one {layer: mass or reduce(mass)} per forward
+
+
+@dataclass
+class _PatchState:
+    num_layers: int
+    num_heads: int
+    template: Optional[object]  # groups.TemplateTokens, or None when groups are set explicitly
+    bias: List[Optional[torch.Tensor]]
+    logit_scale: List[Optional[torch.Tensor]]
+    explicit_groups: Optional[torch.Tensor] = None  # int8 [B, N]
+    ids: Optional[torch.Tensor] = None  # [B, P] input ids of every cached position
+    key_group: Optional[torch.Tensor] = None  # int8 [B, P + L] groups of the current forward's keys
+    collectors: List[_Collector] = field(default_factory=list)
+
+
+def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len: int, new_len: int, batch: int,
+                        device) -> torch.Tensor:
+    """int8 [B, past_len + new_len]: the key groups of this forward, keeping the cached positions' history."""
+    total = past_len + new_len
+    if attention_mask is not None:
+        if isinstance(attention_mask, dict):
+            raise NotImplementedError(
+                "avar patch: this forward got masks prepared in advance (generate with a static cache or a "
+                "compiled forward), which no longer say where the padding is; use the default dynamic cache"
+            )
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            got = type(attention_mask).__name__ if not isinstance(attention_mask, torch.Tensor) else \
+                f"a {attention_mask.dim()}D tensor"
+            raise NotImplementedError(
+                f"avar patch: attention_mask must be None or a 2D [batch, cached + new] padding mask, got {got}"
+            )
+        if tuple(attention_mask.shape) != (batch, total):
+            raise ValueError(
+                f"avar patch: attention_mask must be [batch, cached + new] = [{batch}, {total}], "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        valid = attention_mask.to(device=device).bool()  # [B, P + L]
+    else:
+        valid = None
+
+    if state.explicit_groups is not None:
+        groups = state.explicit_groups.to(device)  # [B, N]
+        if groups.shape[0] != batch:
+            raise ValueError(
+                f"avar patch: groups set with set_key_groups have batch {groups.shape[0]}, the forward has {batch}"
+            )
+        if groups.shape[1] >= total:
+            groups = groups[:, :total]
+        else:
+            groups = torch.nn.functional.pad(groups, (0, total - groups.shape[1]), value=0)  # generated: group 0
+        return groups if valid is None else groups.masked_fill(~valid, -1)
+
+    if state.template is None:
+        raise RuntimeError(
+            "avar patch: no token groups for this forward: pass tokenizer= to apply_to_qwen2_5_vl or set them "
+            "with handle.set_key_groups(key_group)"
+        )
+    if input_ids is None:
+        raise ValueError(
+            "avar patch: groups are computed from input_ids, but this forward got inputs_embeds only; set them "
+            "with handle.set_key_groups(key_group)"
+        )
+    if past_len == 0:
+        history = input_ids
+    else:
+        if state.ids is None or state.ids.shape != (batch, past_len):
+            seen = None if state.ids is None else tuple(state.ids.shape)
+            raise RuntimeError(
+                f"avar patch: the KV cache holds {past_len} positions for batch {batch}, but the ids seen since the "
+                f"last fresh forward are {seen}; a cache filled before the patch (or reordered) cannot be grouped"
+            )
+        history = torch.cat([state.ids, input_ids.to(state.ids.device)], dim=1)  # [B, P + L]
+    state.ids = history
+    return token_groups(history, state.template, valid).key_group
+
+
+def _pre_forward_hook(module, args, kwargs):
+    state: _PatchState = module._avar_state
+    bound = module._avar_signature.bind_partial(module, *args, **kwargs).arguments
+    input_ids = bound.get("input_ids")
+    embeds = bound.get("inputs_embeds")
+    if input_ids is None and embeds is None:
+        return None  # the model raises its own error
+    ref = input_ids if input_ids is not None else embeds
+    batch, new_len = ref.shape[0], ref.shape[1]
+    cache = bound.get("past_key_values")
+    past_len = int(cache.get_seq_length()) if cache is not None else 0
+    state.key_group = _groups_for_forward(
+        state, input_ids, bound.get("attention_mask"), past_len, new_len, batch, ref.device
+    )
+    for collector in state.collectors:
+        collector.steps.append({})
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention and mask functions registered with transformers
+
+
+def _avar_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                    sliding_window=None, **kwargs):
+    """transformers attention function: query [B, H, Lq, D], key/value [B, H_kv, Lk, D] -> ([B, Lq, H, D], None)."""
+    state: Optional[_PatchState] = getattr(module, "_avar_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"avar attention: {type(module).__name__} is not patched; use avar_ops.patch.apply_to_qwen2_5_vl "
+            "instead of setting attn_implementation='avar' by hand"
+        )
+    if dropout:
+        raise NotImplementedError(f"avar attention: attention dropout is not supported, got dropout={dropout}")
+    if sliding_window is not None:
+        raise NotImplementedError(f"avar attention: sliding-window layers are not supported (window {sliding_window})")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("avar attention does not return attention maps; use collect_masses instead")
+    if attention_mask is not None:
+        raise RuntimeError("avar attention: expected no mask (padding travels as key group -1), got one")
+    groups = state.key_group  # [B, P + L]
+    if groups is None:
+        raise RuntimeError("avar attention: no token groups; the model's forward pre-hook did not run")
+    B, Lk = query.shape[0], key.shape[2]
+    if groups.shape != (B, Lk):
+        raise RuntimeError(
+            f"avar attention: {B}×{Lk} keys but groups for {tuple(groups.shape)}; the layer was called outside "
+            "a forward of the patched model, or its cache was changed outside one"
+        )
+    layer = module.layer_idx
+    bias, logit_scale = state.bias[layer], state.logit_scale[layer]
+    if bias is not None:
+        bias = bias.to(device=query.device)
+    if logit_scale is not None:
+        logit_scale = logit_scale.to(device=query.device)
+    want_mass = bool(state.collectors)
+    res = avar_ops.attention(
+        query.transpose(1, 2),  # [B, Lq, H, D] view
+        key.transpose(1, 2),  # [B, Lk, H_kv, D] view
+        value.transpose(1, 2),  # [B, Lk, H_kv, D] view
+        groups.to(query.device),
+        bias,
+        logit_scale=logit_scale,
+        scale=scaling,
+        causal=True,
+        return_mass=want_mass,
+    )
+    if want_mass:
+        for collector in state.collectors:
+            step = collector.steps[-1] if collector.steps else None
+            # A layer seen twice in one forward is activation-checkpoint recomputation: keep the first.
+            if step is not None and layer not in step:
+                step[layer] = res.mass if collector.reduce is None else collector.reduce(res.mass)
+    return res.out, None  # out [B, Lq, H, D]
+
+
+def _avar_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+               attention_mask=None, **kwargs):
+    """transformers mask function: builds no mask (causality is the kernel's, padding is key group -1)."""
+    from transformers.masking_utils import causal_mask_function
+
+    if mask_function is not None and mask_function is not causal_mask_function:
+        raise NotImplementedError(
+            "avar attention implements plain causal attention only; this forward asks for another mask pattern "
+            "(packed sequences, i.e. position_ids restarting inside a row without an attention_mask, or a custom "
+            "mask overlay)"
+        )
+    return None
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _avar_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _avar_mask)
+    _REGISTERED = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+class PatchHandle:
+    """What `apply_to_qwen2_5_vl` returns: change bias / groups, or revert the patch."""
+
+    def __init__(self, model, base, state: _PatchState, hook, previous_impl):
+        self._model, self._base, self._state = model, base, state
+        self._hook, self._previous_impl = hook, previous_impl
+        self._attn_modules = [layer.self_attn for layer in base.language_model.layers]
+
+    @property
+    def active(self) -> bool:
+        return self._hook is not None
+
+    def set_bias(self, bias: Optional[TableLike] = None, logit_scale: Optional[TableLike] = None,
+                 layers: Optional[Iterable[int]] = None) -> None:
+        """Replace the bias and logit-scale tables (same shapes and meaning as in `apply_to_qwen2_5_vl`)."""
+        self._require_active()
+        s = self._state
+        layers = _check_layers(layers, s.num_layers)
+        s.bias = _layer_tables(bias, "bias", s.num_layers, s.num_heads, layers)
+        s.logit_scale = _layer_tables(logit_scale, "logit_scale", s.num_layers, s.num_heads, layers)
+
+    def set_key_groups(self, key_group: Optional[torch.Tensor]) -> None:
+        """Use these groups (int8 [B, N], -1..3) instead of computing them from input_ids; None to go back.
+
+        They apply to every following forward whose batch is B: positions past N (tokens generated after a
+        prompt of N) are group 0, and padding from the forward's attention_mask is -1 whatever is set here.
+        """
+        self._require_active()
+        if key_group is None:
+            self._state.explicit_groups = None
+            return
+        if not isinstance(key_group, torch.Tensor) or key_group.dim() != 2:
+            got = tuple(key_group.shape) if isinstance(key_group, torch.Tensor) else type(key_group).__name__
+            raise ValueError(f"set_key_groups: key_group must be a [B, N] tensor, got {got}")
+        if key_group.dtype.is_floating_point or key_group.dtype == torch.bool:
+            raise TypeError(f"set_key_groups: key_group must be an integer tensor, got {key_group.dtype}")
+        if key_group.numel() and (key_group.min() < -1 or key_group.max() >= NUM_GROUPS):
+            raise ValueError(
+                f"set_key_groups: key_group values must be in [-1, {NUM_GROUPS - 1}], got "
+                f"[{int(key_group.min())}, {int(key_group.max())}]"
+            )
+        self._state.explicit_groups = key_group.to(torch.int8)
+
+    def revert(self) -> None:
+        """Restore the model's own attention; the handle is dead afterwards."""
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        self._base.language_model.config._attn_implementation = self._previous_impl
+        for module in self._attn_modules:
+            del module._avar_state
+        for obj in {id(self._model): self._model, id(self._base): self._base}.values():
+            for name in ("_avar_state", "_avar_handle", "_avar_signature"):
+                if name in obj.__dict__:
+                    delattr(obj, name)
+        self._state.collectors.clear()
+
+    def _require_active(self) -> None:
+        if self._hook is None:
+            raise RuntimeError("avar patch: this handle was reverted")
+
+
+def apply_to_qwen2_5_vl(
+    model,
+    *,
+    tokenizer=None,
+    bias: Optional[TableLike] = None,
+    logit_scale: Optional[TableLike] = None,
+    layers: Optional[Iterable[int]] = None,
+) -> PatchHandle:
+    """Route the text decoder's attention of a Qwen2.5-VL through `avar_ops.attention`.
+
+    Args:
+        model: `Qwen2_5_VLForConditionalGeneration` or `Qwen2_5_VLModel` (anything else raises TypeError).
+        tokenizer: the Qwen2.5-VL tokenizer or processor that makes the input ids; groups of every forward are
+            then computed from input_ids. Without it, set groups with `handle.set_key_groups`.
+        bias: additive logit bias per group, [4], per head and group, [H, 4], or per layer, head and group,
+            [num_layers, H, 4] (float32; a tensor that requires grad is used as is, so it can be trained).
+        logit_scale: multiplies the scaled logit, s = scale·q·k·logit_scale[h, g] + bias[h, g]; same shapes.
+        layers: the decoder layers that get bias and logit_scale (default: all).
+
+    Returns a `PatchHandle` (`.revert()`, `.set_bias(...)`, `.set_key_groups(...)`). Raises RuntimeError if the
+    installed transformers is outside >=5.17,<6 or the model is already patched.
+    """
+    _check_transformers_version()
+    base = _base_model(model)
+    if getattr(model, "_avar_state", None) is not None or getattr(base, "_avar_state", None) is not None:
+        raise RuntimeError("avar patch: the model is already patched; call revert(model) first")
+    text_config = base.language_model.config
+    if getattr(text_config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(text_config, "layer_types", None) or []
+    ):
+        raise NotImplementedError("avar patch: sliding-window layers are not supported")
+    attn_modules = [layer.self_attn for layer in base.language_model.layers]
+    if any(m.config is not text_config for m in attn_modules):
+        raise RuntimeError("avar patch: the decoder layers do not share the text config; cannot switch attention")
+    num_layers, num_heads = len(attn_modules), text_config.num_attention_heads
+    layer_list = _check_layers(layers, num_layers)
+    state = _PatchState(
+        num_layers=num_layers,
+        num_heads=num_heads,
+        template=template_tokens(tokenizer) if tokenizer is not None else None,
+        bias=_layer_tables(bias, "bias", num_layers, num_heads, layer_list),
+        logit_scale=_layer_tables(logit_scale, "logit_scale", num_layers, num_heads, layer_list),
+    )
+    if state.template is not None:
+        expected = {"image_token_id": state.template.image_pad, "video_token_id": state.template.video_pad}
+        for name, tok_id in expected.items():
+            if getattr(base.config, name, tok_id) != tok_id:
+                raise ValueError(
+                    f"avar patch: the tokenizer's {name} is {tok_id} but the model config says "
+                    f"{getattr(base.config, name)}; tokenizer and model do not belong together"
+                )
+    _register()
+    previous_impl = text_config._attn_implementation
+    for module in attn_modules:
+        module._avar_state = state
+    base._avar_state = state
+    base._avar_signature = inspect.signature(type(base).forward)
+    hook = base.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True)
+    text_config._attn_implementation = ATTN_IMPLEMENTATION
+    handle = PatchHandle(model, base, state, hook, previous_impl)
+    model._avar_state = state
+    model._avar_handle = handle
+    base._avar_handle = handle
+    return handle
+
+
+def revert(model) -> None:
+    """Undo `apply_to_qwen2_5_vl` on `model` (RuntimeError if it is not patched)."""
+    handle = getattr(model, "_avar_handle", None)
+    if handle is None:
+        raise RuntimeError(f"avar patch: {type(model).__name__} is not patched")
+    handle.revert()
+
+
+class MassRecord:
+    """Masses gathered by `collect_masses`: one entry per decoder layer, per forward."""
+
+    def __init__(self, collector: _Collector, num_layers: int):
+        self._collector, self._num_layers = collector, num_layers
+
+    @property
+    def steps(self) -> List[list]:
+        """Per forward run inside the context (e.g. each step of generate): the per-layer list."""
+        out = []
+        for step in self._collector.steps:
+            missing = [i for i in range(self._num_layers) if i not in step]
+            if missing:
+                raise RuntimeError(f"collect_masses: layers {missing} did not run in a forward")
+            out.append([step[i] for i in range(self._num_layers)])
+        return out
+
+    @property
+    def masses(self) -> list:
+        """The per-layer masses (float32 [B, H, Lq, 4], or reduce(mass)) of the one forward run in the context."""
+        steps = self.steps
+        if len(steps) != 1:
+            raise RuntimeError(
+                f"collect_masses: .masses needs exactly one forward inside the context, there were {len(steps)}; "
+                "use .steps for several (e.g. generate)"
+            )
+        return steps[0]
+
+
+@contextlib.contextmanager
+def collect_masses(model, reduce: Optional[Callable[[torch.Tensor], object]] = None):
+    """Gather the attention masses of every text-decoder layer during the forwards run inside the context.
+
+    Each mass is float32 [B, H, Lq, 4]: for query i of head h, the attention probability on keys of group
+    g (0 other, 1 visual, 2 system, 3 user text); padded queries of a left-padded batch see no key and get 0.
+    With grad enabled the masses carry the autograd graph, so losses can be trained through them. `reduce`,
+    if given, is applied to each layer's mass as it is produced and only its result is kept (e.g. a per-sample
+    mean over user tokens), so that the [B, H, L, 4] tensors need not all be alive at once.
+    Yields a `MassRecord` (`.masses` for one forward, `.steps` for several).
+    """
+    state: Optional[_PatchState] = getattr(model, "_avar_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"collect_masses: {type(model).__name__} is not patched; call apply_to_qwen2_5_vl(model) first"
+        )
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"collect_masses: reduce must be callable or None, got {type(reduce).__name__}")
+    collector = _Collector(reduce=reduce)
+    state.collectors.append(collector)
+    try:
+        yield MassRecord(collector, state.num_layers)
+    finally:
+        state.collectors[:] = [c for c in state.collectors if c is not collector]
