@@ -51,6 +51,11 @@ LOWP_FWD_FACTOR = 2.0
 LOWP_GRAD_FACTOR = 3.0
 LOWP_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
+# lse of the low-precision GPU kernels: scores are exact products of the low-precision inputs accumulated in
+# fp32 by the tensor cores, and l is summed in fp32 from fast exp2 (≤ 2 ulp), so lse carries fp32 error only
+# (~1e-6 relative at |lse| ≲ 30, D ≤ 128, L ≤ a few thousand); no low-precision rounding enters it.
+LOWP_LSE_ABS = 1e-4
+
 # float64 gradcheck of the ops. out is float64 for float64 inputs, so its numerical Jacobian is exact enough for
 # gradcheck's defaults. lse and mass are float32 whatever the input dtype: each evaluation rounds them by up to
 # 2^-24·|y| (|lse| ≲ 8 on the gradcheck shapes, so ≲ 5e-7), and a central difference divides two such
@@ -78,6 +83,16 @@ def lowp_bound(torch_err: float, dtype: torch.dtype, factor: float) -> float:
     return factor * torch_err + LOWP_FLOOR[dtype]
 
 
+def lowp_table_bound(torch_abs_err: float, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Bound on the max abs error of a gradient table (dbias, dlogit_scale).
+
+    Each entry is a sum of dS over many (query, key) pairs whose total can cancel to ~0 (Σ_j dS_ij = 0 for every
+    row), so a relative measure is meaningless there: the floor is scaled by the table's magnitude (at least 1).
+    """
+    magnitude = max(1.0, ref.detach().abs().max().item()) if ref.numel() else 1.0
+    return LOWP_GRAD_FACTOR * torch_abs_err + LOWP_FLOOR[dtype] * magnitude
+
+
 @contextlib.contextmanager
 def poisoned_outputs():
     """Inside this context every output buffer of the avar ops starts as NaN."""
@@ -87,6 +102,32 @@ def poisoned_outputs():
         yield
     finally:
         ext.set_poison_outputs(False)
+
+
+def _torch_lowp_probs(q, k, key_group, bias, logit_scale, scale, causal):
+    """P [B, H, Lq, Lk] in q's dtype from plain PyTorch ops, and the clamped group ids [B, Lk]."""
+    dt = q.dtype
+    B, Lq, H, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    qh = q.transpose(1, 2)  # [B, H, Lq, D]
+    kh = k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # [B, H, Lk, D]
+    groups = key_group.long() if key_group is not None else torch.zeros(B, Lk, dtype=torch.long, device=q.device)
+    g_idx = groups.clamp(min=0)
+    gam = torch.ones(H, NUM_GROUPS) if logit_scale is None else logit_scale.float().expand(H, NUM_GROUPS)
+    bet = torch.zeros(H, NUM_GROUPS) if bias is None else bias.float().expand(H, NUM_GROUPS)
+    gam = gam.to(q.device)[:, g_idx].permute(1, 0, 2).to(dt)  # [B, H, Lk]
+    bet = bet.to(q.device)[:, g_idx].permute(1, 0, 2).to(dt)  # [B, H, Lk]
+    s = (qh @ kh.transpose(-1, -2)) * scale * gam[:, :, None] + bet[:, :, None]  # [B, H, Lq, Lk]
+    visible = (groups >= 0)[:, None, None, :].expand(B, 1, Lq, Lk)
+    if causal:
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        visible = visible & (j <= i + (Lk - Lq))
+    s = s.masked_fill(~visible, float("-inf"))
+    # Dead rows (no visible key) give p = 0; a finite stand-in keeps softmax's backward free of NaN there.
+    alive = visible.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1]
+    return torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1) * alive, groups
 
 
 def torch_lowp_attention(
@@ -105,27 +146,24 @@ def torch_lowp_attention(
     kernel at bf16 should be at most a small multiple as far from the float64 reference as this is.
     """
     dt = q.dtype
-    B, Lq, H, D = q.shape
-    Lk, Hkv = k.shape[1], k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    qh = q.transpose(1, 2)  # [B, H, Lq, D]
-    kh = k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # [B, H, Lk, D]
+    H, Hkv = q.shape[2], k.shape[2]
+    p, groups = _torch_lowp_probs(q, k, key_group, bias, logit_scale, scale, causal)  # [B, H, Lq, Lk]
     vh = v.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # [B, H, Lk, D]
-    groups = key_group.long() if key_group is not None else torch.zeros(B, Lk, dtype=torch.long, device=q.device)
-    g_idx = groups.clamp(min=0)
-    gam = torch.ones(H, NUM_GROUPS) if logit_scale is None else logit_scale.float().expand(H, NUM_GROUPS)
-    bet = torch.zeros(H, NUM_GROUPS) if bias is None else bias.float().expand(H, NUM_GROUPS)
-    gam = gam.to(q.device)[:, g_idx].permute(1, 0, 2).to(dt)  # [B, H, Lk]
-    bet = bet.to(q.device)[:, g_idx].permute(1, 0, 2).to(dt)  # [B, H, Lk]
-    s = (qh @ kh.transpose(-1, -2)) * scale * gam[:, :, None] + bet[:, :, None]  # [B, H, Lq, Lk]
-    visible = (groups >= 0)[:, None, None, :].expand(B, 1, Lq, Lk)
-    if causal:
-        i = torch.arange(Lq, device=q.device)[:, None]
-        j = torch.arange(Lk, device=q.device)[None, :]
-        visible = visible & (j <= i + (Lk - Lq))
-    s = s.masked_fill(~visible, float("-inf"))
-    # Dead rows (no visible key) give p = 0; a finite stand-in keeps softmax's backward free of NaN there.
-    alive = visible.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1]
-    p = torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1) * alive
-    onehot = torch.nn.functional.one_hot(g_idx, NUM_GROUPS).to(dt) * (groups >= 0)[..., None].to(dt)
+    onehot = torch.nn.functional.one_hot(groups.clamp(min=0), NUM_GROUPS).to(dt) * (groups >= 0)[..., None].to(dt)
     return (p @ vh).transpose(1, 2), p @ onehot[:, None]
+
+
+def torch_lowp_key_mass(
+    q: torch.Tensor,  # [B, Lq, H, D] low precision
+    k: torch.Tensor,  # [B, Lk, Hkv, D]
+    query_weight: torch.Tensor,  # [B, H, Lq] or [B, Lq]
+    key_group: Optional[torch.Tensor] = None,  # [B, Lk]
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Σ_i w_i·P_ij [B, H, Lk] with P from PyTorch's own low-precision softmax: the key-mass yardstick."""
+    p, _ = _torch_lowp_probs(q, k, key_group, bias, logit_scale, scale, causal)  # [B, H, Lq, Lk]
+    w = query_weight if query_weight.dim() == 3 else query_weight[:, None].expand(-1, q.shape[2], -1)
+    return torch.einsum("bhi,bhij->bhj", w.to(q.dtype), p)

@@ -4,6 +4,9 @@
 #include <torch/library.h>
 
 #include "attention/attention_ops.h"
+#ifdef AVAR_WITH_CUDA
+#include "attention/cuda_dispatch.h"
+#endif
 
 #ifndef AVAR_CPU_CAPABILITY_NAME
 #define AVAR_CPU_CAPABILITY_NAME "DEFAULT"
@@ -47,6 +50,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("cpu_capability") = AVAR_CPU_CAPABILITY_NAME;
+#ifdef AVAR_WITH_CUDA
+  m.def("cuda_decode_splits", &avar::cuda_dispatch::decode_splits_on_current_device, py::arg("batch"),
+        py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+        "Key splits (flash-decoding) the CUDA forward uses for these sizes on the current device; 1 = no split.");
+#endif
   m.def("set_poison_outputs", &avar::set_poison_outputs,
         "Fill every output buffer with NaN before the kernel writes it (for tests).");
 }

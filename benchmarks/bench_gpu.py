@@ -1,0 +1,459 @@
+"""GPU kernel benchmark: avar attention (with and without masses) against SDPA flash (no bias, the speed
+ceiling), SDPA with the equivalent additive mask, FlexAttention with the equivalent score_mod and a causal
+BlockMask, and eager attention maps. Forward, backward and decode; bf16, D = 128, H = 28, H_kv = 4 (Qwen2.5-VL-7B
+text), L = 1k…16k with B·L = 16k.
+
+FLOPs as FlashAttention counts them: forward 4·B·H·Lq·Lk·D (halved when causal), backward 2.5× forward.
+Every measurement is time-boxed against one overall budget; what does not fit is skipped with a note.
+
+    python benchmarks/bench_gpu.py --out OUTDIR [--budget-s 300] [--checks checks.json]
+    python benchmarks/bench_gpu.py --out OUTDIR --dry-run     # no GPU: plan and report skeleton only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+NUM_GROUPS = 4
+# Bias per group (other text, visual, system, user text): the intervention's log(1 + α) on image keys and
+# log(1 − α) on system keys, so every path computes a non-trivial score modification.
+GROUP_BIAS = (0.0, math.log(1.15), math.log(0.8), 0.0)
+
+
+@dataclasses.dataclass
+class Config:
+    lengths: list
+    tokens: int
+    heads: int
+    kv_heads: int
+    dim: int
+    decode_q: int
+    budget_s: float
+    max_reps: int
+    measure_s: float
+
+
+@dataclasses.dataclass
+class Result:
+    direction: str  # fwd | bwd | decode
+    method: str
+    batch: int
+    len_q: int
+    len_k: int
+    ms: Optional[float] = None
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None  # decode: K/V bytes read per second
+    peak_mib: Optional[float] = None  # torch.cuda.max_memory_allocated during the measurement
+    extra_mib: Optional[float] = None  # peak minus what was allocated before (inputs)
+    note: str = ""
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for gpu_report.md and gpu_report.json")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="sequence lengths, comma separated")
+    ap.add_argument("--tokens", type=int, default=16384, help="B·L: the batch is tokens // L")
+    ap.add_argument("--heads", type=int, default=28)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--decode-q", type=int, default=1, help="query rows per sequence in the decode benchmark")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget for all measurements")
+    ap.add_argument("--measure-s", type=float, default=1.5, help="timed seconds per measurement (at most)")
+    ap.add_argument("--max-reps", type=int, default=30)
+    ap.add_argument("--checks", default=None, help="JSON file with the build/test/sanitizer results to include")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: write the plan and an empty report")
+    args = ap.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if not lengths or any(L <= 0 for L in lengths):
+        ap.error(f"--lengths must be positive integers, got {args.lengths!r}")
+    if any(args.tokens % L for L in lengths):
+        ap.error(f"--tokens ({args.tokens}) must be a multiple of every length in {lengths}")
+    if args.heads % args.kv_heads:
+        ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    if args.dim not in (64, 80, 128):
+        ap.error(f"--dim must be 64, 80 or 128, got {args.dim}")
+    cfg = Config(lengths, args.tokens, args.heads, args.kv_heads, args.dim, args.decode_q, args.budget_s,
+                 args.max_reps, args.measure_s)
+    return args, cfg
+
+
+def attention_flops(batch, heads, len_q, len_k, dim, causal, direction):
+    fwd = 4.0 * batch * heads * len_q * len_k * dim
+    if causal:
+        fwd /= 2
+    return fwd * (2.5 if direction == "bwd" else 1.0)
+
+
+def plan(cfg: Config):
+    """(direction, method, batch, len_q, len_k) in priority order: the target comparisons first."""
+    rows = []
+    for direction in ("fwd", "bwd"):
+        for L in cfg.lengths:
+            for method in ("avar_mass", "avar", "sdpa_flash"):
+                rows.append((direction, method, cfg.tokens // L, L, L))
+    for L in cfg.lengths:
+        for method in ("avar_mass", "avar", "sdpa_flash"):
+            rows.append(("decode", method, cfg.tokens // L, cfg.decode_q, L))
+    for method in ("flex", "sdpa_mask", "eager"):
+        for direction in ("fwd", "bwd"):
+            for L in cfg.lengths:
+                rows.append((direction, method, cfg.tokens // L, L, L))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Problem setup and the methods.
+
+class Problem:
+    def __init__(self, cfg: Config, batch: int, len_q: int, len_k: int, grad: bool):
+        dev, dt = "cuda", torch.bfloat16
+        gen = torch.Generator(device=dev).manual_seed(0)
+        H, Hkv, D = cfg.heads, cfg.kv_heads, cfg.dim
+        self.batch, self.len_q, self.len_k, self.heads, self.kv_heads, self.dim = batch, len_q, len_k, H, Hkv, D
+        self.causal = True
+        self.q = torch.randn(batch, len_q, H, D, device=dev, dtype=dt, generator=gen).requires_grad_(grad)
+        self.k = torch.randn(batch, len_k, Hkv, D, device=dev, dtype=dt, generator=gen).requires_grad_(grad)
+        self.v = torch.randn(batch, len_k, Hkv, D, device=dev, dtype=dt, generator=gen).requires_grad_(grad)
+        # Groups as in a multimodal prompt: system, image, user text, with a few masked (padding) keys.
+        g = torch.zeros(batch, len_k, dtype=torch.int8, device=dev)  # [B, Lk]
+        sys_end, img_end = len_k // 16, len_k // 2
+        g[:, :sys_end] = 2
+        g[:, sys_end:img_end] = 1
+        g[:, img_end:] = 3
+        g[:, -max(1, len_k // 64):] = -1
+        self.key_group = g
+        self.bias = torch.tensor(GROUP_BIAS, device=dev, dtype=torch.float32)  # [G]
+        self.d_out = torch.randn(batch, len_q, H, D, device=dev, dtype=dt, generator=gen)
+        self.d_mass = torch.randn(batch, H, len_q, NUM_GROUPS, device=dev, generator=gen)
+
+    def additive_mask(self):
+        """[B, 1, Lq, Lk] bf16: group bias, −inf for masked and causally hidden keys (the SDPA/eager baseline)."""
+        g = self.key_group.long()
+        table = self.bias[g.clamp(min=0)]  # [B, Lk]
+        table = table.masked_fill(g < 0, float("-inf"))
+        i = torch.arange(self.len_q, device="cuda")[:, None]
+        j = torch.arange(self.len_k, device="cuda")[None, :]
+        hidden = j > i + (self.len_k - self.len_q)
+        mask = table[:, None, None, :].expand(self.batch, 1, self.len_q, self.len_k)
+        return mask.masked_fill(hidden, float("-inf")).to(torch.bfloat16).contiguous()
+
+
+def method_fn(method: str, pb: Problem, direction: str, notes: list) -> Callable[[], object]:
+    """A zero-argument callable that runs one forward (fwd/decode) or one backward (bwd) of `method`."""
+    import torch.nn.functional as F
+
+    def with_backward(forward, grads_of):
+        outs = forward()
+        tensors, grads = grads_of(outs)
+        inputs = (pb.q, pb.k, pb.v)
+        return lambda: torch.autograd.grad(tensors, inputs, grads, retain_graph=True)
+
+    if method in ("avar", "avar_mass"):
+        import avar_ops
+
+        mass = method == "avar_mass"
+        fwd = lambda: avar_ops.attention(pb.q, pb.k, pb.v, pb.key_group, pb.bias, causal=True, return_mass=mass)
+        if direction != "bwd":
+            return fwd
+        if mass:
+            return with_backward(fwd, lambda o: ((o.out, o.mass), (pb.d_out, pb.d_mass)))
+        return with_backward(fwd, lambda o: ((o.out,), (pb.d_out,)))
+
+    qh, kh, vh = pb.q.transpose(1, 2), pb.k.transpose(1, 2), pb.v.transpose(1, 2)  # [B, H(kv), L, D]
+    d_out_h = pb.d_out.transpose(1, 2)
+    rep = pb.heads // pb.kv_heads
+    causal_flag = pb.len_q == pb.len_k  # SDPA's is_causal is top-left aligned; with Lq = 1 every key is visible
+
+    if method == "sdpa_flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fwd():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal_flag, enable_gqa=True)
+
+        return fwd if direction != "bwd" else with_backward(fwd, lambda o: ((o,), (d_out_h,)))
+
+    if method == "sdpa_mask":
+        mask = pb.additive_mask()  # [B, 1, Lq, Lk]
+        # The memory-efficient backend takes an additive mask but not GQA: K/V are expanded once, outside the timing.
+        ke = kh.repeat_interleave(rep, dim=1)
+        ve = vh.repeat_interleave(rep, dim=1)
+        notes.append("sdpa_mask: K/V expanded to H heads outside the timed region (mask backends lack GQA)")
+
+        def fwd():
+            return F.scaled_dot_product_attention(qh, ke, ve, attn_mask=mask)
+
+        return fwd if direction != "bwd" else with_backward(fwd, lambda o: ((o,), (d_out_h,)))
+
+    if method == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        groups = pb.key_group.long()  # [B, Lk]
+        table = pb.bias  # [G]
+        offset = pb.len_k - pb.len_q
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            g = groups[b, kv_idx]
+            return torch.where(g >= 0, score + table[g.clamp(min=0)], -float("inf"))
+
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+        block_mask = create_block_mask(causal, None, None, pb.len_q, pb.len_k, device="cuda")
+
+        def fwd():
+            return compiled(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+
+        return fwd if direction != "bwd" else with_backward(fwd, lambda o: ((o,), (d_out_h,)))
+
+    if method == "eager":
+        mask = pb.additive_mask()  # [B, 1, Lq, Lk]
+        scale = pb.dim**-0.5
+
+        def fwd():
+            ke = kh.repeat_interleave(rep, dim=1)
+            ve = vh.repeat_interleave(rep, dim=1)
+            s = (qh @ ke.transpose(-1, -2)) * scale + mask  # [B, H, Lq, Lk]
+            p = torch.softmax(s.float(), dim=-1).to(qh.dtype)  # the maps, as HF eager keeps them
+            return p @ ve
+
+        return fwd if direction != "bwd" else with_backward(fwd, lambda o: ((o,), (d_out_h,)))
+
+    raise ValueError(f"unknown method {method!r}")
+
+
+def eager_fits(pb_shape, free_bytes):
+    batch, heads, len_q, len_k = pb_shape
+    maps = batch * heads * len_q * len_k
+    # scores (bf16), fp32 softmax, bf16 maps, and about as much again in the backward
+    return maps * (2 + 4 + 2) * 2 < 0.8 * free_bytes
+
+
+def time_cuda(fn, measure_s: float, max_reps: int):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    single = max(start.elapsed_time(end), 1e-3)  # ms
+    reps = int(max(3, min(max_reps, measure_s * 1000 / single)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def run_one(cfg: Config, row, notes: list) -> Result:
+    direction, method, batch, len_q, len_k = row
+    res = Result(direction, method, batch, len_q, len_k)
+    if method == "eager":
+        free, _ = torch.cuda.mem_get_info()
+        if not eager_fits((batch, cfg.heads, len_q, len_k), free):
+            res.note = "skipped: the attention maps do not fit in GPU memory"
+            return res
+    pb = None
+    try:
+        pb = Problem(cfg, batch, len_q, len_k, grad=direction == "bwd")
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn = method_fn(method, pb, direction, notes)
+        res.ms = time_cuda(fn, cfg.measure_s, cfg.max_reps)
+        peak = torch.cuda.max_memory_allocated()
+        res.peak_mib = peak / 2**20
+        res.extra_mib = (peak - base) / 2**20
+        # Decode rows see (almost) every key of the cache: counted as non-causal.
+        flops = attention_flops(batch, cfg.heads, len_q, len_k, cfg.dim, causal=direction != "decode",
+                                direction="bwd" if direction == "bwd" else "fwd")
+        res.tflops = flops / (res.ms * 1e-3) / 1e12
+        if direction == "decode":
+            kv_bytes = 2 * batch * len_k * cfg.kv_heads * cfg.dim * 2
+            res.gbps = kv_bytes / (res.ms * 1e-3) / 1e9
+    except torch.cuda.OutOfMemoryError:
+        res.note = "out of GPU memory"
+    except Exception as e:  # a baseline that this torch cannot run is reported, not fatal
+        res.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    finally:
+        del pb
+        torch.cuda.empty_cache()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report.
+
+def environment(args):
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "command": " ".join([sys.executable] + sys.argv),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        env["git_commit"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+                      "memory_gib": round(p.total_memory / 2**30, 1)}
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except OSError:
+            env["driver"] = None
+    else:
+        env["gpu"] = None
+    return env
+
+
+def ratios(results):
+    """ours / baseline time ratios as speedups (baseline ms / ours ms) for the same direction and shape."""
+    by_key = {(r.direction, r.method, r.batch, r.len_q, r.len_k): r for r in results}
+    out = []
+    for r in results:
+        if r.method not in ("avar", "avar_mass") or r.ms is None:
+            continue
+        entry = {"direction": r.direction, "method": r.method, "len_q": r.len_q, "len_k": r.len_k}
+        for base in ("sdpa_flash", "flex", "sdpa_mask", "eager"):
+            b = by_key.get((r.direction, base, r.batch, r.len_q, r.len_k))
+            entry[f"vs_{base}"] = round(b.ms / r.ms, 3) if b is not None and b.ms is not None else None
+        if r.method == "avar_mass":
+            plain = by_key.get((r.direction, "avar", r.batch, r.len_q, r.len_k))
+            entry["mass_overhead"] = round(r.ms / plain.ms - 1, 4) if plain is not None and plain.ms else None
+        out.append(entry)
+    return out
+
+
+def fmt(x, spec):
+    return "–" if x is None else format(x, spec)
+
+
+def write_report(out_dir, args, cfg, results, notes, checks, env):
+    os.makedirs(out_dir, exist_ok=True)
+    report = {
+        "environment": env,
+        "config": dataclasses.asdict(cfg),
+        "checks": checks,
+        "results": [dataclasses.asdict(r) for r in results],
+        "speedups": ratios(results),
+        "notes": sorted(set(notes)),
+    }
+    with open(os.path.join(out_dir, "gpu_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+    lines = ["# avar GPU check", ""]
+    gpu = env.get("gpu") or {}
+    lines += [f"- GPU: {gpu.get('name', 'none')} (sm {gpu.get('capability', '–')}, {gpu.get('sms', '–')} SMs, "
+              f"{gpu.get('memory_gib', '–')} GiB), driver {env.get('driver')}",
+              f"- torch {env['torch']} (CUDA {env['torch_cuda']}), Python {env['python']}, transformers "
+              f"{env.get('transformers')}, commit {env.get('git_commit')}",
+              f"- command: `{env['command']}`, {env['date_utc']}",
+              f"- shapes: bf16, D = {cfg.dim}, H = {cfg.heads}, H_kv = {cfg.kv_heads}, causal, B·L = {cfg.tokens}; "
+              "FLOPs: fwd 4·B·H·Lq·Lk·D (halved when causal), bwd 2.5× fwd", ""]
+    if checks:
+        lines += ["## Checks", ""]
+        for name, value in checks.items():
+            lines.append(f"- {name}: {value}")
+        lines.append("")
+    for direction, title in (("fwd", "Forward"), ("bwd", "Backward"), ("decode", "Decode")):
+        rows = [r for r in results if r.direction == direction]
+        if not rows:
+            continue
+        lines += [f"## {title}", ""]
+        if direction == "decode":
+            lines += ["| method | B | Lq | Lk | ms | TFLOP/s | K/V GB/s | peak MiB | extra MiB | note |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+        else:
+            lines += ["| method | B | L | ms | TFLOP/s | peak MiB | extra MiB | note |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if direction == "decode":
+                lines.append(f"| {r.method} | {r.batch} | {r.len_q} | {r.len_k} | {fmt(r.ms, '.3f')} | "
+                             f"{fmt(r.tflops, '.2f')} | {fmt(r.gbps, '.0f')} | {fmt(r.peak_mib, '.0f')} | "
+                             f"{fmt(r.extra_mib, '.0f')} | {r.note} |")
+            else:
+                lines.append(f"| {r.method} | {r.batch} | {r.len_q} | {fmt(r.ms, '.3f')} | {fmt(r.tflops, '.1f')} | "
+                             f"{fmt(r.peak_mib, '.0f')} | {fmt(r.extra_mib, '.0f')} | {r.note} |")
+        lines.append("")
+    sp = ratios(results)
+    if sp:
+        lines += ["## Speedups (baseline time / ours; > 1 means ours is faster)", "",
+                  "| direction | ours | L (Lq/Lk) | vs SDPA flash | vs Flex | vs SDPA+mask | vs eager | mass overhead |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in sp:
+            lines.append(f"| {e['direction']} | {e['method']} | {e['len_q']}/{e['len_k']} | {fmt(e['vs_sdpa_flash'], '.2f')} "
+                         f"| {fmt(e['vs_flex'], '.2f')} | {fmt(e['vs_sdpa_mask'], '.2f')} | {fmt(e['vs_eager'], '.2f')} "
+                         f"| {fmt(e.get('mass_overhead'), '+.1%')} |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in sorted(set(notes))] + [""]
+    with open(os.path.join(out_dir, "gpu_report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None):
+    args, cfg = parse_args(argv)
+    checks = {}
+    if args.checks and os.path.exists(args.checks):
+        with open(args.checks) as f:
+            checks = json.load(f)
+    notes = []
+    results = []
+    rows = plan(cfg)
+    if args.dry_run or not torch.cuda.is_available():
+        notes.append("dry run: no measurement taken" + ("" if args.dry_run else " (no CUDA GPU)"))
+        for direction, method, batch, len_q, len_k in rows:
+            results.append(Result(direction, method, batch, len_q, len_k, note="not run"))
+        write_report(args.out, args, cfg, results, notes, checks, environment(args))
+        print(f"planned {len(rows)} measurements; report skeleton in {args.out}")
+        return 0
+
+    env = environment(args)
+    deadline = time.monotonic() + cfg.budget_s
+    for row in rows:
+        left = deadline - time.monotonic()
+        # Flex compiles on first use (tens of seconds); everything else needs a few seconds at most.
+        need = 60.0 if row[1] == "flex" else 4 * cfg.measure_s + 2
+        if left < need:
+            results.append(Result(*row, note=f"skipped: {left:.0f} s of the budget left, needs ~{need:.0f} s"))
+            continue
+        t0 = time.monotonic()
+        r = run_one(cfg, row, notes)
+        results.append(r)
+        print(f"{r.direction:6s} {r.method:10s} B={r.batch:3d} Lq={r.len_q:6d} Lk={r.len_k:6d} "
+              f"ms={fmt(r.ms, '.3f')} TFLOP/s={fmt(r.tflops, '.1f')} peak={fmt(r.peak_mib, '.0f')}MiB "
+              f"({time.monotonic() - t0:.1f}s) {r.note}", flush=True)
+        write_report(args.out, args, cfg, results, notes, checks, env)
+    write_report(args.out, args, cfg, results, notes, checks, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

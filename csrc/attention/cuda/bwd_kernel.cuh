@@ -1,0 +1,342 @@
+// Backward kernel: FlashAttention-2's dK/dV-stationary pass with the group terms of DESIGN §2.
+//
+// One CTA = (key block of 64 keys, kv head, sequence); 4 warps own 16 keys each. The CTA loops over every
+// query head that reads this kv head and every query block that sees these keys, so dK and dV of the GQA
+// group accumulate in registers and are written once, without races. Per step (query head h, 64 query rows):
+//     Sᵀ = K·Qᵀ,  dPᵀ = V·dOᵀ                           (mma, rows = this warp's keys)
+//     P  = exp2(raw·gs + bs − lse2),   dP += dmass[i, g(j)]
+//     dS = P·(dP − D_i),   dSg = dS·scale·γ[h, g(j)]
+//     dV += Pᵀ·dO,  dK += dSgᵀ·Q                        (mma, A operands straight from the accumulators)
+//     dQ += dSg·K                                       (dSg through shared memory, fp32 atomics into scratch)
+// dβ[h, g] / dγ[h, g] are per-key column sums of dS (and dS·scale·raw), reduced across the quad, then across
+// the CTA in shared memory, then added to global memory with one atomic per (head, group) per CTA.
+#pragma once
+
+#include "common.cuh"
+#include "launch.h"
+
+namespace avar::cuda {
+
+template <int kD>
+struct BwdConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockN = kBwdBlockN;  // keys per CTA = 16 · kWarps
+  static constexpr int kBlockM = kBwdBlockM;  // query rows per step
+  static constexpr int kStride = kD + kPad;
+  static constexpr int kStrideS = kBlockM + kPad;  // dS tile [key][query]
+  static constexpr int kTileKV = kBlockN * kStride;
+  static constexpr int kTileQ = kBlockM * kStride;
+  // K, V, two stages of Q and dO, dS (2-byte elements); two stages of lse2, delta, dmass[G]; 2G reduction slots.
+  static constexpr size_t kSmemBytes = static_cast<size_t>(2 * kTileKV + 4 * kTileQ + kBlockN * kStrideS) * 2 +
+                                       2 * kBlockM * (2 + kNumGroups) * 4 + 2 * kNumGroups * 4;
+  static_assert(kBlockN == 16 * kWarps, "one warp per 16 keys");
+  static_assert(kBlockM % 16 == 0 && kD % 16 == 0, "tiles are made of 16×16 MMA blocks");
+};
+
+template <typename T, int kD, bool kCausal>
+__global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const AttnBwdParams bp, const BwdScratch scr) {
+  using C = BwdConfig<kD>;
+  using Tr = ElemTraits<T>;
+  constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStride = C::kStride, kStrideS = C::kStrideS;
+  constexpr int kNB = kBlockM / 8;  // n8 blocks across the query rows of a step
+  constexpr int kDB = kD / 8;
+  const AttnFwdParams& p = bp.fwd;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [kBlockN][kStride]
+  T* sV = sK + C::kTileKV;                 // [kBlockN][kStride]
+  T* sQ = sV + C::kTileKV;                 // [2][kBlockM][kStride]
+  T* sdO = sQ + 2 * C::kTileQ;             // [2][kBlockM][kStride]
+  T* sdS = sdO + 2 * C::kTileQ;            // [kBlockN][kStrideS]  dSg, key-major
+  float* sLse2 = reinterpret_cast<float*>(sdS + kBlockN * kStrideS);  // [2][kBlockM] lse·log2e, +inf if dead
+  float* sDelta = sLse2 + 2 * kBlockM;                                // [2][kBlockM]
+  float* sDm = sDelta + 2 * kBlockM;                                  // [2][G][kBlockM] dmass, group-major
+  float* sRed = sDm + 2 * kNumGroups * kBlockM;                       // [2][G] dβ, dγ of the current head
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+  const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const SeqSpan sp = seq_span(p.seq, b);
+  const int n0 = n_block * kBlockN;
+  if (n0 >= sp.len_k) return;
+  const int rep = static_cast<int>(p.seq.heads / p.seq.kv_heads);
+  const int offset = sp.len_k - sp.len_q;
+
+  // Query blocks that see at least one key of this block (causal: i >= j − offset).
+  const int m_first = kCausal ? max(0, n0 - offset) : 0;
+  const int mb_begin = m_first / kBlockM;
+  const int n_mb = m_first >= sp.len_q ? 0 : (sp.len_q + kBlockM - 1) / kBlockM - mb_begin;
+  const int total_steps = rep * n_mb;
+
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride +
+                    kvh * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + sp.k_start * p.v_row_stride +
+                    kvh * p.v_head_stride;
+  const int64_t Lmax = p.seq.seqlen_q, H = p.seq.heads;
+  const float scale = static_cast<float>(p.seq.scale);  // the kernels work in fp32
+  const float scale_log2 = scale * kLog2e;
+  const bool has_dmass = bp.dmass != nullptr;
+  const bool want_tables = bp.dbias != nullptr || bp.dlogit_scale != nullptr;
+
+  auto prefetch = [&](int t, int stage) {
+    const int h = kvh * rep + t / n_mb;
+    const int m0 = (mb_begin + t % n_mb) * kBlockM;
+    const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + sp.q_start * p.q_row_stride +
+                      h * p.q_head_stride;
+    const T* do_base = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + sp.q_start * bp.do_row_stride +
+                       h * bp.do_head_stride;
+    load_tile_async<T, kBlockM, kD, C::kThreads>(sQ + stage * C::kTileQ, q_base, p.q_row_stride, m0, sp.len_q,
+                                                 static_cast<const T*>(p.q), tid);
+    load_tile_async<T, kBlockM, kD, C::kThreads>(sdO + stage * C::kTileQ, do_base, bp.do_row_stride, m0,
+                                                 sp.len_q, static_cast<const T*>(bp.dout), tid);
+    if (tid < kBlockM) {
+      const int i = m0 + tid;
+      float lse2 = INFINITY, delta = 0.f;
+      float dm[kNumGroups] = {0.f, 0.f, 0.f, 0.f};
+      if (i < sp.len_q) {
+        const int64_t row = sp.q_start + i;
+        const float lse = p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride];
+        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;  // a dead row gets P = exp2(s − inf) = 0
+        delta = scr.delta[(b * H + h) * Lmax + i];
+        if (has_dmass) {
+          const float* src =
+              bp.dmass + b * bp.dmass_batch_stride + row * bp.dmass_row_stride + h * bp.dmass_head_stride;
+#pragma unroll
+          for (int g = 0; g < kNumGroups; ++g) dm[g] = src[g];
+        }
+      }
+      sLse2[stage * kBlockM + tid] = lse2;
+      sDelta[stage * kBlockM + tid] = delta;
+#pragma unroll
+      for (int g = 0; g < kNumGroups; ++g) sDm[(stage * kNumGroups + g) * kBlockM + tid] = dm[g];
+    }
+  };
+
+  load_tile_async<T, kBlockN, kD, C::kThreads>(sK, k_base, p.k_row_stride, n0, sp.len_k,
+                                               static_cast<const T*>(p.k), tid);
+  load_tile_async<T, kBlockN, kD, C::kThreads>(sV, v_base, p.v_row_stride, n0, sp.len_k,
+                                               static_cast<const T*>(p.v), tid);
+  if (total_steps > 0) prefetch(0, 0);
+  cp_async_commit();
+  if (tid < 2 * kNumGroups) sRed[tid] = 0.f;
+
+  const int key_local[2] = {warp * 16 + gid, warp * 16 + gid + 8};  // this thread's keys within the block
+  float dk[kDB][4], dv[kDB][4];
+#pragma unroll
+  for (int i = 0; i < kDB; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  }
+  KeyFactors kf[2];
+  float sg[2] = {0.f, 0.f};          // scale·γ of this thread's keys (for dSg)
+  float col_b[2] = {0.f, 0.f};       // Σ_i dS over this thread's query columns, per key
+  float col_g[2] = {0.f, 0.f};       // Σ_i dS·raw
+  int pending_head = -1;             // head whose dβ/dγ wait in sRed
+
+  for (int t = 0; t < total_steps; ++t) {
+    const int stage = t & 1;
+    const int hh = t / n_mb;
+    const int h = kvh * rep + hh;
+    const int m0 = (mb_begin + t % n_mb) * kBlockM;
+    const bool head_ends = (t % n_mb) == n_mb - 1;
+    if (t + 1 < total_steps) prefetch(t + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    if (pending_head >= 0 && tid < 2 * kNumGroups) {
+      float* dst = tid < kNumGroups ? bp.dbias : bp.dlogit_scale;
+      if (dst != nullptr) atomicAdd(dst + pending_head * kNumGroups + (tid % kNumGroups), sRed[tid]);
+      sRed[tid] = 0.f;
+    }
+    pending_head = -1;
+    if (t % n_mb == 0) {
+      const float* gamma_h = p.logit_scale + h * kNumGroups;
+      const float* beta_h = p.bias + h * kNumGroups;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        kf[r] = key_factors(p, b, sp.k_start, n0 + key_local[r], sp.len_k, gamma_h, beta_h, scale_log2);
+        sg[r] = kf[r].group >= 0 ? scale * gamma_h[kf[r].group] : 0.f;
+      }
+    }
+
+    const T* sQs = sQ + stage * C::kTileQ;
+    const T* sdOs = sdO + stage * C::kTileQ;
+    const float* lse2 = sLse2 + stage * kBlockM;
+    const float* dlt = sDelta + stage * kBlockM;
+
+    float st[kNB][4], dpt[kNB][4];
+#pragma unroll
+    for (int i = 0; i < kNB; ++i) {
+      st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+      dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+    }
+#pragma unroll
+    for (int kc = 0; kc < kD / 16; ++kc) {
+      uint32_t ak[4], av[4];
+      ldmatrix_x4(ak, lds_pattern_a<kStride>(sK, warp * 16, kc * 16, lane));
+      ldmatrix_x4(av, lds_pattern_a<kStride>(sV, warp * 16, kc * 16, lane));
+#pragma unroll
+      for (int np = 0; np < kNB / 2; ++np) {
+        uint32_t bq[4], bo[4];
+        ldmatrix_x4(bq, lds_pattern_b<kStride>(sQs, np * 16, kc * 16, lane));
+        mma_16816<T>(st[2 * np], ak, bq[0], bq[1]);
+        mma_16816<T>(st[2 * np + 1], ak, bq[2], bq[3]);
+        ldmatrix_x4(bo, lds_pattern_b<kStride>(sdOs, np * 16, kc * 16, lane));
+        mma_16816<T>(dpt[2 * np], av, bo[0], bo[1]);
+        mma_16816<T>(dpt[2 * np + 1], av, bo[2], bo[3]);
+      }
+    }
+
+    // P and dS in place: st <- P, dpt <- dSg.
+    const bool need_mask = kCausal && (n0 + warp * 16 + 15 > m0 + offset);
+    const float* dm_r[2] = {sDm + (stage * kNumGroups + max(kf[0].group, 0)) * kBlockM,
+                            sDm + (stage * kNumGroups + max(kf[1].group, 0)) * kBlockM};
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int col = nb * 8 + 2 * tig + (e & 1);
+        const float raw = st[nb][e];
+        float s2 = raw * kf[r].gs + kf[r].bs;
+        if (need_mask && n0 + key_local[r] > m0 + col + offset) s2 = -INFINITY;
+        const float pe = exp2f(s2 - lse2[col]);
+        float dp = dpt[nb][e];
+        if (has_dmass) dp += dm_r[r][col];
+        const float ds = pe * (dp - dlt[col]);
+        col_b[r] += ds;
+        col_g[r] += ds * raw;
+        st[nb][e] = pe;
+        dpt[nb][e] = ds * sg[r];
+      }
+    }
+
+#pragma unroll
+    for (int kc = 0; kc < kBlockM / 16; ++kc) {
+      uint32_t ap[4], as[4];
+      ap[0] = Tr::pack(st[2 * kc][0], st[2 * kc][1]);
+      ap[1] = Tr::pack(st[2 * kc][2], st[2 * kc][3]);
+      ap[2] = Tr::pack(st[2 * kc + 1][0], st[2 * kc + 1][1]);
+      ap[3] = Tr::pack(st[2 * kc + 1][2], st[2 * kc + 1][3]);
+      as[0] = Tr::pack(dpt[2 * kc][0], dpt[2 * kc][1]);
+      as[1] = Tr::pack(dpt[2 * kc][2], dpt[2 * kc][3]);
+      as[2] = Tr::pack(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]);
+      as[3] = Tr::pack(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3]);
+      // The dS tile for dQ, key-major: rows are this warp's keys, columns the step's queries.
+      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kStrideS + kc * 16 + 2 * tig) = as[0];
+      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kStrideS + kc * 16 + 2 * tig) = as[1];
+      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kStrideS + kc * 16 + 8 + 2 * tig) = as[2];
+      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kStrideS + kc * 16 + 8 + 2 * tig) = as[3];
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        uint32_t bo[4], bq[4];
+        ldmatrix_x4_trans(bo, lds_pattern_a<kStride>(sdOs, kc * 16, dp * 16, lane));
+        mma_16816<T>(dv[2 * dp], ap, bo[0], bo[1]);
+        mma_16816<T>(dv[2 * dp + 1], ap, bo[2], bo[3]);
+        ldmatrix_x4_trans(bq, lds_pattern_a<kStride>(sQs, kc * 16, dp * 16, lane));
+        mma_16816<T>(dk[2 * dp], as, bq[0], bq[1]);
+        mma_16816<T>(dk[2 * dp + 1], as, bq[2], bq[3]);
+      }
+    }
+    __syncthreads();
+
+    // dQ rows [16·warp, 16·warp + 16) of this step: dSg (query-major view of sdS) · K.
+    {
+      uint32_t ads[kBlockN / 16][4];
+#pragma unroll
+      for (int kc = 0; kc < kBlockN / 16; ++kc) {
+        ldmatrix_x4_trans(ads[kc], lds_pattern_b<kStrideS>(sdS, kc * 16, warp * 16, lane));
+      }
+      const int q_row[2] = {m0 + warp * 16 + gid, m0 + warp * 16 + gid + 8};
+      float* dq_row[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        dq_row[r] = scr.dq_accum + ((b * H + h) * Lmax + q_row[r]) * kD;
+      }
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kc = 0; kc < kBlockN / 16; ++kc) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, lds_pattern_a<kStride>(sK, kc * 16, dp * 16, lane));
+          mma_16816<T>(acc[0], ads[kc], bk[0], bk[1]);
+          mma_16816<T>(acc[1], ads[kc], bk[2], bk[3]);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int d = dp * 16 + j * 8 + 2 * tig;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if (q_row[r] < sp.len_q) {
+              atomicAdd(dq_row[r] + d, acc[j][2 * r]);
+              atomicAdd(dq_row[r] + d + 1, acc[j][2 * r + 1]);
+            }
+          }
+        }
+      }
+    }
+
+    if (want_tables && head_ends) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float cb = quad_sum(col_b[r]);
+        const float cg = quad_sum(col_g[r]);
+        if (tig == 0 && kf[r].group >= 0) {
+          atomicAdd(&sRed[kf[r].group], cb);
+          atomicAdd(&sRed[kNumGroups + kf[r].group], cg * scale);
+        }
+        col_b[r] = 0.f;
+        col_g[r] = 0.f;
+      }
+      pending_head = h;
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  if (pending_head >= 0 && tid < 2 * kNumGroups) {
+    float* dst = tid < kNumGroups ? bp.dbias : bp.dlogit_scale;
+    if (dst != nullptr) atomicAdd(dst + pending_head * kNumGroups + (tid % kNumGroups), sRed[tid]);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + key_local[r];
+    if (key >= sp.len_k) continue;
+    const int64_t krow = sp.k_start + key;
+    T* dk_out = static_cast<T*>(bp.dk) + b * bp.dk_batch_stride + krow * bp.dk_row_stride + kvh * bp.dk_head_stride;
+    T* dv_out = static_cast<T*>(bp.dv) + b * bp.dv_batch_stride + krow * bp.dv_row_stride + kvh * bp.dv_head_stride;
+#pragma unroll
+    for (int i = 0; i < kDB; ++i) {
+      const int d = i * 8 + 2 * tig;
+      *reinterpret_cast<uint32_t*>(dk_out + d) = Tr::pack(dk[i][2 * r], dk[i][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dv_out + d) = Tr::pack(dv[i][2 * r], dv[i][2 * r + 1]);
+    }
+  }
+}
+
+template <typename T, int kD, bool kCausal>
+cudaError_t run_bwd(const AttnBwdParams& p, const BwdScratch& s, cudaStream_t stream) {
+  using C = BwdConfig<kD>;
+  auto kernel = bwd_kernel<T, kD, kCausal>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(C::kSmemBytes));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.fwd.seq.seqlen_k + C::kBlockN - 1) / C::kBlockN),
+                  static_cast<unsigned>(p.fwd.seq.kv_heads), static_cast<unsigned>(p.fwd.seq.batch));
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, s);
+  return cudaGetLastError();
+}
+
+template <int kD>
+cudaError_t dispatch_bwd(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
+  const bool causal = p.fwd.seq.causal;
+  if (dt == DType::kBFloat16) {
+    return causal ? run_bwd<__nv_bfloat16, kD, true>(p, s, stream) : run_bwd<__nv_bfloat16, kD, false>(p, s, stream);
+  }
+  return causal ? run_bwd<__half, kD, true>(p, s, stream) : run_bwd<__half, kD, false>(p, s, stream);
+}
+
+}  // namespace avar::cuda
