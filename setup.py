@@ -51,13 +51,16 @@ def want_cuda() -> bool:
 
 def extension():
     isa = cpu_capability()
-    cxx = ["-O3", "-fno-math-errno", f'-DAVAR_CPU_CAPABILITY_NAME="{isa}"'] + CPU_ISA_FLAGS[isa]
+    # -fopenmp: at::parallel_for is a header template; without it the CPU kernels silently run on one thread.
+    # The extension then links libgomp.so.1, which resolves to the copy torch has already loaded.
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp", f'-DAVAR_CPU_CAPABILITY_NAME="{isa}"'] + CPU_ISA_FLAGS[isa]
+    link = ["-fopenmp"]
     if isa != "DEFAULT":
         cxx += [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/attention/*.cpp") + glob.glob("csrc/attention/cpu/*.cpp"))
     sources = [s for s in sources if not s.endswith("cuda_dispatch.cpp")]
     if not want_cuda():
-        return CppExtension("avar_ops._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("avar_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     archs = os.environ.get("AVAR_CUDA_ARCHS", "8.0;9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
@@ -75,6 +78,7 @@ def extension():
         "avar_ops._C",
         sources,
         extra_compile_args={"cxx": cxx + ["-DAVAR_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
