@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import avar_ops  # noqa: E402
 from common import (  # noqa: E402
+    command_line,
     additive_mask, arg_parser, causal_fwd_flops, eager_with_maps, error_lines, flex_callable, machine_info,
     make_problem, measure_memory, memory_lines, parse_args, peak_rss_mb_of, publish, time_methods, to_bhld,
 )
@@ -101,9 +102,8 @@ def main(argv=None):
     args = parse_args(arg_parser(__doc__, METHODS, "cpu_attention"), argv)
     info = machine_info()
     rows, memory = run(args.lengths, args.dtypes, args.repeat, args.methods, args.memory_lengths)
-    command = "OMP_NUM_THREADS={} python benchmarks/bench_attention.py {}".format(
-        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:]))
-    publish(args, info, command, rows, memory, markdown(info, rows, memory, command.strip()))
+    command = command_line("bench_attention.py", argv)
+    publish(args, info, command, rows, memory, markdown(info, rows, memory, command))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import avar_ops  # noqa: E402
 from avar_ops.reference import NUM_GROUPS  # noqa: E402
 from common import (  # noqa: E402
+    command_line,
     additive_mask, arg_parser, causal_bwd_flops, causal_fwd_flops, eager_with_maps, error_lines, machine_info,
     make_problem, measure_memory, memory_lines, parse_args, peak_rss_mb_of, publish, time_methods, to_bhld,
 )
@@ -140,8 +141,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     info = machine_info()
     rows, memory = run(args.lengths, args.dtypes, args.repeat, args.methods, args.memory_lengths, args.threads)
-    command = "python benchmarks/bench_backward.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    publish(args, info, command, rows, memory, markdown(info, rows, memory, command.strip()))
+    command = command_line("bench_backward.py", argv)
+    publish(args, info, command, rows, memory, markdown(info, rows, memory, command))
 
 
 if __name__ == "__main__":

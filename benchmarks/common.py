@@ -233,6 +233,12 @@ def write_report(name: str, payload: dict, markdown: str) -> None:
     print(f"wrote {RESULTS}/{name}.json and .md")
 
 
+def command_line(script: str, argv) -> str:
+    """How this run was started, thread count included (it decides every number in the report)."""
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/{script} {args}".strip()
+
+
 def publish(args, info: dict, command: str, rows, memory, markdown: str) -> None:
     """Prints the report; writes it too unless this was a --quick smoke run."""
     print(markdown)
