@@ -83,7 +83,7 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["avar_ops", "avar_ops.*", "training", "training.*"]),
+    packages=find_packages(include=["avar_ops", "avar_ops.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

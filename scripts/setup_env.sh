@@ -19,8 +19,16 @@ fi
 # torch guesses CUDA_HOME=/usr/local from the nvcc on PATH, which does not link.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if command -v ccache >/dev/null 2>&1; then export PATH="/usr/lib/ccache:$PATH"; fi
-echo "[avar] building avar_ops._C (CUDA: $([ "${AVAR_FORCE_CPU:-0}" = 1 ] && echo off || echo "if nvcc is found, archs ${AVAR_CUDA_ARCHS:-8.0;9.0}"))"
-start=$(date +%s)
-.venv/bin/pip install -q --no-build-isolation --no-deps -e .
-echo "[avar] build took $(( $(date +%s) - start )) s"
+# Rebuild only when the sources or the build settings changed since the last successful build.
+stamp=$( { find csrc -type f -print0 | sort -z | xargs -0 sha1sum; sha1sum setup.py pyproject.toml;
+           env | grep -E '^(AVAR_|CUDA_HOME=)' | sort; } | sha1sum | cut -d' ' -f1)
+if [ "$(cat .venv/.avar-build 2>/dev/null)" = "$stamp" ] && .venv/bin/python -c "import avar_ops._C" 2>/dev/null; then
+  echo "[avar] avar_ops._C is up to date"
+else
+  echo "[avar] building avar_ops._C (CUDA: $([ "${AVAR_FORCE_CPU:-0}" = 1 ] && echo off || echo "if nvcc is found, archs ${AVAR_CUDA_ARCHS:-8.0;9.0}"))"
+  start=$(date +%s)
+  .venv/bin/pip install -q --no-build-isolation --no-deps -e .
+  echo "$stamp" > .venv/.avar-build
+  echo "[avar] build took $(( $(date +%s) - start )) s"
+fi
 .venv/bin/python -c "import avar_ops, avar_ops._C as c; print('[avar] avar_ops', avar_ops.__version__, '| cuda kernels:', c.with_cuda, '| cpu isa:', c.cpu_capability)"
