@@ -53,7 +53,8 @@ LOWP_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
 # lse of the low-precision GPU kernels: scores are exact products of the low-precision inputs accumulated in
 # fp32 by the tensor cores, and l is summed in fp32 from fast exp2 (≤ 2 ulp), so lse carries fp32 error only
-# (~1e-6 relative at |lse| ≲ 30, D ≤ 128, L ≤ a few thousand); no low-precision rounding enters it.
+# (~1e-6 relative at |lse| ≲ 30, D ≤ 128, L ≤ a few thousand); no low-precision rounding enters it. The CPU
+# kernels do the same: exact bf16 products summed in fp32, and l summed from the fp32 p before any rounding.
 LOWP_LSE_ABS = 1e-4
 
 # float64 gradcheck of the ops. out is float64 for float64 inputs, so its numerical Jacobian is exact enough for

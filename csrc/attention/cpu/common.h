@@ -50,7 +50,55 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, 
   }
 }
 
-inline void gemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/false); }
+// bf16 GEMM, C[M, N] (+)= A[M, K] · B[K, N] in fp32, with A row-major and B pair-interleaved: rows 2i and
+// 2i + 1 of B are stored as one row of pairs, element (k, n) at pair_index(k, n, ldb). K must be even (pad
+// with zero rows and columns). This is the layout oneDNN's bf16 dot-product instructions read, and the only
+// one in which PyTorch's brgemm runs bf16 at the bf16 rate.
+inline int64_t round_up_even(int64_t n) { return n + (n & 1); }
+inline int64_t pair_index(int64_t k, int64_t n, int64_t ldb) { return (k / 2) * 2 * ldb + 2 * n + (k & 1); }
+
+inline void gemm_pairs(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
+                       int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    return;
+  }
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/true);
+}
+
+// Whether gemm_pairs runs here. PyTorch's brgemm takes pair-interleaved bf16 only through oneDNN's micro-kernels
+// (x86 with AVX-512 and oneDNN enabled, which torch.backends.mkldnn can switch off at run time) and throws
+// otherwise. A 2×2×2 product checks both that it runs and that it reads the layout as pair_index says.
+inline bool bf16_pair_gemm_available() {
+  static std::atomic<int> known[2] = {-1, -1};  // per oneDNN on/off: -1 not probed yet, 0 no, 1 yes
+  const int on = at::globalContext().userEnabledMkldnn() ? 1 : 0;
+  int v = known[on].load();
+  if (v < 0) {
+    const float a_val[4] = {1.f, 2.f, 3.f, 4.f};  // A [2, 2] row-major
+    const float b_val[4] = {5.f, 6.f, 7.f, 8.f};  // B [2, 2] row-major
+    at::BFloat16 a[4], b[4];
+    for (int i = 0; i < 4; ++i) a[i] = a_val[i];
+    for (int k = 0; k < 2; ++k)
+      for (int n = 0; n < 2; ++n) b[pair_index(k, n, 2)] = b_val[k * 2 + n];
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    try {
+      gemm_pairs(2, 2, 2, a, 2, b, 2, c, 2, /*accumulate=*/false);
+      at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+      v = (c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f) ? 1 : 0;
+    } catch (const c10::Error&) {
+      v = 0;
+    }
+    known[on].store(v);
+  }
+  return v == 1;
+}
+
+inline void gemm_release() {
+  at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+}
 
 // One sequence of the batch: where its rows start in the (possibly packed) tensors and how long it is.
 struct SeqBounds {

@@ -4,6 +4,11 @@
 // stacked as rows of one tile, so each K/V tile is loaded once for all of them and the GEMMs are tall.
 // V is extended with G indicator columns (one-hot of the key's group): the same P·V GEMM then accumulates
 // the unnormalised group masses a[g], and the softmax denominator is l = Σ_g a[g] (masked keys have p = 0).
+//
+// bf16 inputs, where the bf16 GEMM runs (bf16_pair_gemm_available), keep Q, K and V in bf16 and round P to
+// bf16 before P·V, as PyTorch's own bf16 attention does; scores, softmax and accumulators stay fp32. Out and
+// masses are normalised by the sum of the rounded p (the same weights that built them, so masses sum to 1);
+// lse uses the sum of the unrounded p, so it carries no bf16 rounding. Elsewhere bf16 runs the fp32 path.
 #include "cpu_kernels.h"
 #include "packed_kv.h"
 #include "row_ops.h"
@@ -30,9 +35,10 @@ std::vector<QueryBlock> query_blocks(const SeqLayout& s, int64_t block) {
   return blocks;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kPairs>
 void forward_impl(const AttnFwdParams& p) {
   using acc_t = typename AccType<scalar_t>::type;
+  using mat_t = typename PackedKV<scalar_t, kPairs>::mat_t;  // GEMM operand type
   const SeqLayout& s = p.seq;
   const int64_t rep = s.heads / s.kv_heads;
   const int64_t D = s.head_dim, G = kNumGroups, Dv = D + G;
@@ -42,14 +48,17 @@ void forward_impl(const AttnFwdParams& p) {
   const int64_t n_tasks = static_cast<int64_t>(blocks.size()) * s.kv_heads;
 
   const auto* q = static_cast<const scalar_t*>(p.q);
-  PackedKV<scalar_t> kv(p, Bk);  // K/V converted and tiled once, shared by all query-block tasks
+  PackedKV<scalar_t, kPairs> kv(p, Bk);  // K/V converted and tiled once, shared by all query-block tasks
+  const int64_t Dk = kv.key_rows();      // D, or D rounded up to even for the pair layout
   auto* out = static_cast<scalar_t*>(p.out);
 
   parallel_tasks(n_tasks, [&](const auto& claim) {
-    std::vector<acc_t> qbuf(max_rows * D);   // [rows, D], pre-scaled by `scale`
+    std::vector<mat_t> qbuf(max_rows * Dk);  // [rows, Dk], pre-scaled by `scale` unless kPairs (zero pad)
     std::vector<acc_t> sbuf(max_rows * Bk);  // [rows, Bk]  scores, then probabilities
+    std::vector<mat_t> pbuf(kPairs ? max_rows * Bk : 0);  // [rows, Bk]  probabilities rounded to bf16
     std::vector<acc_t> acc(max_rows * Dv);   // [rows, D + G]  unnormalised out and group masses
     std::vector<acc_t> mrow(max_rows);       // [rows]  running max
+    std::vector<acc_t> lrow(kPairs ? max_rows : 0);  // [rows]  running Σ p before rounding (for lse)
 
     for (int64_t t = claim(); t >= 0; t = claim()) {
       const QueryBlock& qb = blocks[t / s.kv_heads];
@@ -64,18 +73,30 @@ void forward_impl(const AttnFwdParams& p) {
         for (int64_t qi = 0; qi < nq; ++qi) {
           const scalar_t* src = row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b,
                                         sb.q_start + qb.q0 + qi, h);
-          load_row(src, qbuf.data() + (hh * nq + qi) * D, D, static_cast<acc_t>(s.scale));
+          mat_t* dst = qbuf.data() + (hh * nq + qi) * Dk;
+          if constexpr (kPairs) {
+            std::copy(src, src + D, dst);
+            std::fill(dst + D, dst + Dk, mat_t(0));
+          } else {
+            load_row(src, dst, D, static_cast<acc_t>(s.scale));
+          }
         }
       }
       std::fill(acc.begin(), acc.begin() + rows * Dv, acc_t(0));
       std::fill(mrow.begin(), mrow.begin() + rows, neg_inf<acc_t>());
+      if constexpr (kPairs) std::fill(lrow.begin(), lrow.begin() + rows, acc_t(0));
 
       const int64_t kv_end = visible_end(s, sb, qb.q0 + nq - 1);
       const int64_t first_row_end = visible_end(s, sb, qb.q0);
       for (int64_t j0 = 0; j0 < kv_end; j0 += Bk) {
         const int64_t nk = std::min(Bk, kv_end - j0);
+        // The pair layout reduces over an even number of keys: the pad column is a zero key with p = 0.
+        const int64_t nkr = kPairs ? round_up_even(nk) : nk;
         const auto tile = kv.tile(kvh, kv.block_of(b, j0));
-        gemm(rows, nk, D, qbuf.data(), D, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
+        if constexpr (kPairs)
+          gemm_pairs(rows, nkr, Dk, qbuf.data(), Dk, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
+        else
+          gemm(rows, nk, D, qbuf.data(), D, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
 
         const bool all_visible = j0 + nk <= first_row_end;  // no causal cut inside this tile
         for (int64_t r = 0; r < rows; ++r) {
@@ -83,21 +104,33 @@ void forward_impl(const AttnFwdParams& p) {
           const int64_t n_vis =
               all_visible ? nk : std::clamp<int64_t>(visible_end(s, sb, qb.q0 + qi) - j0, 0, nk);
           acc_t* srow = sbuf.data() + r * Bk;
-          const acc_t tile_max = bias_and_max(srow, tile.gamma + hh * Bk, tile.beta + hh * Bk, n_vis, nk);
+          const acc_t tile_max = bias_and_max(srow, tile.gamma + hh * Bk, tile.beta + hh * Bk, n_vis, nkr);
           const acc_t m_new = std::max(mrow[r], tile_max);
           if (m_new == neg_inf<acc_t>()) {
-            std::fill(srow, srow + nk, acc_t(0));
+            if constexpr (kPairs)
+              std::fill(pbuf.data() + r * Bk, pbuf.data() + r * Bk + nkr, mat_t(0));
+            else
+              std::fill(srow, srow + nk, acc_t(0));
             continue;
           }
           if (mrow[r] != m_new) {
             const acc_t alpha = std::exp(mrow[r] - m_new);  // 0 when the row had no visible key yet
             scale_row(acc.data() + r * Dv, alpha, Dv);
+            if constexpr (kPairs) lrow[r] *= alpha;
             mrow[r] = m_new;
           }
-          exp_shifted(srow, m_new, nk);
+          if constexpr (kPairs) {
+            lrow[r] += exp_shifted_sum(srow, m_new, nkr);
+            at::vec::convert(srow, pbuf.data() + r * Bk, nkr);
+          } else {
+            exp_shifted(srow, m_new, nk);
+          }
         }
 
-        gemm(rows, Dv, nk, sbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
+        if constexpr (kPairs)
+          gemm_pairs(rows, Dv, nkr, pbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
+        else
+          gemm(rows, Dv, nk, sbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
       }
 
       for (int64_t hh = 0; hh < rep; ++hh) {
@@ -111,8 +144,10 @@ void forward_impl(const AttnFwdParams& p) {
           const acc_t inv = any ? acc_t(1) / l : acc_t(0);
           scalar_t* o = row_ptr(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, row, h);
           store_row(a, o, D, inv);
+          acc_t l_lse = l;
+          if constexpr (kPairs) l_lse = lrow[r];
           p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride] =
-              any ? static_cast<float>(mrow[r] + std::log(l)) : -std::numeric_limits<float>::infinity();
+              any ? static_cast<float>(mrow[r] + std::log(l_lse)) : -std::numeric_limits<float>::infinity();
           if (p.mass != nullptr) {
             float* ms = row_ptr(p.mass, p.mass_batch_stride, p.mass_row_stride, p.mass_head_stride, b, row, h);
             for (int64_t g = 0; g < G; ++g) ms[g] = static_cast<float>(a[D + g] * inv);
@@ -127,9 +162,11 @@ void forward_impl(const AttnFwdParams& p) {
 
 void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return forward_impl<float>(p);
-    case at::kBFloat16: return forward_impl<at::BFloat16>(p);
-    case at::kDouble: return forward_impl<double>(p);
+    case at::kFloat: return forward_impl<float, false>(p);
+    case at::kBFloat16:
+      if (bf16_pair_gemm_available()) return forward_impl<at::BFloat16, true>(p);
+      return forward_impl<at::BFloat16, false>(p);
+    case at::kDouble: return forward_impl<double, false>(p);
     default: TORCH_CHECK(false, "avar: CPU attention_fwd has no kernel for dtype ", dtype);
   }
 }

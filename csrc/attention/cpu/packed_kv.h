@@ -1,6 +1,10 @@
-// K and V of every (kv head, key block), converted to the accumulator type once and laid out the way the
-// GEMMs read them, so that the query-block tasks (which each sweep many key blocks) neither transpose nor
-// convert anything in their inner loop. Memory is linear in Lk.
+// K and V of every (kv head, key block), converted once and laid out the way the GEMMs read them, so that the
+// query-block tasks (which each sweep many key blocks) neither transpose nor convert anything in their inner
+// loop. Memory is linear in Lk.
+//
+// Two layouts: plain (operands in the accumulator type, row-major) and, for bf16 inputs when the bf16 GEMM is
+// available, pair-interleaved bf16 (see gemm_pairs in common.h): operands stay bf16 and exact, the GEMMs run
+// at twice the fp32 rate.
 #pragma once
 
 #include <memory>
@@ -9,16 +13,21 @@
 
 namespace avar::cpu {
 
-template <typename scalar_t>
+template <typename scalar_t, bool kPairs = false>
 class PackedKV {
+  static_assert(!kPairs || std::is_same_v<scalar_t, at::BFloat16>, "the pair-interleaved layout is bf16 only");
+
  public:
   using acc_t = typename AccType<scalar_t>::type;
+  using mat_t = std::conditional_t<kPairs, at::BFloat16, acc_t>;  // GEMM operand type
 
-  // One tile: kt [D, Bk] (K transposed) | vext [Bk, D + G] (V and one-hot group columns) |
+  // One tile: kt = K transposed [Dk, Bk] | vext [Bk, D + G] (V and one-hot group columns) |
   //           gamma [rep, Bk] | beta [rep, Bk] (per-column logit scale and bias of each stacked head).
+  // Pair layout: Dk = D rounded up to even (the pad row is 0), and gamma also carries the softmax scale
+  // because the queries are then used unscaled (scaling them in bf16 would round them).
   struct Tile {
-    acc_t* kt;
-    acc_t* vext;
+    mat_t* kt;
+    mat_t* vext;
     acc_t* gamma;
     acc_t* beta;
   };
@@ -26,17 +35,22 @@ class PackedKV {
   PackedKV(const AttnFwdParams& p, int64_t key_block) {
     const SeqLayout& s = p.seq;
     D_ = s.head_dim;
+    Dk_ = kPairs ? round_up_even(D_) : D_;
     Dv_ = D_ + kNumGroups;
     Bk_ = key_block;
+    TORCH_CHECK(!kPairs || Bk_ % 2 == 0, "avar: the pair-interleaved key block must be even, got ", Bk_);
     rep_ = s.heads / s.kv_heads;
-    tile_elems_ = D_ * Bk_ + Bk_ * Dv_ + 2 * rep_ * Bk_;
+    mat_elems_ = Dk_ * Bk_ + Bk_ * Dv_;
+    table_elems_ = 2 * rep_ * Bk_;
     block_base_.resize(s.batch + 1, 0);
     for (int64_t b = 0; b < s.batch; ++b) {
       const int64_t len_k = seq_bounds(s, b).len_k;
       block_base_[b + 1] = block_base_[b] + (len_k + Bk_ - 1) / Bk_;
     }
     n_blocks_ = block_base_[s.batch];
-    data_.reset(new acc_t[static_cast<size_t>(s.kv_heads * n_blocks_ * tile_elems_)]);  // every tile fills itself
+    // every tile fills itself
+    mats_.reset(new mat_t[static_cast<size_t>(s.kv_heads * n_blocks_ * mat_elems_)]);
+    tables_.reset(new acc_t[static_cast<size_t>(s.kv_heads * n_blocks_ * table_elems_)]);
 
     // Which (sequence, first key) each global block index stands for.
     std::vector<std::pair<int64_t, int64_t>> blocks;
@@ -54,36 +68,52 @@ class PackedKV {
         const SeqBounds sb = seq_bounds(s, b);
         const int64_t nk = std::min(Bk_, sb.len_k - j0);
         Tile tl = tile(kvh, blk);
-        std::fill(tl.kt, tl.kt + tile_elems_, acc_t(0));
+        std::fill(tl.kt, tl.kt + mat_elems_, mat_t(0));
+        std::fill(tl.gamma, tl.gamma + table_elems_, acc_t(0));
         for (int64_t c = 0; c < nk; ++c) {
           const int64_t row = sb.k_start + j0 + c;
           const scalar_t* kp = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, row, kvh);
           const scalar_t* vp = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, row, kvh);
-          for (int64_t d = 0; d < D_; ++d) tl.kt[d * Bk_ + c] = static_cast<acc_t>(kp[d]);
-          acc_t* ve = tl.vext + c * Dv_;
-          load_row(vp, ve, D_, acc_t(1));
           const int g = key_group_of(p, b, row);
           grp[c] = static_cast<int8_t>(g);
-          if (g >= 0) ve[D_ + g] = acc_t(1);
+          if constexpr (kPairs) {
+            for (int64_t d = 0; d < D_; ++d) tl.kt[pair_index(d, c, Bk_)] = kp[d];
+            for (int64_t d = 0; d < D_; ++d) tl.vext[pair_index(c, d, Dv_)] = vp[d];
+            if (g >= 0) tl.vext[pair_index(c, D_ + g, Dv_)] = at::BFloat16(1.f);
+          } else {
+            for (int64_t d = 0; d < D_; ++d) tl.kt[d * Bk_ + c] = static_cast<acc_t>(kp[d]);
+            acc_t* ve = tl.vext + c * Dv_;
+            load_row(vp, ve, D_, acc_t(1));
+            if (g >= 0) ve[D_ + g] = acc_t(1);
+          }
         }
-        for (int64_t hh = 0; hh < rep_; ++hh)
-          fill_group_columns(p, nk, kvh * rep_ + hh, grp.data(), tl.gamma + hh * Bk_, tl.beta + hh * Bk_);
+        for (int64_t hh = 0; hh < rep_; ++hh) {
+          acc_t* gam = tl.gamma + hh * Bk_;
+          fill_group_columns(p, nk, kvh * rep_ + hh, grp.data(), gam, tl.beta + hh * Bk_);
+          if constexpr (kPairs)
+            for (int64_t c = 0; c < nk; ++c) gam[c] *= static_cast<acc_t>(s.scale);
+        }
       }
     });
   }
 
   Tile tile(int64_t kvh, int64_t global_block) {
-    acc_t* base = data_.get() + (kvh * n_blocks_ + global_block) * tile_elems_;
-    return {base, base + D_ * Bk_, base + D_ * Bk_ + Bk_ * Dv_, base + D_ * Bk_ + Bk_ * Dv_ + rep_ * Bk_};
+    mat_t* m = mats_.get() + (kvh * n_blocks_ + global_block) * mat_elems_;
+    acc_t* t = tables_.get() + (kvh * n_blocks_ + global_block) * table_elems_;
+    return {m, m + Dk_ * Bk_, t, t + rep_ * Bk_};
   }
 
   // Global index of the block holding key j0 of sequence b.
   int64_t block_of(int64_t b, int64_t j0) const { return block_base_[b] + j0 / Bk_; }
 
+  // Rows of kt (the GEMM's reduction length for the scores).
+  int64_t key_rows() const { return Dk_; }
+
  private:
-  int64_t D_ = 0, Dv_ = 0, Bk_ = 0, rep_ = 0, tile_elems_ = 0, n_blocks_ = 0;
+  int64_t D_ = 0, Dk_ = 0, Dv_ = 0, Bk_ = 0, rep_ = 0, mat_elems_ = 0, table_elems_ = 0, n_blocks_ = 0;
   std::vector<int64_t> block_base_;
-  std::unique_ptr<acc_t[]> data_;
+  std::unique_ptr<mat_t[]> mats_;
+  std::unique_ptr<acc_t[]> tables_;
 };
 
 }  // namespace avar::cpu

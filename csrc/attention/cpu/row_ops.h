@@ -53,6 +53,30 @@ inline void exp_shifted(acc_t* s, acc_t m, int64_t n) {
   for (; c < n; ++c) s[c] = std::exp(s[c] - m);
 }
 
+// s[c] = exp(s[c] − m) for c in [0, n); returns Σ_c s[c] (summed before any later rounding of s).
+template <typename acc_t>
+inline acc_t exp_shifted_sum(acc_t* s, acc_t m, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vm(m);
+  Vec vsum(acc_t(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const Vec e = fast_exp<acc_t>(Vec::loadu(s + c) - vm);
+    e.store(s + c);
+    vsum = vsum + e;
+  }
+  alignas(64) acc_t lanes[W];
+  vsum.store(lanes);
+  acc_t sum = 0;
+  for (int64_t w = 0; w < W; ++w) sum += lanes[w];
+  for (; c < n; ++c) {
+    s[c] = std::exp(s[c] - m);
+    sum += s[c];
+  }
+  return sum;
+}
+
 // x[c] *= mul for c in [0, n) (rescaling an accumulator row when the running max moves).
 template <typename acc_t>
 inline void scale_row(acc_t* x, acc_t mul, int64_t n) {
