@@ -1,8 +1,13 @@
-"""Build of avar_ops._C: C++ sources always, CUDA sources when torch has CUDA and nvcc is found.
+"""Build of avar_ops._C: C++ sources always; CUDA sources only where they can run or when asked for.
+
+CUDA kernels are compiled when AVAR_CUDA_ARCHS is set (CI does this, so a CUDA compile error fails CI), or
+when a GPU is visible at build time (torch.cuda.is_available() or `nvidia-smi -L`); both need a CUDA torch and
+nvcc. Otherwise the build is CPU-only and says so in one line.
 
 Environment:
-  AVAR_FORCE_CPU=1         build the CPU kernels only
-  AVAR_CUDA_ARCHS="8.0;9.0" compute capabilities to compile for (default 8.0;9.0)
+  AVAR_FORCE_CPU=1         build the CPU kernels only, even with a GPU or AVAR_CUDA_ARCHS
+  AVAR_CUDA_ARCHS="8.0;9.0" build the CUDA kernels for these compute capabilities (with a visible GPU and no
+                           AVAR_CUDA_ARCHS: 8.0;9.0)
   AVAR_CPU_CAPABILITY      AVX512 | AVX2 | DEFAULT: the vector ISA of the CPU kernels (default: what torch
                            detects on the build machine)
   CUDA_HOME                defaults to /usr/local/cuda when that holds nvcc
@@ -11,6 +16,8 @@ Environment:
 import glob
 import os
 import shutil
+import subprocess
+import sys
 
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     # torch would otherwise guess /usr/local from the nvcc on PATH, which does not link.
@@ -39,14 +46,45 @@ def cpu_capability() -> str:
     return wanted
 
 
-def want_cuda() -> bool:
-    if os.environ.get("AVAR_FORCE_CPU", "0") == "1":
-        return False
-    if torch.version.cuda is None:
-        return False
+def nvcc_path():
     home = os.environ.get("CUDA_HOME")
     nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
-    return nvcc is not None and os.path.exists(nvcc)
+    return nvcc if nvcc is not None and os.path.exists(nvcc) else None
+
+
+def gpu_visible() -> bool:
+    if torch.cuda.is_available():
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        run = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return run.returncode == 0 and "GPU" in run.stdout
+
+
+def want_cuda() -> bool:
+    if os.environ.get("AVAR_FORCE_CPU", "0") == "1":
+        print("[avar] AVAR_FORCE_CPU=1: building the CPU kernels only", file=sys.stderr)
+        return False
+    if os.environ.get("AVAR_CUDA_ARCHS"):
+        if torch.version.cuda is None or nvcc_path() is None:
+            raise RuntimeError(
+                "AVAR_CUDA_ARCHS is set but CUDA kernels cannot be built here: "
+                + ("this torch has no CUDA" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
+            )
+        return True
+    if not gpu_visible():
+        print("[avar] no GPU visible: building the CPU kernels only "
+              '(set AVAR_CUDA_ARCHS="8.0;9.0" to compile the CUDA kernels anyway)', file=sys.stderr)
+        return False
+    if torch.version.cuda is None or nvcc_path() is None:
+        print("[avar] a GPU is visible but " + ("this torch has no CUDA" if torch.version.cuda is None else
+              "nvcc was not found (set CUDA_HOME)") + ": building the CPU kernels only", file=sys.stderr)
+        return False
+    return True
 
 
 def extension():

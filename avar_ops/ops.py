@@ -17,7 +17,25 @@ from avar_ops.reference import NUM_GROUPS, AttentionOutput
 
 load_extension()
 
-__all__ = ["attention", "attention_key_mass", "AttentionOutput", "NUM_GROUPS"]
+__all__ = ["attention", "attention_key_mass", "AttentionOutput", "NUM_GROUPS", "set_input_checks", "input_checks"]
+
+
+def set_input_checks(on: bool) -> None:
+    """Run the value checks on CUDA inputs too (they always run on CPU inputs).
+
+    The value checks read tensor contents: key_group in -1..3, bias and logit_scale finite and without overflow
+    in float32, cu_seqlens well formed and max_seqlen_q/k not below its longest sequence. On CUDA that waits for
+    the GPU on every call (and cannot be captured in a CUDA graph), so there they run only while this switch is
+    on; the environment variable AVAR_CHECK_INPUTS=1 turns it on at import. The tests turn it on.
+    """
+    if not isinstance(on, bool):
+        raise TypeError(f"avar.set_input_checks: on must be a bool, got {type(on).__name__}")
+    load_extension().set_input_checks(on)
+
+
+def input_checks() -> bool:
+    """Whether the value checks run on CUDA inputs (see set_input_checks)."""
+    return load_extension().input_checks()
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool):
@@ -111,20 +129,36 @@ def _backward(ctx, dout, dlse, dmass):
 torch.library.register_autograd("avar::attention_fwd", _backward, setup_context=_setup_context)
 
 
-def _check_public_args(q, scale, causal, return_mass, max_seqlen_q, max_seqlen_k):
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"avar.attention: q must be a torch.Tensor, got {type(q).__name__}")
+def _check_public_args(fn, tensors, scale, causal, return_mass, max_seqlen_q, max_seqlen_k):
+    """What the dispatcher would answer with its schema dump is refused here in one line naming the argument."""
+    for name, t in tensors.items():
+        optional = name not in ("q", "k", "v", "lse", "query_weight")
+        if not (isinstance(t, torch.Tensor) or (optional and t is None)):
+            kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+            raise TypeError(f"{fn}: {name} must be {kind}, got {type(t).__name__}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"avar.attention: scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"avar.attention: scale must be finite, got {scale}")
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
     if not isinstance(causal, bool):
-        raise TypeError(f"avar.attention: causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_mass, bool):
-        raise TypeError(f"avar.attention: return_mass must be a bool, got {type(return_mass).__name__}")
+        raise TypeError(f"{fn}: return_mass must be a bool, got {type(return_mass).__name__}")
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
-            raise ValueError(f"avar.attention: {name} must be a non-negative int or None, got {val!r}")
+            raise ValueError(f"{fn}: {name} must be a non-negative int or None, got {val!r}")
+
+
+def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    if scale is not None:
+        return float(scale)
+    head_dim = q.shape[-1] if q.dim() > 0 else 0
+    # D = 0 is refused by the op with the head-dim message; any finite scale lets it get there.
+    return head_dim**-0.5 if head_dim > 0 else 1.0
+
+
+def _seqlen_arg(val: Optional[int]) -> int:
+    return -1 if val is None else val  # the op's "not given"
 
 
 def attention(
@@ -156,18 +190,23 @@ def attention(
         scale: defaults to D ** -0.5.
         causal: bottom-right aligned (query i sees key j iff j <= i + Lk - Lq).
         cu_seqlens_q, cu_seqlens_k: int32 [B + 1] offsets for the varlen layout.
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence of a varlen call; required on CUDA
+            (reading them from cu_seqlens would wait for the GPU), read from cu_seqlens on the CPU when None.
         return_mass: also return mass, the attention each query puts on each group.
 
     Returns:
         AttentionOutput(out like q, lse float32 [B, H, Lq] (varlen [H, Tq]),
                         mass float32 [B, H, Lq, 4] (varlen [H, Tq, 4]) or None).
     """
-    _check_public_args(q, scale, causal, return_mass, max_seqlen_q, max_seqlen_k)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    _check_public_args(
+        "avar.attention",
+        dict(q=q, k=k, v=v, key_group=key_group, bias=bias, logit_scale=logit_scale, cu_seqlens_q=cu_seqlens_q,
+             cu_seqlens_k=cu_seqlens_k),
+        scale, causal, return_mass, max_seqlen_q, max_seqlen_k,
+    )
     out, lse, mass = torch.ops.avar.attention_fwd(
-        q, k, v, key_group, bias, logit_scale, float(scale), causal, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q or 0, max_seqlen_k or 0, return_mass,
+        q, k, v, key_group, bias, logit_scale, _default_scale(q, scale), causal, cu_seqlens_q, cu_seqlens_k,
+        _seqlen_arg(max_seqlen_q), _seqlen_arg(max_seqlen_k), return_mass,
     )
     return AttentionOutput(out, lse, mass if return_mass else None)
 
@@ -193,10 +232,13 @@ def attention_key_mass(
     lse is the forward's log-sum-exp for the same q, k, groups, bias and logit_scale. query_weight is
     float32 [B, H, Lq] or [B, Lq] (varlen [H, Tq] or [Tq]). Returns float32 [B, H, Lk] (varlen [H, Tk]).
     """
-    _check_public_args(q, scale, causal, False, max_seqlen_q, max_seqlen_k)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    _check_public_args(
+        "avar.attention_key_mass",
+        dict(q=q, k=k, lse=lse, query_weight=query_weight, key_group=key_group, bias=bias, logit_scale=logit_scale,
+             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k),
+        scale, causal, False, max_seqlen_q, max_seqlen_k,
+    )
     return torch.ops.avar.attention_key_mass(
-        q, k, lse, query_weight, key_group, bias, logit_scale, float(scale), causal, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q or 0, max_seqlen_k or 0,
+        q, k, lse, query_weight, key_group, bias, logit_scale, _default_scale(q, scale), causal, cu_seqlens_q,
+        cu_seqlens_k, _seqlen_arg(max_seqlen_q), _seqlen_arg(max_seqlen_k),
     )

@@ -1,6 +1,7 @@
-// The extension module avar_ops._C: registers the avar ops with the dispatcher (torch.ops.avar.*) and exposes
-// build facts to Python.
-#include <torch/extension.h>
+// The extension module avar_ops._C: registers the avar ops with the dispatcher (torch.ops.avar.*), one
+// implementation per dispatch key, and exposes build facts and test switches to Python through the plain
+// Python C API (no pybind11: torch/extension.h is the slowest header of the build).
+#include <Python.h>
 #include <torch/library.h>
 
 #include "attention/attention_ops.h"
@@ -28,33 +29,121 @@ TORCH_LIBRARY(avar, m) {
       "int max_seqlen_q, int max_seqlen_k) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(avar, CPU, m) {
-  m.impl("attention_fwd", &avar::attention_fwd);
-  m.impl("attention_bwd", &avar::attention_bwd);
-  m.impl("attention_key_mass", &avar::attention_key_mass);
+namespace {
+
+template <typename Ops>
+void register_ops(torch::Library& m) {
+  m.impl("attention_fwd", &Ops::fwd);
+  m.impl("attention_bwd", &Ops::bwd);
+  m.impl("attention_key_mass", &Ops::key_mass);
 }
 
+using CpuOps = avar::OpsOn<avar::kCpuBackend, avar::NoScope>;
 #ifdef AVAR_WITH_CUDA
-TORCH_LIBRARY_IMPL(avar, CUDA, m) {
-  m.impl("attention_fwd", &avar::attention_fwd);
-  m.impl("attention_bwd", &avar::attention_bwd);
-  m.impl("attention_key_mass", &avar::attention_key_mass);
-}
-#endif
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "avar fused attention kernels (ops are registered as torch.ops.avar.*)";
-#ifdef AVAR_WITH_CUDA
-  m.attr("with_cuda") = true;
+using CudaOps = avar::OpsOn<avar::cuda_dispatch::kCudaBackend, avar::cuda_dispatch::DeviceOf>;
 #else
-  m.attr("with_cuda") = false;
+using CudaOps = avar::OpsOn<avar::kCpuBackend, avar::RefuseWithoutCudaKernels>;
 #endif
-  m.attr("cpu_capability") = AVAR_CPU_CAPABILITY_NAME;
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(avar, CPU, m) { register_ops<CpuOps>(m); }
+TORCH_LIBRARY_IMPL(avar, CUDA, m) { register_ops<CudaOps>(m); }
+
+// ---------------------------------------------------------------------------------------------------------
+// The Python module: with_cuda, cpu_capability, and the switches tests and debugging use.
+
+namespace {
+
+PyObject* py_set_poison_outputs(PyObject*, PyObject* args) {
+  int on = 0;
+  if (!PyArg_ParseTuple(args, "p:set_poison_outputs", &on)) return nullptr;
+  avar::set_poison_outputs(on != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_set_input_checks(PyObject*, PyObject* args) {
+  int on = 0;
+  if (!PyArg_ParseTuple(args, "p:set_input_checks", &on)) return nullptr;
+  avar::set_input_checks(on != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_input_checks(PyObject*, PyObject*) { return PyBool_FromLong(avar::input_checks() ? 1 : 0); }
+
 #ifdef AVAR_WITH_CUDA
-  m.def("cuda_decode_splits", &avar::cuda_dispatch::decode_splits_on_current_device, py::arg("batch"),
-        py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"),
-        "Key splits (flash-decoding) the CUDA forward uses for these sizes on the current device; 1 = no split.");
+// C++ exceptions must not cross into Python: turn them into a RuntimeError.
+template <typename F>
+PyObject* guarded(F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_cuda_decode_splits(PyObject*, PyObject* args) {
+  long long batch = 0, heads = 0, seqlen_q = 0, seqlen_k = 0;
+  if (!PyArg_ParseTuple(args, "LLLL:cuda_decode_splits", &batch, &heads, &seqlen_q, &seqlen_k)) return nullptr;
+  return guarded([&] {
+    return PyLong_FromLong(avar::cuda_dispatch::decode_splits_on_current_device(batch, heads, seqlen_q, seqlen_k));
+  });
+}
+
+PyObject* py_set_cuda_decode_splits(PyObject*, PyObject* args) {
+  int splits = 0;
+  if (!PyArg_ParseTuple(args, "i:set_cuda_decode_splits", &splits)) return nullptr;
+  if (splits < 0) {
+    PyErr_Format(PyExc_ValueError, "set_cuda_decode_splits: splits must be >= 0 (0 = the heuristic), got %d",
+                 splits);
+    return nullptr;
+  }
+  avar::cuda_dispatch::set_forced_decode_splits(splits);
+  Py_RETURN_NONE;
+}
 #endif
-  m.def("set_poison_outputs", &avar::set_poison_outputs,
-        "Fill every output buffer with NaN before the kernel writes it (for tests).");
+
+PyMethodDef kMethods[] = {
+    {"set_poison_outputs", py_set_poison_outputs, METH_VARARGS,
+     "set_poison_outputs(on): fill every output buffer with NaN before the kernel writes it (for tests)."},
+    {"set_input_checks", py_set_input_checks, METH_VARARGS,
+     "set_input_checks(on): run the value checks (they read tensor contents) on CUDA inputs too."},
+    {"input_checks", py_input_checks, METH_NOARGS, "input_checks(): whether the value checks run on CUDA inputs."},
+#ifdef AVAR_WITH_CUDA
+    {"cuda_decode_splits", py_cuda_decode_splits, METH_VARARGS,
+     "cuda_decode_splits(batch, heads, seqlen_q, seqlen_k): key splits (flash-decoding) the CUDA forward uses for "
+     "these sizes on the current device; 1 = no split."},
+    {"set_cuda_decode_splits", py_set_cuda_decode_splits, METH_VARARGS,
+     "set_cuda_decode_splits(n): use n key splits on every call (n >= 2 forces the split path, for tests); 0 "
+     "restores the heuristic."},
+#endif
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT,
+                       "_C",
+                       "avar fused attention kernels (ops are registered as torch.ops.avar.*)",
+                       -1,
+                       kMethods,
+                       nullptr,
+                       nullptr,
+                       nullptr,
+                       nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&kModule);
+  if (m == nullptr) return nullptr;
+#ifdef AVAR_WITH_CUDA
+  const bool with_cuda = true;
+#else
+  const bool with_cuda = false;
+#endif
+  if (PyModule_AddObject(m, "with_cuda", PyBool_FromLong(with_cuda ? 1 : 0)) < 0 ||
+      PyModule_AddStringConstant(m, "cpu_capability", AVAR_CPU_CAPABILITY_NAME) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

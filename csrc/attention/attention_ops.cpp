@@ -3,23 +3,41 @@
 #include <c10/util/irange.h>
 
 #include <atomic>
+#include <cfloat>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
 #include "params.h"
-#ifdef AVAR_WITH_CUDA
-#include "cuda_dispatch.h"
-#endif
 
 namespace avar {
 
 namespace {
 std::atomic<bool> g_poison{false};
+
+bool checks_from_env() {
+  const char* v = std::getenv("AVAR_CHECK_INPUTS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+std::atomic<bool> g_input_checks{checks_from_env()};
 }  // namespace
 
 void set_poison_outputs(bool on) { g_poison.store(on); }
+void set_input_checks(bool on) { g_input_checks.store(on); }
+bool input_checks() { return g_input_checks.load(); }
+
+const Backend kCpuBackend{&cpu::attention_fwd, &cpu::attention_bwd, &cpu::attention_key_mass};
+
+RefuseWithoutCudaKernels::RefuseWithoutCudaKernels(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(false, op, ": q is on ", q.device(), " but this build of avar_ops has no CUDA kernels (it was "
+              "built CPU-only because no GPU was visible at build time). Rebuild with them: "
+              "AVAR_CUDA_ARCHS=\"8.0;9.0\" pip install --no-build-isolation -e . (list your GPU's compute "
+              "capability), or run the build on a machine where the GPU is visible");
+}
 
 namespace {
 
@@ -42,6 +60,14 @@ struct Geometry {
   int64_t covered_q = 0, covered_k = 0;  // varlen: cu_seqlens_*[-1] (rows past them belong to no sequence)
 };
 
+// Value checks read tensor contents; on CUDA that waits for the GPU, so they run there only when asked for.
+bool value_checks_for(const Tensor& q) { return !q.is_cuda() || input_checks(); }
+
+// The kernels compute in float32, except the CPU float64 path (gradcheck).
+at::ScalarType kernel_float(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+double largest_finite(at::ScalarType t) { return t == at::kDouble ? DBL_MAX : FLT_MAX; }
+
 bool is_supported_dtype(const at::Device& device, at::ScalarType dt) {
   if (device.is_cuda()) return dt == at::kHalf || dt == at::kBFloat16;
   return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble;
@@ -53,17 +79,20 @@ void check_same_device(const Tensor& ref, const Tensor& t, const char* name) {
 }
 
 void check_last_dim_contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "avar.attention: ", name,
+  // An empty tensor has no layout to speak of (autograd hands zero-stride gradients for empty outputs).
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "avar.attention: ", name,
                     " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
-// Reads cu_seqlens to the host, checks it and returns it (so kernels can trust every offset).
-std::vector<int32_t> check_cu_seqlens(const Tensor& cu, const Tensor& ref, const char* name, int64_t total,
-                                      const char* total_name) {
+void check_cu_seqlens_form(const Tensor& cu, const Tensor& ref, const char* name) {
   check_same_device(ref, cu, name);
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "avar.attention: ", name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2, "avar.attention: ", name,
                     " must be 1-D with at least 2 entries (batch + 1), got shape ", cu.sizes());
+}
+
+// Reads cu_seqlens to the host and checks its values, so that kernels can trust every offset.
+std::vector<int32_t> read_cu_seqlens(const Tensor& cu, const char* name, int64_t total, const char* total_name) {
   const Tensor host = cu.to(at::kCPU).contiguous();
   const int32_t* c = host.data_ptr<int32_t>();
   std::vector<int32_t> vals(c, c + host.numel());
@@ -84,7 +113,7 @@ int64_t longest(const std::vector<int32_t>& cu) {
 }
 
 Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& cu_q, const OptTensor& cu_k,
-                   int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                   int64_t max_seqlen_q, int64_t max_seqlen_k, bool value_checks) {
   Geometry g;
   TORCH_CHECK_VALUE(cu_q.has_value() == cu_k.has_value(),
                     "avar.attention: cu_seqlens_q and cu_seqlens_k must be given together (varlen), got ",
@@ -127,21 +156,44 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   }
 
   if (g.varlen) {
-    const auto cq = check_cu_seqlens(*cu_q, q, "cu_seqlens_q", q.size(0), "q");
-    const auto ck = check_cu_seqlens(*cu_k, q, "cu_seqlens_k", k.size(0), "k");
-    TORCH_CHECK_VALUE(cq.size() == ck.size(), "avar.attention: cu_seqlens_q and cu_seqlens_k must have the same "
-                      "length (batch + 1), got ", cq.size(), " and ", ck.size());
-    g.batch = static_cast<int64_t>(cq.size()) - 1;
+    check_cu_seqlens_form(*cu_q, q, "cu_seqlens_q");
+    check_cu_seqlens_form(*cu_k, q, "cu_seqlens_k");
+    TORCH_CHECK_VALUE(cu_q->numel() == cu_k->numel(), "avar.attention: cu_seqlens_q and cu_seqlens_k must have the "
+                      "same length (batch + 1), got ", cu_q->numel(), " and ", cu_k->numel());
+    g.batch = cu_q->numel() - 1;
     g.total_q = q.size(0);
     g.total_k = k.size(0);
-    g.covered_q = cq.back();
-    g.covered_k = ck.back();
-    g.seqlen_q = longest(cq);
-    g.seqlen_k = longest(ck);
-    TORCH_CHECK_VALUE(max_seqlen_q <= 0 || max_seqlen_q >= g.seqlen_q, "avar.attention: max_seqlen_q = ",
-                      max_seqlen_q, " is smaller than the longest query sequence in cu_seqlens_q (", g.seqlen_q, ")");
-    TORCH_CHECK_VALUE(max_seqlen_k <= 0 || max_seqlen_k >= g.seqlen_k, "avar.attention: max_seqlen_k = ",
-                      max_seqlen_k, " is smaller than the longest key sequence in cu_seqlens_k (", g.seqlen_k, ")");
+    // Negative: not given. CUDA takes them from the caller (as FlashAttention's varlen API does) so that no
+    // call waits for the GPU; the CPU reads them off cu_seqlens.
+    TORCH_CHECK_VALUE(!q.is_cuda() || (max_seqlen_q >= 0 && max_seqlen_k >= 0),
+                      "avar.attention: varlen on CUDA needs max_seqlen_q and max_seqlen_k (the longest query and "
+                      "key sequence): reading them from cu_seqlens would wait for the GPU on every call; got "
+                      "max_seqlen_q = ", max_seqlen_q < 0 ? std::string("None") : std::to_string(max_seqlen_q),
+                      ", max_seqlen_k = ", max_seqlen_k < 0 ? std::string("None") : std::to_string(max_seqlen_k));
+    TORCH_CHECK_VALUE(max_seqlen_q <= g.total_q, "avar.attention: max_seqlen_q = ", max_seqlen_q,
+                      " is more than the ", g.total_q, " rows of q");
+    TORCH_CHECK_VALUE(max_seqlen_k <= g.total_k, "avar.attention: max_seqlen_k = ", max_seqlen_k,
+                      " is more than the ", g.total_k, " rows of k");
+    // Without the value checks cu_seqlens stays unread on the GPU: covered_* stay 0, so that every output row
+    // starts as "no sequence" (zero, lse −inf) and the kernels overwrite those that belong to one.
+    if (value_checks) {
+      const auto cq = read_cu_seqlens(*cu_q, "cu_seqlens_q", g.total_q, "q");
+      const auto ck = read_cu_seqlens(*cu_k, "cu_seqlens_k", g.total_k, "k");
+      g.covered_q = cq.back();
+      g.covered_k = ck.back();
+      g.seqlen_q = longest(cq);
+      g.seqlen_k = longest(ck);
+      TORCH_CHECK_VALUE(max_seqlen_q < 0 || max_seqlen_q >= g.seqlen_q, "avar.attention: max_seqlen_q = ",
+                        max_seqlen_q, " is smaller than the longest query sequence in cu_seqlens_q (", g.seqlen_q,
+                        ")");
+      TORCH_CHECK_VALUE(max_seqlen_k < 0 || max_seqlen_k >= g.seqlen_k, "avar.attention: max_seqlen_k = ",
+                        max_seqlen_k, " is smaller than the longest key sequence in cu_seqlens_k (", g.seqlen_k,
+                        ")");
+    }
+    if (q.is_cuda()) {
+      g.seqlen_q = max_seqlen_q;
+      g.seqlen_k = max_seqlen_k;
+    }
   } else {
     TORCH_CHECK_VALUE(k.size(0) == q.size(0), "avar.attention: q and k must have the same batch size, got q ",
                       q.sizes(), " and k ", k.sizes());
@@ -156,7 +208,7 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   return g;
 }
 
-void check_key_group(const Tensor& kg, const Tensor& q, const Geometry& g) {
+void check_key_group(const Tensor& kg, const Tensor& q, const Geometry& g, bool value_checks) {
   check_same_device(q, kg, "key_group");
   TORCH_CHECK_TYPE(kg.scalar_type() == at::kChar, "avar.attention: key_group must be int8, got ", kg.scalar_type());
   if (g.varlen) {
@@ -167,12 +219,37 @@ void check_key_group(const Tensor& kg, const Tensor& q, const Geometry& g) {
                       "avar.attention: key_group must be [B, Lk] = [", g.batch, ", ", g.seqlen_k,
                       "], got shape ", kg.sizes());
   }
-  if (kg.numel() > 0) {
+  if (value_checks && kg.numel() > 0) {
     const auto lo = kg.min().item<int>();
     const auto hi = kg.max().item<int>();
     TORCH_CHECK_VALUE(lo >= -1 && hi < kNumGroups, "avar.attention: key_group values must be in -1..",
                       kNumGroups - 1, " (-1 masked, 0 other text, 1 visual, 2 system, 3 user text), got values in ",
                       lo, "..", hi);
+  }
+}
+
+// "[h, g]" for an [H, G] table, "[g]" for a shared [G] table: where the i-th entry of the flat table sits.
+std::string table_index(const Tensor& t, int64_t i) {
+  if (t.dim() == 1) return "[" + std::to_string(i) + "]";
+  return "[" + std::to_string(i / kNumGroups) + ", " + std::to_string(i % kNumGroups) + "]";
+}
+
+// Every entry must be finite once cast to the kernel's type, and stay finite once scaled into the log2 domain
+// the kernels work in (logit_scale also times scale): a value that overflows there would make rows dead or NaN.
+void check_table_values(const Tensor& x, const char* name, bool is_logit_scale, double scale, at::ScalarType kt) {
+  const Tensor host = x.to(kt).to(at::kCPU, at::kDouble).contiguous().reshape({-1});  // [H·G] or [G]
+  const double* v = host.data_ptr<double>();
+  const double limit = largest_finite(kt);
+  const double log2e = 1.4426950408889634;
+  const char* type_name = kt == at::kDouble ? "float64" : "float32";
+  for (const auto i : c10::irange(host.numel())) {
+    TORCH_CHECK_VALUE(std::isfinite(v[i]), "avar.attention: ", name, " must be finite in ", type_name, ", got ",
+                      v[i], " at ", name, table_index(x, i), x.scalar_type() != kt ? " after the cast" : "");
+    const double factor = is_logit_scale ? scale * log2e : log2e;
+    TORCH_CHECK_VALUE(std::abs(v[i] * factor) <= limit, "avar.attention: ", name, table_index(x, i), " = ", v[i],
+                      is_logit_scale ? " times scale = " + std::to_string(scale) : std::string(),
+                      " overflows ", type_name, " in the kernels (|", is_logit_scale ? "scale · " : "", name,
+                      " · log2(e)| must stay below ", limit, ")");
   }
 }
 
@@ -190,13 +267,15 @@ Tensor check_group_table(const OptTensor& t, const Tensor& q, int64_t heads, con
   const bool shared = x.dim() == 1 && x.size(0) == kNumGroups;
   TORCH_CHECK_VALUE(per_head || shared, "avar.attention: ", name, " must be [H, G] = [", heads, ", ", kNumGroups,
                     "] or [G] = [", kNumGroups, "], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(at::isfinite(x).all().item<bool>(), "avar.attention: ", name,
-                    " must be finite, got non-finite values: ", x.to(at::kCPU));
   return (shared ? x.unsqueeze(0).expand({heads, kNumGroups}) : x).to(dtype).contiguous();
 }
 
-void check_scale(double scale) {
+void check_scale(double scale, at::ScalarType kt) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "avar.attention: scale must be finite, got ", scale);
+  const double limit = largest_finite(kt);
+  TORCH_CHECK_VALUE(std::abs(scale * 1.4426950408889634) <= limit, "avar.attention: scale = ", scale,
+                    " overflows ", kt == at::kDouble ? "float64" : "float32",
+                    " in the kernels (|scale · log2(e)| must stay below ", limit, ")");
 }
 
 // Row strides of a [B, L, H, D] / [T, H, D] tensor in the unified (batch, row, head) addressing.
@@ -222,6 +301,7 @@ SeqLayout make_layout(const Geometry& g, const OptTensor& cu_q, const OptTensor&
   s.batch = g.batch;
   s.seqlen_q = g.seqlen_q;
   s.seqlen_k = g.seqlen_k;
+  s.total_q = g.total_q;
   s.heads = g.heads;
   s.kv_heads = g.kv_heads;
   s.head_dim = g.head_dim;
@@ -244,15 +324,20 @@ PreparedInputs prepare_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                               const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
                               int64_t max_seqlen_k) {
   PreparedInputs in;
-  in.geo = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const bool value_checks = value_checks_for(q);
+  in.geo = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, value_checks);
   const Geometry& g = in.geo;
-  check_scale(scale);
-  if (key_group.has_value()) check_key_group(*key_group, q, g);
+  check_scale(scale, kernel_float(q));
+  if (key_group.has_value()) check_key_group(*key_group, q, g, value_checks);
   in.bias = check_group_table(bias, q, g.heads, "bias", 0.f, at::kFloat);
   in.logit_scale = check_group_table(logit_scale, q, g.heads, "logit_scale", 1.f, at::kFloat);
   if (q.scalar_type() == at::kDouble) {
     in.bias_f64 = check_group_table(bias, q, g.heads, "bias", 0.f, at::kDouble);
     in.logit_scale_f64 = check_group_table(logit_scale, q, g.heads, "logit_scale", 1.f, at::kDouble);
+  }
+  if (value_checks && bias.has_value()) check_table_values(*bias, "bias", false, scale, kernel_float(q));
+  if (value_checks && logit_scale.has_value()) {
+    check_table_values(*logit_scale, "logit_scale", true, scale, kernel_float(q));
   }
   if (g.varlen) {
     in.cu_q = cu_seqlens_q->contiguous();
@@ -317,7 +402,8 @@ void check_like(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, co
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Backend& backend, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v,
                                                  const OptTensor& key_group, const OptTensor& bias,
                                                  const OptTensor& logit_scale, double scale, bool causal,
                                                  const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
@@ -344,21 +430,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   if (return_mass) set_mass(p, mass, g.varlen);
 
   if (q.numel() == 0) return {out, lse, mass};
-  if (q.is_cuda()) {
-#ifdef AVAR_WITH_CUDA
-    cuda_dispatch::attention_fwd(p, q.scalar_type());
-#else
-    TORCH_CHECK(false, "avar.attention: q is on ", q.device(), " but this build of avar_ops has no CUDA kernels "
-                "(rebuild with a CUDA torch and nvcc, without AVAR_FORCE_CPU=1)");
-#endif
-  } else {
-    cpu::attention_fwd(p, q.scalar_type());
-  }
+  backend.fwd(p, q.scalar_type());
   return {out, lse, mass};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
-    const Tensor& dout, const OptTensor& dmass, const OptTensor& dlse, const Tensor& q, const Tensor& k,
+    const Backend& backend, const Tensor& dout, const OptTensor& dmass, const OptTensor& dlse, const Tensor& q, const Tensor& k,
     const Tensor& v, const Tensor& out, const Tensor& lse, const OptTensor& mass, const OptTensor& key_group,
     const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal, const OptTensor& cu_seqlens_q,
     const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool need_dbias,
@@ -426,19 +503,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
     dv.zero_();
     return {dq, dk, dv, dbias, dlogit};
   }
-  if (q.is_cuda()) {
-#ifdef AVAR_WITH_CUDA
-    cuda_dispatch::attention_bwd(bp, q.scalar_type());
-#else
-    TORCH_CHECK(false, "avar.attention_bwd: q is on ", q.device(), " but this build of avar_ops has no CUDA kernels");
-#endif
-  } else {
-    cpu::attention_bwd(bp, q.scalar_type());
-  }
+  backend.bwd(bp, q.scalar_type());
   return {dq, dk, dv, dbias, dlogit};
 }
 
-Tensor attention_key_mass(const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& query_weight,
+Tensor attention_key_mass(const Backend& backend, const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& query_weight,
                           const OptTensor& key_group, const OptTensor& bias, const OptTensor& logit_scale,
                           double scale, bool causal, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
                           int64_t max_seqlen_q, int64_t max_seqlen_k) {
@@ -488,15 +557,7 @@ Tensor attention_key_mass(const Tensor& q, const Tensor& k, const Tensor& lse, c
   kp.km_batch_stride = s.batch, kp.km_row_stride = s.row, kp.km_head_stride = s.head;
 
   if (q.numel() == 0 || k.numel() == 0) return key_mass;
-  if (q.is_cuda()) {
-#ifdef AVAR_WITH_CUDA
-    cuda_dispatch::attention_key_mass(kp, q.scalar_type());
-#else
-    TORCH_CHECK(false, "avar.attention_key_mass: q is on ", q.device(), " but this build has no CUDA kernels");
-#endif
-  } else {
-    cpu::attention_key_mass(kp, q.scalar_type());
-  }
+  backend.key_mass(kp, q.scalar_type());
   return key_mass;
 }
 

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "cuda/launch.h"
 
@@ -20,15 +21,7 @@ DType to_dtype(at::ScalarType t) {
   return t == at::kHalf ? DType::kHalf : DType::kBFloat16;
 }
 
-// The device a kernel argument lives on: the ops receive Params, not tensors, and the dispatcher does not set
-// the current device for custom ops, so it is read off q's pointer.
-c10::DeviceIndex device_of(const void* ptr) {
-  cudaPointerAttributes attr{};
-  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, ptr));
-  TORCH_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
-              "avar.attention (CUDA): q does not point to device memory");
-  return static_cast<c10::DeviceIndex>(attr.device);
-}
+std::atomic<int> g_forced_splits{0};
 
 // The kernels move q, k, v and dout tiles with 16-byte cp.async copies: the base pointer and every stride that
 // is stepped over (batch, row, head) must be a multiple of 16 bytes, i.e. of 8 two-byte elements.
@@ -77,37 +70,6 @@ void check_launch(cudaError_t err) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-cudaError_t launch_fwd(const AttnFwdParams& p, DType dt, const cuda::FwdSplit& split, cudaStream_t stream) {
-  switch (p.seq.head_dim) {
-    case 64: return cuda::launch_fwd_d64(p, dt, split, stream);
-    case 80: return cuda::launch_fwd_d80(p, dt, split, stream);
-    case 128: return cuda::launch_fwd_d128(p, dt, split, stream);
-    default: TORCH_CHECK_VALUE(false, "avar.attention (CUDA): head dim ", p.seq.head_dim, " is not supported (64, 80 or 128)");
-  }
-}
-
-cudaError_t launch_bwd(const AttnBwdParams& p, DType dt, const cuda::BwdScratch& s, cudaStream_t stream) {
-  switch (p.fwd.seq.head_dim) {
-    case 64: return cuda::launch_bwd_d64(p, dt, s, stream);
-    case 80: return cuda::launch_bwd_d80(p, dt, s, stream);
-    case 128: return cuda::launch_bwd_d128(p, dt, s, stream);
-    default:
-      TORCH_CHECK_VALUE(false, "avar.attention_bwd (CUDA): head dim ", p.fwd.seq.head_dim,
-                        " is not supported (64, 80 or 128)");
-  }
-}
-
-cudaError_t launch_key_mass(const KeyMassParams& p, DType dt, cudaStream_t stream) {
-  switch (p.fwd.seq.head_dim) {
-    case 64: return cuda::launch_key_mass_d64(p, dt, stream);
-    case 80: return cuda::launch_key_mass_d80(p, dt, stream);
-    case 128: return cuda::launch_key_mass_d128(p, dt, stream);
-    default:
-      TORCH_CHECK_VALUE(false, "avar.attention_key_mass (CUDA): head dim ", p.fwd.seq.head_dim,
-                        " is not supported (64, 80 or 128)");
-  }
-}
-
 // ATen's CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which a bare nvcc toolkit lacks.
 int sm_count(c10::DeviceIndex device) {
   int count = 0;
@@ -136,20 +98,24 @@ int decode_splits(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen
 }
 
 int decode_splits_on_current_device(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k) {
+  const int forced = g_forced_splits.load();
+  if (forced > 0) return static_cast<int>(std::min<int64_t>(forced, 65535 / std::max<int64_t>(batch, 1)));
   return decode_splits(batch, heads, seqlen_q, seqlen_k, sm_count(c10::cuda::current_device()));
 }
 
-void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
+void set_forced_decode_splits(int n) { g_forced_splits.store(n); }
+
+namespace {
+
+void fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   const DType dt = to_dtype(dtype);
-  const c10::DeviceIndex device = device_of(p.q);
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::DeviceIndex device = c10::cuda::current_device();
   check_qkv_aligned(p);
   const SeqLayout& s = p.seq;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
 
   cuda::FwdSplit split;
-  split.num_splits =
-      decode_splits(s.batch, s.heads, s.seqlen_q, s.seqlen_k, sm_count(device));
+  split.num_splits = decode_splits_on_current_device(s.batch, s.heads, s.seqlen_q, s.seqlen_k);
   check_grid(s, split.num_splits);
   // Partials live until the kernels that read them are queued; the caching allocator orders reuse on the stream.
   at::Tensor out_partial, lse_partial, mass_partial;
@@ -164,14 +130,15 @@ void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
       split.mass_partial = mass_partial.data_ptr<float>();
     }
   }
-  check_launch(launch_fwd(p, dt, split, stream));
+  check_launch(cuda::with_head_dim(s.head_dim, [&](auto d) {
+    return cuda::launch_fwd<decltype(d)::value>(p, dt, split, stream);
+  }));
   if (split.num_splits > 1) check_launch(cuda::launch_fwd_combine(p, dt, split, stream));
 }
 
-void attention_bwd(const AttnBwdParams& p, at::ScalarType dtype) {
+void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   const DType dt = to_dtype(dtype);
-  const c10::DeviceIndex device = device_of(p.fwd.q);
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::DeviceIndex device = c10::cuda::current_device();
   check_qkv_aligned(p.fwd);
   const SeqLayout& s = p.fwd.seq;
   check_aligned(p.dout, "dout", p.do_batch_stride, batch_extent(s), p.do_row_stride, row_extent(s, s.seqlen_q),
@@ -180,24 +147,33 @@ void attention_bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(s.kv_heads <= 65535, "avar.attention_bwd (CUDA): at most 65535 kv heads, got ", s.kv_heads);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
 
-  at::Tensor dq_accum = at::zeros({s.batch, s.heads, s.seqlen_q, s.head_dim}, f32_on(device));  // [B, H, Lq, D]
-  at::Tensor delta = at::empty({s.batch, s.heads, s.seqlen_q}, f32_on(device));                 // [B, H, Lq]
+  // Indexed by packed query row (b·Lq + i batched, cu_seqlens_q[b] + i varlen): scratch grows with the rows of
+  // q, not with batch × the longest sequence.
+  at::Tensor dq_accum = at::zeros({s.total_q, s.heads, s.head_dim}, f32_on(device));  // [Tq, H, D]
+  at::Tensor delta = at::empty({s.total_q, s.heads}, f32_on(device));                 // [Tq, H]
   cuda::BwdScratch scratch;
   scratch.dq_accum = dq_accum.data_ptr<float>();
   scratch.delta = delta.data_ptr<float>();
   check_launch(cuda::launch_bwd_delta(p, dt, scratch, stream));
-  check_launch(launch_bwd(p, dt, scratch, stream));
+  check_launch(cuda::with_head_dim(s.head_dim, [&](auto d) {
+    return cuda::launch_bwd<decltype(d)::value>(p, dt, scratch, stream);
+  }));
   check_launch(cuda::launch_bwd_convert_dq(p, dt, scratch, stream));
 }
 
-void attention_key_mass(const KeyMassParams& p, at::ScalarType dtype) {
+void key_mass(const KeyMassParams& p, at::ScalarType dtype) {
   const DType dt = to_dtype(dtype);
-  const c10::DeviceIndex device = device_of(p.fwd.q);
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::DeviceIndex device = c10::cuda::current_device();
   check_qkv_aligned(p.fwd);
   check_grid(p.fwd.seq, 1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  check_launch(launch_key_mass(p, dt, stream));
+  check_launch(cuda::with_head_dim(p.fwd.seq.head_dim, [&](auto d) {
+    return cuda::launch_key_mass<decltype(d)::value>(p, dt, stream);
+  }));
 }
+
+}  // namespace
+
+const Backend kCudaBackend{&fwd, &bwd, &key_mass};
 
 }  // namespace avar::cuda_dispatch

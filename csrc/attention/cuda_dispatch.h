@@ -1,24 +1,34 @@
 // CUDA side of the avar ops: CUDA-specific checks, scratch buffers, the current stream, the choice of the
-// decode (split-KV) path, and the launch of the kernels in cuda/. Called by attention_ops.cpp after every
-// generic check (dtype fp16/bf16, head dim 64/80/128, shapes, groups, cu_seqlens) has passed.
+// decode (split-KV) path, and the launch of the kernels in cuda/. Its Backend is called by attention_ops.cpp
+// after every generic check (dtype fp16/bf16, head dim 64/80/128, shapes; values under the input checks) has
+// passed, with the inputs' device current.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
 
+#include "attention_ops.h"
 #include "params.h"
 
 namespace avar::cuda_dispatch {
 
-void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype);
-void attention_bwd(const AttnBwdParams& p, at::ScalarType dtype);
-void attention_key_mass(const KeyMassParams& p, at::ScalarType dtype);
+extern const Backend kCudaBackend;
+
+// The CUDA ops' scope: q's device is current while they run (the dispatcher does not set it for custom ops).
+struct DeviceOf {
+  c10::cuda::CUDAGuard guard;
+  DeviceOf(const at::Tensor& q, const char*) : guard(q.device()) {}
+};
 
 // Key splits the forward uses for these sizes on `sm_count` multiprocessors (1 = no split).
 int decode_splits(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, int sm_count);
 
-// The same on the current CUDA device.
+// What the forward uses on the current CUDA device: the forced count when set, else decode_splits.
 int decode_splits_on_current_device(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k);
+
+// Tests force the split path with n >= 2 (whatever the GPU's size); 0 restores the heuristic.
+void set_forced_decode_splits(int n);
 
 }  // namespace avar::cuda_dispatch

@@ -1,6 +1,7 @@
 // The two light passes around the backward kernel: D_i before it, dq's conversion from fp32 after it.
 #include "common.cuh"
 #include "launch.h"
+#include "launch_util.cuh"
 
 namespace avar::cuda {
 namespace {
@@ -19,7 +20,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnBwdPa
   const int h = blockIdx.y, b = blockIdx.z;
   const SeqSpan sp = seq_span(p.seq, b);
   const int D = static_cast<int>(p.seq.head_dim);
-  const int64_t H = p.seq.heads, Lmax = p.seq.seqlen_q;
+  const int64_t H = p.seq.heads, row0 = scratch_row0(p.seq, sp, b);
   for (int k = 0; k < kDeltaRowsPerWarp; ++k) {
     const int i = (blockIdx.x * kDeltaWarps + warp) * kDeltaRowsPerWarp + k;
     if (i >= sp.len_q) break;
@@ -40,11 +41,11 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnBwdPa
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) scr.delta[(b * H + h) * Lmax + i] = acc;
+    if (lane == 0) scr.delta[(row0 + i) * H + h] = acc;
   }
 }
 
-// dq[b, i, h, :] = dq_accum[b, h, i, :] for every row of every sequence; one warp per (row, head).
+// dq[b, i, h, :] = dq_accum[packed row of (b, i), h, :] for every row of every sequence; one warp per (row, head).
 template <typename T>
 __global__ void __launch_bounds__(kConvertWarps * 32) convert_dq_kernel(const AttnBwdParams bp, const BwdScratch scr) {
   using Tr = ElemTraits<T>;
@@ -54,8 +55,8 @@ __global__ void __launch_bounds__(kConvertWarps * 32) convert_dq_kernel(const At
   const int i = blockIdx.x * kConvertWarps + warp;
   if (i >= sp.len_q) return;
   const int D = static_cast<int>(bp.fwd.seq.head_dim);
-  const int64_t H = bp.fwd.seq.heads, Lmax = bp.fwd.seq.seqlen_q;
-  const float* src = scr.dq_accum + ((b * H + h) * Lmax + i) * D;
+  const int64_t H = bp.fwd.seq.heads;
+  const float* src = scr.dq_accum + ((scratch_row0(bp.fwd.seq, sp, b) + i) * H + h) * D;
   T* dst = static_cast<T*>(bp.dq) + b * bp.dq_batch_stride + (sp.q_start + i) * bp.dq_row_stride +
            h * bp.dq_head_stride;
   for (int d = lane; d < D; d += 32) dst[d] = Tr::from_float(src[d]);
@@ -65,25 +66,19 @@ __global__ void __launch_bounds__(kConvertWarps * 32) convert_dq_kernel(const At
 
 cudaError_t launch_bwd_delta(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kDeltaWarps * kDeltaRowsPerWarp;
-  const dim3 grid(static_cast<unsigned>((p.fwd.seq.seqlen_q + kRowsPerBlock - 1) / kRowsPerBlock),
-                  static_cast<unsigned>(p.fwd.seq.heads), static_cast<unsigned>(p.fwd.seq.batch));
-  if (dt == DType::kBFloat16) {
-    delta_kernel<__nv_bfloat16><<<grid, kDeltaWarps * 32, 0, stream>>>(p, s);
-  } else {
-    delta_kernel<__half><<<grid, kDeltaWarps * 32, 0, stream>>>(p, s);
-  }
-  return cudaGetLastError();
+  const dim3 grid(blocks_for(p.fwd.seq.seqlen_q, kRowsPerBlock), static_cast<unsigned>(p.fwd.seq.heads),
+                  static_cast<unsigned>(p.fwd.seq.batch));
+  return with_dtype(dt, [&](auto elem) {
+    return launch(delta_kernel<typename decltype(elem)::type>, grid, kDeltaWarps * 32, 0, stream, p, s);
+  });
 }
 
 cudaError_t launch_bwd_convert_dq(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.fwd.seq.seqlen_q + kConvertWarps - 1) / kConvertWarps),
-                  static_cast<unsigned>(p.fwd.seq.heads), static_cast<unsigned>(p.fwd.seq.batch));
-  if (dt == DType::kBFloat16) {
-    convert_dq_kernel<__nv_bfloat16><<<grid, kConvertWarps * 32, 0, stream>>>(p, s);
-  } else {
-    convert_dq_kernel<__half><<<grid, kConvertWarps * 32, 0, stream>>>(p, s);
-  }
-  return cudaGetLastError();
+  const dim3 grid(blocks_for(p.fwd.seq.seqlen_q, kConvertWarps), static_cast<unsigned>(p.fwd.seq.heads),
+                  static_cast<unsigned>(p.fwd.seq.batch));
+  return with_dtype(dt, [&](auto elem) {
+    return launch(convert_dq_kernel<typename decltype(elem)::type>, grid, kConvertWarps * 32, 0, stream, p, s);
+  });
 }
 
 }  // namespace avar::cuda

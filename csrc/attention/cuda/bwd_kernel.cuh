@@ -14,6 +14,7 @@
 
 #include "common.cuh"
 #include "launch.h"
+#include "launch_util.cuh"
 
 namespace avar::cuda {
 
@@ -72,7 +73,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
                     kvh * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + sp.k_start * p.v_row_stride +
                     kvh * p.v_head_stride;
-  const int64_t Lmax = p.seq.seqlen_q, H = p.seq.heads;
+  const int64_t H = p.seq.heads;
+  const int64_t row0 = scratch_row0(p.seq, sp, b);
   const float scale = static_cast<float>(p.seq.scale);  // the kernels work in fp32
   const float scale_log2 = scale * kLog2e;
   const bool has_dmass = bp.dmass != nullptr;
@@ -97,7 +99,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
         const int64_t row = sp.q_start + i;
         const float lse = p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride];
         lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;  // a dead row gets P = exp2(s − inf) = 0
-        delta = scr.delta[(b * H + h) * Lmax + i];
+        delta = scr.delta[(row0 + i) * H + h];
         if (has_dmass) {
           const float* src =
               bp.dmass + b * bp.dmass_batch_stride + row * bp.dmass_row_stride + h * bp.dmass_head_stride;
@@ -252,7 +254,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
       float* dq_row[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        dq_row[r] = scr.dq_accum + ((b * H + h) * Lmax + q_row[r]) * kD;
+        dq_row[r] = scr.dq_accum + ((row0 + q_row[r]) * H + h) * kD;
       }
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
@@ -317,26 +319,15 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   }
 }
 
-template <typename T, int kD, bool kCausal>
-cudaError_t run_bwd(const AttnBwdParams& p, const BwdScratch& s, cudaStream_t stream) {
-  using C = BwdConfig<kD>;
-  auto kernel = bwd_kernel<T, kD, kCausal>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(C::kSmemBytes));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.fwd.seq.seqlen_k + C::kBlockN - 1) / C::kBlockN),
-                  static_cast<unsigned>(p.fwd.seq.kv_heads), static_cast<unsigned>(p.fwd.seq.batch));
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, s);
-  return cudaGetLastError();
-}
-
 template <int kD>
-cudaError_t dispatch_bwd(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
-  const bool causal = p.fwd.seq.causal;
-  if (dt == DType::kBFloat16) {
-    return causal ? run_bwd<__nv_bfloat16, kD, true>(p, s, stream) : run_bwd<__nv_bfloat16, kD, false>(p, s, stream);
-  }
-  return causal ? run_bwd<__half, kD, true>(p, s, stream) : run_bwd<__half, kD, false>(p, s, stream);
+cudaError_t launch_bwd(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
+  using C = BwdConfig<kD>;
+  const dim3 grid(blocks_for(p.fwd.seq.seqlen_k, C::kBlockN), static_cast<unsigned>(p.fwd.seq.kv_heads),
+                  static_cast<unsigned>(p.fwd.seq.batch));
+  return with_dtype_causal(dt, p.fwd.seq.causal, [&](auto elem, auto causal) {
+    using T = typename decltype(elem)::type;
+    return launch(bwd_kernel<T, kD, decltype(causal)::value>, grid, C::kThreads, C::kSmemBytes, stream, p, s);
+  });
 }
 
 }  // namespace avar::cuda

@@ -177,6 +177,11 @@ __device__ __forceinline__ SeqSpan seq_span(const SeqLayout& s, int b) {
   return r;
 }
 
+// First row of sequence b in the backward's packed scratch (dq_accum [Tq, H, D], delta [Tq, H]).
+__device__ __forceinline__ int64_t scratch_row0(const SeqLayout& s, const SeqSpan& sp, int b) {
+  return s.cu_seqlens_q != nullptr ? sp.q_start : static_cast<int64_t>(b) * s.seqlen_q;
+}
+
 // Per-key factors in the log2 domain: score2 = raw · gs + bs, raw = q·k. A masked key (group −1, or past the
 // end of the sequence) has gs = 0 and bs = −inf, so its score is −inf whatever raw is.
 struct KeyFactors {

@@ -3,6 +3,7 @@
 // key has lse_s = −inf and weight 0; a row that no split saw stays dead (out 0, lse −inf, mass 0).
 #include "common.cuh"
 #include "launch.h"
+#include "launch_util.cuh"
 
 namespace avar::cuda {
 namespace {
@@ -55,12 +56,9 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const AttnFwdP
 cudaError_t launch_fwd_combine(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.seq.seqlen_q), static_cast<unsigned>(p.seq.heads),
                   static_cast<unsigned>(p.seq.batch));
-  if (dt == DType::kBFloat16) {
-    combine_kernel<__nv_bfloat16><<<grid, kCombineThreads, 0, stream>>>(p, split);
-  } else {
-    combine_kernel<__half><<<grid, kCombineThreads, 0, stream>>>(p, split);
-  }
-  return cudaGetLastError();
+  return with_dtype(dt, [&](auto elem) {
+    return launch(combine_kernel<typename decltype(elem)::type>, grid, kCombineThreads, 0, stream, p, split);
+  });
 }
 
 }  // namespace avar::cuda

@@ -10,6 +10,7 @@
 
 #include "common.cuh"
 #include "launch.h"
+#include "launch_util.cuh"
 
 namespace avar::cuda {
 
@@ -260,26 +261,15 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
   }
 }
 
-template <typename T, int kD, bool kCausal>
-cudaError_t run_fwd(const AttnFwdParams& p, const FwdSplit& split, cudaStream_t stream) {
-  using C = FwdConfig<kD>;
-  auto kernel = fwd_kernel<T, kD, kCausal>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(C::kSmemBytes));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seq.seqlen_q + C::kBlockM - 1) / C::kBlockM),
-                  static_cast<unsigned>(p.seq.heads), static_cast<unsigned>(p.seq.batch * split.num_splits));
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, split);
-  return cudaGetLastError();
-}
-
 template <int kD>
-cudaError_t dispatch_fwd(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream) {
-  if (dt == DType::kBFloat16) {
-    return p.seq.causal ? run_fwd<__nv_bfloat16, kD, true>(p, split, stream)
-                        : run_fwd<__nv_bfloat16, kD, false>(p, split, stream);
-  }
-  return p.seq.causal ? run_fwd<__half, kD, true>(p, split, stream) : run_fwd<__half, kD, false>(p, split, stream);
+cudaError_t launch_fwd(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream) {
+  using C = FwdConfig<kD>;
+  const dim3 grid(blocks_for(p.seq.seqlen_q, C::kBlockM), static_cast<unsigned>(p.seq.heads),
+                  static_cast<unsigned>(p.seq.batch * split.num_splits));
+  return with_dtype_causal(dt, p.seq.causal, [&](auto elem, auto causal) {
+    using T = typename decltype(elem)::type;
+    return launch(fwd_kernel<T, kD, decltype(causal)::value>, grid, C::kThreads, C::kSmemBytes, stream, p, split);
+  });
 }
 
 }  // namespace avar::cuda

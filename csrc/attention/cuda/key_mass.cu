@@ -3,16 +3,8 @@
 
 namespace avar::cuda {
 
-cudaError_t launch_key_mass_d64(const KeyMassParams& p, DType dt, cudaStream_t stream) {
-  return dispatch_key_mass<64>(p, dt, stream);
-}
-
-cudaError_t launch_key_mass_d80(const KeyMassParams& p, DType dt, cudaStream_t stream) {
-  return dispatch_key_mass<80>(p, dt, stream);
-}
-
-cudaError_t launch_key_mass_d128(const KeyMassParams& p, DType dt, cudaStream_t stream) {
-  return dispatch_key_mass<128>(p, dt, stream);
-}
+template cudaError_t launch_key_mass<64>(const KeyMassParams& p, DType dt, cudaStream_t stream);
+template cudaError_t launch_key_mass<80>(const KeyMassParams& p, DType dt, cudaStream_t stream);
+template cudaError_t launch_key_mass<128>(const KeyMassParams& p, DType dt, cudaStream_t stream);
 
 }  // namespace avar::cuda

@@ -6,6 +6,7 @@
 
 #include "common.cuh"
 #include "launch.h"
+#include "launch_util.cuh"
 
 namespace avar::cuda {
 
@@ -136,26 +137,15 @@ __global__ void __launch_bounds__(KeyMassConfig<kD>::kThreads) key_mass_kernel(c
   }
 }
 
-template <typename T, int kD, bool kCausal>
-cudaError_t run_key_mass(const KeyMassParams& p, cudaStream_t stream) {
-  using C = KeyMassConfig<kD>;
-  auto kernel = key_mass_kernel<T, kD, kCausal>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(C::kSmemBytes));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.fwd.seq.seqlen_k + C::kBlockN - 1) / C::kBlockN),
-                  static_cast<unsigned>(p.fwd.seq.heads), static_cast<unsigned>(p.fwd.seq.batch));
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <int kD>
-cudaError_t dispatch_key_mass(const KeyMassParams& p, DType dt, cudaStream_t stream) {
-  const bool causal = p.fwd.seq.causal;
-  if (dt == DType::kBFloat16) {
-    return causal ? run_key_mass<__nv_bfloat16, kD, true>(p, stream) : run_key_mass<__nv_bfloat16, kD, false>(p, stream);
-  }
-  return causal ? run_key_mass<__half, kD, true>(p, stream) : run_key_mass<__half, kD, false>(p, stream);
+cudaError_t launch_key_mass(const KeyMassParams& p, DType dt, cudaStream_t stream) {
+  using C = KeyMassConfig<kD>;
+  const dim3 grid(blocks_for(p.fwd.seq.seqlen_k, C::kBlockN), static_cast<unsigned>(p.fwd.seq.heads),
+                  static_cast<unsigned>(p.fwd.seq.batch));
+  return with_dtype_causal(dt, p.fwd.seq.causal, [&](auto elem, auto causal) {
+    using T = typename decltype(elem)::type;
+    return launch(key_mass_kernel<T, kD, decltype(causal)::value>, grid, C::kThreads, C::kSmemBytes, stream, p);
+  });
 }
 
 }  // namespace avar::cuda

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../params.h"
 
@@ -27,23 +28,33 @@ struct FwdSplit {
   float* mass_partial = nullptr; // [splits, B, H, Lq_max, G] (only when p.mass is set)
 };
 
+// Indexed by packed query row r (b·Lq + i batched, cu_seqlens_q[b] + i varlen), so that scratch grows with the
+// rows of q rather than with batch × the longest sequence.
 struct BwdScratch {
-  float* dq_accum = nullptr;  // [B, H, Lq_max, D], zeroed by the caller (the same layout batched or varlen)
-  float* delta = nullptr;     // [B, H, Lq_max]: D_i = dO·O + Σ_g dmass·mass − dlse
+  float* dq_accum = nullptr;  // [Tq, H, D], zeroed by the caller
+  float* delta = nullptr;     // [Tq, H]: D_i = dO·O + Σ_g dmass·mass − dlse
 };
 
-// Per head dim (one instantiation file each).
-cudaError_t launch_fwd_d64(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
-cudaError_t launch_fwd_d80(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
-cudaError_t launch_fwd_d128(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
+// One instantiation per supported head dim, each in its own file (fwd_d*.cu, bwd_d*.cu, key_mass.cu) so that
+// they compile in parallel.
+template <int kD>
+cudaError_t launch_fwd(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
+template <int kD>
+cudaError_t launch_bwd(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
+template <int kD>
+cudaError_t launch_key_mass(const KeyMassParams& p, DType dt, cudaStream_t stream);
 
-cudaError_t launch_bwd_d64(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
-cudaError_t launch_bwd_d80(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
-cudaError_t launch_bwd_d128(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
-
-cudaError_t launch_key_mass_d64(const KeyMassParams& p, DType dt, cudaStream_t stream);
-cudaError_t launch_key_mass_d80(const KeyMassParams& p, DType dt, cudaStream_t stream);
-cudaError_t launch_key_mass_d128(const KeyMassParams& p, DType dt, cudaStream_t stream);
+// The one head-dim switch: calls f(std::integral_constant<int, D>{}) for a supported D. The host checks the
+// head dim before any launch; an unsupported one is answered with cudaErrorInvalidValue.
+template <typename F>
+cudaError_t with_head_dim(int64_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 // Backward, in order: delta (D_i per query row), the main kernel (dk, dv, dq_accum, dbias, dlogit_scale),
 // then dq = dq_accum converted to the input dtype.
