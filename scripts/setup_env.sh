@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (once), installs the development requirements and builds avar_ops._C into it (editable).
-# Environment: AVAR_FORCE_CPU=1 skips the CUDA sources; AVAR_CUDA_ARCHS picks the archs (default 8.0;9.0).
+# The CUDA kernels are compiled when AVAR_CUDA_ARCHS is set (CI sets it) or a GPU is visible; otherwise the
+# build is CPU-only. AVAR_FORCE_CPU=1 forces CPU-only. Same rule as setup.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,13 +20,26 @@ fi
 # torch guesses CUDA_HOME=/usr/local from the nvcc on PATH, which does not link.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if command -v ccache >/dev/null 2>&1; then export PATH="/usr/lib/ccache:$PATH"; fi
+gpu_visible() {
+  { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; } ||
+    .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+}
+if [ "${AVAR_FORCE_CPU:-0}" = 1 ]; then
+  cuda="off (AVAR_FORCE_CPU=1)"
+elif [ -n "${AVAR_CUDA_ARCHS:-}" ]; then
+  cuda="on, archs $AVAR_CUDA_ARCHS"
+elif gpu_visible; then
+  cuda="on (a GPU is visible), archs 8.0;9.0"
+else
+  cuda='off: no GPU visible (AVAR_CUDA_ARCHS="8.0;9.0" compiles them anyway)'
+fi
 # Rebuild only when the sources or the build settings changed since the last successful build.
 stamp=$( { find csrc -type f -print0 | sort -z | xargs -0 sha1sum; sha1sum setup.py pyproject.toml;
-           env | grep -E '^(AVAR_|CUDA_HOME=)' | sort; } | sha1sum | cut -d' ' -f1)
+           env | grep -E '^(AVAR_|CUDA_HOME=)' | sort; echo "cuda: $cuda"; } | sha1sum | cut -d' ' -f1)
 if [ "$(cat .venv/.avar-build 2>/dev/null)" = "$stamp" ] && .venv/bin/python -c "import avar_ops._C" 2>/dev/null; then
   echo "[avar] avar_ops._C is up to date"
 else
-  echo "[avar] building avar_ops._C (CUDA: $([ "${AVAR_FORCE_CPU:-0}" = 1 ] && echo off || echo "if nvcc is found, archs ${AVAR_CUDA_ARCHS:-8.0;9.0}"))"
+  echo "[avar] building avar_ops._C (CUDA kernels: $cuda)"
   start=$(date +%s)
   .venv/bin/pip install -q --no-build-isolation --no-deps -e .
   echo "$stamp" > .venv/.avar-build

@@ -50,6 +50,8 @@ CASES = [
     Case("varlen_ragged", varlen=(1, 17, 0, 130, 64), heads=7, kv_heads=1, head_dim=128, logit_scale="random"),
     Case("varlen_noncausal", varlen=(33, 5, 77), heads=4, kv_heads=2, head_dim=64, causal=False),
     Case("varlen_decode", varlen=(3, 1, 8), len_k=50, heads=4, kv_heads=4, head_dim=80),
+    # Every sequence empty, padded rows present (cu_seqlens_q = [0, 0], Tq = 3): nothing to launch at all.
+    Case("varlen_all_empty", varlen=(0,), heads=4, kv_heads=2, head_dim=64),
 ]
 
 SMALL_CASES = [c for c in CASES if c.len_q * c.lk <= 130 * 130 and c.batch * c.len_q <= 300]

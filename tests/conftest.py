@@ -6,7 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import avar_ops  # noqa: E402
 from avar_ops.testing import poisoned_outputs  # noqa: E402
+
+# The value checks always run on CPU inputs; on CUDA they run only behind this switch (they wait for the GPU).
+avar_ops.set_input_checks(True)
 
 
 @pytest.fixture(autouse=True)

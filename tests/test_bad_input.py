@@ -189,3 +189,158 @@ def test_direct_op_call_is_checked_too():
     kg = torch.full((2, 8), 9, dtype=torch.int8)
     with pytest.raises(ValueError, match="key_group values must be in -1..3"):
         torch.ops.avar.attention_fwd(q, k, v, kg, None, None, 0.125, True, None, None, 0, 0, True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Values that are finite in Python but overflow float32, where the kernels compute.
+
+
+@pytest.mark.parametrize("scale", [1e39, 3e38])
+def test_scale_overflows_float32(scale):
+    q, k, v = _qkv()
+    _raises(ValueError, r"scale = .* overflows float32", avar_ops.attention, q, k, v, scale=scale)
+
+
+def test_table_built_from_a_float_that_overflows_float32():
+    q, k, v = _qkv()
+    t = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1e39, 1.0]] * 2)  # 1e39 becomes inf in float32
+    _raises(ValueError, r"logit_scale must be finite in float32, got inf at logit_scale\[1, 2\]$",
+            avar_ops.attention, q, k, v, logit_scale=t)
+
+
+@pytest.mark.parametrize("name", ["bias", "logit_scale"])
+def test_table_overflows_in_the_log2_domain(name):
+    q, k, v = _qkv()
+    t = torch.ones(4)
+    t[3] = 3e38
+    _raises(ValueError, rf"{name}\[3\] = 3e\+38.* overflows float32", avar_ops.attention, q, k, v, scale=1.0,
+            **{name: t})
+
+
+def test_scale_times_logit_scale_overflows():
+    q, k, v = _qkv()
+    _raises(ValueError, r"logit_scale\[0, 0\] = 1e\+20 times scale = .* overflows float32", avar_ops.attention,
+            q, k, v, scale=1e20, logit_scale=torch.full((4, 4), 1e20))
+
+
+@pytest.mark.parametrize("name", ["bias", "logit_scale"])
+def test_non_finite_table_message_is_one_line(name):
+    q, k, v = _qkv()
+    t = torch.ones(4, 4)
+    t[2, 1] = math.nan
+    with pytest.raises(ValueError) as info:
+        avar_ops.attention(q, k, v, **{name: t})
+    msg = str(info.value)
+    assert f"{name} must be finite in float32, got nan at {name}[2, 1]" in msg
+    assert "\n" not in msg.strip() and "tensor(" not in msg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Zero sizes, D = 0 and wrong Python types.
+
+
+@pytest.mark.parametrize("B,L,H,Hkv", [(0, 8, 4, 2), (2, 0, 4, 2), (2, 8, 0, 1)], ids=["B0", "L0", "H0"])
+@pytest.mark.parametrize("return_mass", [False, True])
+def test_backward_of_zero_size_inputs_gives_empty_gradients(B, L, H, Hkv, return_mass):
+    q = torch.randn(B, L, H, 64, requires_grad=True)
+    k = torch.randn(B, L, Hkv, 64, requires_grad=True)
+    v = torch.randn(B, L, Hkv, 64, requires_grad=True)
+    bias = torch.zeros(4, requires_grad=True)
+    res = avar_ops.attention(q, k, v, bias=bias, return_mass=return_mass)
+    loss = res.out.sum() + (res.mass.sum() if return_mass else 0)
+    loss.backward()
+    for t in (q, k, v, bias):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+def test_head_dim_zero():
+    q, k, v = _qkv(D=0)
+    _raises(ValueError, r"head dim 0 is not supported on the CPU", avar_ops.attention, q, k, v)
+    lse = torch.zeros(2, 4, 8)
+    _raises(ValueError, r"head dim 0 is not supported on the CPU", avar_ops.attention_key_mass, q, k, lse,
+            torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "key_group", "bias", "logit_scale"])
+def test_list_instead_of_tensor(name):
+    q, k, v = _qkv()
+    kw = dict(q=q, k=k, v=v)
+    kw[name] = [[0.0] * 4] * 4
+    kind = "a torch.Tensor or None" if name in ("key_group", "bias", "logit_scale") else "a torch.Tensor"
+    _raises(TypeError, rf"^avar.attention: {name} must be {kind}, got list$", avar_ops.attention, **kw)
+
+
+@pytest.mark.parametrize("name", ["lse", "query_weight"])
+def test_key_mass_list_instead_of_tensor(name):
+    q, k, _ = _qkv()
+    kw = dict(q=q, k=k, lse=torch.zeros(2, 4, 8), query_weight=torch.ones(2, 8))
+    kw[name] = [0.0]
+    _raises(TypeError, rf"^avar.attention_key_mass: {name} must be a torch.Tensor, got list$",
+            avar_ops.attention_key_mass, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the value checks run: always on the CPU; on CUDA only behind the switch.
+
+
+def test_cpu_value_checks_ignore_the_switch():
+    q, k, v = _qkv()
+    kg = torch.zeros(2, 8, dtype=torch.int8)
+    kg[0, 0] = 7
+    was = avar_ops.input_checks()
+    avar_ops.set_input_checks(False)
+    try:
+        _raises(ValueError, r"key_group values must be in -1..3", avar_ops.attention, q, k, v, kg)
+        _raises(ValueError, r"bias must be finite", avar_ops.attention, q, k, v, bias=torch.full((4,), math.inf))
+    finally:
+        avar_ops.set_input_checks(was)
+
+
+def test_set_input_checks_wants_a_bool():
+    _raises(TypeError, r"on must be a bool, got int", avar_ops.set_input_checks, 1)
+
+
+def test_max_seqlen_more_than_rows():
+    q, k, v = _varlen()
+    _raises(ValueError, r"max_seqlen_k = 13 is more than the 12 rows of k", avar_ops.attention, q, k, v,
+            cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
+            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32), max_seqlen_q=6, max_seqlen_k=13)
+
+
+@pytest.mark.skipif(avar_ops._extension.load_extension().with_cuda, reason="this build has CUDA kernels")
+@pytest.mark.parametrize("op", ["attention_fwd", "attention_bwd", "attention_key_mass"])
+def test_cpu_only_build_explains_cuda_tensors(op):
+    """The CUDA key of a CPU-only build answers with how to rebuild, not the dispatcher's generic error.
+
+    No GPU is needed: the CUDA kernel is reached by redispatching CPU tensors to the CUDA key.
+    """
+    q, k, v = _qkv()
+    lse = torch.zeros(2, 4, 8)
+    args = {
+        "attention_fwd": (q, k, v, None, None, None, 0.125, True, None, None, -1, -1, False),
+        "attention_bwd": (q, None, None, q, k, v, q, lse, None, None, None, None, 0.125, True, None, None, -1, -1,
+                          False, False),
+        "attention_key_mass": (q, k, lse, torch.ones(2, 8), None, None, None, 0.125, True, None, None, -1, -1),
+    }[op]
+    overload = getattr(torch.ops.avar, op).default
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match=r"has no CUDA kernels.*AVAR_CUDA_ARCHS"):
+        overload.redispatch(keys, *args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_varlen_needs_max_seqlen():
+    q = torch.randn(10, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(12, 2, 64, device="cuda", dtype=torch.bfloat16)
+    _raises(ValueError, r"varlen on CUDA needs max_seqlen_q and max_seqlen_k", avar_ops.attention, q, k, k,
+            cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda"),
+            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_value_checks_run_under_the_switch():
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv())
+    kg = torch.zeros(2, 8, dtype=torch.int8, device="cuda")
+    kg[0, 0] = 7
+    assert avar_ops.input_checks(), "the tests run with the input checks on (conftest)"
+    _raises(ValueError, r"key_group values must be in -1..3", avar_ops.attention, q, k, v, kg)

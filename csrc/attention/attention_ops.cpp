@@ -244,7 +244,7 @@ void check_table_values(const Tensor& x, const char* name, bool is_logit_scale, 
   const char* type_name = kt == at::kDouble ? "float64" : "float32";
   for (const auto i : c10::irange(host.numel())) {
     TORCH_CHECK_VALUE(std::isfinite(v[i]), "avar.attention: ", name, " must be finite in ", type_name, ", got ",
-                      v[i], " at ", name, table_index(x, i), x.scalar_type() != kt ? " after the cast" : "");
+                      v[i], " at ", name, table_index(x, i));
     const double factor = is_logit_scale ? scale * log2e : log2e;
     TORCH_CHECK_VALUE(std::abs(v[i] * factor) <= limit, "avar.attention: ", name, table_index(x, i), " = ", v[i],
                       is_logit_scale ? " times scale = " + std::to_string(scale) : std::string(),

@@ -1,0 +1,111 @@
+"""What the op's value checks cost on the CPU, next to the op itself (decode steps, where it matters most).
+
+The value checks (key_group range, finite and non-overflowing bias / logit_scale, cu_seqlens contents) read
+tensor contents on the host. They always run for CPU inputs; on CUDA they run only under
+avar_ops.set_input_checks(True) / AVAR_CHECK_INPUTS=1, since there each read waits for the GPU. Here the same
+reads are replayed from Python on the same tensors (an upper bound: Python adds its own call overhead) and
+timed in the same run as the whole op call.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_checks.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import avar_ops  # noqa: E402
+from avar_ops.reference import NUM_GROUPS  # noqa: E402
+from common import RESULTS, command_line, machine_info, make_problem  # noqa: E402
+
+H, HKV, D = 28, 4, 128
+
+
+def value_check_reads(key_group, bias, logit_scale, cu_q, cu_k):
+    """The reads the C++ value checks make, one for one."""
+    if key_group is not None:
+        key_group.min().item()
+        key_group.max().item()
+    for t in (bias, logit_scale):
+        if t is not None:
+            t.to(torch.float32).to("cpu", torch.float64).contiguous().reshape(-1).tolist()
+    for cu in (cu_q, cu_k):
+        if cu is not None:
+            cu.to("cpu").contiguous().tolist()
+
+
+def median_us(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def decode_problem(batch: int, cache: int, dtype, varlen: bool):
+    """One new query token per sequence against a cache of `cache` keys (Qwen2.5-VL-7B text layer shapes)."""
+    q, k, v, kg, bias = make_problem(cache, dtype, H=H, Hkv=HKV, D=D, B=batch)
+    q = q[:, -1:].contiguous()  # [B, 1, H, D]
+    logit_scale = torch.ones(H, NUM_GROUPS)  # [H, G]
+    kw = dict(key_group=kg, bias=bias, logit_scale=logit_scale, return_mass=True)
+    if not varlen:
+        return (q, k, v), kw
+    kw.update(
+        key_group=kg.reshape(-1),  # [B·Lk]
+        cu_seqlens_q=torch.arange(0, batch + 1, dtype=torch.int32),
+        cu_seqlens_k=torch.arange(0, batch + 1, dtype=torch.int32) * cache,
+        max_seqlen_q=1, max_seqlen_k=cache,
+    )
+    return (q.reshape(batch, H, D), k.reshape(-1, HKV, D), v.reshape(-1, HKV, D)), kw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    args = parser.parse_args()
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch, cache, varlen in ((1, 1024, False), (1, 4096, False), (4, 1024, True)):
+            (q, k, v), kw = decode_problem(batch, cache, dtype, varlen)
+            op = median_us(lambda: avar_ops.attention(q, k, v, **kw), args.repeats)
+            checks = median_us(lambda: value_check_reads(kw["key_group"], kw["bias"], kw["logit_scale"],
+                                                         kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")),
+                               args.repeats)
+            layout = f"varlen B={batch}" if varlen else f"B={batch}"
+            rows.append((str(dtype).replace("torch.", ""), layout, cache, op, checks, checks / op))
+
+    info = machine_info()
+    lines = [
+        "# CPU cost of the value checks (decode step: 1 query per sequence, H = 28, H_kv = 4, D = 128)",
+        "",
+        f"`{command_line('bench_checks.py', None)}` on {info['cpu']}, {info['threads']} threads, "
+        f"torch {info['torch']}, {info['date']}.",
+        "",
+        "Checks: the same host reads as the op's value checks, replayed from Python (an upper bound). Load "
+        f"average {os.getloadavg()[0]:.1f} during the run: absolute times are inflated on a shared machine, the "
+        "ratio of two timings taken side by side less so.",
+        "",
+        "| dtype | layout | cache | op call (µs) | value checks (µs) | checks / op |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {d} | {lay} | {c} | {op:.1f} | {ch:.1f} | {r:.3f} |" for d, lay, c, op, ch, r in rows]
+    print("\n".join(lines))
+    if not args.no_save:
+        with open(os.path.join(RESULTS, "cpu_checks.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
