@@ -1,9 +1,12 @@
-"""The `avar` command: VAS measurement, generation with the intervention, α sweeps, and the demo.
+"""The `avar` command: VAS measurement, generation with the intervention, α sweeps, the demo, and benchmark
+evaluation with the VAS-accuracy correlation.
 
     avar vas      --model DIR --data FILE.jsonl --limit 200 --out DIR [--compare DIR2 ...]
     avar generate --model DIR --image PATH --question "..." [--alpha-img 0.15 --alpha-sys 0.2 --mode weights]
     avar sweep    --model DIR --data FILE.jsonl --alphas 0 0.15 0.15:0.2 0.3:0.4 --out DIR
     avar demo     [--out DIR]
+    avar eval     --model DIR --bench mathvista=PATH mmstar=PATH ... [--limit N] --out RUN
+    avar correlate RUN1 RUN2 RUN3 ... --out DIR
 
 --model is "tiny" (the default: a tiny random Qwen2.5-VL with an offline processor, for trying things out) or a
 local checkpoint directory (e.g. Qwen2.5-VL-7B-Instruct), loaded with local_files_only=True.
@@ -17,6 +20,8 @@ import json
 import os
 import sys
 from typing import List, Optional, Sequence
+
+from avar_ops.analysis.evaluation.commands import add_parsers as add_evaluation_parsers
 
 __all__ = ["main", "load_model", "CLIError"]
 
@@ -314,7 +319,7 @@ def _cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avar", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{vas,generate,sweep,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{vas,generate,sweep,demo,eval,correlate}")
     sub.required = True
 
     p = sub.add_parser("vas", help="measure VAS and the lazy-attention split; write JSON and figures")
@@ -358,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="tiny random Qwen2.5-VL: VAS, intervention, figures (offline, CPU)")
     p.add_argument("--out", default="avar_demo_out", help="output folder (default ./avar_demo_out)")
+    add_evaluation_parsers(sub)
     return parser
 
 
@@ -371,8 +377,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "heatmaps" else 1):
             parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    run = getattr(args, "run_command", None) or _COMMANDS[args.command]
     try:
-        return _COMMANDS[args.command](args)
+        return run(args)
     except CLIError as exc:
         print(f"avar {args.command}: error: {exc}", file=sys.stderr)
         return 2
