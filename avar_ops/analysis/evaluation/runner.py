@@ -65,11 +65,15 @@ class EvalSettings:
 
 
 def versions() -> Dict[str, str]:
+    from importlib import metadata
+
     import transformers
 
-    from avar_ops import __version__
-
-    return {"avar": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    try:
+        avar = metadata.version("avar")
+    except metadata.PackageNotFoundError:  # a source checkout that was built in place, not installed
+        avar = "source"
+    return {"avar": avar, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
