@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-import functools
 from typing import NamedTuple
 
 from avar_ops.core.constants import NUM_GROUPS
@@ -113,17 +112,25 @@ def _backward(ctx, dout, dlse, dmass):
     )
 
 
-@functools.lru_cache(maxsize=None)
-def ensure_loaded() -> None:
-    """Load the extension and register the fake kernels and the autograd formula (once).
+_LOADED = False
 
-    Called by every public op; call it yourself before using `torch.ops.avar.*` directly.
+
+@torch.compiler.assume_constant_result
+def ensure_loaded() -> bool:
+    """Load the extension and register the fake kernels and the autograd formula (once); returns True.
+
+    Called by every public op; call it yourself before using `torch.ops.avar.*` directly. torch.compile runs it
+    while tracing and keeps only its (constant) result, so the first call may happen inside a compiled function.
     """
-    load_extension()
-    torch.library.register_fake("avar::attention_fwd")(_attention_fwd_fake)
-    torch.library.register_fake("avar::attention_bwd")(_attention_bwd_fake)
-    torch.library.register_fake("avar::attention_key_mass")(_attention_key_mass_fake)
-    torch.library.register_autograd("avar::attention_fwd", _backward, setup_context=_setup_context)
+    global _LOADED
+    if not _LOADED:
+        load_extension()
+        torch.library.register_fake("avar::attention_fwd")(_attention_fwd_fake)
+        torch.library.register_fake("avar::attention_bwd")(_attention_bwd_fake)
+        torch.library.register_fake("avar::attention_key_mass")(_attention_key_mass_fake)
+        torch.library.register_autograd("avar::attention_fwd", _backward, setup_context=_setup_context)
+        _LOADED = True
+    return True
 
 
 def _check_public_args(q, scale, causal, return_mass, max_seqlen_q, max_seqlen_k):
