@@ -114,8 +114,15 @@ def test_parse_number(text, value):
 
 @pytest.mark.parametrize(
     "gold, kind",
-    [("B", "choice"), ("(C)", "choice"), ("3.5", "number"), ("\\frac{1}{2}", "number"), ("x^2+1", "latex"),
-     ("\\sqrt{3}", "latex"), ("Yes", "text")],
+    [
+        ("B", "choice"),
+        ("(C)", "choice"),
+        ("3.5", "number"),
+        ("\\frac{1}{2}", "number"),
+        ("x^2+1", "latex"),
+        ("\\sqrt{3}", "latex"),
+        ("Yes", "text"),
+    ],
 )
 def test_infer_kind(gold, kind):
     assert infer_kind(gold) == kind

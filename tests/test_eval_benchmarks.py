@@ -2,11 +2,11 @@
 
 import math
 
+import eval_fixtures
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import eval_fixtures
 from avar_ops.analysis.answers import CheckResult
 from avar_ops.analysis.evaluation import BENCHMARKS, BenchmarkDataError, get_benchmark, hallusion_scores
 
@@ -130,5 +130,12 @@ def test_schema_errors_name_file_split_and_column(tmp_path, data):
 
 def test_registry_matches_the_paper():
     assert [b.title for b in BENCHMARKS.values()] == [
-        "MathVista", "MathVision", "MathVerse", "MMMU", "MMMU-Pro", "MMStar", "HallusionBench"]
+        "MathVista",
+        "MathVision",
+        "MathVerse",
+        "MMMU",
+        "MMMU-Pro",
+        "MMStar",
+        "HallusionBench",
+    ]
     assert get_benchmark("MMMU-Pro").name == "mmmu_pro"

@@ -5,15 +5,15 @@ to a prefill-only measurement, resume after an interruption, argument errors bef
 import json
 import os
 
-import pytest
-
 import eval_fixtures
+import pytest
+from test_eval_correlate import known_r_pair, write_run
+
 from avar_ops.analysis import cli
 from avar_ops.analysis.evaluation import get_benchmark, runner
 from avar_ops.analysis.evaluation.runner import _sample_dict
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
 from avar_ops.analysis.vas import measure
-from test_eval_correlate import known_r_pair, write_run
 
 ARGS = ["--max-new-tokens", "4", "--no-progress", "--checker-timeout", "3"]
 
@@ -113,7 +113,8 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
         # batches of 1 then 2 against batches of 2: padding changes float rounding, not the answers
         assert resumed["vas"] == pytest.approx(clean["vas"], rel=1e-5)
         assert {k: v for k, v in resumed.items() if k not in ("vas", "split")} == {
-            k: v for k, v in clean.items() if k not in ("vas", "split")}
+            k: v for k, v in clean.items() if k not in ("vas", "split")
+        }
 
 
 def _no_model(*args, **kwargs):

@@ -175,7 +175,9 @@ def extract_choice(text: str, num_options: int, options: Optional[Sequence[str]]
         found = []
         for letter, option in zip(letters, options):
             needle = _normalise_text(str(option))
-            mentions = [m.start() for m in re.finditer(r"(?<!\w)%s(?!\w)" % re.escape(needle), haystack)] if needle else []
+            mentions = (
+                [m.start() for m in re.finditer(r"(?<!\w)%s(?!\w)" % re.escape(needle), haystack)] if needle else []
+            )
             if mentions:
                 found.append((mentions[-1], letter))
         if found:
@@ -301,7 +303,9 @@ class AnswerChecker:
 
     def check_many(self, responses: Sequence[str], specs: Sequence[AnswerSpec]) -> List[CheckResult]:
         if len(responses) != len(specs):
-            raise ValueError("responses and specs: expected equal lengths, got %d and %d" % (len(responses), len(specs)))
+            raise ValueError(
+                "responses and specs: expected equal lengths, got %d and %d" % (len(responses), len(specs))
+            )
         results: List[Optional[CheckResult]] = []
         latex_jobs = []  # (index, extraction, prediction, gold)
         for index, (response, spec) in enumerate(zip(responses, specs)):
@@ -328,7 +332,9 @@ class AnswerChecker:
             num_options = spec.num_options or (len(spec.options) if spec.options else MAX_OPTIONS)
             gold_letter = extract_choice(gold, num_options)
             if gold_letter is None:
-                return CheckResult(ERROR, None, extraction.method, kind, "reference %r is not an option letter" % gold), None
+                return CheckResult(
+                    ERROR, None, extraction.method, kind, "reference %r is not an option letter" % gold
+                ), None
             letter = extract_choice(extraction.text, num_options, spec.options)
             if letter is None and extraction.method != "full":
                 letter = extract_choice(response, num_options, spec.options)

@@ -207,7 +207,11 @@ def _mathvista(row: Dict, index: int, where: str) -> Sample:
         _text(row, "query", where),  # the release's own prompt: hint on the answer format, question, choices
         [_image(row, "decoded_image", where)],
         spec,
-        {"question_type": question_type, "answer_type": str(row.get("answer_type")), "unit": str(row.get("unit") or "")},
+        {
+            "question_type": question_type,
+            "answer_type": str(row.get("answer_type")),
+            "unit": str(row.get("unit") or ""),
+        },
     )
 
 
@@ -327,7 +331,9 @@ def _hallusion(row: Dict, index: int, where: str) -> Sample:
     fields = {k: _text(row, k, where) for k in ("category", "subcategory", "set_id", "figure_id", "question_id")}
     image = row.get("image")
     images = [image] if isinstance(image, LazyImage) else []
-    sample_id = "%s_%s_%s_%s_%s" % tuple(fields[k] for k in ("category", "subcategory", "set_id", "figure_id", "question_id"))
+    sample_id = "%s_%s_%s_%s_%s" % tuple(
+        fields[k] for k in ("category", "subcategory", "set_id", "figure_id", "question_id")
+    )
     fields["visual_input"] = str(row.get("visual_input", "1" if images else "0"))
     return Sample(
         "hallusionbench",
@@ -343,51 +349,95 @@ BENCHMARKS: Dict[str, Benchmark] = {
     b.name: b
     for b in (
         Benchmark(
-            "mathvista", "MathVista", "AI4Math/MathVista", "testmini",
-            {"testmini": ("data/testmini-*.parquet", "testmini-*.parquet"), "test": ("data/test-*.parquet", "test-*.parquet")},
+            "mathvista",
+            "MathVista",
+            "AI4Math/MathVista",
+            "testmini",
+            {
+                "testmini": ("data/testmini-*.parquet", "testmini-*.parquet"),
+                "test": ("data/test-*.parquet", "test-*.parquet"),
+            },
             ("pid", "query", "decoded_image", "choices", "answer", "question_type", "answer_type", "precision"),
-            ("unit",), _mathvista, "{query}",
+            ("unit",),
+            _mathvista,
+            "{query}",
         ),
         Benchmark(
-            "mathvision", "MathVision", "MathLLMs/MathVision", "test",
-            {"test": ("data/test-*.parquet", "test-*.parquet"), "testmini": ("data/testmini-*.parquet", "testmini-*.parquet")},
-            ("id", "question", "options", "decoded_image", "answer"), ("subject", "level"), _mathvision,
+            "mathvision",
+            "MathVision",
+            "MathLLMs/MathVision",
+            "test",
+            {
+                "test": ("data/test-*.parquet", "test-*.parquet"),
+                "testmini": ("data/testmini-*.parquet", "testmini-*.parquet"),
+            },
+            ("id", "question", "options", "decoded_image", "answer"),
+            ("subject", "level"),
+            _mathvision,
             "{question}\n\nOptions:\nA. …\n\n" + _MATHVISION_INSTRUCTION,
         ),
         Benchmark(
-            "mathverse", "MathVerse", "AI4Math/MathVerse", "testmini",
+            "mathverse",
+            "MathVerse",
+            "AI4Math/MathVerse",
+            "testmini",
             {"testmini": ("testmini_vision_only.parquet", "testmini.parquet")},
-            ("sample_index", "query_cot", "image", "answer", "question_type"), ("problem_version",), _mathverse,
-            "{query_cot} (Vision Only)", first_pattern_only=True,
+            ("sample_index", "query_cot", "image", "answer", "question_type"),
+            ("problem_version",),
+            _mathverse,
+            "{query_cot} (Vision Only)",
+            first_pattern_only=True,
         ),
         Benchmark(
-            "mmmu", "MMMU", "MMMU/MMMU", "validation",
-            {"validation": ("*/validation-*.parquet", "validation-*.parquet"), "dev": ("*/dev-*.parquet", "dev-*.parquet")},
+            "mmmu",
+            "MMMU",
+            "MMMU/MMMU",
+            "validation",
+            {
+                "validation": ("*/validation-*.parquet", "validation-*.parquet"),
+                "dev": ("*/dev-*.parquet", "dev-*.parquet"),
+            },
             ("id", "question", "options", "answer"),
             ("question_type", "subfield", "topic_difficulty", "img_type") + tuple("image_%d" % i for i in range(1, 8)),
-            _mmmu, "{question}\n\n(A) …\n(B) …\n\n" + _MMMU_CHOICE + " | open: {question}\n\n" + _MMMU_OPEN,
+            _mmmu,
+            "{question}\n\n(A) …\n(B) …\n\n" + _MMMU_CHOICE + " | open: {question}\n\n" + _MMMU_OPEN,
         ),
         Benchmark(
-            "mmmu_pro", "MMMU-Pro", "MMMU/MMMU_Pro (standard, 10 options)", "test",
+            "mmmu_pro",
+            "MMMU-Pro",
+            "MMMU/MMMU_Pro (standard, 10 options)",
+            "test",
             {"test": ("standard (10 options)/test-*.parquet", "test-*.parquet")},
             ("id", "question", "options", "answer"),
             ("subject", "topic_difficulty", "img_type") + tuple("image_%d" % i for i in range(1, 8)),
-            _mmmu_pro, "{question}\n\n(A) …\n…\n(J) …\n\n" + _MMMU_CHOICE,
+            _mmmu_pro,
+            "{question}\n\n(A) …\n…\n(J) …\n\n" + _MMMU_CHOICE,
         ),
         Benchmark(
-            "mmstar", "MMStar", "Lin-Chen/MMStar", "val", {"val": ("mmstar.parquet", "*.parquet")},
-            ("index", "question", "image", "answer"), ("category", "l2_category"), _mmstar,
+            "mmstar",
+            "MMStar",
+            "Lin-Chen/MMStar",
+            "val",
+            {"val": ("mmstar.parquet", "*.parquet")},
+            ("index", "question", "image", "answer"),
+            ("category", "l2_category"),
+            _mmstar,
             "{question}\n" + _MMMU_CHOICE,
         ),
         Benchmark(
-            "hallusionbench", "HallusionBench", "lmms-lab/HallusionBench", "all",
+            "hallusionbench",
+            "HallusionBench",
+            "lmms-lab/HallusionBench",
+            "all",
             {
                 "all": ("data/image-*.parquet", "data/non_image-*.parquet", "image-*.parquet", "non_image-*.parquet"),
                 "image": ("data/image-*.parquet", "image-*.parquet"),
                 "non_image": ("data/non_image-*.parquet", "non_image-*.parquet"),
             },
             ("category", "subcategory", "set_id", "figure_id", "question_id", "question", "gt_answer"),
-            ("image", "visual_input"), _hallusion, "{question}\n" + _YES_NO,
+            ("image", "visual_input"),
+            _hallusion,
+            "{question}\n" + _YES_NO,
         ),
     )
 }

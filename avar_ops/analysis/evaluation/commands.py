@@ -10,7 +10,6 @@ in one line on stderr (exit 2 for usage, 1 for unreadable data).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -41,8 +40,9 @@ def _bench_specs(tokens: List[str]) -> List[Tuple[str, Optional[str], str]]:
         except ValueError as exc:
             raise UsageError("--bench: %s" % exc) from exc
         if split and split not in bench.files:
-            raise UsageError("--bench: %s has no split %r (expected one of %s)"
-                             % (bench.name, split, ", ".join(sorted(bench.files))))
+            raise UsageError(
+                "--bench: %s has no split %r (expected one of %s)" % (bench.name, split, ", ".join(sorted(bench.files)))
+            )
         if bench.name in specs:
             raise UsageError("--bench: %s given twice" % bench.name)
         specs[bench.name] = (bench.name, split or None, path)
@@ -53,10 +53,17 @@ def add_parsers(sub) -> None:
     """Add `eval` and `correlate` to the `avar` subparsers; each sets `run_command` (args -> exit code)."""
     from avar_ops.analysis.cli import _add_intervention_args, _add_model_args
 
-    p = eval_parser = sub.add_parser("eval", help="accuracy and VAS on the paper's benchmarks, from local parquet files")
+    p = eval_parser = sub.add_parser(
+        "eval", help="accuracy and VAS on the paper's benchmarks, from local parquet files"
+    )
     _add_model_args(p)
-    p.add_argument("--bench", nargs="+", required=True, metavar="NAME[:SPLIT]=PATH",
-                   help="benchmark files or folders; names: %s" % ", ".join(PAPER_ORDER))
+    p.add_argument(
+        "--bench",
+        nargs="+",
+        required=True,
+        metavar="NAME[:SPLIT]=PATH",
+        help="benchmark files or folders; names: %s" % ", ".join(PAPER_ORDER),
+    )
     p.add_argument("--out", required=True, help="run folder (a rerun with the same settings continues it)")
     p.add_argument("--label", default=None, help="name of the run in tables and plots (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="the first N samples of each benchmark")
@@ -66,9 +73,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the model's)")
     p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--judge-url", default=None,
-                   help="OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) of a judge that extracts "
-                        "answers; default: rule-based extraction")
+    p.add_argument(
+        "--judge-url",
+        default=None,
+        help="OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) of a judge that extracts "
+        "answers; default: rule-based extraction",
+    )
     p.add_argument("--judge-model", default=None, help="model name at --judge-url")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     p.add_argument("--checker-timeout", type=float, default=5.0, help="seconds per LaTeX answer check")
@@ -146,12 +156,25 @@ def _cmd_eval(args) -> int:
     settings = runner.EvalSettings(
         checkpoint=args.model if args.model == "tiny" else os.path.abspath(args.model),
         label=args.label or (args.model if args.model == "tiny" else os.path.basename(os.path.normpath(args.model))),
-        benchmarks={name: {"path": os.path.abspath(path), "split": split or BENCHMARKS[name].default_split,
-                           "prompt_template": BENCHMARKS[name].prompt_template} for name, split, path in specs},
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
-        system_prompt=args.system, intervention=iv.to_dict() if iv is not None else None,
-        extraction=judge.mode if judge is not None else runner.RULE_BASED, dtype=args.dtype,
-        min_pixels=args.min_pixels, max_pixels=args.max_pixels, versions=runner.versions(),
+        benchmarks={
+            name: {
+                "path": os.path.abspath(path),
+                "split": split or BENCHMARKS[name].default_split,
+                "prompt_template": BENCHMARKS[name].prompt_template,
+            }
+            for name, split, path in specs
+        },
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        seed=args.seed,
+        system_prompt=args.system,
+        intervention=iv.to_dict() if iv is not None else None,
+        extraction=judge.mode if judge is not None else runner.RULE_BASED,
+        dtype=args.dtype,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        versions=runner.versions(),
     )
     try:
         runner.prepare_run_folder(args.out, settings)
@@ -170,17 +193,28 @@ def _cmd_eval(args) -> int:
     rows = {}
     with LatexChecker(timeout=args.checker_timeout) as latex:
         checker = AnswerChecker(latex)
-        for name, split, path in specs:
+        for name, _, _ in specs:
             bench = BENCHMARKS[name]
             records = runner.evaluate_benchmark(
-                model, processor, bench, loaded[name], os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
-                intervention=iv, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, checker=checker, judge=judge, progress=not args.no_progress,
+                model,
+                processor,
+                bench,
+                loaded[name],
+                os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
+                intervention=iv,
+                system_prompt=args.system,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                checker=checker,
+                judge=judge,
+                progress=not args.no_progress,
             )
             rows[name] = runner.benchmark_row(bench, loaded[name], records)
     size = getattr(image_processor, "size", None) or {}
-    settings.effective_pixels = {"min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
-                                 "max_pixels": getattr(image_processor, "max_pixels", None) or size.get("longest_edge")}
+    settings.effective_pixels = {
+        "min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
+        "max_pixels": getattr(image_processor, "max_pixels", None) or size.get("longest_edge"),
+    }
     paths = runner.write_report(args.out, settings, rows, {n: BENCHMARKS[n].title for n in rows})
     with open(paths["markdown"], encoding="utf-8") as f:
         print(f.read())
@@ -215,8 +249,11 @@ def _cmd_correlate(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     paths = {"json": os.path.join(args.out, "correlation.json"), "markdown": os.path.join(args.out, "correlation.md")}
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"runs": [{"label": r.label, "accuracy": r.accuracy, "vas": r.vas} for r in runs],
-                   "correlation": result}, f, indent=1)
+        json.dump(
+            {"runs": [{"label": r.label, "accuracy": r.accuracy, "vas": r.vas} for r in runs], "correlation": result},
+            f,
+            indent=1,
+        )
     table = correlate.markdown_table(result)
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write("# Accuracy against VAS over %d runs\n\n%s" % (len(runs), table))
@@ -225,7 +262,8 @@ def _cmd_correlate(args) -> int:
         if key == correlate.AVERAGE or key in BENCHMARKS:
             stem = "correlation" if key == correlate.AVERAGE else "correlation_" + key
             paths["plot_" + key] = correlate.scatter_plot(
-                runs, result, os.path.join(args.out, stem + ".png"), benchmark=None if key == correlate.AVERAGE else key)
+                runs, result, os.path.join(args.out, stem + ".png"), benchmark=None if key == correlate.AVERAGE else key
+            )
     print(table)
     for kind, path in paths.items():
         print("  %s: %s" % (kind, path))

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -79,7 +79,9 @@ def correlation(x: Sequence[float], y: Sequence[float], confidence: float = 0.95
 def _pair(x, y) -> Tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
-        raise ValueError("x and y: expected two 1-D sequences of equal length, got shapes %s and %s" % (x.shape, y.shape))
+        raise ValueError(
+            "x and y: expected two 1-D sequences of equal length, got shapes %s and %s" % (x.shape, y.shape)
+        )
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("x and y: expected finite values")
     return x, y
@@ -139,8 +141,10 @@ def markdown_table(result: Dict[str, dict]) -> str:
     def f(v, digits=4):
         return "–" if v is None else ("%.*f" % (digits, v))
 
-    lines = ["| benchmark | runs | Pearson r | %d%% CI | Spearman ρ |" % round(100 * _confidence(result)),
-             "|---|---|---|---|---|"]
+    lines = [
+        "| benchmark | runs | Pearson r | %d%% CI | Spearman ρ |" % round(100 * _confidence(result)),
+        "|---|---|---|---|---|",
+    ]
     for name, c in result.items():
         ci = "[%s, %s]" % (f(c["ci_low"]), f(c["ci_high"])) if c["ci_low"] is not None else "–"
         lines.append("| %s | %d | %s | %s | %s |" % (name, c["n"], f(c["pearson"]), ci, f(c["spearman"])))

@@ -34,8 +34,9 @@ class Judge:
             for q, r in zip(questions, responses)
         ]
         outputs = self.client.complete_many(conversations, temperature=0.0)
-        return ["<answer></answer>" if o.strip().upper() == "NONE" else "<answer>%s</answer>" % o.strip()
-                for o in outputs]
+        return [
+            "<answer></answer>" if o.strip().upper() == "NONE" else "<answer>%s</answer>" % o.strip() for o in outputs
+        ]
 
 
 __all__ = ["Judge", "ChatClientError"]

@@ -103,4 +103,3 @@ def read_rows(files: Sequence[str], required: Sequence[str], optional: Sequence[
 
 def _is_image_cell(value) -> bool:
     return isinstance(value, dict) and "bytes" in value and set(value) <= {"bytes", "path"}
-

@@ -73,8 +73,12 @@ def versions() -> Dict[str, str]:
         avar = metadata.version("avar")
     except metadata.PackageNotFoundError:  # a source checkout that was built in place, not installed
         avar = "source"
-    return {"avar": avar, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "avar": avar,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def prepare_run_folder(out: str, settings: EvalSettings) -> None:
@@ -86,8 +90,9 @@ def prepare_run_folder(out: str, settings: EvalSettings) -> None:
         with open(config_path, encoding="utf-8") as f:
             previous = json.load(f)
         mine = json.loads(json.dumps(settings.to_dict()))
-        changed = sorted(k for k in set(previous) | set(mine)
-                         if k not in EvalSettings.RESUMABLE and previous.get(k) != mine.get(k))
+        changed = sorted(
+            k for k in set(previous) | set(mine) if k not in EvalSettings.RESUMABLE and previous.get(k) != mine.get(k)
+        )
         if changed:
             raise RunConflictError(
                 "--out: %s holds a run with other settings (%s); use a new folder to start another run"
@@ -136,8 +141,13 @@ class _FirstStepUserRows:
 
 
 def _sample_dict(sample: Sample, system_prompt: Optional[str]) -> dict:
-    return {"id": sample.id, "images": [im.load() for im in sample.images], "question": sample.prompt,
-            "system": system_prompt, "response": None}
+    return {
+        "id": sample.id,
+        "images": [im.load() for im in sample.images],
+        "question": sample.prompt,
+        "system": system_prompt,
+        "response": None,
+    }
 
 
 def _batches(samples: Sequence[Sample], batch_size: int) -> List[List[Sample]]:
@@ -166,10 +176,12 @@ def _prefill_statistics(masses: List[torch.Tensor], user: torch.Tensor, has_imag
     out = []
     for b in range(len(has_image)):
         defined = result is not None and bool(result.valid[b]) and has_image[b]
-        out.append({
-            "vas": float(result.vas.per_sample[b]) if defined else None,
-            "split": {g: float(split[b, i]) for i, g in enumerate(GROUP_NAMES)} if bool(query[b].any()) else None,
-        })
+        out.append(
+            {
+                "vas": float(result.vas.per_sample[b]) if defined else None,
+                "split": {g: float(split[b, i]) for i, g in enumerate(GROUP_NAMES)} if bool(query[b].any()) else None,
+            }
+        )
     return out
 
 
@@ -210,10 +222,18 @@ def evaluate_benchmark(
             checks = checker.check_many(judged if judged is not None else responses, [s.answer for s in batch])
             for i, (s, tokens, check, stat) in enumerate(zip(batch, rows, checks, stats)):
                 record = {
-                    "id": s.id, "response": responses[i], "generated_tokens": len(tokens),
-                    "extracted": check.extracted, "method": check.method, "kind": check.kind,
-                    "status": check.status, "detail": check.detail, "gold": s.answer.gold,
-                    "vas": stat["vas"], "split": stat["split"], "fields": s.fields,
+                    "id": s.id,
+                    "response": responses[i],
+                    "generated_tokens": len(tokens),
+                    "extracted": check.extracted,
+                    "method": check.method,
+                    "kind": check.kind,
+                    "status": check.status,
+                    "detail": check.detail,
+                    "gold": s.answer.gold,
+                    "vas": stat["vas"],
+                    "split": stat["split"],
+                    "fields": s.fields,
                 }
                 if judged is not None:
                     record["judge_output"] = judged[i]
@@ -278,14 +298,21 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
     ]
     if "hallusionbench" in rows:
         h = rows["hallusionbench"]
-        lines += ["HallusionBench: aAcc %s, fAcc %s, qAcc %s (the table shows aAcc)." % (
-            cell(h.get("aAcc")), cell(h.get("fAcc")), cell(h.get("qAcc"))), ""]
-    lines += ["| benchmark | samples | scored | correct | timeouts | checker errors | VAS samples |",
-              "|---|---|---|---|---|---|---|"]
+        lines += [
+            "HallusionBench: aAcc %s, fAcc %s, qAcc %s (the table shows aAcc)."
+            % (cell(h.get("aAcc")), cell(h.get("fAcc")), cell(h.get("qAcc"))),
+            "",
+        ]
+    lines += [
+        "| benchmark | samples | scored | correct | timeouts | checker errors | VAS samples |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for n in names:
         r = rows[n]
-        lines.append("| %s | %d | %d | %d | %d | %d | %d |" % (
-            titles[n], r["n"], r["n_scored"], r["n_correct"], r["n_timeout"], r["n_error"], r["n_vas"]))
+        lines.append(
+            "| %s | %d | %d | %d | %d | %d | %d |"
+            % (titles[n], r["n"], r["n_scored"], r["n_correct"], r["n_timeout"], r["n_error"], r["n_vas"])
+        )
     iv = settings.intervention
     lines += [
         "",
@@ -295,10 +322,10 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         "- intervention: %s" % (json.dumps(iv) if iv else "none"),
         "- answer extraction: %s" % settings.extraction,
         "- decoding: %s, max_new_tokens %d, seed %d" % (settings.decoding, settings.max_new_tokens, settings.seed),
-        "- min_pixels / max_pixels: %s" % (settings.effective_pixels or {"min_pixels": settings.min_pixels,
-                                                                             "max_pixels": settings.max_pixels}),
-        "- system prompt: %s" % ("the chat template's default" if settings.system_prompt is None
-                                 else json.dumps(settings.system_prompt)),
+        "- min_pixels / max_pixels: %s"
+        % (settings.effective_pixels or {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}),
+        "- system prompt: %s"
+        % ("the chat template's default" if settings.system_prompt is None else json.dumps(settings.system_prompt)),
         "- limit: %s" % (settings.limit or "none"),
         "- prompt templates: see report.json (settings.benchmarks)",
     ]
