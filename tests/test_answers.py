@@ -139,6 +139,8 @@ def test_choice_answers(checker):
     result = check("The answer is (C)", "B")
     assert (result.status, result.extracted, result.kind) == ("incorrect", "C", "choice")
     assert check("so \\boxed{J}", "J", n=10).correct  # MMMU-Pro has ten options
+    assert check("The answer is B because (C) is wrong", "B").correct
+    assert check("The answer is: (D), not (A)", "D").correct
     assert check("It must be green", "B", options=["red", "green", "blue", "pink"]).correct
     assert check("I cannot tell", "A").status == "incorrect"
     bad = check("A", "Z")
@@ -181,6 +183,7 @@ def test_text_answers(checker):
     assert checker.check("Yes.", AnswerSpec("yes", "text")).correct
     assert checker.check("No, the lines are not parallel.", AnswerSpec("No", "text")).correct
     assert not checker.check("Yes", AnswerSpec("No", "text")).correct
+    assert checker.check("The answer is [1,2, 3]", AnswerSpec("[1, 2, 3]", "text")).correct  # MathVista lists
 
 
 def test_hanging_expression_times_out_and_the_pool_recovers(checker, latex):

@@ -138,6 +138,7 @@ def _letters(num_options: int) -> str:
 def _normalise_text(text: str) -> str:
     text = text.lower().strip()
     text = re.sub(r"[\s]+", " ", text)
+    text = re.sub(r" ?, ?", ",", text)  # "[1, 2]" and "[1,2]" are the same list
     return text.strip(" .,:;!?\"'`*()[]")
 
 
@@ -335,7 +336,12 @@ class AnswerChecker:
                 return CheckResult(
                     ERROR, None, extraction.method, kind, "reference %r is not an option letter" % gold
                 ), None
-            letter = extract_choice(extraction.text, num_options, spec.options)
+            letter = None
+            if extraction.method == "answer_is":
+                # "The answer is B because (C) …": the letter right after "the answer is" decides
+                first = re.match(r"\(?([%s])\)?(?!\w)" % _letters(num_options), extraction.text)
+                letter = first.group(1) if first else None
+            letter = letter or extract_choice(extraction.text, num_options, spec.options)
             if letter is None and extraction.method != "full":
                 letter = extract_choice(response, num_options, spec.options)
             status = CORRECT if letter == gold_letter else INCORRECT
@@ -358,7 +364,7 @@ class AnswerChecker:
             return None, (extraction, extraction.text, gold)
         ok = _normalise_text(extraction.text) == _normalise_text(gold)
         if not ok and extraction.method == "full":
-            ok = _normalise_text(extraction.text).split(" ")[0].strip(",.") == _normalise_text(gold)
+            ok = re.split(r"[\s,.;:!?]+", _normalise_text(extraction.text))[0] == _normalise_text(gold)
         return CheckResult(CORRECT if ok else INCORRECT, extraction.text, extraction.method, kind), None
 
 

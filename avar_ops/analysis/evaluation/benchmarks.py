@@ -194,7 +194,8 @@ def _mathvista(row: Dict, index: int, where: str) -> Sample:
             spec = AnswerSpec(answer, "number")
         elif answer_type == "float":
             precision = row.get("precision")
-            spec = AnswerSpec(answer, "number", precision=int(precision) if precision is not None else None)
+            defined = precision is not None and precision == precision  # the release stores NaN when unset
+            spec = AnswerSpec(answer, "number", precision=int(precision) if defined else None)
         elif answer_type in ("text", "list"):
             spec = AnswerSpec(answer, "text")
         else:
