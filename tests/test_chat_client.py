@@ -131,3 +131,20 @@ def test_bad_arguments():
         ChatClient("http://x", "m", max_retries=-1)
     with pytest.raises(ValueError, match="messages"):
         ChatClient("http://x", "m").complete("hello")
+
+
+def test_judge_extracts_answers_for_the_checker():
+    from avar_ops.analysis.answers import AnswerChecker, AnswerSpec
+    from avar_ops.analysis.evaluation.judge import Judge
+
+    with FakeServer([("ok", " B "), ("ok", "NONE")]) as server:
+        judge = Judge(ChatClient(server.url, "judge", concurrency=1))
+        out = judge.extract(["Which one?", "How many?"], ["I would go with the second", "no idea"])
+        assert out == ["<answer>B</answer>", "<answer></answer>"]
+        assert judge.mode == "judge:judge@%s/chat/completions" % server.url
+        body = server.requests[0][2]
+        assert body["temperature"] == 0.0 and "I would go with the second" in body["messages"][-1]["content"]
+    checker = AnswerChecker()
+    right, empty = checker.check_many(out, [AnswerSpec("B", "choice", num_options=4), AnswerSpec("3", "number")])
+    assert right.correct and right.method == "answer_tag"
+    assert empty.status == "incorrect"

@@ -327,8 +327,8 @@ class AnswerChecker:
         extraction = extract_answer(response)
         gold = str(spec.gold).strip()
         kind = infer_kind(gold) if spec.kind == "auto" else spec.kind
-        if extraction.text is None:
-            return CheckResult(INCORRECT, None, extraction.method, kind, "empty response"), None
+        if not extraction.text:
+            return CheckResult(INCORRECT, None, extraction.method, kind, "no answer in the response"), None
         if kind == "choice":
             num_options = spec.num_options or (len(spec.options) if spec.options else MAX_OPTIONS)
             gold_letter = extract_choice(gold, num_options)
