@@ -179,6 +179,20 @@ def test_latex_answers(checker):
     assert checker.check("\\boxed{\\sqrt{4}}", AnswerSpec("2", "number")).correct
 
 
+def test_alternative_references(checker):
+    spec = AnswerSpec("24", "auto", alternatives=("24.0", "twenty-four"))
+    assert checker.check("The answer is twenty-four", spec).correct
+    assert checker.check("\\boxed{24}", spec).correct
+    wrong = checker.check("The answer is 25", spec)
+    assert wrong.status == "incorrect" and wrong.extracted == "25"
+    before = dict(checker.counts)
+    checker.check("The answer is 25", spec)
+    assert checker.counts["incorrect"] == before["incorrect"] + 1  # counted once, not once per reference
+    # one reference unchecked (timeout) and none matching: not scored as wrong
+    hanging = checker.check("\\boxed{%s}" % HANGING.strip("$"), AnswerSpec("3", "latex", alternatives=("4",)))
+    assert hanging.status == "timeout"
+
+
 def test_text_answers(checker):
     assert checker.check("Yes.", AnswerSpec("yes", "text")).correct
     assert checker.check("No, the lines are not parallel.", AnswerSpec("No", "text")).correct

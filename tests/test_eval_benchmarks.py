@@ -55,7 +55,8 @@ def test_mmmu_and_pro(data):
     first, second, open_q = samples
     assert "(A) Baroque\n(B) Gothic\n(C) Modern" in first.prompt and first.answer.gold == "B"
     assert len(first.images) == 1 and len(second.images) == 2
-    assert (open_q.answer.kind, open_q.answer.gold) == ("auto", "24") and "single word" in open_q.prompt
+    assert (open_q.answer.kind, open_q.answer.gold, open_q.answer.alternatives) == ("auto", "24", ("24.0",))
+    assert "single word" in open_q.prompt
     assert [s.id for s in get_benchmark("mmmu").load(data["mmmu"], split="dev")] == ["dev_Math_9"]
     (pro,) = get_benchmark("mmmu_pro").load(data["mmmu_pro"])  # the vision config next to it is not read
     assert (pro.answer.gold, pro.answer.num_options) == ("J", 10) and "(J) opt9" in pro.prompt

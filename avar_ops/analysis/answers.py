@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from avar_ops.analysis.latex_checker import (
     CORRECT,
@@ -268,7 +268,8 @@ def infer_kind(gold: str) -> str:
 
 @dataclass(frozen=True)
 class AnswerSpec:
-    """What a response is checked against: reference, kind, and for choices / numbers their settings."""
+    """What a response is checked against: reference, kind, and for choices / numbers their settings.
+    `alternatives` are further accepted references (MMMU's open questions list several)."""
 
     gold: str
     kind: str = "auto"
@@ -277,6 +278,7 @@ class AnswerSpec:
     precision: Optional[int] = None
     rel_tol: float = 1e-6
     abs_tol: float = 1e-9
+    alternatives: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -307,6 +309,19 @@ class AnswerChecker:
             raise ValueError(
                 "responses and specs: expected equal lengths, got %d and %d" % (len(responses), len(specs))
             )
+        owners, flat_responses, flat_specs = [], [], []
+        for index, (response, spec) in enumerate(zip(responses, specs)):
+            for gold in (spec.gold, *spec.alternatives):
+                owners.append(index)
+                flat_responses.append(response)
+                flat_specs.append(replace(spec, gold=gold, alternatives=()))
+        per_reference = self._check_each(flat_responses, flat_specs)
+        results = [_best([r for o, r in zip(owners, per_reference) if o == i]) for i in range(len(specs))]
+        for result in results:
+            self.counts[result.status] += 1
+        return results
+
+    def _check_each(self, responses: Sequence[str], specs: Sequence[AnswerSpec]) -> List[CheckResult]:
         results: List[Optional[CheckResult]] = []
         latex_jobs = []  # (index, extraction, prediction, gold)
         for index, (response, spec) in enumerate(zip(responses, specs)):
@@ -318,8 +333,6 @@ class AnswerChecker:
             verdicts = self.latex.check_many([(pred, gold) for _, _, pred, gold in latex_jobs])
             for (index, extraction, pred, _), verdict in zip(latex_jobs, verdicts):
                 results[index] = CheckResult(verdict.status, pred, extraction.method, "latex", verdict.detail)
-        for result in results:
-            self.counts[result.status] += 1
         return results  # type: ignore[return-value]
 
     def _check_local(self, response: str, spec: AnswerSpec):
@@ -366,6 +379,16 @@ class AnswerChecker:
         if not ok and extraction.method == "full":
             ok = re.split(r"[\s,.;:!?]+", _normalise_text(extraction.text))[0] == _normalise_text(gold)
         return CheckResult(CORRECT if ok else INCORRECT, extraction.text, extraction.method, kind), None
+
+
+def _best(results: List[CheckResult]) -> CheckResult:
+    """Correct if one reference matches; incorrect only if every reference could be checked; else the first
+    timeout or error (a reference that was not checked might have matched)."""
+    for wanted in (lambda r: r.correct, lambda r: not r.scored):
+        for r in results:
+            if wanted(r):
+                return r
+    return results[0]
 
 
 def _format_number(value: float) -> str:

@@ -287,7 +287,7 @@ def _mmmu_like(name: str, row: Dict, where: str, open_allowed: bool) -> Sample:
     is_open = open_allowed and (row.get("question_type") == "open" or not options)
     if is_open:
         golds = _option_list(answer, where) if answer.strip().startswith("[") else [answer]
-        prompt, spec = question + "\n\n" + _MMMU_OPEN, AnswerSpec(golds[0], "auto")
+        prompt, spec = question + "\n\n" + _MMMU_OPEN, AnswerSpec(golds[0], "auto", alternatives=tuple(golds[1:]))
     else:
         if len(options) < 2:
             raise BenchmarkDataError("%s: a multiple-choice question with %d options" % (where, len(options)))
