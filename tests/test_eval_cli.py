@@ -61,6 +61,7 @@ def test_eval_writes_report_and_records(full_run, capsys):
     with open(os.path.join(full_run, "report.md"), encoding="utf-8") as f:
         md = f.read()
     assert "| Model | MMStar | HallusionBench | Avg. |" in md and "| VAS |" in md and "rule-based" in md
+    assert "| MMStar | %.3f |" % star["split"]["visual"] in md
 
 
 def _hall_path(run):
@@ -108,6 +109,12 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
         resumed_report = json.load(f)
     with open(os.path.join(full_run, "report.json"), encoding="utf-8") as f:
         clean_report = json.load(f)
+    # a rerun with a smaller --limit reports on fewer samples without generating anything
+    calls["n"] = 0
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--limit", "1", "--out", out, *ARGS]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        assert json.load(f)["benchmarks"]["mmstar"]["n"] == 1
+    assert calls["n"] == 0
     for name, clean in clean_report["benchmarks"].items():
         resumed = resumed_report["benchmarks"][name]
         # batches of 1 then 2 against batches of 2: padding changes float rounding, not the answers

@@ -57,8 +57,8 @@ class EvalSettings:
     versions: Dict[str, str] = field(default_factory=dict)
     effective_pixels: Optional[dict] = None  # the image processor's min/max_pixels, known once it is loaded
 
-    # settings that may differ between a run and its continuation (they do not change any answer)
-    RESUMABLE = ("batch_size", "versions", "effective_pixels")
+    # settings that may differ between a run and its continuation (they change no answer; records are per id)
+    RESUMABLE = ("batch_size", "limit", "versions", "effective_pixels")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -312,6 +312,19 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         lines.append(
             "| %s | %d | %d | %d | %d | %d | %d |"
             % (titles[n], r["n"], r["n_scored"], r["n_correct"], r["n_timeout"], r["n_error"], r["n_vas"])
+        )
+    lines += [
+        "",
+        "Attention of the user tokens (mean over layers, heads and tokens):",
+        "",
+        "| benchmark | visual | system | user | other |",
+        "|---|---|---|---|---|",
+    ]
+    for n in names:
+        split = rows[n]["split"] or {}
+        lines.append(
+            "| %s | %s |"
+            % (titles[n], " | ".join(cell(split.get(g), "%.3f") for g in ("visual", "system", "user", "other")))
         )
     iv = settings.intervention
     lines += [
