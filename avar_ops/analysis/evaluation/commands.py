@@ -10,6 +10,7 @@ in one line on stderr (exit 2 for usage, 1 for unreadable data).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -129,6 +130,9 @@ def _cmd_eval(args) -> int:
 
     specs = _bench_specs(args.bench)
     _check_out(args.out)
+    for module, package in (("math_verify", "math-verify"), ("pyarrow", "pyarrow")):
+        if importlib.util.find_spec(module) is None:
+            raise UsageError("%s is needed to read benchmarks and check answers: pip install 'avar[eval]'" % package)
     if (args.judge_url is None) != (args.judge_model is None):
         raise UsageError("--judge-url and --judge-model go together")
     for flag in ("min_pixels", "max_pixels"):
