@@ -252,9 +252,10 @@ def _mathverse(row: Dict, index: int, where: str) -> Optional[Sample]:
     if version is not None and version != "Vision Only":
         return None
     answer = _text(row, "answer", where)
-    if _text(row, "question_type", where) == "multi-choice":
-        spec = AnswerSpec(_letter(answer, MAX_OPTIONS, where), "choice", num_options=MAX_OPTIONS)
-    else:
+    letter = answer.strip().strip("()")
+    if _text(row, "question_type", where) == "multi-choice" and len(letter) == 1 and letter in LETTERS[:MAX_OPTIONS]:
+        spec = AnswerSpec(letter, "choice", num_options=MAX_OPTIONS)
+    else:  # free-form, or a multiple-choice reference given as the option's value
         spec = AnswerSpec(answer, "auto")
     return Sample(
         "mathverse",
