@@ -134,6 +134,17 @@ def mathverse(root: str) -> str:
             query_cot="Solve the problem in the image.",
             **common,
         ),
+        dict(
+            sample_index="4",
+            problem_index="3",
+            problem_version="Vision Only",
+            question="",
+            image=png(),
+            answer="5 cm",
+            question_type="multi-choice",
+            query_cot="Pick the right length.",
+            **common,
+        ),
     ]
     write(os.path.join(root, "testmini.parquet"), rows)
     return root

@@ -42,7 +42,8 @@ def test_mathvision_mathverse_mmstar(data):
     assert (choice.answer.kind, choice.answer.gold, choice.answer.num_options) == ("choice", "C", 5)
     assert (free.answer.kind, free.answer.gold) == ("auto", "2\\sqrt{3}")
     verse = get_benchmark("mathverse").load(data["mathverse"])
-    assert [s.id for s in verse] == ["1", "3"]  # only the Vision Only version
+    assert [s.id for s in verse] == ["1", "3", "4"]  # only the Vision Only version
+    assert (verse[2].answer.kind, verse[2].answer.gold) == ("auto", "5 cm")  # a value, not a letter
     assert verse[0].prompt.startswith("According to the image") and verse[0].answer.gold == "B"
     star = get_benchmark("mmstar").load(data["mmstar"])
     assert [s.answer.gold for s in star] == ["A", "D"] and "Options: A: red" in star[0].prompt
