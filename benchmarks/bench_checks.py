@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import avar_ops  # noqa: E402
-from avar_ops.reference import NUM_GROUPS  # noqa: E402
+from avar_ops.core import NUM_GROUPS  # noqa: E402
 from common import RESULTS, command_line, machine_info, make_problem  # noqa: E402
 
 H, HKV, D = 28, 4, 128

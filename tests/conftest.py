@@ -1,13 +1,8 @@
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import avar_ops  # noqa: E402
-from avar_ops.testing import poisoned_outputs  # noqa: E402
+import avar_ops
+from avar_ops.core.testing import poisoned_outputs
 
 # The value checks always run on CPU inputs; on CUDA they run only behind this switch (they wait for the GPU).
 avar_ops.set_input_checks(True)

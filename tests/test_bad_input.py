@@ -307,7 +307,7 @@ def test_max_seqlen_more_than_rows():
             cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32), max_seqlen_q=6, max_seqlen_k=13)
 
 
-@pytest.mark.skipif(avar_ops._extension.load_extension().with_cuda, reason="this build has CUDA kernels")
+@pytest.mark.skipif(avar_ops.core.load_extension().with_cuda, reason="this build has CUDA kernels")
 @pytest.mark.parametrize("op", ["attention_fwd", "attention_bwd", "attention_key_mass"])
 def test_cpu_only_build_explains_cuda_tensors(op):
     """The CUDA key of a CPU-only build answers with how to rebuild, not the dispatcher's generic error.

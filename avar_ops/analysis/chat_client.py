@@ -1,0 +1,109 @@
+"""A small client for OpenAI-compatible chat-completions endpoints (vLLM, SGLang, TGI, hosted APIs).
+
+Used by the evaluation's optional answer judge and by the training data synthesis. Standard library only:
+requests go to ``{base_url}/chat/completions``; at most `concurrency` are in flight at once (across threads);
+connection errors, timeouts, 408/409/429 and 5xx answers are retried with exponential backoff and jitter;
+anything else fails at once with the server's message.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
+
+_RETRIED_STATUS = {408, 409, 429}
+
+
+class ChatClientError(RuntimeError):
+    """A request that failed for good (after the retries, or with a status that retrying cannot fix)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ChatClient:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: Optional[str] = None,
+        timeout: float = 120.0,
+        max_retries: int = 4,
+        concurrency: int = 8,
+        backoff: float = 1.0,
+        **defaults,
+    ):
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url: expected an http(s) URL, got %r" % (base_url,))
+        if not isinstance(model, str) or not model:
+            raise ValueError("model: expected a model name, got %r" % (model,))
+        if not timeout > 0:
+            raise ValueError("timeout: expected seconds > 0, got %r" % (timeout,))
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError("max_retries: expected an integer >= 0, got %r" % (max_retries,))
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError("concurrency: expected an integer >= 1, got %r" % (concurrency,))
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key = api_key
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.concurrency = concurrency
+        self.backoff = float(backoff)
+        self.defaults = defaults  # extra request fields (temperature, max_tokens, …) sent with every request
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    def complete(self, messages: Sequence[Dict], **params) -> str:
+        """The assistant message's text for one conversation (`params` override the defaults)."""
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages: expected a list of {'role', 'content'} dicts, got %r" % (messages,))
+        body = dict(self.defaults, **params)
+        body.update(model=self.model, messages=list(messages))
+        payload = json.dumps(body).encode()
+        for attempt in range(self.max_retries + 1):
+            try:
+                with self._slots:
+                    reply = self._post(payload)
+                return _message_text(reply)
+            except ChatClientError as exc:
+                retryable = exc.status is None or exc.status in _RETRIED_STATUS or exc.status >= 500
+                if not retryable or attempt == self.max_retries:
+                    raise
+            time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")  # the loop either returns or raises
+
+    def complete_many(self, conversations: Sequence[Sequence[Dict]], **params) -> List[str]:
+        """`complete` for many conversations, `concurrency` at a time; results in input order."""
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda m: self.complete(m, **params), conversations))
+
+    def _post(self, payload: bytes) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = "Bearer " + self.api_key
+        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")[:300]
+            raise ChatClientError("%s answered %d: %s" % (self.url, exc.code, detail), exc.code) from exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise ChatClientError("%s: %s" % (self.url, getattr(exc, "reason", exc))) from exc
+        except json.JSONDecodeError as exc:
+            raise ChatClientError("%s: the answer is not JSON (%s)" % (self.url, exc), 502) from exc
+
+
+def _message_text(reply: dict) -> str:
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ChatClientError("unexpected chat-completions answer: %s" % json.dumps(reply)[:300], 502) from exc
+    return content or ""

@@ -1,0 +1,274 @@
+"""The `avar eval` and `avar correlate` subcommands (the `avar` CLI registers them from here).
+
+    avar eval --model DIR|tiny --bench mathvista=PATH mmstar=PATH … [--intervention-flags] [--limit N]
+              [--batch-size B] [--max-new-tokens T] --out RUN
+    avar correlate RUN_DIR RUN_DIR RUN_DIR … --out DIR
+
+Arguments, benchmark files and the output folder are checked before a model is loaded; a bad one is reported
+in one line on stderr (exit 2 for usage, 1 for unreadable data).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Callable, List, Optional, Tuple
+
+from avar_ops.analysis.evaluation.benchmarks import BENCHMARKS, PAPER_ORDER, get_benchmark
+from avar_ops.analysis.evaluation.parquet_files import BenchmarkDataError
+
+
+class UsageError(Exception):
+    """Exit 2."""
+
+
+class DataError(Exception):
+    """Exit 1."""
+
+
+def _bench_specs(tokens: List[str]) -> List[Tuple[str, Optional[str], str]]:
+    """NAME[:SPLIT]=PATH tokens -> (benchmark name, split or None, path), in the paper's order."""
+    specs = {}
+    for token in tokens:
+        key, sep, path = token.partition("=")
+        if not sep or not key or not path:
+            raise UsageError("--bench: expected NAME=PATH or NAME:SPLIT=PATH, got %r" % token)
+        name, _, split = key.partition(":")
+        try:
+            bench = get_benchmark(name)
+        except ValueError as exc:
+            raise UsageError("--bench: %s" % exc) from exc
+        if split and split not in bench.files:
+            raise UsageError(
+                "--bench: %s has no split %r (expected one of %s)" % (bench.name, split, ", ".join(sorted(bench.files)))
+            )
+        if bench.name in specs:
+            raise UsageError("--bench: %s given twice" % bench.name)
+        specs[bench.name] = (bench.name, split or None, path)
+    return [specs[n] for n in PAPER_ORDER if n in specs]
+
+
+def add_parsers(sub) -> None:
+    """Add `eval` and `correlate` to the `avar` subparsers; each sets `run_command` (args -> exit code)."""
+    from avar_ops.analysis.cli import _add_intervention_args, _add_model_args
+
+    p = eval_parser = sub.add_parser(
+        "eval", help="accuracy and VAS on the paper's benchmarks, from local parquet files"
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--bench",
+        nargs="+",
+        required=True,
+        metavar="NAME[:SPLIT]=PATH",
+        help="benchmark files or folders; names: %s" % ", ".join(PAPER_ORDER),
+    )
+    p.add_argument("--out", required=True, help="run folder (a rerun with the same settings continues it)")
+    p.add_argument("--label", default=None, help="name of the run in tables and plots (default: the model's)")
+    p.add_argument("--limit", type=int, default=None, help="the first N samples of each benchmark")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the model's)")
+    p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--judge-url",
+        default=None,
+        help="OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) of a judge that extracts "
+        "answers; default: rule-based extraction",
+    )
+    p.add_argument("--judge-model", default=None, help="model name at --judge-url")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument("--checker-timeout", type=float, default=5.0, help="seconds per LaTeX answer check")
+    p.add_argument("--no-progress", action="store_true")
+    _add_intervention_args(p)
+
+    p = sub.add_parser("correlate", help="accuracy against VAS across `avar eval` runs: Pearson r, Spearman, plot")
+    p.add_argument("runs", nargs="+", help="run folders written by `avar eval` (at least 3)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval on r")
+    eval_parser.set_defaults(run_command=_guarded("eval", _cmd_eval))
+    p.set_defaults(run_command=_guarded("correlate", _cmd_correlate))
+
+
+def _guarded(name: str, fn: Callable) -> Callable:
+    def run(args) -> int:
+        from avar_ops.analysis.cli import CLIError
+
+        try:
+            return fn(args)
+        except (UsageError, CLIError) as exc:
+            print("avar %s: error: %s" % (name, exc), file=sys.stderr)
+            return 2
+        except DataError as exc:
+            print("avar %s: error: %s" % (name, exc), file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _check_out(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError("--out: %s exists and is not a folder" % path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError("--out: the parent folder %s does not exist" % parent)
+    if not os.access(parent if not os.path.exists(path) else path, os.W_OK):
+        raise UsageError("--out: %s is not writable" % path)
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from avar_ops.analysis.answers import AnswerChecker
+    from avar_ops.analysis.cli import _check_fits, _intervention_from_flags, load_model
+    from avar_ops.analysis.evaluation import runner
+    from avar_ops.analysis.latex_checker import LatexChecker
+
+    specs = _bench_specs(args.bench)
+    _check_out(args.out)
+    for module, package in (("math_verify", "math-verify"), ("pyarrow", "pyarrow")):
+        if importlib.util.find_spec(module) is None:
+            raise UsageError("%s is needed to read benchmarks and check answers: pip install 'avar[eval]'" % package)
+    if (args.judge_url is None) != (args.judge_model is None):
+        raise UsageError("--judge-url and --judge-model go together")
+    for flag in ("min_pixels", "max_pixels"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UsageError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), getattr(args, flag)))
+    if not args.checker_timeout > 0:
+        raise UsageError("--checker-timeout: expected seconds > 0, got %g" % args.checker_timeout)
+    iv = _intervention_from_flags(args)
+    judge = None
+    if args.judge_url is not None:
+        from avar_ops.analysis.chat_client import ChatClient
+        from avar_ops.analysis.evaluation.judge import Judge
+
+        try:
+            judge = Judge(ChatClient(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_key_env)))
+        except ValueError as exc:
+            raise UsageError("--judge-url / --judge-model: %s" % exc) from exc
+
+    loaded = {}
+    for name, split, path in specs:
+        try:
+            loaded[name] = BENCHMARKS[name].load(path, split=split, limit=args.limit)
+        except BenchmarkDataError as exc:
+            raise DataError(str(exc)) from exc
+    settings = runner.EvalSettings(
+        checkpoint=args.model if args.model == "tiny" else os.path.abspath(args.model),
+        label=args.label or (args.model if args.model == "tiny" else os.path.basename(os.path.normpath(args.model))),
+        benchmarks={
+            name: {
+                "path": os.path.abspath(path),
+                "split": split or BENCHMARKS[name].default_split,
+                "prompt_template": BENCHMARKS[name].prompt_template,
+            }
+            for name, split, path in specs
+        },
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        seed=args.seed,
+        system_prompt=args.system,
+        intervention=iv.to_dict() if iv is not None else None,
+        extraction=judge.mode if judge is not None else runner.RULE_BASED,
+        dtype=args.dtype,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        versions=runner.versions(),
+    )
+    try:
+        runner.prepare_run_folder(args.out, settings)
+    except runner.RunConflictError as exc:
+        raise UsageError(str(exc)) from exc
+
+    model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    _check_fits([iv], model)
+    image_processor = processor.image_processor
+    for flag in ("min_pixels", "max_pixels"):
+        if getattr(args, flag) is not None:
+            setattr(image_processor, flag, getattr(args, flag))
+            if isinstance(getattr(image_processor, "size", None), dict):
+                image_processor.size["shortest_edge" if flag == "min_pixels" else "longest_edge"] = getattr(args, flag)
+    torch.manual_seed(args.seed)
+    rows = {}
+    with LatexChecker(timeout=args.checker_timeout) as latex:
+        checker = AnswerChecker(latex)
+        for name, _, _ in specs:
+            bench = BENCHMARKS[name]
+            records = runner.evaluate_benchmark(
+                model,
+                processor,
+                bench,
+                loaded[name],
+                os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
+                intervention=iv,
+                system_prompt=args.system,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                checker=checker,
+                judge=judge,
+                progress=not args.no_progress,
+            )
+            rows[name] = runner.benchmark_row(bench, loaded[name], records)
+    size = getattr(image_processor, "size", None) or {}
+    settings.effective_pixels = {
+        "min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
+        "max_pixels": getattr(image_processor, "max_pixels", None) or size.get("longest_edge"),
+    }
+    paths = runner.write_report(args.out, settings, rows, {n: BENCHMARKS[n].title for n in rows})
+    with open(paths["markdown"], encoding="utf-8") as f:
+        print(f.read())
+    for kind, path in paths.items():
+        print("  %s: %s" % (kind, path))
+    return 0
+
+
+def _cmd_correlate(args) -> int:
+    from avar_ops.analysis.evaluation import correlate
+
+    if not 0 < args.confidence < 1:
+        raise UsageError("--confidence: expected a value in (0, 1), got %g" % args.confidence)
+    if len(args.runs) < 3:
+        raise UsageError("runs: a correlation needs at least 3 run folders, got %d" % len(args.runs))
+    _check_out(args.out)
+    runs = []
+    for run_dir in args.runs:
+        try:
+            runs.append(correlate.load_run(run_dir))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(str(exc)) from exc
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        raise DataError("runs: labels must differ to tell the points apart, got %s (set --label in avar eval)" % labels)
+    try:
+        result = correlate.correlate_runs(runs, confidence=args.confidence)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
+    if not result:
+        raise DataError("runs: no benchmark has accuracy and VAS in at least 3 of the runs")
+    os.makedirs(args.out, exist_ok=True)
+    paths = {"json": os.path.join(args.out, "correlation.json"), "markdown": os.path.join(args.out, "correlation.md")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(
+            {"runs": [{"label": r.label, "accuracy": r.accuracy, "vas": r.vas} for r in runs], "correlation": result},
+            f,
+            indent=1,
+        )
+    table = correlate.markdown_table(result)
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
+        f.write("# Accuracy against VAS over %d runs\n\n%s" % (len(runs), table))
+    for key in result:
+        # benchmark names come from the registry (fixed), the average has its own name: safe file names
+        if key == correlate.AVERAGE or key in BENCHMARKS:
+            stem = "correlation" if key == correlate.AVERAGE else "correlation_" + key
+            paths["plot_" + key] = correlate.scatter_plot(
+                runs, result, os.path.join(args.out, stem + ".png"), benchmark=None if key == correlate.AVERAGE else key
+            )
+    print(table)
+    for kind, path in paths.items():
+        print("  %s: %s" % (kind, path))
+    return 0

@@ -1,0 +1,182 @@
+"""`avar eval` on the embedded tiny model with tiny benchmark files: report, VAS from generate's prefill equal
+to a prefill-only measurement, resume after an interruption, argument errors before any model loads;
+`avar correlate` on fabricated runs."""
+
+import json
+import os
+
+import eval_fixtures
+import pytest
+from test_eval_correlate import known_r_pair, write_run
+
+from avar_ops.analysis import cli
+from avar_ops.analysis.evaluation import get_benchmark, runner
+from avar_ops.analysis.evaluation.runner import _sample_dict
+from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
+from avar_ops.analysis.vas import measure
+
+ARGS = ["--max-new-tokens", "4", "--no-progress", "--checker-timeout", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench"))
+    return {name: eval_fixtures.WRITERS[name](os.path.join(root, name)) for name in ("mmstar", "hallusionbench")}
+
+
+def _bench(data):
+    return ["--bench", "mmstar=" + data["mmstar"], "hallusionbench=" + data["hallusionbench"]]
+
+
+def _records(run, name):
+    with open(os.path.join(run, "samples", name + ".jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "full")
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *ARGS]) == 0
+    return out
+
+
+def test_eval_writes_report_and_records(full_run, capsys):
+    with open(os.path.join(full_run, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert list(report["benchmarks"]) == ["mmstar", "hallusionbench"]
+    settings = report["settings"]
+    assert settings["extraction"] == "rule-based" and settings["checkpoint"] == "tiny"
+    assert settings["max_new_tokens"] == 4 and settings["seed"] == 0 and settings["intervention"] is None
+    assert settings["effective_pixels"] == {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    assert "Answer with the option's letter" in settings["benchmarks"]["mmstar"]["prompt_template"]
+    star, hall = report["benchmarks"]["mmstar"], report["benchmarks"]["hallusionbench"]
+    assert star["n"] == 2 and hall["n"] == 5 and {"aAcc", "fAcc", "qAcc"} <= set(hall)
+    assert hall["n_vas"] == 4  # the text-only question has no VAS
+    assert report["average"]["benchmarks"] == ["mmstar", "hallusionbench"]
+    assert report["average"]["vas"] == pytest.approx((star["vas"] + hall["vas"]) / 2)
+    records = _records(full_run, "hallusionbench")
+    assert [r["id"] for r in records] == [s.id for s in get_benchmark("hallusionbench").load(_hall_path(full_run))]
+    assert all(r["status"] in ("correct", "incorrect") for r in records)
+    assert sum(r["status"] == "correct" for r in records) == round(hall["accuracy"] * 5 / 100)
+    with open(os.path.join(full_run, "report.md"), encoding="utf-8") as f:
+        md = f.read()
+    assert "| Model | MMStar | HallusionBench | Avg. |" in md and "| VAS |" in md and "rule-based" in md
+    assert "| MMStar | %.3f |" % star["split"]["visual"] in md
+
+
+def _hall_path(run):
+    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+        return json.load(f)["benchmarks"]["hallusionbench"]["path"]
+
+
+def test_vas_from_generation_equals_prefill_measurement(full_run, data):
+    """The masses kept from generate's first step give the VAS a separate prefill-only forward gives."""
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    samples = get_benchmark("mmstar").load(data["mmstar"])
+    report = measure(model, processor, [_sample_dict(s, None) for s in samples], progress=False)
+    measured = {p["id"]: p["vas"] for p in report.per_sample}
+    for record in _records(full_run, "mmstar"):
+        assert record["vas"] == pytest.approx(measured[record["id"]], rel=1e-5)
+
+
+def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
+    out = str(tmp_path / "resumed")
+    calls = {"n": 0}
+    real_generate = runner.generate
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the run is stopped while the second batch is generating
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "1", "--out", out, *ARGS])
+    first = _records(out, "mmstar")
+    assert len(first) == 1
+    with open(os.path.join(out, "samples", "mmstar.jsonl"), "a", encoding="utf-8") as f:
+        f.write('{"id": "1", "respo')  # a record cut short by the interruption
+    calls["n"] = -100  # no more interruptions
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *ARGS]) == 0
+    assert calls["n"] == -100 + 1 + 3  # only what was missing: one mmstar batch, three hallusionbench batches
+    for name in ("mmstar", "hallusionbench"):
+        resumed, clean = _records(out, name), _records(full_run, name)
+        assert [r["id"] for r in resumed] == [r["id"] for r in clean]
+        assert [r["response"] for r in resumed] == [r["response"] for r in clean]
+    assert _records(out, "mmstar")[0] == first[0]  # kept, not recomputed
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        resumed_report = json.load(f)
+    with open(os.path.join(full_run, "report.json"), encoding="utf-8") as f:
+        clean_report = json.load(f)
+    # a rerun with a smaller --limit reports on fewer samples without generating anything
+    calls["n"] = 0
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--limit", "1", "--out", out, *ARGS]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        assert json.load(f)["benchmarks"]["mmstar"]["n"] == 1
+    assert calls["n"] == 0
+    for name, clean in clean_report["benchmarks"].items():
+        resumed = resumed_report["benchmarks"][name]
+        # batches of 1 then 2 against batches of 2: padding changes float rounding, not the answers
+        assert resumed["vas"] == pytest.approx(clean["vas"], rel=1e-5)
+        assert {k: v for k, v in resumed.items() if k not in ("vas", "split")} == {
+            k: v for k, v in clean.items() if k not in ("vas", "split")
+        }
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model must not be loaded for a bad command")
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["--bench", "mmstar"], 2, "expected NAME=PATH"),
+        (["--bench", "imagenet=/x"], 2, "benchmark: expected one of"),
+        (["--bench", "mmstar:train=/x"], 2, "mmstar has no split 'train'"),
+        (["--bench", "mmstar=/nonexistent/folder"], 1, "no such file or folder"),
+        (["--bench", "MMSTAR=/a", "mmstar=/b"], 2, "mmstar given twice"),
+        (["--bench", "mmstar=DATA", "--judge-url", "http://x"], 2, "go together"),
+        (["--bench", "mmstar=DATA", "--alpha-sys", "1.5"], 2, "alpha_sys"),
+        (["--bench", "mmstar=DATA", "--min-pixels", "0"], 2, "--min-pixels"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_loading(argv, code, message, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", _no_model)
+    argv = [a.replace("DATA", data["mmstar"]) for a in argv]
+    assert cli.main(["eval", *argv, "--out", str(tmp_path / "o"), *ARGS]) == code
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("avar eval: error:")
+
+
+def test_output_location_errors(full_run, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", _no_model)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli.main(["eval", *_bench(data), "--out", str(a_file), *ARGS]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert cli.main(["eval", *_bench(data), "--out", str(tmp_path / "no" / "such" / "run"), *ARGS]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # a run folder made with other settings is not continued
+    argv = ["eval", *_bench(data), "--out", full_run, "--max-new-tokens", "5", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (max_new_tokens)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_correlate_command(tmp_path, capsys):
+    vas, acc = known_r_pair(0.9616)
+    runs = [write_run(str(tmp_path), "ckpt%d" % i, (acc[i], acc[i] + 1.0), (vas[i], vas[i] + 2.0)) for i in range(7)]
+    out = str(tmp_path / "corr")
+    assert cli.main(["correlate", *runs, "--out", out]) == 0
+    with open(os.path.join(out, "correlation.json"), encoding="utf-8") as f:
+        result = json.load(f)["correlation"]
+    assert result["average"]["pearson"] == pytest.approx(0.9616, abs=1e-9)
+    for name in ("correlation.png", "correlation_mathvista.png", "correlation_mmstar.png", "correlation.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    assert "| average | 7 | 0.9616 |" in capsys.readouterr().out
+    assert cli.main(["correlate", *runs[:2], "--out", out]) == 2
+    assert "at least 3 run folders" in capsys.readouterr().err
+    assert cli.main(["correlate", *runs[:2], str(tmp_path / "corr"), "--out", out]) == 1
+    assert "no report.json" in capsys.readouterr().err
+    assert cli.main(["correlate", *runs, "--out", out, "--confidence", "2"]) == 2
