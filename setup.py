@@ -77,12 +77,19 @@ def want_cuda() -> bool:
             )
         return True
     if not gpu_visible():
-        print("[avar] no GPU visible: building the CPU kernels only "
-              '(set AVAR_CUDA_ARCHS="8.0;9.0" to compile the CUDA kernels anyway)', file=sys.stderr)
+        print(
+            "[avar] no GPU visible: building the CPU kernels only "
+            '(set AVAR_CUDA_ARCHS="8.0;9.0" to compile the CUDA kernels anyway)',
+            file=sys.stderr,
+        )
         return False
     if torch.version.cuda is None or nvcc_path() is None:
-        print("[avar] a GPU is visible but " + ("this torch has no CUDA" if torch.version.cuda is None else
-              "nvcc was not found (set CUDA_HOME)") + ": building the CPU kernels only", file=sys.stderr)
+        print(
+            "[avar] a GPU is visible but "
+            + ("this torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+            + ": building the CPU kernels only",
+            file=sys.stderr,
+        )
         return False
     return True
 
@@ -95,7 +102,9 @@ def extension():
     link = ["-fopenmp"]
     if isa != "DEFAULT":
         cxx += [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/attention/*.cpp") + glob.glob("csrc/attention/cpu/*.cpp"))
+    sources = sorted(
+        glob.glob("csrc/*.cpp") + glob.glob("csrc/attention/*.cpp") + glob.glob("csrc/attention/cpu/*.cpp")
+    )
     sources = [s for s in sources if not s.endswith("cuda_dispatch.cpp")]
     if not want_cuda():
         return CppExtension("avar_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)

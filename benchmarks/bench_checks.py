@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import RESULTS, command_line, machine_info, make_problem  # noqa: E402
+
 import avar_ops  # noqa: E402
 from avar_ops.core import NUM_GROUPS  # noqa: E402
-from common import RESULTS, command_line, machine_info, make_problem  # noqa: E402
 
 H, HKV, D = 28, 4, 128
 
@@ -52,6 +53,14 @@ def median_us(fn, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def time_op_and_checks(qkv, kw, repeats: int):
+    """Median µs of the whole op call and of its value-check reads, on the same inputs."""
+    op = median_us(lambda: avar_ops.attention(*qkv, **kw), repeats)
+    tables = (kw["key_group"], kw["bias"], kw["logit_scale"], kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k"))
+    checks = median_us(lambda: value_check_reads(*tables), repeats)
+    return op, checks
+
+
 def decode_problem(batch: int, cache: int, dtype, varlen: bool):
     """One new query token per sequence against a cache of `cache` keys (Qwen2.5-VL-7B text layer shapes)."""
     q, k, v, kg, bias = make_problem(cache, dtype, H=H, Hkv=HKV, D=D, B=batch)
@@ -64,7 +73,8 @@ def decode_problem(batch: int, cache: int, dtype, varlen: bool):
         key_group=kg.reshape(-1),  # [B·Lk]
         cu_seqlens_q=torch.arange(0, batch + 1, dtype=torch.int32),
         cu_seqlens_k=torch.arange(0, batch + 1, dtype=torch.int32) * cache,
-        max_seqlen_q=1, max_seqlen_k=cache,
+        max_seqlen_q=1,
+        max_seqlen_k=cache,
     )
     return (q.reshape(batch, H, D), k.reshape(-1, HKV, D), v.reshape(-1, HKV, D)), kw
 
@@ -78,11 +88,8 @@ def main() -> None:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for batch, cache, varlen in ((1, 1024, False), (1, 4096, False), (4, 1024, True)):
-            (q, k, v), kw = decode_problem(batch, cache, dtype, varlen)
-            op = median_us(lambda: avar_ops.attention(q, k, v, **kw), args.repeats)
-            checks = median_us(lambda: value_check_reads(kw["key_group"], kw["bias"], kw["logit_scale"],
-                                                         kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")),
-                               args.repeats)
+            qkv, kw = decode_problem(batch, cache, dtype, varlen)
+            op, checks = time_op_and_checks(qkv, kw, args.repeats)
             layout = f"varlen B={batch}" if varlen else f"B={batch}"
             rows.append((str(dtype).replace("torch.", ""), layout, cache, op, checks, checks / op))
 

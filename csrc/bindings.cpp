@@ -47,8 +47,12 @@ using CudaOps = avar::OpsOn<avar::kCpuBackend, avar::RefuseWithoutCudaKernels>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(avar, CPU, m) { register_ops<CpuOps>(m); }
-TORCH_LIBRARY_IMPL(avar, CUDA, m) { register_ops<CudaOps>(m); }
+TORCH_LIBRARY_IMPL(avar, CPU, m) {
+  register_ops<CpuOps>(m);
+}
+TORCH_LIBRARY_IMPL(avar, CUDA, m) {
+  register_ops<CudaOps>(m);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // The Python module: with_cuda, cpu_capability, and the switches tests and debugging use.
@@ -69,7 +73,9 @@ PyObject* py_set_input_checks(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-PyObject* py_input_checks(PyObject*, PyObject*) { return PyBool_FromLong(avar::input_checks() ? 1 : 0); }
+PyObject* py_input_checks(PyObject*, PyObject*) {
+  return PyBool_FromLong(avar::input_checks() ? 1 : 0);
+}
 
 #ifdef AVAR_WITH_CUDA
 // C++ exceptions must not cross into Python: turn them into a RuntimeError.
@@ -95,8 +101,7 @@ PyObject* py_set_cuda_decode_splits(PyObject*, PyObject* args) {
   int splits = 0;
   if (!PyArg_ParseTuple(args, "i:set_cuda_decode_splits", &splits)) return nullptr;
   if (splits < 0) {
-    PyErr_Format(PyExc_ValueError, "set_cuda_decode_splits: splits must be >= 0 (0 = the heuristic), got %d",
-                 splits);
+    PyErr_Format(PyExc_ValueError, "set_cuda_decode_splits: splits must be >= 0 (0 = the heuristic), got %d", splits);
     return nullptr;
   }
   avar::cuda_dispatch::set_forced_decode_splits(splits);

@@ -10,8 +10,11 @@ import avar_ops
 
 
 def _qkv(B=2, L=8, H=4, Hkv=2, D=64, dtype=torch.float32):
-    return (torch.randn(B, L, H, D, dtype=dtype), torch.randn(B, L, Hkv, D, dtype=dtype),
-            torch.randn(B, L, Hkv, D, dtype=dtype))
+    return (
+        torch.randn(B, L, H, D, dtype=dtype),
+        torch.randn(B, L, Hkv, D, dtype=dtype),
+        torch.randn(B, L, Hkv, D, dtype=dtype),
+    )
 
 
 def _raises(exc, match, fn, *args, **kwargs):
@@ -21,8 +24,7 @@ def _raises(exc, match, fn, *args, **kwargs):
 
 def test_wrong_rank():
     q, k, v = _qkv()
-    _raises(ValueError, r"q must be \[B, L, H, D\].*got shape \[2, 8, 256\]", avar_ops.attention,
-            q.flatten(2), k, v)
+    _raises(ValueError, r"q must be \[B, L, H, D\].*got shape \[2, 8, 256\]", avar_ops.attention, q.flatten(2), k, v)
 
 
 def test_dtype_mismatch():
@@ -75,14 +77,22 @@ def test_kv_shape_mismatch():
 
 def test_key_group_not_int8():
     q, k, v = _qkv()
-    _raises(TypeError, r"key_group must be int8, got Long", avar_ops.attention, q, k, v,
-            torch.zeros(2, 8, dtype=torch.long))
+    _raises(
+        TypeError, r"key_group must be int8, got Long", avar_ops.attention, q, k, v, torch.zeros(2, 8, dtype=torch.long)
+    )
 
 
 def test_key_group_wrong_shape():
     q, k, v = _qkv()
-    _raises(ValueError, r"key_group must be \[B, Lk\] = \[2, 8\], got shape \[2, 7\]", avar_ops.attention, q, k, v,
-            torch.zeros(2, 7, dtype=torch.int8))
+    _raises(
+        ValueError,
+        r"key_group must be \[B, Lk\] = \[2, 8\], got shape \[2, 7\]",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        torch.zeros(2, 7, dtype=torch.int8),
+    )
 
 
 def test_key_group_out_of_range():
@@ -97,15 +107,29 @@ def test_key_group_out_of_range():
 @pytest.mark.parametrize("name", ["bias", "logit_scale"])
 def test_group_table_shape(name):
     q, k, v = _qkv()
-    _raises(ValueError, rf"{name} must be \[H, G\] = \[4, 4\] or \[G\] = \[4\], got shape \[3\]",
-            avar_ops.attention, q, k, v, **{name: torch.zeros(3)})
+    _raises(
+        ValueError,
+        rf"{name} must be \[H, G\] = \[4, 4\] or \[G\] = \[4\], got shape \[3\]",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        **{name: torch.zeros(3)},
+    )
 
 
 @pytest.mark.parametrize("name", ["bias", "logit_scale"])
 def test_group_table_dtype(name):
     q, k, v = _qkv()
-    _raises(TypeError, rf"{name} must be float32, got Double", avar_ops.attention, q, k, v,
-            **{name: torch.zeros(4, dtype=torch.float64)})
+    _raises(
+        TypeError,
+        rf"{name} must be float32, got Double",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        **{name: torch.zeros(4, dtype=torch.float64)},
+    )
 
 
 @pytest.mark.parametrize("name", ["bias", "logit_scale"])
@@ -126,50 +150,101 @@ def _varlen():
 def test_cu_seqlens_not_int32():
     q, k, v = _varlen()
     cu = torch.tensor([0, 4, 10], dtype=torch.int64)
-    _raises(TypeError, r"cu_seqlens_q must be int32, got Long", avar_ops.attention, q, k, v,
-            cu_seqlens_q=cu, cu_seqlens_k=cu.int())
+    _raises(
+        TypeError,
+        r"cu_seqlens_q must be int32, got Long",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu.int(),
+    )
 
 
 def test_cu_seqlens_not_monotone():
     q, k, v = _varlen()
-    _raises(ValueError, r"cu_seqlens_k must be non-decreasing, got 6 then 5", avar_ops.attention, q, k, v,
-            cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
-            cu_seqlens_k=torch.tensor([0, 6, 5], dtype=torch.int32))
+    _raises(
+        ValueError,
+        r"cu_seqlens_k must be non-decreasing, got 6 then 5",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, 6, 5], dtype=torch.int32),
+    )
 
 
 def test_cu_seqlens_past_tensor():
     q, k, v = _varlen()
-    _raises(ValueError, r"cu_seqlens_q\[-1\] = 11 is past the 10 rows of q", avar_ops.attention, q, k, v,
-            cu_seqlens_q=torch.tensor([0, 4, 11], dtype=torch.int32),
-            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32))
+    _raises(
+        ValueError,
+        r"cu_seqlens_q\[-1\] = 11 is past the 10 rows of q",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        cu_seqlens_q=torch.tensor([0, 4, 11], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32),
+    )
 
 
 def test_cu_seqlens_must_start_at_zero():
     q, k, v = _varlen()
-    _raises(ValueError, r"cu_seqlens_q\[0\] must be 0, got 1", avar_ops.attention, q, k, v,
-            cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32),
-            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32))
+    _raises(
+        ValueError,
+        r"cu_seqlens_q\[0\] must be 0, got 1",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32),
+    )
 
 
 def test_cu_seqlens_given_alone():
     q, k, v = _varlen()
-    _raises(ValueError, r"must be given together.*only cu_seqlens_q", avar_ops.attention, q, k, v,
-            cu_seqlens_q=torch.tensor([0, 10], dtype=torch.int32))
+    _raises(
+        ValueError,
+        r"must be given together.*only cu_seqlens_q",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        cu_seqlens_q=torch.tensor([0, 10], dtype=torch.int32),
+    )
 
 
 def test_max_seqlen_too_small():
     q, k, v = _varlen()
-    _raises(ValueError, r"max_seqlen_q = 3 is smaller than the longest query sequence", avar_ops.attention, q, k, v,
-            cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
-            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32), max_seqlen_q=3)
+    _raises(
+        ValueError,
+        r"max_seqlen_q = 3 is smaller than the longest query sequence",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32),
+        max_seqlen_q=3,
+    )
 
 
 def test_varlen_key_group_shape():
     q, k, v = _varlen()
-    _raises(ValueError, r"key_group must be \[Tk\] = \[12\]", avar_ops.attention, q, k, v,
-            torch.zeros(2, 6, dtype=torch.int8),
-            cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
-            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32))
+    _raises(
+        ValueError,
+        r"key_group must be \[Tk\] = \[12\]",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        torch.zeros(2, 6, dtype=torch.int8),
+        cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32),
+    )
 
 
 @pytest.mark.parametrize("scale", [math.nan, math.inf])
@@ -204,8 +279,15 @@ def test_scale_overflows_float32(scale):
 def test_table_built_from_a_float_that_overflows_float32():
     q, k, v = _qkv()
     t = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1e39, 1.0]] * 2)  # 1e39 becomes inf in float32
-    _raises(ValueError, r"logit_scale must be finite in float32, got inf at logit_scale\[1, 2\]$",
-            avar_ops.attention, q, k, v, logit_scale=t)
+    _raises(
+        ValueError,
+        r"logit_scale must be finite in float32, got inf at logit_scale\[1, 2\]$",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        logit_scale=t,
+    )
 
 
 @pytest.mark.parametrize("name", ["bias", "logit_scale"])
@@ -213,14 +295,23 @@ def test_table_overflows_in_the_log2_domain(name):
     q, k, v = _qkv()
     t = torch.ones(4)
     t[3] = 3e38
-    _raises(ValueError, rf"{name}\[3\] = 3e\+38.* overflows float32", avar_ops.attention, q, k, v, scale=1.0,
-            **{name: t})
+    _raises(
+        ValueError, rf"{name}\[3\] = 3e\+38.* overflows float32", avar_ops.attention, q, k, v, scale=1.0, **{name: t}
+    )
 
 
 def test_scale_times_logit_scale_overflows():
     q, k, v = _qkv()
-    _raises(ValueError, r"logit_scale\[0, 0\] = 1e\+20 times scale = .* overflows float32", avar_ops.attention,
-            q, k, v, scale=1e20, logit_scale=torch.full((4, 4), 1e20))
+    _raises(
+        ValueError,
+        r"logit_scale\[0, 0\] = 1e\+20 times scale = .* overflows float32",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        scale=1e20,
+        logit_scale=torch.full((4, 4), 1e20),
+    )
 
 
 @pytest.mark.parametrize("name", ["bias", "logit_scale"])
@@ -257,8 +348,9 @@ def test_head_dim_zero():
     q, k, v = _qkv(D=0)
     _raises(ValueError, r"head dim 0 is not supported on the CPU", avar_ops.attention, q, k, v)
     lse = torch.zeros(2, 4, 8)
-    _raises(ValueError, r"head dim 0 is not supported on the CPU", avar_ops.attention_key_mass, q, k, lse,
-            torch.ones(2, 8))
+    _raises(
+        ValueError, r"head dim 0 is not supported on the CPU", avar_ops.attention_key_mass, q, k, lse, torch.ones(2, 8)
+    )
 
 
 @pytest.mark.parametrize("name", ["q", "k", "v", "key_group", "bias", "logit_scale"])
@@ -275,8 +367,12 @@ def test_key_mass_list_instead_of_tensor(name):
     q, k, _ = _qkv()
     kw = dict(q=q, k=k, lse=torch.zeros(2, 4, 8), query_weight=torch.ones(2, 8))
     kw[name] = [0.0]
-    _raises(TypeError, rf"^avar.attention_key_mass: {name} must be a torch.Tensor, got list$",
-            avar_ops.attention_key_mass, **kw)
+    _raises(
+        TypeError,
+        rf"^avar.attention_key_mass: {name} must be a torch.Tensor, got list$",
+        avar_ops.attention_key_mass,
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -302,9 +398,18 @@ def test_set_input_checks_wants_a_bool():
 
 def test_max_seqlen_more_than_rows():
     q, k, v = _varlen()
-    _raises(ValueError, r"max_seqlen_k = 13 is more than the 12 rows of k", avar_ops.attention, q, k, v,
-            cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
-            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32), max_seqlen_q=6, max_seqlen_k=13)
+    _raises(
+        ValueError,
+        r"max_seqlen_k = 13 is more than the 12 rows of k",
+        avar_ops.attention,
+        q,
+        k,
+        v,
+        cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32),
+        max_seqlen_q=6,
+        max_seqlen_k=13,
+    )
 
 
 @pytest.mark.skipif(avar_ops.core.load_extension().with_cuda, reason="this build has CUDA kernels")
@@ -318,8 +423,28 @@ def test_cpu_only_build_explains_cuda_tensors(op):
     lse = torch.zeros(2, 4, 8)
     args = {
         "attention_fwd": (q, k, v, None, None, None, 0.125, True, None, None, -1, -1, False),
-        "attention_bwd": (q, None, None, q, k, v, q, lse, None, None, None, None, 0.125, True, None, None, -1, -1,
-                          False, False),
+        "attention_bwd": (
+            q,
+            None,
+            None,
+            q,
+            k,
+            v,
+            q,
+            lse,
+            None,
+            None,
+            None,
+            None,
+            0.125,
+            True,
+            None,
+            None,
+            -1,
+            -1,
+            False,
+            False,
+        ),
         "attention_key_mass": (q, k, lse, torch.ones(2, 8), None, None, None, 0.125, True, None, None, -1, -1),
     }[op]
     overload = getattr(torch.ops.avar, op).default
@@ -332,9 +457,16 @@ def test_cpu_only_build_explains_cuda_tensors(op):
 def test_cuda_varlen_needs_max_seqlen():
     q = torch.randn(10, 4, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(12, 2, 64, device="cuda", dtype=torch.bfloat16)
-    _raises(ValueError, r"varlen on CUDA needs max_seqlen_q and max_seqlen_k", avar_ops.attention, q, k, k,
-            cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda"),
-            cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32, device="cuda"))
+    _raises(
+        ValueError,
+        r"varlen on CUDA needs max_seqlen_q and max_seqlen_k",
+        avar_ops.attention,
+        q,
+        k,
+        k,
+        cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda"),
+        cu_seqlens_k=torch.tensor([0, 6, 12], dtype=torch.int32, device="cuda"),
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -61,8 +61,9 @@ def _sequences(kw):
 
 def _lowp_attention(kw):
     """PyTorch's own low-precision attention on the same inputs (out like q, mass float32 like ours)."""
-    args = dict(key_group=kw.get("key_group"), bias=kw.get("bias"), logit_scale=kw.get("logit_scale"),
-                causal=kw["causal"])
+    args = dict(
+        key_group=kw.get("key_group"), bias=kw.get("bias"), logit_scale=kw.get("logit_scale"), causal=kw["causal"]
+    )
     q, k, v = kw["q"], kw["k"], kw["v"]
     if kw.get("cu_seqlens_q") is None:
         out, mass = torch_lowp_attention(q, k, v, **args)
@@ -74,8 +75,9 @@ def _lowp_attention(kw):
         if q1 == q0:
             continue
         kg = None if args["key_group"] is None else args["key_group"][k0:k1][None]
-        o, m = torch_lowp_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], kg, args["bias"],
-                                    args["logit_scale"], causal=args["causal"])
+        o, m = torch_lowp_attention(
+            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], kg, args["bias"], args["logit_scale"], causal=args["causal"]
+        )
         rows = torch.arange(q0, q1, device=q.device)
         out = out.index_copy(0, rows, o[0])
         mass = mass.index_copy(1, rows, m[0].float())
@@ -83,8 +85,9 @@ def _lowp_attention(kw):
 
 
 def _lowp_key_mass(kw, w):
-    args = dict(key_group=kw.get("key_group"), bias=kw.get("bias"), logit_scale=kw.get("logit_scale"),
-                causal=kw["causal"])
+    args = dict(
+        key_group=kw.get("key_group"), bias=kw.get("bias"), logit_scale=kw.get("logit_scale"), causal=kw["causal"]
+    )
     q, k = kw["q"], kw["k"]
     if kw.get("cu_seqlens_q") is None:
         return torch_lowp_key_mass(q, k, w, **args).float()
@@ -93,8 +96,15 @@ def _lowp_key_mass(kw, w):
         if q1 == q0 or k1 == k0:
             continue
         kg = None if args["key_group"] is None else args["key_group"][k0:k1][None]
-        km = torch_lowp_key_mass(q[None, q0:q1], k[None, k0:k1], w[None, :, q0:q1], kg, args["bias"],
-                                 args["logit_scale"], causal=args["causal"])
+        km = torch_lowp_key_mass(
+            q[None, q0:q1],
+            k[None, k0:k1],
+            w[None, :, q0:q1],
+            kg,
+            args["bias"],
+            args["logit_scale"],
+            causal=args["causal"],
+        )
         result[:, k0:k1] = km[0].float()
     return result
 
@@ -134,8 +144,9 @@ def test_forward(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("L1025_gqa7_d128", "varlen_ragged", "dead_rows")],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("L1025_gqa7_d128", "varlen_ragged", "dead_rows")], ids=lambda c: c.name
+)
 def test_forward_without_mass(case, dtype):
     _check_forward(make_inputs(case, dtype, "cuda", seed=3), dtype, return_mass=False)
 
@@ -219,13 +230,22 @@ def test_key_mass(case, dtype):
     gen = torch.Generator(device="cuda").manual_seed(7)
     w = torch.rand(fwd.lse.shape, generator=gen, device="cuda")  # [B, H, Lq] | [H, Tq]
     extra = {n: kw[n] for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k") if n in kw}
-    common = dict(key_group=kw.get("key_group"), bias=kw.get("bias"), logit_scale=kw.get("logit_scale"),
-                  causal=kw["causal"])
+    common = dict(
+        key_group=kw.get("key_group"), bias=kw.get("bias"), logit_scale=kw.get("logit_scale"), causal=kw["causal"]
+    )
     ours = avar_ops.attention_key_mass(kw["q"], kw["k"], fwd.lse, w, **common, **extra)
     kw64 = _upcast(kw)
-    ref = key_mass_reference(kw64["q"], kw64["k"], w, key_group=kw.get("key_group"), bias=kw64.get("bias"),
-                             logit_scale=kw64.get("logit_scale"), causal=kw["causal"],
-                             cu_seqlens_q=kw.get("cu_seqlens_q"), cu_seqlens_k=kw.get("cu_seqlens_k"))
+    ref = key_mass_reference(
+        kw64["q"],
+        kw64["k"],
+        w,
+        key_group=kw.get("key_group"),
+        bias=kw64.get("bias"),
+        logit_scale=kw64.get("logit_scale"),
+        causal=kw["causal"],
+        cu_seqlens_q=kw.get("cu_seqlens_q"),
+        cu_seqlens_k=kw.get("cu_seqlens_k"),
+    )
     theirs = _lowp_key_mass(kw, w)
     assert torch.isfinite(ours).all()
     bound = lowp_bound(rel_err(theirs, ref), dtype, LOWP_FWD_FACTOR)
@@ -235,6 +255,7 @@ def test_key_mass(case, dtype):
 
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: a clear exception naming the argument.
+
 
 def test_rejects_fp32_on_cuda():
     kw = make_inputs(CASES[1], torch.float32, "cuda")
@@ -265,3 +286,61 @@ def test_rejects_misaligned_pointer():
     v = torch.randn(B, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="k must be 16-byte aligned"):
         avar_ops.attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# No host-device synchronisation: with the value checks off (their default on CUDA) a call can be captured in a
+# CUDA graph. The graph is replayed on inputs written in place, as a decode loop would.
+
+
+@pytest.fixture
+def checks_off():
+    avar_ops.set_input_checks(False)
+    yield
+    avar_ops.set_input_checks(True)
+
+
+def _graph_inputs(seed):
+    case = Case("graph_decode", batch=2, len_q=1, len_k=600, heads=8, kv_heads=2, head_dim=64)
+    return make_inputs(case, torch.bfloat16, "cuda", seed=seed)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_forward_captures_in_a_cuda_graph(varlen, checks_off):
+    kw = _graph_inputs(seed=8)
+    if varlen:
+        case = Case("graph_varlen", varlen=(1, 3), len_k=500, heads=8, kv_heads=2, head_dim=64)
+        kw = make_inputs(case, torch.bfloat16, "cuda", seed=8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (kernel attributes, allocator pools)
+        avar_ops.attention(**kw, return_mass=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = avar_ops.attention(**kw, return_mass=True)
+
+    fresh = _graph_inputs(seed=9) if not varlen else make_inputs(case, torch.bfloat16, "cuda", seed=9)
+    for name in ("q", "k", "v"):
+        kw[name].copy_(fresh[name])
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = avar_ops.attention(**kw, return_mass=True)
+    assert torch.equal(static.out, eager.out)
+    assert torch.equal(static.lse, eager.lse)
+    assert torch.equal(static.mass, eager.mass)
+
+
+def test_reduce_overhead_compile(checks_off):
+    kw = _graph_inputs(seed=10)
+
+    def step(q, k, v):
+        res = avar_ops.attention(q, k, v, kw["key_group"], kw["bias"], logit_scale=kw["logit_scale"], return_mass=True)
+        return res.out, res.mass
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # the first calls record the graph, later ones replay it
+        out, mass = compiled(kw["q"], kw["k"], kw["v"])
+    eager_out, eager_mass = step(kw["q"], kw["k"], kw["v"])
+    assert torch.equal(out, eager_out)
+    assert torch.equal(mass, eager_mass)

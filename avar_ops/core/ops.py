@@ -9,11 +9,9 @@ on the first call (or by `ensure_loaded()`), so that importing avar_ops needs no
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-
-from typing import NamedTuple
 
 from avar_ops.core.constants import NUM_GROUPS
 from avar_ops.core.extension import load_extension
@@ -58,10 +56,31 @@ def _check_fake_devices(q, **tensors):
             raise ValueError(f"avar.attention: {name} must be on the same device as q ({q.device}), got {t.device}")
 
 
-def _attention_fwd_fake(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, return_mass):
-    _check_fake_devices(q, k=k, v=v, key_group=key_group, bias=bias, logit_scale=logit_scale,
-                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+def _attention_fwd_fake(
+    q,
+    k,
+    v,
+    key_group,
+    bias,
+    logit_scale,
+    scale,
+    causal,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    return_mass,
+):
+    _check_fake_devices(
+        q,
+        k=k,
+        v=v,
+        key_group=key_group,
+        bias=bias,
+        logit_scale=logit_scale,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+    )
     varlen = cu_seqlens_q is not None
     lse_shape = _lse_shape(q, varlen)
     out = q.new_empty(q.shape)
@@ -70,8 +89,28 @@ def _attention_fwd_fake(q, k, v, key_group, bias, logit_scale, scale, causal, cu
     return out, lse, mass
 
 
-def _attention_bwd_fake(dout, dmass, dlse, q, k, v, out, lse, mass, key_group, bias, logit_scale, scale, causal,
-                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dbias, need_dlogit_scale):
+def _attention_bwd_fake(
+    dout,
+    dmass,
+    dlse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mass,
+    key_group,
+    bias,
+    logit_scale,
+    scale,
+    causal,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    need_dbias,
+    need_dlogit_scale,
+):
     heads = q.shape[-2]
     table = (heads, NUM_GROUPS)
     return (
@@ -83,8 +122,21 @@ def _attention_bwd_fake(dout, dmass, dlse, q, k, v, out, lse, mass, key_group, b
     )
 
 
-def _attention_key_mass_fake(q, k, lse, query_weight, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
-                             cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _attention_key_mass_fake(
+    q,
+    k,
+    lse,
+    query_weight,
+    key_group,
+    bias,
+    logit_scale,
+    scale,
+    causal,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+):
     if cu_seqlens_q is not None:
         return q.new_empty((q.shape[1], k.shape[0]), dtype=torch.float32)  # [H, Tk]
     return q.new_empty((q.shape[0], q.shape[2], k.shape[1]), dtype=torch.float32)  # [B, H, Lk]
@@ -116,8 +168,23 @@ def _backward(ctx, dout, dlse, dmass):
         dout.contiguous(),
         dmass.contiguous() if (ctx.return_mass and dmass is not None) else None,
         dlse.contiguous() if dlse is not None else None,
-        q, k, v, out, lse, mass, key_group, bias, logit_scale, ctx.scale, ctx.causal, cu_q, cu_k,
-        ctx.max_q, ctx.max_k, need_dbias, need_dlogit,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mass,
+        key_group,
+        bias,
+        logit_scale,
+        ctx.scale,
+        ctx.causal,
+        cu_q,
+        cu_k,
+        ctx.max_q,
+        ctx.max_k,
+        need_dbias,
+        need_dlogit,
     )
     return (
         dq if needs[0] else None,
@@ -126,7 +193,13 @@ def _backward(ctx, dout, dlse, dmass):
         None,
         _fold_table(dbias, bias) if need_dbias else None,
         _fold_table(dlogit, logit_scale) if need_dlogit else None,
-        None, None, None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -222,14 +295,37 @@ def attention(
     """
     _check_public_args(
         "avar.attention",
-        dict(q=q, k=k, v=v, key_group=key_group, bias=bias, logit_scale=logit_scale, cu_seqlens_q=cu_seqlens_q,
-             cu_seqlens_k=cu_seqlens_k),
-        scale, causal, return_mass, max_seqlen_q, max_seqlen_k,
+        dict(
+            q=q,
+            k=k,
+            v=v,
+            key_group=key_group,
+            bias=bias,
+            logit_scale=logit_scale,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+        ),
+        scale,
+        causal,
+        return_mass,
+        max_seqlen_q,
+        max_seqlen_k,
     )
     ensure_loaded()
     out, lse, mass = torch.ops.avar.attention_fwd(
-        q, k, v, key_group, bias, logit_scale, _default_scale(q, scale), causal, cu_seqlens_q, cu_seqlens_k,
-        _seqlen_arg(max_seqlen_q), _seqlen_arg(max_seqlen_k), return_mass,
+        q,
+        k,
+        v,
+        key_group,
+        bias,
+        logit_scale,
+        _default_scale(q, scale),
+        causal,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _seqlen_arg(max_seqlen_q),
+        _seqlen_arg(max_seqlen_k),
+        return_mass,
     )
     return AttentionOutput(out, lse, mass if return_mass else None)
 
@@ -257,12 +353,36 @@ def attention_key_mass(
     """
     _check_public_args(
         "avar.attention_key_mass",
-        dict(q=q, k=k, lse=lse, query_weight=query_weight, key_group=key_group, bias=bias, logit_scale=logit_scale,
-             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k),
-        scale, causal, False, max_seqlen_q, max_seqlen_k,
+        dict(
+            q=q,
+            k=k,
+            lse=lse,
+            query_weight=query_weight,
+            key_group=key_group,
+            bias=bias,
+            logit_scale=logit_scale,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+        ),
+        scale,
+        causal,
+        False,
+        max_seqlen_q,
+        max_seqlen_k,
     )
     ensure_loaded()
     return torch.ops.avar.attention_key_mass(
-        q, k, lse, query_weight, key_group, bias, logit_scale, _default_scale(q, scale), causal, cu_seqlens_q,
-        cu_seqlens_k, _seqlen_arg(max_seqlen_q), _seqlen_arg(max_seqlen_k),
+        q,
+        k,
+        lse,
+        query_weight,
+        key_group,
+        bias,
+        logit_scale,
+        _default_scale(q, scale),
+        causal,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _seqlen_arg(max_seqlen_q),
+        _seqlen_arg(max_seqlen_k),
     )

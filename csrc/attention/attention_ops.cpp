@@ -26,14 +26,21 @@ bool checks_from_env() {
 std::atomic<bool> g_input_checks{checks_from_env()};
 }  // namespace
 
-void set_poison_outputs(bool on) { g_poison.store(on); }
-void set_input_checks(bool on) { g_input_checks.store(on); }
-bool input_checks() { return g_input_checks.load(); }
+void set_poison_outputs(bool on) {
+  g_poison.store(on);
+}
+void set_input_checks(bool on) {
+  g_input_checks.store(on);
+}
+bool input_checks() {
+  return g_input_checks.load();
+}
 
 const Backend kCpuBackend{&cpu::attention_fwd, &cpu::attention_bwd, &cpu::attention_key_mass};
 
 RefuseWithoutCudaKernels::RefuseWithoutCudaKernels(const at::Tensor& q, const char* op) {
-  TORCH_CHECK(false, op, ": q is on ", q.device(), " but this build of avar_ops has no CUDA kernels (it was "
+  TORCH_CHECK(false, op, ": q is on ", q.device(),
+              " but this build of avar_ops has no CUDA kernels (it was "
               "built CPU-only because no GPU was visible at build time). Rebuild with them: "
               "AVAR_CUDA_ARCHS=\"8.0;9.0\" pip install --no-build-isolation -e . (list your GPU's compute "
               "capability), or run the build on a machine where the GPU is visible");
@@ -55,18 +62,24 @@ using OptTensor = std::optional<Tensor>;
 struct Geometry {
   bool varlen = false;
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // varlen: batch = len(cu) - 1, seqlen = longest sequence
-  int64_t total_q = 0, total_k = 0;                // varlen: rows of q and k; batched: B·L
+  int64_t total_q = 0, total_k = 0;               // varlen: rows of q and k; batched: B·L
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   int64_t covered_q = 0, covered_k = 0;  // varlen: cu_seqlens_*[-1] (rows past them belong to no sequence)
 };
 
 // Value checks read tensor contents; on CUDA that waits for the GPU, so they run there only when asked for.
-bool value_checks_for(const Tensor& q) { return !q.is_cuda() || input_checks(); }
+bool value_checks_for(const Tensor& q) {
+  return !q.is_cuda() || input_checks();
+}
 
 // The kernels compute in float32, except the CPU float64 path (gradcheck).
-at::ScalarType kernel_float(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType kernel_float(const Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
-double largest_finite(at::ScalarType t) { return t == at::kDouble ? DBL_MAX : FLT_MAX; }
+double largest_finite(at::ScalarType t) {
+  return t == at::kDouble ? DBL_MAX : FLT_MAX;
+}
 
 bool is_supported_dtype(const at::Device& device, at::ScalarType dt) {
   if (device.is_cuda()) return dt == at::kHalf || dt == at::kBFloat16;
@@ -98,8 +111,8 @@ std::vector<int32_t> read_cu_seqlens(const Tensor& cu, const char* name, int64_t
   std::vector<int32_t> vals(c, c + host.numel());
   TORCH_CHECK_VALUE(vals[0] == 0, "avar.attention: ", name, "[0] must be 0, got ", vals[0]);
   for (const auto i : c10::irange<size_t>(1, vals.size())) {
-    TORCH_CHECK_VALUE(vals[i] >= vals[i - 1], "avar.attention: ", name, " must be non-decreasing, got ",
-                      vals[i - 1], " then ", vals[i], " at index ", i);
+    TORCH_CHECK_VALUE(vals[i] >= vals[i - 1], "avar.attention: ", name, " must be non-decreasing, got ", vals[i - 1],
+                      " then ", vals[i], " at index ", i);
   }
   TORCH_CHECK_VALUE(vals.back() <= total, "avar.attention: ", name, "[-1] = ", vals.back(), " is past the ", total,
                     " rows of ", total_name);
@@ -127,8 +140,8 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   check_same_device(q, k, "k");
   check_same_device(q, v, "v");
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                   "avar.attention: q, k and v must share one dtype, got q ", q.scalar_type(), ", k ",
-                   k.scalar_type(), ", v ", v.scalar_type());
+                   "avar.attention: q, k and v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(),
+                   ", v ", v.scalar_type());
   TORCH_CHECK_TYPE(is_supported_dtype(q.device(), q.scalar_type()), "avar.attention: q dtype ", q.scalar_type(),
                    " is not supported on ", q.device().type(),
                    q.is_cuda() ? " (expected float16 or bfloat16)" : " (expected float32, bfloat16 or float64)");
@@ -141,15 +154,15 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   g.head_dim = q.size(-1);
   g.heads = q.size(-2);
   g.kv_heads = k.size(-2);
-  TORCH_CHECK_VALUE(k.size(-1) == g.head_dim, "avar.attention: q and k must have the same head dim, got q ",
-                    q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK_VALUE(k.size(-1) == g.head_dim, "avar.attention: q and k must have the same head dim, got q ", q.sizes(),
+                    " and k ", k.sizes());
   TORCH_CHECK_VALUE(g.kv_heads > 0 && g.heads % g.kv_heads == 0,
                     "avar.attention: the number of query heads must be a multiple of the number of kv heads "
                     "(H % H_kv == 0), got H = ",
                     g.heads, " and H_kv = ", g.kv_heads);
   if (q.is_cuda()) {
-    TORCH_CHECK_VALUE(g.head_dim == 64 || g.head_dim == 80 || g.head_dim == 128,
-                      "avar.attention: head dim ", g.head_dim, " is not supported on CUDA (expected 64, 80 or 128)");
+    TORCH_CHECK_VALUE(g.head_dim == 64 || g.head_dim == 80 || g.head_dim == 128, "avar.attention: head dim ",
+                      g.head_dim, " is not supported on CUDA (expected 64, 80 or 128)");
   } else {
     TORCH_CHECK_VALUE(g.head_dim >= 1 && g.head_dim <= 256, "avar.attention: head dim ", g.head_dim,
                       " is not supported on the CPU (expected 1..256)");
@@ -158,8 +171,10 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   if (g.varlen) {
     check_cu_seqlens_form(*cu_q, q, "cu_seqlens_q");
     check_cu_seqlens_form(*cu_k, q, "cu_seqlens_k");
-    TORCH_CHECK_VALUE(cu_q->numel() == cu_k->numel(), "avar.attention: cu_seqlens_q and cu_seqlens_k must have the "
-                      "same length (batch + 1), got ", cu_q->numel(), " and ", cu_k->numel());
+    TORCH_CHECK_VALUE(cu_q->numel() == cu_k->numel(),
+                      "avar.attention: cu_seqlens_q and cu_seqlens_k must have the "
+                      "same length (batch + 1), got ",
+                      cu_q->numel(), " and ", cu_k->numel());
     g.batch = cu_q->numel() - 1;
     g.total_q = q.size(0);
     g.total_k = k.size(0);
@@ -168,12 +183,13 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
     TORCH_CHECK_VALUE(!q.is_cuda() || (max_seqlen_q >= 0 && max_seqlen_k >= 0),
                       "avar.attention: varlen on CUDA needs max_seqlen_q and max_seqlen_k (the longest query and "
                       "key sequence): reading them from cu_seqlens would wait for the GPU on every call; got "
-                      "max_seqlen_q = ", max_seqlen_q < 0 ? std::string("None") : std::to_string(max_seqlen_q),
+                      "max_seqlen_q = ",
+                      max_seqlen_q < 0 ? std::string("None") : std::to_string(max_seqlen_q),
                       ", max_seqlen_k = ", max_seqlen_k < 0 ? std::string("None") : std::to_string(max_seqlen_k));
-    TORCH_CHECK_VALUE(max_seqlen_q <= g.total_q, "avar.attention: max_seqlen_q = ", max_seqlen_q,
-                      " is more than the ", g.total_q, " rows of q");
-    TORCH_CHECK_VALUE(max_seqlen_k <= g.total_k, "avar.attention: max_seqlen_k = ", max_seqlen_k,
-                      " is more than the ", g.total_k, " rows of k");
+    TORCH_CHECK_VALUE(max_seqlen_q <= g.total_q, "avar.attention: max_seqlen_q = ", max_seqlen_q, " is more than the ",
+                      g.total_q, " rows of q");
+    TORCH_CHECK_VALUE(max_seqlen_k <= g.total_k, "avar.attention: max_seqlen_k = ", max_seqlen_k, " is more than the ",
+                      g.total_k, " rows of k");
     // Without the value checks cu_seqlens stays unread on the GPU: covered_* stay 0, so that every output row
     // starts as "no sequence" (zero, lse −inf) and the kernels overwrite those that belong to one.
     if (value_checks) {
@@ -183,12 +199,10 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
       g.covered_k = ck.back();
       g.seqlen_q = longest(cq);
       g.seqlen_k = longest(ck);
-      TORCH_CHECK_VALUE(max_seqlen_q < 0 || max_seqlen_q >= g.seqlen_q, "avar.attention: max_seqlen_q = ",
-                        max_seqlen_q, " is smaller than the longest query sequence in cu_seqlens_q (", g.seqlen_q,
-                        ")");
-      TORCH_CHECK_VALUE(max_seqlen_k < 0 || max_seqlen_k >= g.seqlen_k, "avar.attention: max_seqlen_k = ",
-                        max_seqlen_k, " is smaller than the longest key sequence in cu_seqlens_k (", g.seqlen_k,
-                        ")");
+      TORCH_CHECK_VALUE(max_seqlen_q < 0 || max_seqlen_q >= g.seqlen_q, "avar.attention: max_seqlen_q = ", max_seqlen_q,
+                        " is smaller than the longest query sequence in cu_seqlens_q (", g.seqlen_q, ")");
+      TORCH_CHECK_VALUE(max_seqlen_k < 0 || max_seqlen_k >= g.seqlen_k, "avar.attention: max_seqlen_k = ", max_seqlen_k,
+                        " is smaller than the longest key sequence in cu_seqlens_k (", g.seqlen_k, ")");
     }
     if (q.is_cuda()) {
       g.seqlen_q = max_seqlen_q;
@@ -212,19 +226,18 @@ void check_key_group(const Tensor& kg, const Tensor& q, const Geometry& g, bool 
   check_same_device(q, kg, "key_group");
   TORCH_CHECK_TYPE(kg.scalar_type() == at::kChar, "avar.attention: key_group must be int8, got ", kg.scalar_type());
   if (g.varlen) {
-    TORCH_CHECK_VALUE(kg.dim() == 1 && kg.size(0) == g.total_k, "avar.attention: key_group must be [Tk] = [",
-                      g.total_k, "] (one group id per key row), got shape ", kg.sizes());
+    TORCH_CHECK_VALUE(kg.dim() == 1 && kg.size(0) == g.total_k, "avar.attention: key_group must be [Tk] = [", g.total_k,
+                      "] (one group id per key row), got shape ", kg.sizes());
   } else {
     TORCH_CHECK_VALUE(kg.dim() == 2 && kg.size(0) == g.batch && kg.size(1) == g.seqlen_k,
-                      "avar.attention: key_group must be [B, Lk] = [", g.batch, ", ", g.seqlen_k,
-                      "], got shape ", kg.sizes());
+                      "avar.attention: key_group must be [B, Lk] = [", g.batch, ", ", g.seqlen_k, "], got shape ",
+                      kg.sizes());
   }
   if (value_checks && kg.numel() > 0) {
     const auto lo = kg.min().item<int>();
     const auto hi = kg.max().item<int>();
-    TORCH_CHECK_VALUE(lo >= -1 && hi < kNumGroups, "avar.attention: key_group values must be in -1..",
-                      kNumGroups - 1, " (-1 masked, 0 other text, 1 visual, 2 system, 3 user text), got values in ",
-                      lo, "..", hi);
+    TORCH_CHECK_VALUE(lo >= -1 && hi < kNumGroups, "avar.attention: key_group values must be in -1..", kNumGroups - 1,
+                      " (-1 masked, 0 other text, 1 visual, 2 system, 3 user text), got values in ", lo, "..", hi);
   }
 }
 
@@ -243,12 +256,12 @@ void check_table_values(const Tensor& x, const char* name, bool is_logit_scale, 
   const double log2e = 1.4426950408889634;
   const char* type_name = kt == at::kDouble ? "float64" : "float32";
   for (const auto i : c10::irange(host.numel())) {
-    TORCH_CHECK_VALUE(std::isfinite(v[i]), "avar.attention: ", name, " must be finite in ", type_name, ", got ",
-                      v[i], " at ", name, table_index(x, i));
+    TORCH_CHECK_VALUE(std::isfinite(v[i]), "avar.attention: ", name, " must be finite in ", type_name, ", got ", v[i],
+                      " at ", name, table_index(x, i));
     const double factor = is_logit_scale ? scale * log2e : log2e;
     TORCH_CHECK_VALUE(std::abs(v[i] * factor) <= limit, "avar.attention: ", name, table_index(x, i), " = ", v[i],
-                      is_logit_scale ? " times scale = " + std::to_string(scale) : std::string(),
-                      " overflows ", type_name, " in the kernels (|", is_logit_scale ? "scale · " : "", name,
+                      is_logit_scale ? " times scale = " + std::to_string(scale) : std::string(), " overflows ",
+                      type_name, " in the kernels (|", is_logit_scale ? "scale · " : "", name,
                       " · log2(e)| must stay below ", limit, ")");
   }
 }
@@ -273,9 +286,9 @@ Tensor check_group_table(const OptTensor& t, const Tensor& q, int64_t heads, con
 void check_scale(double scale, at::ScalarType kt) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "avar.attention: scale must be finite, got ", scale);
   const double limit = largest_finite(kt);
-  TORCH_CHECK_VALUE(std::abs(scale * 1.4426950408889634) <= limit, "avar.attention: scale = ", scale,
-                    " overflows ", kt == at::kDouble ? "float64" : "float32",
-                    " in the kernels (|scale · log2(e)| must stay below ", limit, ")");
+  TORCH_CHECK_VALUE(std::abs(scale * 1.4426950408889634) <= limit, "avar.attention: scale = ", scale, " overflows ",
+                    kt == at::kDouble ? "float64" : "float32", " in the kernels (|scale · log2(e)| must stay below ",
+                    limit, ")");
 }
 
 // Row strides of a [B, L, H, D] / [T, H, D] tensor in the unified (batch, row, head) addressing.
@@ -315,7 +328,7 @@ struct PreparedInputs {
   Geometry geo;
   Tensor bias, logit_scale;          // [H, G] float32 contiguous
   Tensor bias_f64, logit_scale_f64;  // [H, G] float64 contiguous, float64 inputs only
-  OptTensor cu_q, cu_k;      // contiguous int32
+  OptTensor cu_q, cu_k;              // contiguous int32
   AttnFwdParams params;
 };
 
@@ -393,8 +406,8 @@ std::vector<int64_t> mass_shape(const Geometry& g) {
 void check_like(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const Tensor& q, const char* name,
                 const char* what) {
   check_same_device(q, t, name);
-  TORCH_CHECK_VALUE(t.sizes() == shape, "avar.attention_bwd: ", name, " must have shape ", shape, " (", what,
-                    "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "avar.attention_bwd: ", name, " must have shape ", shape, " (", what, "), got ",
+                    t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "avar.attention_bwd: ", name, " must be ", dtype, ", got ",
                    t.scalar_type());
   check_last_dim_contiguous(t, name);
@@ -403,13 +416,12 @@ void check_like(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, co
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Backend& backend, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v,
-                                                 const OptTensor& key_group, const OptTensor& bias,
+                                                 const Tensor& v, const OptTensor& key_group, const OptTensor& bias,
                                                  const OptTensor& logit_scale, double scale, bool causal,
                                                  const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
                                                  int64_t max_seqlen_q, int64_t max_seqlen_k, bool return_mass) {
-  PreparedInputs in = prepare_inputs(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
-                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  PreparedInputs in = prepare_inputs(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k);
   const Geometry& g = in.geo;
   AttnFwdParams& p = in.params;
 
@@ -435,13 +447,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Backend& backend, const T
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
-    const Backend& backend, const Tensor& dout, const OptTensor& dmass, const OptTensor& dlse, const Tensor& q, const Tensor& k,
-    const Tensor& v, const Tensor& out, const Tensor& lse, const OptTensor& mass, const OptTensor& key_group,
-    const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal, const OptTensor& cu_seqlens_q,
-    const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool need_dbias,
-    bool need_dlogit_scale) {
-  PreparedInputs in = prepare_inputs(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
-                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    const Backend& backend, const Tensor& dout, const OptTensor& dmass, const OptTensor& dlse, const Tensor& q,
+    const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse, const OptTensor& mass,
+    const OptTensor& key_group, const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal,
+    const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    bool need_dbias, bool need_dlogit_scale) {
+  PreparedInputs in = prepare_inputs(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k);
   const Geometry& g = in.geo;
   check_like(out, q.sizes(), q.scalar_type(), q, "out", "the forward's output, like q");
   check_like(dout, q.sizes(), q.scalar_type(), q, "dout", "the gradient of out, like q");
@@ -507,13 +519,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   return {dq, dk, dv, dbias, dlogit};
 }
 
-Tensor attention_key_mass(const Backend& backend, const Tensor& q, const Tensor& k, const Tensor& lse, const Tensor& query_weight,
-                          const OptTensor& key_group, const OptTensor& bias, const OptTensor& logit_scale,
-                          double scale, bool causal, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
-                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
+Tensor attention_key_mass(const Backend& backend, const Tensor& q, const Tensor& k, const Tensor& lse,
+                          const Tensor& query_weight, const OptTensor& key_group, const OptTensor& bias,
+                          const OptTensor& logit_scale, double scale, bool causal, const OptTensor& cu_seqlens_q,
+                          const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   // v is not read; k stands in for it so that the shared checks apply.
-  PreparedInputs in = prepare_inputs(q, k, k, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
-                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  PreparedInputs in = prepare_inputs(q, k, k, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k);
   const Geometry& g = in.geo;
   const auto lshape = lse_shape(g);
   check_same_device(q, lse, "lse");
@@ -532,17 +544,17 @@ Tensor attention_key_mass(const Backend& backend, const Tensor& q, const Tensor&
   if (g.varlen) {
     const bool per_head = w.dim() == 2 && w.size(0) == g.heads && w.size(1) == g.total_q;
     const bool shared = w.dim() == 1 && w.size(0) == g.total_q;
-    TORCH_CHECK_VALUE(per_head || shared, "avar.attention_key_mass: query_weight must be [H, Tq] = [", g.heads,
-                      ", ", g.total_q, "] or [Tq] = [", g.total_q, "], got shape ", w.sizes());
+    TORCH_CHECK_VALUE(per_head || shared, "avar.attention_key_mass: query_weight must be [H, Tq] = [", g.heads, ", ",
+                      g.total_q, "] or [Tq] = [", g.total_q, "], got shape ", w.sizes());
     kp.w_batch_stride = 0;
     kp.w_row_stride = w.stride(-1);
     kp.w_head_stride = per_head ? w.stride(0) : 0;
   } else {
     const bool per_head = w.dim() == 3 && w.size(0) == g.batch && w.size(1) == g.heads && w.size(2) == g.seqlen_q;
     const bool shared = w.dim() == 2 && w.size(0) == g.batch && w.size(1) == g.seqlen_q;
-    TORCH_CHECK_VALUE(per_head || shared, "avar.attention_key_mass: query_weight must be [B, H, Lq] = [", g.batch,
-                      ", ", g.heads, ", ", g.seqlen_q, "] or [B, Lq] = [", g.batch, ", ", g.seqlen_q,
-                      "], got shape ", w.sizes());
+    TORCH_CHECK_VALUE(per_head || shared, "avar.attention_key_mass: query_weight must be [B, H, Lq] = [", g.batch, ", ",
+                      g.heads, ", ", g.seqlen_q, "] or [B, Lq] = [", g.batch, ", ", g.seqlen_q, "], got shape ",
+                      w.sizes());
     kp.w_batch_stride = w.stride(0);
     kp.w_row_stride = w.stride(-1);
     kp.w_head_stride = per_head ? w.stride(1) : 0;

@@ -34,8 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_group, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& logit_scale, double scale, bool causal,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool return_mass);
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool return_mass);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const Backend& backend, const at::Tensor& dout, const std::optional<at::Tensor>& dmass,
@@ -43,14 +43,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mass,
     const std::optional<at::Tensor>& key_group, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& logit_scale, double scale, bool causal,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool need_dbias, bool need_dlogit_scale);
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool need_dbias, bool need_dlogit_scale);
 
-at::Tensor attention_key_mass(const Backend& backend, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& lse, const at::Tensor& query_weight,
-                              const std::optional<at::Tensor>& key_group, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& logit_scale, double scale, bool causal,
-                              const std::optional<at::Tensor>& cu_seqlens_q,
+at::Tensor attention_key_mass(const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                              const at::Tensor& query_weight, const std::optional<at::Tensor>& key_group,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& logit_scale,
+                              double scale, bool causal, const std::optional<at::Tensor>& cu_seqlens_q,
                               const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                               int64_t max_seqlen_k);
 
@@ -60,25 +59,26 @@ template <const Backend& kBackend, typename Scope>
 struct OpsOn {
   using OptTensor = std::optional<at::Tensor>;
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(
-      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& key_group,
-      const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal, const OptTensor& cu_seqlens_q,
-      const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool return_mass) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const OptTensor& key_group,
+                                                            const OptTensor& bias, const OptTensor& logit_scale,
+                                                            double scale, bool causal, const OptTensor& cu_seqlens_q,
+                                                            const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                            int64_t max_seqlen_k, bool return_mass) {
     const Scope scope(q, "avar.attention");
-    return attention_fwd(kBackend, q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
-                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_mass);
+    return attention_fwd(kBackend, q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, return_mass);
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
-      const at::Tensor& dout, const OptTensor& dmass, const OptTensor& dlse, const at::Tensor& q,
-      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const OptTensor& mass,
+      const at::Tensor& dout, const OptTensor& dmass, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const OptTensor& mass,
       const OptTensor& key_group, const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal,
       const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
       bool need_dbias, bool need_dlogit_scale) {
     const Scope scope(q, "avar.attention_bwd");
     return attention_bwd(kBackend, dout, dmass, dlse, q, k, v, out, lse, mass, key_group, bias, logit_scale, scale,
-                         causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dbias,
-                         need_dlogit_scale);
+                         causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dbias, need_dlogit_scale);
   }
 
   static at::Tensor key_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,

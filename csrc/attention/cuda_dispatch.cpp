@@ -16,8 +16,8 @@ namespace {
 using avar::cuda::DType;
 
 DType to_dtype(at::ScalarType t) {
-  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16, "avar.attention (CUDA): dtype must be float16 or bfloat16, got ",
-                   t);
+  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16,
+                   "avar.attention (CUDA): dtype must be float16 or bfloat16, got ", t);
   return t == at::kHalf ? DType::kHalf : DType::kBFloat16;
 }
 
@@ -34,9 +34,8 @@ void check_aligned(const void* ptr, const char* name, int64_t batch_stride, int6
   TORCH_CHECK_VALUE(ok, "avar.attention (CUDA): ", name,
                     " must be 16-byte aligned for the kernel's vector loads: its data pointer and its batch, row "
                     "and head strides must be multiples of 8 elements; got a data pointer ",
-                    static_cast<int64_t>(addr % 16), " bytes past a 16-byte boundary and strides (batch ",
-                    batch_stride, ", row ", row_stride, ", head ", head_stride,
-                    ") elements. Copy it with .contiguous() first.");
+                    static_cast<int64_t>(addr % 16), " bytes past a 16-byte boundary and strides (batch ", batch_stride,
+                    ", row ", row_stride, ", head ", head_stride, ") elements. Copy it with .contiguous() first.");
 }
 
 // Rows stepped over by a [B, L, H, D] / [T, H, D] operand: varlen packs every sequence into the row dimension.
@@ -44,14 +43,16 @@ int64_t row_extent(const SeqLayout& s, int64_t seqlen) {
   return s.cu_seqlens_q != nullptr ? std::max<int64_t>(seqlen, s.batch) : seqlen;
 }
 
-int64_t batch_extent(const SeqLayout& s) { return s.cu_seqlens_q != nullptr ? 1 : s.batch; }
+int64_t batch_extent(const SeqLayout& s) {
+  return s.cu_seqlens_q != nullptr ? 1 : s.batch;
+}
 
 void check_qkv_aligned(const AttnFwdParams& p) {
   const SeqLayout& s = p.seq;
-  check_aligned(p.q, "q", p.q_batch_stride, batch_extent(s), p.q_row_stride, row_extent(s, s.seqlen_q),
-                p.q_head_stride, s.heads);
-  check_aligned(p.k, "k", p.k_batch_stride, batch_extent(s), p.k_row_stride, row_extent(s, s.seqlen_k),
-                p.k_head_stride, s.kv_heads);
+  check_aligned(p.q, "q", p.q_batch_stride, batch_extent(s), p.q_row_stride, row_extent(s, s.seqlen_q), p.q_head_stride,
+                s.heads);
+  check_aligned(p.k, "k", p.k_batch_stride, batch_extent(s), p.k_row_stride, row_extent(s, s.seqlen_k), p.k_head_stride,
+                s.kv_heads);
   if (p.v != nullptr && p.v != p.k) {
     check_aligned(p.v, "v", p.v_batch_stride, batch_extent(s), p.v_row_stride, row_extent(s, s.seqlen_k),
                   p.v_head_stride, s.kv_heads);
@@ -103,7 +104,9 @@ int decode_splits_on_current_device(int64_t batch, int64_t heads, int64_t seqlen
   return decode_splits(batch, heads, seqlen_q, seqlen_k, sm_count(c10::cuda::current_device()));
 }
 
-void set_forced_decode_splits(int n) { g_forced_splits.store(n); }
+void set_forced_decode_splits(int n) {
+  g_forced_splits.store(n);
+}
 
 namespace {
 
@@ -130,9 +133,8 @@ void fwd(const AttnFwdParams& p, at::ScalarType dtype) {
       split.mass_partial = mass_partial.data_ptr<float>();
     }
   }
-  check_launch(cuda::with_head_dim(s.head_dim, [&](auto d) {
-    return cuda::launch_fwd<decltype(d)::value>(p, dt, split, stream);
-  }));
+  check_launch(cuda::with_head_dim(s.head_dim,
+                                   [&](auto d) { return cuda::launch_fwd<decltype(d)::value>(p, dt, split, stream); }));
   if (split.num_splits > 1) check_launch(cuda::launch_fwd_combine(p, dt, split, stream));
 }
 
@@ -155,9 +157,8 @@ void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   scratch.dq_accum = dq_accum.data_ptr<float>();
   scratch.delta = delta.data_ptr<float>();
   check_launch(cuda::launch_bwd_delta(p, dt, scratch, stream));
-  check_launch(cuda::with_head_dim(s.head_dim, [&](auto d) {
-    return cuda::launch_bwd<decltype(d)::value>(p, dt, scratch, stream);
-  }));
+  check_launch(cuda::with_head_dim(
+      s.head_dim, [&](auto d) { return cuda::launch_bwd<decltype(d)::value>(p, dt, scratch, stream); }));
   check_launch(cuda::launch_bwd_convert_dq(p, dt, scratch, stream));
 }
 
@@ -167,9 +168,8 @@ void key_mass(const KeyMassParams& p, at::ScalarType dtype) {
   check_qkv_aligned(p.fwd);
   check_grid(p.fwd.seq, 1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  check_launch(cuda::with_head_dim(p.fwd.seq.head_dim, [&](auto d) {
-    return cuda::launch_key_mass<decltype(d)::value>(p, dt, stream);
-  }));
+  check_launch(cuda::with_head_dim(p.fwd.seq.head_dim,
+                                   [&](auto d) { return cuda::launch_key_mass<decltype(d)::value>(p, dt, stream); }));
 }
 
 }  // namespace

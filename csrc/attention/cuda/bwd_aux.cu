@@ -26,8 +26,8 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnBwdPa
     if (i >= sp.len_q) break;
     const int64_t row = sp.q_start + i;
     const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride;
-    const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + row * bp.do_row_stride +
-                    h * bp.do_head_stride;
+    const T* dout =
+        static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + row * bp.do_row_stride + h * bp.do_head_stride;
     float acc = 0.f;
     for (int d = lane; d < D; d += 32) acc += Tr::to_float(o[d]) * Tr::to_float(dout[d]);
     if (bp.dmass != nullptr && lane < kNumGroups) {
@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(kConvertWarps * 32) convert_dq_kernel(const At
   const int D = static_cast<int>(bp.fwd.seq.head_dim);
   const int64_t H = bp.fwd.seq.heads;
   const float* src = scr.dq_accum + ((scratch_row0(bp.fwd.seq, sp, b) + i) * H + h) * D;
-  T* dst = static_cast<T*>(bp.dq) + b * bp.dq_batch_stride + (sp.q_start + i) * bp.dq_row_stride +
-           h * bp.dq_head_stride;
+  T* dst =
+      static_cast<T*>(bp.dq) + b * bp.dq_batch_stride + (sp.q_start + i) * bp.dq_row_stride + h * bp.dq_head_stride;
   for (int d = lane; d < D; d += 32) dst[d] = Tr::from_float(src[d]);
 }
 

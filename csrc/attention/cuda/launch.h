@@ -22,10 +22,10 @@ constexpr int kBwdBlockM = 64;   // query rows per backward / key-mass step
 
 // Split-KV (flash-decoding) partials, float32, indexed [split, b, h, i] with i < max_seqlen_q.
 struct FwdSplit {
-  int num_splits = 1;            // 1: no split, the kernel writes out / lse / mass directly
-  float* out_partial = nullptr;  // [splits, B, H, Lq_max, D]
-  float* lse_partial = nullptr;  // [splits, B, H, Lq_max]
-  float* mass_partial = nullptr; // [splits, B, H, Lq_max, G] (only when p.mass is set)
+  int num_splits = 1;             // 1: no split, the kernel writes out / lse / mass directly
+  float* out_partial = nullptr;   // [splits, B, H, Lq_max, D]
+  float* lse_partial = nullptr;   // [splits, B, H, Lq_max]
+  float* mass_partial = nullptr;  // [splits, B, H, Lq_max, G] (only when p.mass is set)
 };
 
 // Indexed by packed query row r (b·Lq + i batched, cu_seqlens_q[b] + i varlen), so that scratch grows with the
@@ -49,10 +49,14 @@ cudaError_t launch_key_mass(const KeyMassParams& p, DType dt, cudaStream_t strea
 template <typename F>
 cudaError_t with_head_dim(int64_t head_dim, F&& f) {
   switch (head_dim) {
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 80: return f(std::integral_constant<int, 80>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    default: return cudaErrorInvalidValue;
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 80:
+      return f(std::integral_constant<int, 80>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

@@ -27,13 +27,13 @@ cudaError_t with_dtype(DType dt, F&& f) {
 // Calls f(ElemTag<T>{}, std::bool_constant<causal>{}).
 template <typename F>
 cudaError_t with_dtype_causal(DType dt, bool causal, F&& f) {
-  return with_dtype(dt, [&](auto elem) {
-    return causal ? f(elem, std::true_type{}) : f(elem, std::false_type{});
-  });
+  return with_dtype(dt, [&](auto elem) { return causal ? f(elem, std::true_type{}) : f(elem, std::false_type{}); });
 }
 
 // Blocks of `block` covering `n` items.
-inline unsigned blocks_for(int64_t n, int64_t block) { return static_cast<unsigned>((n + block - 1) / block); }
+inline unsigned blocks_for(int64_t n, int64_t block) {
+  return static_cast<unsigned>((n + block - 1) / block);
+}
 
 // Launches kernel<<<grid, threads, smem, stream>>>(args...). An empty grid is not launched: CUDA refuses a
 // zero-size grid, and it arises legitimately (varlen with every sequence empty, max_seqlen_q = 0) when the host
