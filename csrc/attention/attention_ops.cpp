@@ -40,8 +40,8 @@ const Backend kCpuBackend{&cpu::attention_fwd, &cpu::attention_bwd, &cpu::attent
 
 RefuseWithoutCudaKernels::RefuseWithoutCudaKernels(const at::Tensor& q, const char* op) {
   TORCH_CHECK(false, op, ": q is on ", q.device(),
-              " but this build of avar_ops has no CUDA kernels (it was "
-              "built CPU-only because no GPU was visible at build time). Rebuild with them: "
+              " but this build of avar_ops has no CUDA kernels (a CPU-only build: no GPU was visible "
+              "at build time, or AVAR_FORCE_CPU=1 was set). Rebuild with them: "
               "AVAR_CUDA_ARCHS=\"8.0;9.0\" pip install --no-build-isolation -e . (list your GPU's compute "
               "capability), or run the build on a machine where the GPU is visible");
 }
