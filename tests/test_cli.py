@@ -66,8 +66,9 @@ def test_generate_prints_both_answers(data, capsys):
     image = os.path.join(os.path.dirname(data), "images", "s0_0.png")
     assert main(["generate", "--image", image, "--question", "What colour is the square?", "--alpha-img", "0.15",
                  "--alpha-sys", "0.2", "--mode", "logits", "--baseline", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "[no intervention]" in out and "[logits α_img=0.15 α_sys=0.2]" in out
+    captured = capsys.readouterr()
+    assert "[no intervention]" in captured.out and "[logits α_img=0.15 α_sys=0.2]" in captured.out
+    assert "tokens of 0" in captured.err  # the decoding-step bar of sample 0 (on unless --no-progress)
 
 
 def test_sweep_writes_table(data, tmp_path, tiny_vas):

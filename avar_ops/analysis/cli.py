@@ -443,7 +443,7 @@ def write_sweep_table(rows: List[dict], answers: dict, samples: Sequence[dict], 
               "|---|" + "---|" * len(rows)]
     for i, s in enumerate(samples):
         cells = [_md_cell(answers[r["setting"]][i]["answer"]) for r in rows]
-        lines.append(f"| {s['id']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_md_cell(s['id'])} | " + " | ".join(cells) + " |")
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(paths["csv"], "w", encoding="utf-8", newline="") as f:
