@@ -82,7 +82,9 @@ def model_shape(spec: Optional[str], arg: str = "--model") -> Tuple[int, int, st
         model_type = config.get("model_type") if isinstance(config, dict) else None
         raise CLIError(f"{arg}: {spec!r} holds a {model_type!r} model; avar supports Qwen2.5-VL ('qwen2_5_vl')")
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
+    # Older checkpoints keep the text model's numbers at the top level.
+    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    heads = text.get("num_attention_heads", config.get("num_attention_heads"))
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (layers, heads)):
         raise DataError(f"{arg}: {config_path} has no positive num_hidden_layers / num_attention_heads")
     dtype = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
