@@ -191,3 +191,31 @@ def test_ids_from_data_write_nothing_outside_out(tmp_path):
     names = {p.name for p in created}
     assert {"attention_samplex_.._.._.._.._elsewhere_E_image1.png", "attention_samplecoco_000123_image1.png",
             "vas.json"} <= names
+
+
+@pytest.mark.parametrize(
+    "config, extra, code, message",
+    [
+        ({"model_type": "qwen2_5_vl", "num_hidden_layers": 2, "num_attention_heads": 4, "torch_dtype": "float16"},
+         [], 2, "the checkpoint's dtype (float16): the CPU kernels take float32 or bfloat16"),
+        ({"model_type": "qwen2_5_vl", "text_config": {"num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "dtype": "bfloat16"}},
+         ["--alpha-img", "0.1", "--layers", "2"], 2, "--layers: index 2 is out of range for 2"),
+        ({"model_type": "qwen2_5_vl"}, [], 1, "has no positive num_hidden_layers / num_attention_heads"),
+        ({"model_type": "llama"}, [], 2, "holds a 'llama' model"),
+        ("{ broken", [], 1, "config.json is not valid JSON"),
+    ],
+)
+def test_checkpoint_config_is_checked_before_loading(config, extra, code, message, files, tmp_path, capsys,
+                                                     monkeypatch):
+    """Layer and head counts and the dtype come from config.json alone; no weights are needed to refuse."""
+    import avar_ops.analysis.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    argv = ["generate", "--model", str(ckpt), "--image", files["image"], "--question", "q?", *extra]
+    assert main(argv) == code
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
