@@ -446,7 +446,8 @@ def test_each_cache_keeps_its_own_token_history(tiny):
     text = ("<|im_start|>system\nYou are a careful visual reasoning assistant.<|im_end|>\n<|im_start|>user\n"
             "Describe the image.<|im_end|>\n<|im_start|>assistant\n")
     a = tok([text], return_tensors="pt")["input_ids"]  # [1, L]
-    (system_id,), (user_id,) = tok.encode("system", add_special_tokens=False), tok.encode("user", add_special_tokens=False)
+    (system_id,) = tok.encode("system", add_special_tokens=False)
+    (user_id,) = tok.encode("user", add_special_tokens=False)
     assert int(a[0, 1]) == system_id
     b = a.clone()
     b[0, 1] = user_id  # B: the same length, its first turn is a user turn: system tokens become user text
