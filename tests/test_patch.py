@@ -495,3 +495,26 @@ def test_generate_history_follows_its_cache(tiny):
     finally:
         handle.revert()
     assert torch.equal(first, second)
+
+
+def test_cropped_cache_keeps_the_matching_history(tiny):
+    """A cache cropped back (as assisted generation does) continues with the ids of the positions it kept."""
+    model, processor = tiny
+    tok = processor.tokenizer
+    prompt = tok(["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nDescribe the image.<|im_end|>\n"
+                  "<|im_start|>assistant\n"], return_tensors="pt")["input_ids"]  # [1, L]
+    L = prompt.shape[1]
+    first, second = torch.tensor([[7]]), torch.tensor([[9]])  # [1, 1] each
+    model.model.rope_deltas = None  # text only: no rope deltas of an earlier multimodal prefill
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=torch.tensor([0.0, 0.0, -3.0, 3.0]))
+    try:
+        with torch.no_grad():
+            clean_cache = model(input_ids=prompt, use_cache=True).past_key_values
+            clean = model(input_ids=second, past_key_values=clean_cache).logits[0, -1]  # [V]
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            model(input_ids=first, past_key_values=cache)
+            cache.crop(L)
+            again = model(input_ids=second, past_key_values=cache).logits[0, -1]  # [V]
+    finally:
+        handle.revert()
+    assert testing.rel_err(again, clean) <= testing.FP32_MODEL_REL
