@@ -66,17 +66,20 @@ def test_generate_prints_both_answers(data, capsys):
     image = os.path.join(os.path.dirname(data), "images", "s0_0.png")
     assert main(["generate", "--image", image, "--question", "What colour is the square?", "--alpha-img", "0.15",
                  "--alpha-sys", "0.2", "--mode", "logits", "--baseline", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "[no intervention]" in out and "[logits α_img=0.15 α_sys=0.2]" in out
+    captured = capsys.readouterr()
+    assert "[no intervention]" in captured.out and "[logits α_img=0.15 α_sys=0.2]" in captured.out
+    assert "tokens of 0" in captured.err  # the decoding-step bar of sample 0 (on unless --no-progress)
 
 
 def test_sweep_writes_table(data, tmp_path, tiny_vas):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--data", data, "--limit", "2", "--alphas", "0", "0.15:0.2", "0.4:0.4", "--out", str(out),
-                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    # A negative pair ("-0.5:0.2") starts like an option; the command still reads it as a setting.
+    assert main(["sweep", "--data", data, "--limit", "2", "--alphas", "0", "0.15:0.2", "0.4:0.4", "-0.5:0.2",
+                 "--out", str(out), "--max-new-tokens", "4", "--no-progress"]) == 0
     with open(out / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["setting"] for r in rows] == ["none", "weights α_img=0.15 α_sys=0.2", "weights α_img=0.4 α_sys=0.4"]
+    assert [r["setting"] for r in rows] == ["none", "weights α_img=0.15 α_sys=0.2", "weights α_img=0.4 α_sys=0.4",
+                                            "weights α_img=-0.5 α_sys=0.2"]
     assert rows[0]["answers_changed"] == "0"
     base = vas.VASReport.load(str(tiny_vas))
     assert float(rows[0]["vas"]) == pytest.approx(base.vas, rel=1e-9)
@@ -84,6 +87,7 @@ def test_sweep_writes_table(data, tmp_path, tiny_vas):
     layer0 = [r["report"]["per_layer"]["vas"][0] for r in full["rows"]]
     assert layer0[1] == pytest.approx(layer0[0] * 1.15 / 0.8, rel=1e-4)
     assert layer0[2] == pytest.approx(layer0[0] * 1.4 / 0.6, rel=1e-4)
+    assert layer0[3] == pytest.approx(layer0[0] * 0.5 / 0.8, rel=1e-4)
     assert len(full["answers"]["none"]) == 2
     md = (out / "sweep.md").read_text()
     assert "| setting |" in md and "## Answers" in md and "\n| s0 | " in md and "\n| s1 | " in md
@@ -123,7 +127,6 @@ def test_bad_arguments_give_one_line_errors(argv, message, data, tmp_path, capsy
     assert message in err and "Traceback" not in err
 
 
-def test_bad_numbers_are_argparse_errors(data, tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        main(["vas", "--data", data, "--out", str(tmp_path), "--limit", "0"])
-    assert exc.value.code == 2
+def test_bad_numbers_are_usage_errors(data, tmp_path, capsys):
+    assert main(["vas", "--data", data, "--out", str(tmp_path), "--limit", "0"]) == 2
+    assert capsys.readouterr().err == "avar vas: error: --limit: expected a positive number, got 0\n"

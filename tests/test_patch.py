@@ -16,6 +16,7 @@ from transformers.masking_utils import eager_mask
 from avar_ops.core import testing
 from avar_ops.hf import token_groups
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert
+from avar_ops.core import Group
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
 
 G = 4
@@ -325,7 +326,7 @@ def test_revert_restores_stock(tiny):
         apply_to_qwen2_5_vl(model, tokenizer=processor)
     revert(model)
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert not base._forward_pre_hooks
+    assert not base._forward_pre_hooks and not base._forward_hooks
     assert not any(hasattr(layer.self_attn, "_avar_state") for layer in base.language_model.layers)
     after = _logits(model, batch)
     assert torch.equal(after, before)
@@ -435,3 +436,85 @@ def test_cache_filled_before_patch_raises(tiny):
             model(input_ids=nxt, attention_mask=mask, past_key_values=cache)
     finally:
         handle.revert()
+
+
+def test_each_cache_keeps_its_own_token_history(tiny):
+    """Conversations A and B with caches of the same length, used in turn (A prefill, B prefill, A step): A's
+    step runs with A's groups, as it does without B in between, and with B's groups it would differ."""
+    model, processor = tiny
+    tok = processor.tokenizer
+    text = ("<|im_start|>system\nYou are a careful visual reasoning assistant.<|im_end|>\n<|im_start|>user\n"
+            "Describe the image.<|im_end|>\n<|im_start|>assistant\n")
+    a = tok([text], return_tensors="pt")["input_ids"]  # [1, L]
+    (system_id,) = tok.encode("system", add_special_tokens=False)
+    (user_id,) = tok.encode("user", add_special_tokens=False)
+    assert int(a[0, 1]) == system_id
+    b = a.clone()
+    b[0, 1] = user_id  # B: the same length, its first turn is a user turn: system tokens become user text
+    groups_a, groups_b = token_groups(a, processor).key_group, token_groups(b, processor).key_group
+    assert int((groups_a == Group.SYSTEM).sum()) > 5 and not bool((groups_b == Group.SYSTEM).any())
+    step = torch.tensor([[int(tok.encode("The", add_special_tokens=False)[0])]])  # [1, 1]
+    mask = torch.ones(1, a.shape[1] + 1, dtype=torch.long)  # [1, L + 1]
+    bias = torch.tensor([0.0, 0.0, -3.0, 3.0])  # damp system keys, boost user keys: groups change the logits
+    # Qwen2.5-VL keeps the rope deltas of its last multimodal prefill on the model (transformers' own state,
+    # left by earlier tests); these text-only conversations need none.
+    model.model.rope_deltas = None
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=bias)
+    try:
+        with torch.no_grad():
+            clean_cache = model(input_ids=a, use_cache=True).past_key_values
+            clean = model(input_ids=step, attention_mask=mask, past_key_values=clean_cache).logits[0, -1]  # [V]
+            cache_a = model(input_ids=a, use_cache=True).past_key_values
+            cache_b = model(input_ids=b, use_cache=True).past_key_values
+            assert cache_a.get_seq_length() == cache_b.get_seq_length()
+            turn_a = model(input_ids=step, attention_mask=mask, past_key_values=cache_a).logits[0, -1]  # [V]
+            turn_b = model(input_ids=step, attention_mask=mask, past_key_values=cache_b).logits[0, -1]  # [V]
+            # What A's step gives when it runs with B's groups (the failure this test guards against).
+            wrong_cache = model(input_ids=a, use_cache=True).past_key_values
+            handle.set_key_groups(torch.cat([groups_b, torch.zeros(1, 1, dtype=torch.int8)], dim=1))
+            wrong = model(input_ids=step, attention_mask=mask, past_key_values=wrong_cache).logits[0, -1]  # [V]
+            handle.set_key_groups(None)
+    finally:
+        handle.revert()
+    assert testing.rel_err(turn_a, clean) <= testing.FP32_MODEL_REL
+    assert testing.rel_err(wrong, clean) > 100 * testing.FP32_MODEL_REL
+    assert testing.rel_err(turn_b, clean) > 100 * testing.FP32_MODEL_REL
+
+
+def test_generate_history_follows_its_cache(tiny):
+    """generate() passes its own cache from the first step; two generations in turn do not mix."""
+    model, processor = tiny
+    batch = make_batch(processor, "left", rows=(0,))
+    bias = torch.tensor([0.0, 2.0, -2.0, 0.0])
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=bias)
+    try:
+        with torch.no_grad():
+            first = model.generate(**batch, max_new_tokens=4, do_sample=False)
+            model(**make_batch(processor, "left", rows=(1,)), use_cache=True)  # another conversation between
+            second = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    finally:
+        handle.revert()
+    assert torch.equal(first, second)
+
+
+def test_cropped_cache_keeps_the_matching_history(tiny):
+    """A cache cropped back (as assisted generation does) continues with the ids of the positions it kept."""
+    model, processor = tiny
+    tok = processor.tokenizer
+    prompt = tok(["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nDescribe the image.<|im_end|>\n"
+                  "<|im_start|>assistant\n"], return_tensors="pt")["input_ids"]  # [1, L]
+    L = prompt.shape[1]
+    first, second = torch.tensor([[7]]), torch.tensor([[9]])  # [1, 1] each
+    model.model.rope_deltas = None  # text only: no rope deltas of an earlier multimodal prefill
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=torch.tensor([0.0, 0.0, -3.0, 3.0]))
+    try:
+        with torch.no_grad():
+            clean_cache = model(input_ids=prompt, use_cache=True).past_key_values
+            clean = model(input_ids=second, past_key_values=clean_cache).logits[0, -1]  # [V]
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            model(input_ids=first, past_key_values=cache)
+            cache.crop(L)
+            again = model(input_ids=second, past_key_values=cache).logits[0, -1]  # [V]
+    finally:
+        handle.revert()
+    assert testing.rel_err(again, clean) <= testing.FP32_MODEL_REL

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from avar_ops.analysis import plots
+from avar_ops.analysis.paths import inside, safe_name
 from avar_ops.analysis.samples import build_inputs, load_images, normalize_sample
 from avar_ops.core import attention_key_mass, select_indices
 from avar_ops.hf import capture_attention, token_groups
@@ -135,13 +136,18 @@ def image_attention(
 
 
 def save_overlays(result: ImageAttention, sample, out_dir: str, prefix: str = "attention") -> List[str]:
-    """One PNG per image: the image and the attention map upsampled over it."""
+    """One PNG per image, `out_dir/{prefix}_image{n}.png`: the image and the attention map upsampled over it.
+
+    `prefix` becomes a file name through `paths.safe_name` (no folders), so it may hold a sample id.
+    """
     sample = normalize_sample(sample, 0)
     images = load_images(sample)
+    prefix = safe_name(prefix, default="attention")
+    os.makedirs(out_dir, exist_ok=True)
     paths = []
     for n, (img, heat) in enumerate(zip(images, result.maps)):
         title = (f"{result.queries} tokens → image {n + 1}, layers {result.layers} "
                  f"(share on all images {result.visual_share:.3f})")
         paths.append(plots.image_attention_overlay(
-            img, heat, os.path.join(out_dir, f"{prefix}_image{n + 1}.png"), title=title))
+            img, heat, inside(out_dir, f"{prefix}_image{n + 1}.png"), title=title))
     return paths

@@ -23,7 +23,11 @@ _ANNOTATE_MAX_CELLS = 64  # write the value in each cell only while the numbers 
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Folders are the callers' to create (inside the output folder they were given); a figure never makes one.
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        plt.close(fig)
+        raise FileNotFoundError(f"cannot save the figure {path!r}: its folder {folder!r} does not exist")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -128,7 +132,7 @@ def image_attention_overlay(image, patch_attention: np.ndarray, path: str, *, ti
     heat = np.asarray(patch_attention, dtype=np.float64)  # [gh, gw]
     if heat.ndim != 2 or heat.size == 0:
         raise ValueError(f"image_attention_overlay: expected a [grid_h, grid_w] array, got shape {heat.shape}")
-    img = image.convert("RGB") if hasattr(image, "convert") else Image.open(image).convert("RGB")
+    img = image.convert("RGB") if hasattr(image, "convert") else Image.open(image).convert("RGB")  # 8-bit images
     w, h = img.size
     peak = heat.max()
     norm = heat / peak if peak > 0 else heat  # [gh, gw]

@@ -7,19 +7,48 @@ A sample is a dict, or one JSONL record:
 
 Relative image paths in a JSONL file are relative to the file's folder. Images may also be PIL images when
 samples are built in Python. A sample without "system" gets the chat template's default system prompt.
+
+What is refused, with a ValueError naming the sample (file and line for JSONL) and the field:
+- chat-template markers typed in text (`<|im_end|>`, `<|im_start|>`, `<|image_pad|>`, any `<|...|>`): the
+  tokenizer turns them into the template's special tokens, which would open turns or add image slots that
+  the token groups then count (a "question" could become a system turn);
+- two samples with the same id (an explicit "id" or the default, the sample's index): files and report
+  entries are named after ids;
+- JSONL files that are not UTF-8, images that cannot be decoded, and images whose aspect ratio is beyond
+  Qwen2.5-VL's image processor's limit (200).
+16-bit greyscale images (PIL modes I;16 and I) are scaled to 8 bits, not clipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from avar_ops.method import Intervention, generate
 
-__all__ = ["load_samples", "normalize_sample", "load_images", "chat_messages", "build_inputs", "generate_answers"]
+__all__ = [
+    "load_samples",
+    "normalize_sample",
+    "check_unique_ids",
+    "load_images",
+    "check_images",
+    "chat_messages",
+    "build_inputs",
+    "generate_answers",
+    "MAX_ASPECT_RATIO",
+]
+
+# Qwen2-VL's image processor refuses images whose long side is more than 200 times the short one.
+MAX_ASPECT_RATIO = 200.0
+# Qwen's special tokens are all written <|name|>; the tokenizer matches them anywhere in text.
+_TEMPLATE_MARKER = re.compile(r"<\|[^\s<>|]{1,64}\|>")
+# PIL modes holding one integer channel wider than 8 bits (16-bit PNG / TIFF greyscale).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _is_pil(x) -> bool:
@@ -47,6 +76,8 @@ def normalize_sample(record, index: int, base_dir: Optional[str] = None, where: 
         path = os.fspath(img)
         if base_dir is not None and not os.path.isabs(path):
             path = os.path.join(base_dir, path)
+        if os.path.isdir(path):
+            raise ValueError(f"{where}[{index}]: image path is a folder, not an image file: {path}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{where}[{index}]: image file not found: {path}")
         resolved.append(path)
@@ -59,8 +90,18 @@ def normalize_sample(record, index: int, base_dir: Optional[str] = None, where: 
     response = record.get("response")
     if response is not None and not isinstance(response, str):
         raise ValueError(f"{where}[{index}]: 'response' must be a string when given, got {type(response).__name__}")
+    for field, text in (("question", question), ("system", system), ("response", response)):
+        marker = _TEMPLATE_MARKER.search(text) if text is not None else None
+        if marker is not None:
+            raise ValueError(
+                f"{where}[{index}]: {field!r} contains {marker.group(0)!r}, a chat-template marker; typed in text it "
+                "becomes a special token that changes the turns and token groups (remove it or write it differently)"
+            )
+    sample_id = record.get("id", index)
+    if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
+        raise ValueError(f"{where}[{index}]: 'id' must be a string or an integer, got {sample_id!r}")
     return {
-        "id": str(record.get("id", index)),
+        "id": str(sample_id),
         "images": resolved,
         "question": question,
         "system": system,
@@ -75,30 +116,87 @@ def load_samples(path: str, limit: Optional[int] = None) -> List[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_samples: data file not found: {path}")
     base = os.path.dirname(os.path.abspath(path))
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    samples, wheres = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"load_samples: {path}, line {lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"load_samples: {path}, line {lineno}: not valid JSON ({exc.msg})") from exc
-            samples.append(normalize_sample(record, len(samples), base, where=f"{path}:{lineno}"))
+            wheres.append(f"{path}:{lineno}")
+            samples.append(normalize_sample(record, len(samples), base, where=wheres[-1]))
             if limit is not None and len(samples) >= limit:
                 break
     if not samples:
         raise ValueError(f"load_samples: {path} holds no samples")
+    check_unique_ids(samples, wheres)
     return samples
 
 
-def load_images(sample: dict) -> list:
+def check_unique_ids(samples: Sequence[dict], wheres: Optional[Sequence[str]] = None) -> None:
+    """ValueError when two normalised samples share an id (e.g. an explicit "1" and the default id of sample 1)."""
+    first = {}
+    for i, s in enumerate(samples):
+        if s["id"] in first:
+            j = first[s["id"]]
+            a = wheres[j] if wheres is not None else f"samples[{j}]"
+            b = wheres[i] if wheres is not None else f"samples[{i}]"
+            raise ValueError(
+                f"{a} and {b} have the same id {s['id']!r} (a sample without 'id' is named by its index); "
+                "give every sample its own id"
+            )
+        first[s["id"]] = i
+
+
+def _to_rgb(img):
+    """PIL image -> 8-bit RGB; 16-bit greyscale is scaled (convert("RGB") alone clips it to 0..255)."""
     from PIL import Image
+
+    if img.mode in _WIDE_GREY_MODES:
+        wide = np.asarray(img, dtype=np.float64)  # [h, w], 0..65535
+        grey = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)  # [h, w]
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_images(sample: dict) -> list:
+    """The sample's images as 8-bit RGB PIL images; ValueError naming the sample for undecodable or too-narrow ones."""
+    from PIL import Image, UnidentifiedImageError
 
     out = []
     for img in sample["images"]:
-        out.append(img.convert("RGB") if _is_pil(img) else Image.open(img).convert("RGB"))
+        name = "a PIL image" if _is_pil(img) else img
+        if not _is_pil(img):
+            try:
+                with Image.open(img) as opened:
+                    opened.load()
+                    img = opened.copy()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                raise ValueError(f"sample {sample.get('id')!r}: cannot read image {name}: {exc}") from None
+        w, h = img.size
+        if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+            raise ValueError(
+                f"sample {sample.get('id')!r}: image {name} is {w}×{h} pixels; Qwen2.5-VL's image processor takes "
+                f"aspect ratios up to {MAX_ASPECT_RATIO:g}:1"
+            )
+        out.append(_to_rgb(img))
     return out
+
+
+def check_images(samples: Sequence[dict]) -> None:
+    """Decode every image of the samples once (ValueError naming the sample and file for a bad one), so that a
+    run fails before any model work rather than in the middle of it."""
+    for s in samples:
+        load_images(s)
 
 
 def chat_messages(sample: dict, response: Optional[str] = None) -> list:
@@ -147,23 +245,53 @@ def build_inputs(processor, samples: Sequence[dict], *, responses: Optional[Sequ
     return dict(inputs)
 
 
+class _TokenProgress:
+    """A `generate` streamer that only counts: one tqdm bar over the decoding steps of a batch."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="token", leave=False)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.bar.update(1)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
 def generate_answers(model, processor, samples, *, intervention: Optional[Intervention] = None,
-                     max_new_tokens: int = 32, batch_size: int = 1) -> List[dict]:
+                     max_new_tokens: int = 32, batch_size: int = 1, progress: bool = False) -> List[dict]:
     """Greedy answers to `samples` (dicts / JSONL records) under the intervention, `batch_size` at a time.
 
     Returns one {"id", "answer", "tokens"} per sample; tokens are the generated ids up to and including the
-    end-of-turn token.
+    end-of-turn token. progress=True shows a bar over the samples and one over each batch's decoding steps.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"generate: batch_size must be a positive int, got {batch_size!r}")
     samples = [normalize_sample(s, i) for i, s in enumerate(samples)]
     device = next(model.parameters()).device
     results = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(samples), desc="answers", unit="sample")
     for i in range(0, len(samples), batch_size):
         batch = samples[i:i + batch_size]
         inputs = build_inputs(processor, batch, device=device)
-        rows = generate(model, processor, inputs, intervention=intervention, max_new_tokens=max_new_tokens)
+        streamer = _TokenProgress(max_new_tokens, f"tokens of {batch[0]['id']}") if progress else None
+        rows = generate(model, processor, inputs, intervention=intervention, max_new_tokens=max_new_tokens,
+                        streamer=streamer)
         for s, tokens in zip(batch, rows):
             results.append({"id": s["id"], "answer": processor.tokenizer.decode(tokens, skip_special_tokens=True),
                             "tokens": tokens})
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return results

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from avar_ops.analysis import plots
-from avar_ops.analysis.samples import build_inputs, load_samples, normalize_sample
+from avar_ops.analysis.samples import build_inputs, check_unique_ids, load_samples, normalize_sample
 from avar_ops.core import GROUP_NAMES, select_indices
 from avar_ops.hf import collect_masses, token_groups
 from avar_ops.method import VASResult, intervened
@@ -61,16 +61,38 @@ class VASReport:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VASReport":
+    def from_dict(cls, d: dict, where: str = "VASReport.from_dict") -> "VASReport":
+        """The report a `to_dict` gave; ValueError naming what is missing or of the wrong kind."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing, unknown = sorted(required - set(d)), sorted(set(d) - known)
+        if missing or unknown:
+            raise ValueError(f"{where}: not a VAS report (missing fields {missing}, unknown fields {unknown})")
+        for name in ("vas", "ratio_of_sums", "image_mass"):
+            if isinstance(d[name], bool) or not isinstance(d[name], (int, float)):
+                raise ValueError(f"{where}: field {name!r} must be a number, got {d[name]!r}")
+        for name in ("per_layer", "split_per_layer", "split", "per_layer_head"):
+            if not isinstance(d[name], dict):
+                raise ValueError(f"{where}: field {name!r} must be an object, got {type(d[name]).__name__}")
+        if "vas" not in d["per_layer"] or any(g not in d["split_per_layer"] for g in GROUP_NAMES):
+            raise ValueError(f"{where}: per_layer needs 'vas' and split_per_layer needs {list(GROUP_NAMES)}")
         return cls(**d)
 
     @classmethod
     def load(cls, path: str) -> "VASReport":
-        """Read a report from a vas.json file or a folder holding one."""
+        """Read a report from a vas.json file or a folder holding one (ValueError for a file that is not one)."""
         if os.path.isdir(path):
             path = os.path.join(path, "vas.json")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a VAS report (not UTF-8 text)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a VAS report (invalid JSON at line {exc.lineno}: {exc.msg})") from None
+        return cls.from_dict(data, where=path)
 
     def plot_data(self) -> dict:
         return {"label": self.label, "vas": self.vas, "vas_per_layer": self.per_layer["vas"],
@@ -171,6 +193,7 @@ def measure(
         samples = load_samples(os.fspath(samples), limit)
     else:
         samples = [normalize_sample(s, i) for i, s in enumerate(samples)]
+        check_unique_ids(samples)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise ValueError(f"measure: limit must be a positive int or None, got {limit!r}")

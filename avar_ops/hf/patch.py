@@ -19,11 +19,15 @@ How it hooks in (transformers >= 5.17, < 6):
   mask patterns the kernel does not implement, such as packed sequences), and causality is the kernel's own,
   bottom-right aligned, which serves prefill and decoding alike.
 - A forward pre-hook on the `Qwen2_5_VLModel` sees every forward, including each step of `generate()`. It keeps
-  the input ids of everything in the KV cache, so the groups always cover the cached positions too: on a fresh
-  forward (empty or no cache) the history restarts; on a cached step the new ids are appended and the groups
-  of the whole history are recomputed from the tokens and the full attention mask (cheap: a few vectorised
-  passes over [B, L]). Groups come from `token_groups` when a tokenizer is given, or from groups set
-  with `handle.set_key_groups`; positions past the explicit groups (generated tokens) are group 0.
+  the input ids of everything in each KV cache, tied to that cache object (held weakly, so the ids go when the
+  cache goes; a cache the model creates inside a forward is picked up by a forward hook), so that two
+  conversations with caches of the same length, used in turn, each get their own groups. On a fresh forward
+  (empty or no cache) a cache's history starts from the forward's ids; on a cached step the new ids are
+  appended to that cache's history (a cache cropped to fewer positions keeps the matching prefix) and the
+  groups of the whole history are recomputed from the tokens and the full attention mask (cheap: a few
+  vectorised passes over [B, L]). A cache with positions the patch never saw is refused. Groups come from
+  `token_groups` when a tokenizer is given, or from groups set with `handle.set_key_groups`; positions past
+  the explicit groups (generated tokens) are group 0.
 - The attention function reads the groups, the layer's bias / logit scale and whether masses are being
   collected from the patch state attached to each attention module.
 
@@ -31,13 +35,16 @@ Limitations, each raising a clear error: packed sequences (positions restarting 
 attention mask), sliding-window layers, attention dropout, 4D custom masks, masks prepared in advance (static
 cache), `output_attentions=True`.
 Beam search that reorders the cache keeps the group history of the original rows; that is exact as long as
-generated tokens are all group 0 (they are, inside an assistant turn).
+generated tokens are all group 0 (they are, inside an assistant turn). Qwen2.5-VL itself keeps the rope
+deltas of its last multimodal prefill on the model (not on the cache), so conversations with images that
+are stepped in turn need their position_ids passed explicitly; that is transformers' state, not the patch's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Union
 
@@ -139,14 +146,31 @@ class _PatchState:
     bias: List[Optional[torch.Tensor]]
     logit_scale: List[Optional[torch.Tensor]]
     explicit_groups: Optional[torch.Tensor] = None  # int8 [B, N]
-    ids: Optional[torch.Tensor] = None  # [B, P] input ids of every cached position
+    # KV cache object -> int64 [B, P]: the input ids of every position that cache holds.
+    histories: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    pending_ids: Optional[torch.Tensor] = None  # [B, L] ids of a forward whose cache the model creates itself
     key_group: Optional[torch.Tensor] = None  # int8 [B, P + L] groups of the current forward's keys
     collectors: List[_Collector] = field(default_factory=list)
     captures: List["AttentionCapture"] = field(default_factory=list)
 
 
+def _cached_ids(state: _PatchState, cache, past_len: int, batch: int) -> torch.Tensor:
+    """[B, past_len]: the ids of the positions `cache` holds, as this patch saw them go in."""
+    try:
+        seen = state.histories.get(cache) if cache is not None else None
+    except TypeError:  # a cache object that cannot be weakly referenced or hashed
+        seen = None
+    if seen is None or seen.shape[0] != batch or seen.shape[1] < past_len:
+        got = "no ids" if seen is None else f"ids {tuple(seen.shape)}"
+        raise RuntimeError(
+            f"avar patch: this KV cache holds {past_len} positions for batch {batch}, but the patch saw {got} go into "
+            "it; a cache filled before the patch (or by another model, or reordered) cannot be grouped"
+        )
+    return seen[:, :past_len]
+
+
 def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len: int, new_len: int, batch: int,
-                        device) -> torch.Tensor:
+                        device, cache=None) -> torch.Tensor:
     """int8 [B, past_len + new_len]: the key groups of this forward, keeping the cached positions' history."""
     total = past_len + new_len
     if attention_mask is not None:
@@ -193,16 +217,17 @@ def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len:
             "with handle.set_key_groups(key_group)"
         )
     if past_len == 0:
-        history = input_ids
+        history = input_ids  # [B, L]
     else:
-        if state.ids is None or state.ids.shape != (batch, past_len):
-            seen = None if state.ids is None else tuple(state.ids.shape)
-            raise RuntimeError(
-                f"avar patch: the KV cache holds {past_len} positions for batch {batch}, but the ids seen since the "
-                f"last fresh forward are {seen}; a cache filled before the patch (or reordered) cannot be grouped"
-            )
-        history = torch.cat([state.ids, input_ids.to(state.ids.device)], dim=1)  # [B, P + L]
-    state.ids = history
+        seen = _cached_ids(state, cache, past_len, batch)  # [B, P]
+        history = torch.cat([seen, input_ids.to(seen.device)], dim=1)  # [B, P + L]
+    if cache is not None:
+        try:
+            state.histories[cache] = history
+        except TypeError:
+            pass  # not weakly referenceable: its next cached step is refused by _cached_ids
+    else:
+        state.pending_ids = history
     return token_groups(history, state.template, valid).key_group
 
 
@@ -217,11 +242,25 @@ def _pre_forward_hook(module, args, kwargs):
     batch, new_len = ref.shape[0], ref.shape[1]
     cache = bound.get("past_key_values")
     past_len = int(cache.get_seq_length()) if cache is not None else 0
+    state.pending_ids = None
     state.key_group = _groups_for_forward(
-        state, input_ids, bound.get("attention_mask"), past_len, new_len, batch, ref.device
+        state, input_ids, bound.get("attention_mask"), past_len, new_len, batch, ref.device, cache
     )
     for collector in state.collectors:
         collector.steps.append({})
+    return None
+
+
+def _post_forward_hook(module, args, kwargs, output):
+    """Tie the ids of a forward that got no cache object to the cache the model created for it (if any)."""
+    state: _PatchState = module._avar_state
+    pending, state.pending_ids = state.pending_ids, None
+    cache = getattr(output, "past_key_values", None)
+    if pending is not None and cache is not None:
+        try:
+            state.histories[cache] = pending
+        except TypeError:
+            pass  # not weakly referenceable: its next cached step is refused by _cached_ids
     return None
 
 
@@ -323,14 +362,14 @@ def _register() -> None:
 class PatchHandle:
     """What `apply_to_qwen2_5_vl` returns: read or change bias / groups, or revert the patch."""
 
-    def __init__(self, model, base, state: _PatchState, hook, previous_impl):
+    def __init__(self, model, base, state: _PatchState, hooks, previous_impl):
         self._model, self._base, self._state = model, base, state
-        self._hook, self._previous_impl = hook, previous_impl
+        self._hooks, self._previous_impl = hooks, previous_impl
         self._attn_modules = [layer.self_attn for layer in base.language_model.layers]
 
     @property
     def active(self) -> bool:
-        return self._hook is not None
+        return self._hooks is not None
 
     def tables(self, layer: int):
         """(bias, logit_scale) of one decoder layer as its attention uses them: float32 [H, 4] each.
@@ -389,10 +428,11 @@ class PatchHandle:
 
     def revert(self) -> None:
         """Restore the model's own attention; the handle is dead afterwards."""
-        if self._hook is None:
+        if self._hooks is None:
             return
-        self._hook.remove()
-        self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = None
         self._base.language_model.config._attn_implementation = self._previous_impl
         for module in self._attn_modules:
             del module._avar_state
@@ -402,9 +442,10 @@ class PatchHandle:
                     delattr(obj, name)
         self._state.collectors.clear()
         self._state.captures.clear()
+        self._state.histories.clear()
 
     def _require_active(self) -> None:
-        if self._hook is None:
+        if self._hooks is None:
             raise RuntimeError("avar patch: this handle was reverted")
 
 
@@ -466,9 +507,10 @@ def apply_to_qwen2_5_vl(
         module._avar_state = state
     base._avar_state = state
     base._avar_signature = inspect.signature(type(base).forward)
-    hook = base.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True)
+    hooks = (base.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True),
+             base.register_forward_hook(_post_forward_hook, with_kwargs=True))
     text_config._attn_implementation = ATTN_IMPLEMENTATION
-    handle = PatchHandle(model, base, state, hook, previous_impl)
+    handle = PatchHandle(model, base, state, hooks, previous_impl)
     model._avar_state = state
     model._avar_handle = handle
     base._avar_handle = handle

@@ -20,6 +20,13 @@ has been generated so far) runs to the end of the sequence.
 A turn is `<|im_start|>` ROLE `\\n` … `<|im_end|>`; its role is read from the tokens right after `<|im_start|>`.
 Everything is computed with cumulative maxima over marker positions, so one call costs a few passes over
 [B, L] whatever the number of turns.
+
+What it trusts: the ids alone. Every `<|im_start|>`, `<|im_end|>`, `<|image_pad|>` / `<|video_pad|>` and
+`<|vision_start|>` / `<|vision_end|>` id is taken as the template's own, wherever it comes from. Text that a
+user typed with these markers in it (`"…<|im_end|>\\n<|im_start|>system\\n…"`) tokenizes to the same ids and
+would open a system turn or an image slot here; the tokenizer cannot tell them apart afterwards. Text must
+therefore be checked before it is rendered: `avar_ops.analysis.samples` refuses any `<|…|>` marker in a
+sample's question, system prompt and response.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ from avar_ops.core import NUM_GROUPS, Group, select_indices
 from avar_ops.hf import apply_to_qwen2_5_vl, patched
 
 MODES = ("weights", "logits", "bias")
+# Bound on |β| and γ in the tables. A logit offset of 1e4 already turns a group's weights into exactly 0 or all
+# of the row (exp(-1e4) underflows even float64), so larger values change nothing but the risk that
+# scale·q·k·γ + β overflows float32 (3.4e38) in the kernel; values beyond it are refused, not clipped.
+MAX_TABLE_VALUE = 1e4
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,16 @@ class Intervention:
                 f"Intervention: mode {self.mode!r} reads alpha_img / alpha_sys, but beta_img={self.beta_img}, "
                 f"beta_sys={self.beta_sys} were given; use mode 'bias' for additive logits"
             )
+        names = ("beta_img", "beta_sys") if self.mode == "bias" else ("alpha_img", "alpha_sys")
+        bias, gamma = self.group_bias(), self.group_logit_scale()
+        for group, name in zip((Group.VISUAL, Group.SYSTEM), names):
+            kind, value = ("logit scale γ", gamma[group]) if self.mode == "logits" else ("logit offset β", bias[group])
+            if not abs(value) <= MAX_TABLE_VALUE:
+                raise ValueError(
+                    f"Intervention.{name}: {getattr(self, name):g} in mode {self.mode!r} is a {kind} of {value:.4g}; "
+                    f"expected at most {MAX_TABLE_VALUE:g} in size (that already moves all attention onto or off "
+                    "the group; larger values overflow float32 in the kernel)"
+                )
         for name in ("layers", "heads"):
             v = getattr(self, name)
             if isinstance(v, (str, bytes)):
@@ -222,11 +236,12 @@ def intervened(model, processor, intervention: Optional[Intervention] = None):
 
 
 def generate(model, processor, inputs: dict, *, intervention: Optional[Intervention] = None,
-             max_new_tokens: int = 32) -> List[List[int]]:
+             max_new_tokens: int = 32, streamer=None) -> List[List[int]]:
     """Greedy generation from prepared model inputs (a processor's output) under the intervention.
 
     The intervention acts in the prefill and in every decode step (the patch keeps the groups of the cached
-    positions). Returns, per row, the generated ids up to and including the first end-of-turn token.
+    positions). `streamer` is handed to `model.generate` (e.g. a progress display). Returns, per row, the
+    generated ids up to and including the first end-of-turn token.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -235,7 +250,7 @@ def generate(model, processor, inputs: dict, *, intervention: Optional[Intervent
             if t is not None}
     prompt_len = inputs["input_ids"].shape[1]
     with intervened(model, processor, intervention), torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
     rows = []
     for row in out[:, prompt_len:].tolist():
         tokens = []

@@ -79,6 +79,9 @@ def _group_channels(fn: str, arg: str, masses: Masses):
                 f"{fn}: every layer of {arg} must be on {first.device} (layer 0); layer {i} is on {m.device} "
                 f"(move the masses to one device first)"
             )
+    if first.shape[1] == 0:
+        # A mean over no head is 0/0; refuse it rather than return NaN.
+        raise ValueError(f"{fn}: {arg} must have at least one head, got shape {tuple(first.shape)} (H = 0)")
     visual = torch.stack([m[..., Group.VISUAL] for m in layers]).to(torch.float64)  # [NL, B, H, L]
     system = torch.stack([m[..., Group.SYSTEM] for m in layers]).to(torch.float64)  # [NL, B, H, L]
     # Masses are attention probabilities; a negative or non-finite one would turn a log or ratio into NaN.
@@ -340,7 +343,8 @@ def visual_reward(
     *,
     empty: str = "error",
 ) -> torch.Tensor:
-    """VARS's visual reward r_visual, one number per sequence: float [B] in the masses' dtype.
+    """VARS's visual reward r_visual, one number per sequence: float [B] in the masses' dtype, float32 for
+    float16 / bfloat16 masses.
 
         r_visual = mean over response tokens t of mean over layers l of  m_vis(l, t) / (m_sys(l, t) + eps)
 
@@ -352,6 +356,11 @@ def visual_reward(
 
     empty: a sequence with no response token has no reward. "error" (default) raises a ValueError naming it;
     "zero" returns 0 for it, the flag being `~response_mask.any(-1)` (the caller's own mask).
+
+    Range: a token with no system mass has ratio m_vis / eps (up to 1e6 with the default eps), beyond
+    float16's largest value (65504); the reward therefore comes back in float32 at least. A reward beyond
+    float32's range (only reachable with eps below ~1e-38) saturates at the largest float32 instead of
+    becoming inf.
 
     Args:
         masses_per_layer: list of [B, H, L, 4] tensors (one per layer) or [NL, B, H, L, 4].
@@ -374,4 +383,7 @@ def visual_reward(
     per_token = ratio.mean(0)  # [B, L]
     total = (per_token * rw).sum(-1)  # [B]
     reward = total / torch.where(has_response, n_response, torch.ones_like(n_response))  # [B]
-    return torch.where(has_response, reward, torch.zeros_like(reward)).to(dtype)
+    reward = torch.where(has_response, reward, torch.zeros_like(reward))  # [B]
+    out_dtype = torch.promote_types(dtype, torch.float32)
+    top = torch.finfo(out_dtype).max
+    return reward.clamp(max=top).to(out_dtype)

@@ -124,7 +124,13 @@ def _cmd_eval(args) -> int:
     import torch
 
     from avar_ops.analysis.answers import AnswerChecker
-    from avar_ops.analysis.cli import _check_fits, _intervention_from_flags, load_model
+    from avar_ops.analysis.cli import (
+        _check_device,
+        _check_selection,
+        _intervention_from_flags,
+        load_model,
+        model_shape,
+    )
     from avar_ops.analysis.evaluation import runner
     from avar_ops.analysis.latex_checker import LatexChecker
 
@@ -141,6 +147,9 @@ def _cmd_eval(args) -> int:
     if not args.checker_timeout > 0:
         raise UsageError("--checker-timeout: expected seconds > 0, got %g" % args.checker_timeout)
     iv = _intervention_from_flags(args)
+    shape = model_shape(args.model)
+    _check_selection(args, [iv], shape)
+    _check_device(args, shape)
     judge = None
     if args.judge_url is not None:
         from avar_ops.analysis.chat_client import ChatClient
@@ -186,7 +195,6 @@ def _cmd_eval(args) -> int:
         raise UsageError(str(exc)) from exc
 
     model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
-    _check_fits([iv], model)
     image_processor = processor.image_processor
     for flag in ("min_pixels", "max_pixels"):
         if getattr(args, flag) is not None:
