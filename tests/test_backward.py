@@ -136,6 +136,29 @@ def test_grads_fp32_any_thread_count(threads):
         assert err <= testing.FP32_OUT_REL, f"d{name} with {threads} threads: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grads_bitwise_identical_for_any_thread_count(dtype):
+    """The backward splits the query range by the problem's size, never by the thread count, and sums the split
+    partials in a fixed order: every gradient is the same to the bit with 1, 2 or 3 threads. One (sequence,
+    kv head) is the case that splits."""
+    case = Case("one_kv_head", batch=1, len_q=300, heads=3, kv_heads=1, head_dim=32, logit_scale="random")
+    kw = make_inputs(case, dtype, seed=21, requires_grad=True)
+    w = _loss_weights(avar_ops.attention(**kw, return_mass=True), seed=22)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            names, leaves = _grad_inputs(kw)
+            grads = torch.autograd.grad(_loss(avar_ops.attention(**kw, return_mass=True), w), leaves)
+            runs.append(dict(zip(names, grads)))
+    finally:
+        torch.set_num_threads(before)
+    for threads, run in zip((2, 3), runs[1:]):
+        for name, g in run.items():
+            assert torch.equal(g, runs[0][name]), f"d{name} differs between 1 and {threads} threads"
+
+
 def _torch_lowp_grads(kw, w, causal):
     """Gradients of PyTorch's own bf16 attention (eager maps) for the same loss (varlen: per sequence)."""
     names, leaves = _grad_inputs(kw)

@@ -22,12 +22,16 @@ struct BwdTask {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// More splits than one per (b, kv head) only when there are too few of those to keep every thread busy.
+// Tasks the backward aims for when there are few (b, kv head) pairs. The split count depends on the problem
+// only, never on the thread count, so dK/dV (whose split partials are summed in split order) are bit-identical
+// whatever the threads; 16 tasks keep up to 8 threads busy with dynamic claiming.
+constexpr int64_t kBackwardTaskTarget = 16;
+
+// More splits than one per (b, kv head) only when there are fewer of those than the task target.
 int64_t choose_splits(const SeqLayout& s, int64_t block_q) {
   const int64_t units = std::max<int64_t>(1, s.batch * s.kv_heads);
-  const int64_t threads = at::get_num_threads();
-  const int64_t want = ceil_div(2 * threads, units);
-  return std::clamp<int64_t>(units >= threads ? 1 : want, 1, std::max<int64_t>(1, ceil_div(s.seqlen_q, block_q)));
+  return std::clamp<int64_t>(ceil_div(kBackwardTaskTarget, units), 1,
+                             std::max<int64_t>(1, ceil_div(s.seqlen_q, block_q)));
 }
 
 // Tasks, most expensive first so that dynamic claiming balances the threads.
@@ -114,15 +118,19 @@ void backward_impl(const AttnBwdParams& bp) {
         const int64_t row = sb.k_start + j;
         const scalar_t* kp = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, row, kvh);
         const scalar_t* vp = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, row, kvh);
+        const int g = key_group_of(p, b, row);
         acc_t* kr = kbuf.data() + j * D;
-        load_row(kp, kr, D, acc_t(1));
+        // A masked key's K is taken as 0: it never enters a score, and dQ += dS·K (dS = 0 there) stays clean.
+        if (g >= 0)
+          load_row(kp, kr, D, acc_t(1));
+        else
+          std::fill(kr, kr + D, acc_t(0));
         acc_t* ktj = kt.data() + (j / Bk) * D * Bk + j % Bk;
         acc_t* vtj = vt.data() + (j / Bk) * De * Bk + j % Bk;
         for (int64_t d = 0; d < D; ++d) {
           ktj[d * Bk] = kr[d];
           vtj[d * Bk] = static_cast<acc_t>(vp[d]);
         }
-        const int g = key_group_of(p, b, row);
         grp[j] = static_cast<int8_t>(g);
         if (with_dmass)
           for (int64_t gg = 0; gg < G; ++gg) vtj[(D + gg) * Bk] = (gg == g) ? acc_t(1) : acc_t(0);
@@ -144,8 +152,14 @@ void backward_impl(const AttnBwdParams& bp) {
           const int64_t h = kvh * rep + hh;
           for (int64_t qi = 0; qi < nq; ++qi) {
             const int64_t r = hh * nq + qi, row = sb.q_start + q0 + qi;
-            load_row(row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, row, h), qs.data() + r * D, D,
-                     scale);
+            const float l = p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride];
+            const bool dead = l == -std::numeric_limits<float>::infinity();
+            // A dead row's q is taken as 0: it has no gradient effect, even when it holds NaN (dK += dSᵀ·Q).
+            if (dead)
+              std::fill(qs.data() + r * D, qs.data() + (r + 1) * D, acc_t(0));
+            else
+              load_row(row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, row, h), qs.data() + r * D, D,
+                       scale);
             acc_t* de = doe.data() + r * De;
             load_row(row_ptr(dout, bp.do_batch_stride, bp.do_row_stride, bp.do_head_stride, b, row, h), de, D,
                      acc_t(1));
@@ -164,10 +178,8 @@ void backward_impl(const AttnBwdParams& bp) {
             if (bp.dlse != nullptr)
               dsum -= bp.dlse[b * bp.dlse_batch_stride + row * bp.dlse_row_stride + h * bp.dlse_head_stride];
             d_r[r] = dsum;
-            const float l = p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride];
             // A row that sees no key has lse = −inf; +inf makes its recomputed P (and so its gradient) zero.
-            lse_r[r] = l == -std::numeric_limits<float>::infinity() ? std::numeric_limits<acc_t>::infinity()
-                                                                      : static_cast<acc_t>(l);
+            lse_r[r] = dead ? std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(l);
           }
         }
         std::fill(dq_acc.begin(), dq_acc.begin() + rows * D, acc_t(0));
@@ -186,10 +198,12 @@ void backward_impl(const AttnBwdParams& bp) {
             const int64_t col = hh * Lk + j0;
             if (tables) {
               softmax_grad_row<true>(sbuf.data() + r * Bk, dpbuf.data() + r * Bk, gam.data() + col, bet.data() + col,
-                                     lse_r[r], d_r[r], n_vis, nk, col_db.data() + col, col_dg.data() + col);
+                                     lse_r[r], d_r[r], acc_t(1), n_vis, nk, col_db.data() + col,
+                                     col_dg.data() + col);
             } else {
               softmax_grad_row<false, acc_t>(sbuf.data() + r * Bk, dpbuf.data() + r * Bk, gam.data() + col,
-                                             bet.data() + col, lse_r[r], d_r[r], n_vis, nk, nullptr, nullptr);
+                                             bet.data() + col, lse_r[r], d_r[r], acc_t(1), n_vis, nk, nullptr,
+                                             nullptr);
             }
           }
 

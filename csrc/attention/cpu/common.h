@@ -148,6 +148,20 @@ inline int key_group_of(const AttnFwdParams& p, int64_t b, int64_t row) {
   return p.key_group[b * p.kg_batch_stride + row * p.kg_row_stride];
 }
 
+// Per sequence, the index of its first key with a group ≥ 0 (len_k when every key is masked). Query i sees a
+// key iff visible_end(i) exceeds it: that, and not the value of any score, is what makes a row dead.
+inline std::vector<int64_t> first_live_keys(const AttnFwdParams& p) {
+  const SeqLayout& s = p.seq;
+  std::vector<int64_t> first(s.batch);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const SeqBounds sb = seq_bounds(s, b);
+    int64_t j = 0;
+    while (j < sb.len_k && key_group_of(p, b, sb.k_start + j) < 0) ++j;
+    first[b] = j;
+  }
+  return first;
+}
+
 // For one head and one key tile: s = raw · gamma_col[c] + beta_col[c]; masked keys get gamma 0, beta -inf.
 template <typename acc_t>
 inline void fill_group_columns(const AttnFwdParams& p, int64_t n, int64_t h, const int8_t* groups, acc_t* gamma_col,
