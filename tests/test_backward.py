@@ -190,6 +190,32 @@ BF16_CASES = [
 
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.name)
 def test_grads_bf16_within_three_times_torch_error(case):
+    _check_bf16_grads(case)
+
+
+# bf16 has two CPU backward paths, as the forward: bf16 GEMMs through oneDNN where they run, else fp32 GEMMs
+# (oneDNN switched off selects the second on any machine). AVAR_EMULATE_BF16_GEMM=1 runs the bf16 GEMM path
+# with a loop GEMM of the same layout, so its packing and rounding are tested on CPUs without oneDNN's bf16
+# kernels too. Odd head dim and odd stacked-row counts (GQA 3, odd lengths) exercise every zero pad of the
+# pair layout; varlen with an empty sequence and keys past the queries exercises the per-sequence bounds.
+@pytest.mark.parametrize("path", ["onednn", "no_onednn", "emulated"])
+@pytest.mark.parametrize("case", [Case("odd_d33_gqa3", len_q=70, heads=6, kv_heads=2, head_dim=33,
+                                       logit_scale="random"),
+                                  Case("varlen_gqa3", varlen=(5, 0, 41), len_k=3, heads=3, kv_heads=1, head_dim=16,
+                                       logit_scale="random")],
+                         ids=lambda c: c.name)
+def test_grads_bf16_both_gemm_paths(case, path, monkeypatch):
+    if path == "emulated":
+        monkeypatch.setenv("AVAR_EMULATE_BF16_GEMM", "1")
+    was_enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = path != "no_onednn"
+    try:
+        _check_bf16_grads(case)
+    finally:
+        torch.backends.mkldnn.enabled = was_enabled
+
+
+def _check_bf16_grads(case):
     kw = make_inputs(case, torch.bfloat16, seed=5, requires_grad=True)
     # The yardstick returns no lse, so the bf16 loss weighs out and mass only.
     w = _loss_weights(avar_ops.attention(**kw, return_mass=True), seed=6, with_lse=False)

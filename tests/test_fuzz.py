@@ -258,11 +258,13 @@ def _assert_close_where(got: torch.Tensor, ref: torch.Tensor, sel: torch.Tensor,
 
 
 @pytest.mark.parametrize("seed", range(N_TRIALS))
-def test_fuzz_against_reference(seed):
+def test_fuzz_against_reference(seed, monkeypatch):
     prob = _draw(seed)
     kw = prob.kw
     dtype = kw["q"].dtype
     lowp = dtype == torch.bfloat16
+    if lowp and seed % 2:  # half the bf16 trials take the bf16 GEMM path, emulated where oneDNN's does not run
+        monkeypatch.setenv("AVAR_EMULATE_BF16_GEMM", "1")
     got = avar_ops.attention(**kw, return_mass=True)
     ref = avar_ops.attention_reference(**kw, return_mass=True)
     clean = _clean(prob)

@@ -36,7 +36,7 @@ std::vector<QueryBlock> query_blocks(const SeqLayout& s, int64_t block) {
 }
 
 template <typename scalar_t, bool kPairs>
-void forward_impl(const AttnFwdParams& p) {
+void forward_impl(const AttnFwdParams& p, bool emulated) {
   using acc_t = typename AccType<scalar_t>::type;
   using mat_t = typename PackedKV<scalar_t, kPairs>::mat_t;  // GEMM operand type
   const SeqLayout& s = p.seq;
@@ -95,7 +95,7 @@ void forward_impl(const AttnFwdParams& p) {
         const int64_t nkr = kPairs ? round_up_even(nk) : nk;
         const auto tile = kv.tile(kvh, kv.block_of(b, j0));
         if constexpr (kPairs)
-          gemm_pairs(rows, nkr, Dk, qbuf.data(), Dk, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
+          gemm_pairs(rows, nkr, Dk, qbuf.data(), Dk, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false, emulated);
         else
           gemm(rows, nk, D, qbuf.data(), D, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
 
@@ -129,7 +129,7 @@ void forward_impl(const AttnFwdParams& p) {
         }
 
         if constexpr (kPairs)
-          gemm_pairs(rows, Dv, nkr, pbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
+          gemm_pairs(rows, Dv, nkr, pbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true, emulated);
         else
           gemm(rows, Dv, nk, sbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
       }
@@ -176,11 +176,13 @@ void forward_impl(const AttnFwdParams& p) {
 
 void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return forward_impl<float, false>(p);
-    case at::kBFloat16:
-      if (bf16_pair_gemm_available()) return forward_impl<at::BFloat16, true>(p);
-      return forward_impl<at::BFloat16, false>(p);
-    case at::kDouble: return forward_impl<double, false>(p);
+    case at::kFloat: return forward_impl<float, false>(p, false);
+    case at::kBFloat16: {
+      const bool emulated = pair_gemm_emulated();
+      if (emulated || bf16_pair_gemm_available()) return forward_impl<at::BFloat16, true>(p, emulated);
+      return forward_impl<at::BFloat16, false>(p, false);
+    }
+    case at::kDouble: return forward_impl<double, false>(p, false);
     default: TORCH_CHECK(false, "avar: CPU attention_fwd has no kernel for dtype ", dtype);
   }
 }
