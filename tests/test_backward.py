@@ -139,6 +139,29 @@ def test_grads_fp32_any_thread_count(threads):
         assert err <= testing.FP32_OUT_REL, f"d{name} with {threads} threads: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grads_bitwise_identical_for_any_thread_count(dtype):
+    """The backward splits the query range by the problem's size, never by the thread count, and sums the split
+    partials in a fixed order: every gradient is the same to the bit with 1, 2 or 3 threads. One (sequence,
+    kv head) is the case that splits."""
+    case = Case("one_kv_head", batch=1, len_q=300, heads=3, kv_heads=1, head_dim=32, logit_scale="random")
+    kw = make_inputs(case, dtype, seed=21, requires_grad=True)
+    w = _loss_weights(avar_ops.attention(**kw, return_mass=True), seed=22)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            names, leaves = _grad_inputs(kw)
+            grads = torch.autograd.grad(_loss(avar_ops.attention(**kw, return_mass=True), w), leaves)
+            runs.append(dict(zip(names, grads)))
+    finally:
+        torch.set_num_threads(before)
+    for threads, run in zip((2, 3), runs[1:]):
+        for name, g in run.items():
+            assert torch.equal(g, runs[0][name]), f"d{name} differs between 1 and {threads} threads"
+
+
 def _torch_lowp_grads(kw, w, causal):
     """Gradients of PyTorch's own bf16 attention (eager maps) for the same loss (varlen: per sequence)."""
     names, leaves = _grad_inputs(kw)
@@ -172,6 +195,32 @@ BF16_CASES = [
 
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.name)
 def test_grads_bf16_within_three_times_torch_error(case):
+    _check_bf16_grads(case)
+
+
+# bf16 has two CPU backward paths, as the forward: bf16 GEMMs through oneDNN where they run, else fp32 GEMMs
+# (oneDNN switched off selects the second on any machine). AVAR_EMULATE_BF16_GEMM=1 runs the bf16 GEMM path
+# with a loop GEMM of the same layout, so its packing and rounding are tested on CPUs without oneDNN's bf16
+# kernels too. Odd head dim and odd stacked-row counts (GQA 3, odd lengths) exercise every zero pad of the
+# pair layout; varlen with an empty sequence and keys past the queries exercises the per-sequence bounds.
+@pytest.mark.parametrize("path", ["onednn", "no_onednn", "emulated"])
+@pytest.mark.parametrize("case", [Case("odd_d33_gqa3", len_q=70, heads=6, kv_heads=2, head_dim=33,
+                                       logit_scale="random"),
+                                  Case("varlen_gqa3", varlen=(5, 0, 41), len_k=3, heads=3, kv_heads=1, head_dim=16,
+                                       logit_scale="random")],
+                         ids=lambda c: c.name)
+def test_grads_bf16_both_gemm_paths(case, path, monkeypatch):
+    if path == "emulated":
+        monkeypatch.setenv("AVAR_EMULATE_BF16_GEMM", "1")
+    was_enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = path != "no_onednn"
+    try:
+        _check_bf16_grads(case)
+    finally:
+        torch.backends.mkldnn.enabled = was_enabled
+
+
+def _check_bf16_grads(case):
     kw = make_inputs(case, torch.bfloat16, seed=5, requires_grad=True)
     # The yardstick returns no lse, so the bf16 loss weighs out and mass only.
     w = _loss_weights(avar_ops.attention(**kw, return_mass=True), seed=6, with_lse=False)

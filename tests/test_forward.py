@@ -51,15 +51,18 @@ def test_forward_bf16_within_twice_torch_error(case):
 # bf16 has two CPU paths: bf16 GEMMs through oneDNN where it runs (P rounded to bf16 before P·V), else fp32
 # GEMMs. Switching oneDNN off selects the second, so both meet the bf16 rule on any machine. The odd head dim
 # exercises the zero pad of the bf16 GEMM's even reduction length; L = 70 gives diagonal tiles with odd widths.
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "no_onednn"])
+# AVAR_EMULATE_BF16_GEMM=1 runs the bf16 GEMM path with a loop GEMM of the same layout (tests it on any CPU).
+@pytest.mark.parametrize("path", ["onednn", "no_onednn", "emulated"])
 @pytest.mark.parametrize("case", [Case("odd_d33_gqa3", len_q=70, heads=6, kv_heads=2, head_dim=33,
                                        logit_scale="random"),
                                   Case("L129_gqa7_d128", batch=1, len_q=129, heads=7, kv_heads=1, head_dim=128)],
                          ids=lambda c: c.name)
-def test_forward_bf16_both_gemm_paths(case, onednn):
+def test_forward_bf16_both_gemm_paths(case, path, monkeypatch):
     kw = make_inputs(case, torch.bfloat16, seed=3)
+    if path == "emulated":
+        monkeypatch.setenv("AVAR_EMULATE_BF16_GEMM", "1")
     was_enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = onednn
+    torch.backends.mkldnn.enabled = path != "no_onednn"
     try:
         got = avar_ops.attention(**kw, return_mass=True)
     finally:

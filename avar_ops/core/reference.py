@@ -7,6 +7,12 @@ definition of what the kernels compute (docs/design.md, "The op"):
     P_ij   = softmax_j(s_ij),  O_i = Σ_j P_ij v_j,  LSE_i = log Σ_j exp(s_ij),  mass_i[g] = Σ_{g(j)=g} P_ij
 
 A row with no visible key gives O = 0, LSE = −inf, mass = 0 (and zero gradients), never NaN.
+
+Non-finite input (README, "The op"): a masked key (g = −1) takes no part in any arithmetic on its K, so NaN,
+inf or huge values there change nothing (its K is replaced by 0 before the product; its V still enters P·V
+with weight 0, so a NaN there spreads as it does in SDPA). A row that sees keys but whose scores hold a NaN or
+an infinity, or are all −inf, has P = NaN on every key it sees, so its O, LSE and mass are NaN and NaN reaches
+its gradients; keys it does not see keep P = 0.
 """
 
 from __future__ import annotations
@@ -40,32 +46,41 @@ def _probabilities(
     """P [B, H, Lq, Lk], LSE [B, H, Lq] and the key-group one-hot [B, Lk, G], all float64."""
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    q64 = q.to(torch.float64).transpose(1, 2)  # [B, H, Lq, D]
-    k64 = k.to(torch.float64).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # [B, H, Lk, D]
     groups = (
         key_group.to(torch.long)
         if key_group is not None
         else torch.zeros(B, Lk, dtype=torch.long, device=q.device)
     )  # [B, Lk]
     visible_group = groups >= 0  # [B, Lk]
+    visible = visible_group[:, None, None, :].expand(B, 1, Lq, Lk)  # [B, 1, Lq, Lk]
+    if causal:
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        visible = visible & (j <= i + (Lk - Lq))
+    alive = visible.any(dim=-1)  # [B, 1, Lq]
+    # Masked keys and dead rows enter no product (0·NaN would otherwise reach dq or dk through the matmul's
+    # backward).
+    q64 = q.to(torch.float64).transpose(1, 2)  # [B, H, Lq, D]
+    q64 = torch.where(alive[..., None], q64, torch.zeros_like(q64))
+    k64 = k.to(torch.float64).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # [B, H, Lk, D]
+    k64 = torch.where(visible_group[:, None, :, None], k64, torch.zeros_like(k64))
     g_idx = groups.clamp(min=0)  # [B, Lk]
     gamma = _group_table(logit_scale, H, 1.0, q.device)[:, g_idx].permute(1, 0, 2)  # [B, H, Lk]
     beta = _group_table(bias, H, 0.0, q.device)[:, g_idx].permute(1, 0, 2)  # [B, H, Lk]
 
     raw = scale * (q64 @ k64.transpose(-1, -2))  # [B, H, Lq, Lk]
     s = raw * gamma[:, :, None, :] + beta[:, :, None, :]
-    visible = visible_group[:, None, None, :].expand(B, 1, Lq, Lk)  # [B, 1, Lq, Lk]
-    if causal:
-        i = torch.arange(Lq, device=q.device)[:, None]
-        j = torch.arange(Lk, device=q.device)[None, :]
-        visible = visible & (j <= i + (Lk - Lq))
     s = s.masked_fill(~visible, float("-inf"))
-    alive = visible.any(dim=-1)  # [B, 1, Lq]
+    # A live row whose maximum score is NaN, +inf or −inf (all scores −inf) is NaN throughout: added as a
+    # constant so that autograd still carries the NaN of the scores into the gradients.
+    s_max = s.detach().amax(dim=-1)  # [B, H, Lq], NaN if any score is NaN
+    nan_rows = torch.where(alive & ~torch.isfinite(s_max), float("nan"), 0.0)  # [B, H, Lq]
     # Dead rows take a finite stand-in so that neither logsumexp nor its gradient sees −inf − (−inf).
     s_safe = torch.where(alive[..., None], s, torch.zeros_like(s))
     lse = torch.logsumexp(s_safe, dim=-1)  # [B, H, Lq]
     p = torch.exp(s - torch.where(alive, lse, torch.zeros_like(lse))[..., None])  # [B, H, Lq, Lk]
-    lse = torch.where(alive, lse, torch.full_like(lse, float("-inf")))
+    p = torch.where(visible, p + nan_rows[..., None], torch.zeros_like(p))  # keys a row does not see: exactly 0
+    lse = torch.where(alive, lse + nan_rows, torch.full_like(lse, float("-inf")))
     onehot = torch.nn.functional.one_hot(g_idx, NUM_GROUPS).to(torch.float64) * visible_group[..., None]
     return p, lse, onehot  # onehot [B, Lk, G]
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -57,15 +58,34 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, 
 inline int64_t round_up_even(int64_t n) { return n + (n & 1); }
 inline int64_t pair_index(int64_t k, int64_t n, int64_t ldb) { return (k / 2) * 2 * ldb + 2 * n + (k & 1); }
 
+// `emulated`: the same product as a plain loop (exact bf16 products summed in fp32), for testing the bf16 GEMM
+// paths on machines where oneDNN's bf16 kernels do not run (see pair_gemm_emulated).
 inline void gemm_pairs(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
-                       int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+                       int64_t ldb, float* C, int64_t ldc, bool accumulate, bool emulated = false) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
+  if (emulated) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t n = 0; n < N; ++n) {
+        float acc = accumulate ? C[i * ldc + n] : 0.f;
+        for (int64_t k = 0; k < K; ++k)
+          acc += static_cast<float>(A[i * lda + k]) * static_cast<float>(B[pair_index(k, n, ldb)]);
+        C[i * ldc + n] = acc;
+      }
+    return;
+  }
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/true);
+}
+
+// Test switch: with AVAR_EMULATE_BF16_GEMM=1 in the environment, bf16 inputs take the bf16 GEMM paths with the
+// loop GEMM above, so that their packing and rounding are tested on any CPU (slow; for small test problems).
+inline bool pair_gemm_emulated() {
+  const char* v = std::getenv("AVAR_EMULATE_BF16_GEMM");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
 // Whether gemm_pairs runs here. PyTorch's brgemm takes pair-interleaved bf16 only through oneDNN's micro-kernels
@@ -146,6 +166,20 @@ inline void store_row(const acc_t* src, dst_t* dst, int64_t n, acc_t mul) {
 inline int key_group_of(const AttnFwdParams& p, int64_t b, int64_t row) {
   if (p.key_group == nullptr) return 0;
   return p.key_group[b * p.kg_batch_stride + row * p.kg_row_stride];
+}
+
+// Per sequence, the index of its first key with a group ≥ 0 (len_k when every key is masked). Query i sees a
+// key iff visible_end(i) exceeds it: that, and not the value of any score, is what makes a row dead.
+inline std::vector<int64_t> first_live_keys(const AttnFwdParams& p) {
+  const SeqLayout& s = p.seq;
+  std::vector<int64_t> first(s.batch);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const SeqBounds sb = seq_bounds(s, b);
+    int64_t j = 0;
+    while (j < sb.len_k && key_group_of(p, b, sb.k_start + j) < 0) ++j;
+    first[b] = j;
+  }
+  return first;
 }
 
 // For one head and one key tile: s = raw · gamma_col[c] + beta_col[c]; masked keys get gamma 0, beta -inf.

@@ -36,7 +36,7 @@ std::vector<QueryBlock> query_blocks(const SeqLayout& s, int64_t block) {
 }
 
 template <typename scalar_t, bool kPairs>
-void forward_impl(const AttnFwdParams& p) {
+void forward_impl(const AttnFwdParams& p, bool emulated) {
   using acc_t = typename AccType<scalar_t>::type;
   using mat_t = typename PackedKV<scalar_t, kPairs>::mat_t;  // GEMM operand type
   const SeqLayout& s = p.seq;
@@ -47,6 +47,7 @@ void forward_impl(const AttnFwdParams& p) {
   const std::vector<QueryBlock> blocks = query_blocks(s, Bq);
   const int64_t n_tasks = static_cast<int64_t>(blocks.size()) * s.kv_heads;
 
+  const std::vector<int64_t> first_live = first_live_keys(p);  // [B]
   const auto* q = static_cast<const scalar_t*>(p.q);
   PackedKV<scalar_t, kPairs> kv(p, Bk);  // K/V converted and tiled once, shared by all query-block tasks
   const int64_t Dk = kv.key_rows();      // D, or D rounded up to even for the pair layout
@@ -94,7 +95,7 @@ void forward_impl(const AttnFwdParams& p) {
         const int64_t nkr = kPairs ? round_up_even(nk) : nk;
         const auto tile = kv.tile(kvh, kv.block_of(b, j0));
         if constexpr (kPairs)
-          gemm_pairs(rows, nkr, Dk, qbuf.data(), Dk, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
+          gemm_pairs(rows, nkr, Dk, qbuf.data(), Dk, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false, emulated);
         else
           gemm(rows, nk, D, qbuf.data(), D, tile.kt, Bk, sbuf.data(), Bk, /*accumulate=*/false);
 
@@ -128,7 +129,7 @@ void forward_impl(const AttnFwdParams& p) {
         }
 
         if constexpr (kPairs)
-          gemm_pairs(rows, Dv, nkr, pbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
+          gemm_pairs(rows, Dv, nkr, pbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true, emulated);
         else
           gemm(rows, Dv, nk, sbuf.data(), Bk, tile.vext, Dv, acc.data(), Dv, /*accumulate=*/true);
       }
@@ -140,18 +141,31 @@ void forward_impl(const AttnFwdParams& p) {
           const acc_t* a = acc.data() + r * Dv;
           acc_t l = 0;
           for (int64_t g = 0; g < G; ++g) l += a[D + g];
-          const bool any = l > 0;
-          const acc_t inv = any ? acc_t(1) / l : acc_t(0);
-          scalar_t* o = row_ptr(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, row, h);
-          store_row(a, o, D, inv);
           acc_t l_lse = l;
           if constexpr (kPairs) l_lse = lrow[r];
-          p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride] =
-              any ? static_cast<float>(mrow[r] + std::log(l_lse)) : -std::numeric_limits<float>::infinity();
-          if (p.mass != nullptr) {
-            float* ms = row_ptr(p.mass, p.mass_batch_stride, p.mass_row_stride, p.mass_head_stride, b, row, h);
-            for (int64_t g = 0; g < G; ++g) ms[g] = static_cast<float>(a[D + g] * inv);
+          // Dead (no visible key): out 0, lse −inf, mass 0. A row that sees keys but whose running max is not
+          // finite (a NaN score, a score that overflowed to +inf, or every score −inf) is NaN throughout, as
+          // softmax itself would give; it must never pass for a dead row.
+          const bool alive = visible_end(s, sb, qb.q0 + qi) > first_live[b];
+          const bool finite = std::isfinite(mrow[r]);
+          const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+          const acc_t inv = finite ? acc_t(1) / l : nan;
+          scalar_t* o = row_ptr(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, row, h);
+          float* ms = p.mass == nullptr
+                          ? nullptr
+                          : row_ptr(p.mass, p.mass_batch_stride, p.mass_row_stride, p.mass_head_stride, b, row, h);
+          float& lse = p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride];
+          if (!alive) {
+            // Written, not scaled by 0: the accumulator may hold 0·NaN from a masked key's V.
+            std::fill(o, o + D, scalar_t(0));
+            lse = -std::numeric_limits<float>::infinity();
+            if (ms != nullptr) std::fill(ms, ms + G, 0.f);
+            continue;
           }
+          store_row(a, o, D, inv);
+          lse = static_cast<float>(finite ? mrow[r] + std::log(l_lse) : nan);
+          if (ms != nullptr)
+            for (int64_t g = 0; g < G; ++g) ms[g] = static_cast<float>(a[D + g] * inv);
         }
       }
     }
@@ -162,11 +176,13 @@ void forward_impl(const AttnFwdParams& p) {
 
 void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return forward_impl<float, false>(p);
-    case at::kBFloat16:
-      if (bf16_pair_gemm_available()) return forward_impl<at::BFloat16, true>(p);
-      return forward_impl<at::BFloat16, false>(p);
-    case at::kDouble: return forward_impl<double, false>(p);
+    case at::kFloat: return forward_impl<float, false>(p, false);
+    case at::kBFloat16: {
+      const bool emulated = pair_gemm_emulated();
+      if (emulated || bf16_pair_gemm_available()) return forward_impl<at::BFloat16, true>(p, emulated);
+      return forward_impl<at::BFloat16, false>(p, false);
+    }
+    case at::kDouble: return forward_impl<double, false>(p, false);
     default: TORCH_CHECK(false, "avar: CPU attention_fwd has no kernel for dtype ", dtype);
   }
 }

@@ -63,8 +63,9 @@ void key_mass_impl(const KeyMassParams& kp) {
         const int64_t row = sb.k_start + ch.j0 + c;
         const scalar_t* kr = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, row, kvh);
         acc_t* ktc = kt.data() + (c / Bk) * D * Bk + c % Bk;
-        for (int64_t d = 0; d < D; ++d) ktc[d * Bk] = static_cast<acc_t>(kr[d]);
         grp[c] = static_cast<int8_t>(key_group_of(p, b, row));
+        // A masked key's K is taken as 0 (it has P = 0 whatever it holds).
+        for (int64_t d = 0; d < D; ++d) ktc[d * Bk] = grp[c] >= 0 ? static_cast<acc_t>(kr[d]) : acc_t(0);
       }
       for (int64_t hh = 0; hh < rep; ++hh)
         fill_group_columns(p, nc, kvh * rep + hh, grp.data(), gam.data() + hh * Kc, bet.data() + hh * Kc);

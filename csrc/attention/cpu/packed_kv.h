@@ -76,12 +76,15 @@ class PackedKV {
           const scalar_t* vp = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, row, kvh);
           const int g = key_group_of(p, b, row);
           grp[c] = static_cast<int8_t>(g);
+          // A masked key keeps its zero K column (see bias_and_max): garbage in padding never enters a score.
           if constexpr (kPairs) {
-            for (int64_t d = 0; d < D_; ++d) tl.kt[pair_index(d, c, Bk_)] = kp[d];
+            if (g >= 0)
+              for (int64_t d = 0; d < D_; ++d) tl.kt[pair_index(d, c, Bk_)] = kp[d];
             for (int64_t d = 0; d < D_; ++d) tl.vext[pair_index(c, d, Dv_)] = vp[d];
             if (g >= 0) tl.vext[pair_index(c, D_ + g, Dv_)] = at::BFloat16(1.f);
           } else {
-            for (int64_t d = 0; d < D_; ++d) tl.kt[d * Bk_ + c] = static_cast<acc_t>(kp[d]);
+            if (g >= 0)
+              for (int64_t d = 0; d < D_; ++d) tl.kt[d * Bk_ + c] = static_cast<acc_t>(kp[d]);
             acc_t* ve = tl.vext + c * Dv_;
             load_row(vp, ve, D_, acc_t(1));
             if (g >= 0) ve[D_ + g] = acc_t(1);

@@ -7,7 +7,15 @@
 
 namespace avar::cpu {
 
-// s[c] = s[c] · gamma[c] + beta[c] on the visible prefix [0, n_vis), −inf on [n_vis, n); returns the row max.
+// max that keeps a NaN from either side (std::max(m, NaN) is m, which would hide a NaN score as a dead row).
+template <typename acc_t>
+inline acc_t max_nan(acc_t a, acc_t b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+// s[c] = s[c] · gamma[c] + beta[c] on the visible prefix [0, n_vis), −inf on [n_vis, n); returns the row max,
+// NaN if any visible score is NaN. Masked keys come with gamma 0, beta −inf and a zero K row, so their raw
+// score is 0 and their s −inf whatever the key's stored values.
 template <typename acc_t>
 inline acc_t bias_and_max(acc_t* s, const acc_t* gamma, const acc_t* beta, int64_t n_vis, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -19,15 +27,15 @@ inline acc_t bias_and_max(acc_t* s, const acc_t* gamma, const acc_t* beta, int64
     for (; c + W <= n_vis; c += W) {
       const Vec x = at::vec::fmadd(Vec::loadu(s + c), Vec::loadu(gamma + c), Vec::loadu(beta + c));
       x.store(s + c);
-      vmax = at::vec::maximum(vmax, x);
+      vmax = at::vec::maximum(vmax, x);  // propagates NaN
     }
     alignas(64) acc_t lanes[W];
     vmax.store(lanes);
-    for (int64_t w = 0; w < W; ++w) m = std::max(m, lanes[w]);
+    for (int64_t w = 0; w < W; ++w) m = max_nan(m, lanes[w]);
   }
   for (; c < n_vis; ++c) {
     s[c] = s[c] * gamma[c] + beta[c];
-    m = std::max(m, s[c]);
+    m = max_nan(m, s[c]);
   }
   for (; c < n; ++c) s[c] = neg_inf<acc_t>();
   return m;

@@ -122,6 +122,19 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   cp_async_commit();
   if (tid < 2 * kNumGroups) sRed[tid] = 0.f;
 
+  // A masked key's K row becomes 0 in shared memory: dQ += dS·K multiplies it by dS = 0, and 0·NaN from
+  // garbage in padding would otherwise reach every query. The loop's first barrier publishes the zeros.
+  cp_async_wait<0>();
+  __syncthreads();
+  if (tid < kBlockN && n0 + tid < sp.len_k && p.key_group != nullptr) {
+    const int g = p.key_group[static_cast<int64_t>(b) * p.kg_batch_stride + (sp.k_start + n0 + tid) * p.kg_row_stride];
+    if (g < 0 || g >= kNumGroups) {
+      uint16_t* row = reinterpret_cast<uint16_t*>(sK + tid * kStride);
+#pragma unroll
+      for (int d = 0; d < kD; ++d) row[d] = 0;
+    }
+  }
+
   const int key_local[2] = {warp * 16 + gid, warp * 16 + gid + 8};  // this thread's keys within the block
   float dk[kDB][4], dv[kDB][4];
 #pragma unroll
@@ -201,12 +214,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
         const int r = e >> 1;
         const int col = nb * 8 + 2 * tig + (e & 1);
         const float raw = st[nb][e];
-        float s2 = raw * kf[r].gs + kf[r].bs;
-        if (need_mask && n0 + key_local[r] > m0 + col + offset) s2 = -INFINITY;
-        const float pe = exp2f(s2 - lse2[col]);
+        // P = 0 and dS = 0 without arithmetic on keys the row does not see: a NaN lse2 (a NaN row) or a
+        // non-finite dP (a masked key's V) must not reach them.
+        const bool visible = kf[r].group >= 0 && !(need_mask && n0 + key_local[r] > m0 + col + offset);
+        const float pe = visible ? exp2f(raw * kf[r].gs + kf[r].bs - lse2[col]) : 0.f;
         float dp = dpt[nb][e];
         if (has_dmass) dp += dm_r[r][col];
-        const float ds = pe * (dp - dlt[col]);
+        const float ds = visible ? pe * (dp - dlt[col]) : 0.f;
         col_b[r] += ds;
         col_g[r] += ds * raw;
         st[nb][e] = pe;

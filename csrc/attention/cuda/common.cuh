@@ -183,7 +183,8 @@ __device__ __forceinline__ int64_t scratch_row0(const SeqLayout& s, const SeqSpa
 }
 
 // Per-key factors in the log2 domain: score2 = raw · gs + bs, raw = q·k. A masked key (group −1, or past the
-// end of the sequence) has gs = 0 and bs = −inf, so its score is −inf whatever raw is.
+// end of the sequence) has group −1, gs = 0 and bs = −inf; the kernels test the group and never compute its
+// score, since raw·0 + (−inf) is NaN when the key's K holds NaN or inf.
 struct KeyFactors {
   int group;
   float gs, bs;
@@ -207,9 +208,19 @@ __device__ __forceinline__ KeyFactors key_factors(const AttnFwdParams& p, int b,
   return f;
 }
 
+// max that keeps a NaN from either side: fmaxf(m, NaN) is m, which would pass a NaN score off as a dead row.
+__device__ __forceinline__ float fmax_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
 __device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = fmax_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmax_nan(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ bool quad_any(bool x) {
+  int v = x ? 1 : 0;
+  v |= __shfl_xor_sync(0xffffffffu, v, 1);
+  v |= __shfl_xor_sync(0xffffffffu, v, 2);
+  return v != 0;
 }
 
 __device__ __forceinline__ float quad_sum(float x) {

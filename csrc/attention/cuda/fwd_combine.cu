@@ -21,7 +21,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const AttnFwdP
   auto prow = [&](int s) { return ((static_cast<int64_t>(s) * B + b) * H + h) * Lmax + i; };
 
   float mx = -INFINITY;
-  for (int s = 0; s < S; ++s) mx = fmaxf(mx, split.lse_partial[prow(s)]);
+  // A NaN partial (a split whose scores were NaN or infinite) makes the row NaN: the max keeps it.
+  for (int s = 0; s < S; ++s) mx = fmax_nan(mx, split.lse_partial[prow(s)]);
   float lse = -INFINITY;
   if (mx != -INFINITY) {
     float sum = 0.f;

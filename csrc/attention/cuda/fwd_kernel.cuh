@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
   for (int i = 0; i < kDB; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};  // running max of score2 per row (quad-uniform)
   float l_run[2] = {0.f, 0.f};              // this thread's part of the softmax denominator
+  bool live[2] = {false, false};            // this thread's columns held a visible, unmasked key of the row
 
   for (int t = t_begin; t < t_end; ++t) {
     const int stage = (t - t_begin) & 1;
@@ -152,10 +153,12 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = nb * 8 + 2 * tig + (e & 1);
-          float v = s[nb][e] * sGSt[col] + sBSt[col];
-          if (need_mask && n0 + col > (e < 2 ? row0 : row1) + offset) v = -INFINITY;
+          const bool visible =
+              sGt[col] >= 0 && !(need_mask && n0 + col > (e < 2 ? row0 : row1) + offset);
+          const float v = visible ? s[nb][e] * sGSt[col] + sBSt[col] : -INFINITY;
+          live[e >> 1] = live[e >> 1] || visible;
           s[nb][e] = v;
-          mx[e >> 1] = fmaxf(mx[e >> 1], v);
+          mx[e >> 1] = fmax_nan(mx[e >> 1], v);
         }
       }
       float mu[2], corr[2];
@@ -216,13 +219,20 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
   cp_async_wait<0>();
 
   if (!warp_active) return;
+  // Dead (no visible key in this split): out 0, lse −inf, mass 0, written as zeros (the accumulators may hold
+  // 0·NaN from a masked key's V). A row that sees keys but whose running max is not finite (a NaN score, a
+  // score that overflowed, or every score −inf) is NaN throughout, never a dead row.
   float l_row[2], inv[2], lse[2];
+  bool alive[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l_row[r] = quad_sum(l_run[r]);
-    inv[r] = l_row[r] > 0.f ? 1.f / l_row[r] : 0.f;
-    lse[r] = l_row[r] > 0.f ? m_run[r] * kLn2 + logf(l_row[r]) : -INFINITY;
+    alive[r] = quad_any(live[r]);
+    const bool finite = isfinite(m_run[r]);
+    inv[r] = !alive[r] ? 0.f : finite ? 1.f / l_row[r] : NAN;
+    lse[r] = !alive[r] ? -INFINITY : finite ? m_run[r] * kLn2 + logf(l_row[r]) : NAN;
   }
+  const auto scaled = [&](float x, int r) { return alive[r] ? x * inv[r] : 0.f; };
 
   const int64_t B = p.seq.batch, H = p.seq.heads, Lmax = p.seq.seqlen_q;
 #pragma unroll
@@ -235,13 +245,13 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
 #pragma unroll
       for (int i = 0; i < kDB; ++i) {
         const int d = i * 8 + 2 * tig;
-        *reinterpret_cast<float2*>(o + d) = make_float2(acc_o[i][2 * r] * inv[r], acc_o[i][2 * r + 1] * inv[r]);
+        *reinterpret_cast<float2*>(o + d) = make_float2(scaled(acc_o[i][2 * r], r), scaled(acc_o[i][2 * r + 1], r));
       }
       if (tig == 0) split.lse_partial[prow] = lse[r];
       if (want_mass && tig < 2) {
         float* mp = split.mass_partial + prow * kNumGroups + 2 * tig;
-        mp[0] = acc_mass[2 * r] * inv[r];
-        mp[1] = acc_mass[2 * r + 1] * inv[r];
+        mp[0] = scaled(acc_mass[2 * r], r);
+        mp[1] = scaled(acc_mass[2 * r + 1], r);
       }
     } else {
       const int64_t qrow = sp.q_start + row;
@@ -249,13 +259,13 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
 #pragma unroll
       for (int i = 0; i < kDB; ++i) {
         const int d = i * 8 + 2 * tig;
-        *reinterpret_cast<uint32_t*>(o + d) = Tr::pack(acc_o[i][2 * r] * inv[r], acc_o[i][2 * r + 1] * inv[r]);
+        *reinterpret_cast<uint32_t*>(o + d) = Tr::pack(scaled(acc_o[i][2 * r], r), scaled(acc_o[i][2 * r + 1], r));
       }
       if (tig == 0) p.lse[b * p.lse_batch_stride + qrow * p.lse_row_stride + h * p.lse_head_stride] = lse[r];
       if (want_mass && tig < 2) {
         float* mp = p.mass + b * p.mass_batch_stride + qrow * p.mass_row_stride + h * p.mass_head_stride + 2 * tig;
-        mp[0] = acc_mass[2 * r] * inv[r];
-        mp[1] = acc_mass[2 * r + 1] * inv[r];
+        mp[0] = scaled(acc_mass[2 * r], r);
+        mp[1] = scaled(acc_mass[2 * r + 1], r);
       }
     }
   }

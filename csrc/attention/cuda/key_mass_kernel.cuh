@@ -118,9 +118,9 @@ __global__ void __launch_bounds__(KeyMassConfig<kD>::kThreads) key_mass_kernel(c
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const int col = nb * 8 + 2 * tig + (e & 1);
-        float s2 = st[nb][e] * kf[r].gs + kf[r].bs;
-        if (need_mask && n0 + key_local[r] > m0 + col + offset) s2 = -INFINITY;
-        km[r] += w[col] * exp2f(s2 - lse2[col]);
+        const bool visible = kf[r].group >= 0 && !(need_mask && n0 + key_local[r] > m0 + col + offset);
+        // Not exp2(−inf − lse2): a NaN lse2 (a NaN row) must not reach keys the row does not see.
+        if (visible) km[r] += w[col] * exp2f(st[nb][e] * kf[r].gs + kf[r].bs - lse2[col]);
       }
     }
     __syncthreads();
