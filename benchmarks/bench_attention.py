@@ -95,7 +95,7 @@ def markdown(env, rows, memory) -> str:
         for r in rows
     ]
     headers = ["dtype", "L"] + [LABELS[m] for m in METHODS] + [f"avar / {LABELS[m]}" for m in baselines]
-    lines += harness.markdown_table(headers, table, numeric_from=1)
+    lines += harness.markdown_table(headers, table)
     errors = [f"- {r['dtype']} L={r['L']} {LABELS[m]}: {e}" for r in rows for m, e in r["errors"].items()]
     if errors:
         lines += ["", "Baselines that could not run:", "", *errors]

@@ -135,7 +135,7 @@ def markdown(env, rows, memory) -> str:
         + [harness.fmt(r["speedup"].get(m), ".2f", "n/a") + ("×" if m in r["speedup"] else "") for m in baselines]
         for r in rows
     ]
-    lines += harness.markdown_table(headers, table, numeric_from=1)
+    lines += harness.markdown_table(headers, table, "lrl" + "r" * (len(headers) - 3))
     errors = [f"- {r['dtype']} L={r['L']} {r['phase']} {LABELS[m]}: {e}" for r in rows for m, e in r["errors"].items()]
     if errors:
         lines += ["", "Baselines that could not run:", "", *errors]

@@ -283,20 +283,26 @@ def run_one(cfg: Config, row, notes: list) -> Result:
 # Report.
 
 
+BASELINES = ("sdpa_flash", "flex", "sdpa_mask", "eager")
+
+
 def ratios(results):
-    """ours / baseline time ratios as speedups (baseline ms / ours ms) for the same direction and shape."""
-    by_key = {(r.direction, r.method, r.batch, r.len_q, r.len_k): r for r in results}
+    """Speedups of avar (with and without masses) over each baseline of the same direction and shape (baseline
+    time / ours), and the cost of the masses."""
+    ms = {}
+    for r in results:
+        ms.setdefault((r.direction, r.batch, r.len_q, r.len_k), {})[r.method] = r.ms
     out = []
     for r in results:
         if r.method not in ("avar", "avar_mass") or r.ms is None:
             continue
+        shape = ms[(r.direction, r.batch, r.len_q, r.len_k)]
+        speedup = harness.speedups(shape, r.method, BASELINES)
         entry = {"direction": r.direction, "method": r.method, "len_q": r.len_q, "len_k": r.len_k}
-        for base in ("sdpa_flash", "flex", "sdpa_mask", "eager"):
-            b = by_key.get((r.direction, base, r.batch, r.len_q, r.len_k))
-            entry[f"vs_{base}"] = round(b.ms / r.ms, 3) if b is not None and b.ms is not None else None
+        entry.update({f"vs_{b}": round(speedup[b], 3) if b in speedup else None for b in BASELINES})
         if r.method == "avar_mass":
-            plain = by_key.get((r.direction, "avar", r.batch, r.len_q, r.len_k))
-            entry["mass_overhead"] = round(r.ms / plain.ms - 1, 4) if plain is not None and plain.ms else None
+            plain = shape.get("avar")
+            entry["mass_overhead"] = round(r.ms / plain - 1, 4) if plain else None
         out.append(entry)
     return out
 
@@ -357,7 +363,7 @@ def write_report(out_dir, cfg, results, notes, checks, env):
                 ]
                 for r in rows
             ]
-        lines += [*harness.markdown_table(headers, cells), ""]
+        lines += [*harness.markdown_table(headers, cells, "l" + "r" * (len(headers) - 2) + "l"), ""]
     if speedups:
         lines += ["## Speedups (baseline time / ours; > 1 means ours is faster)", ""]
         headers = [
@@ -376,7 +382,7 @@ def write_report(out_dir, cfg, results, notes, checks, env):
             + [fmt(e.get("mass_overhead"), "+.1%")]
             for e in speedups
         ]
-        lines += [*harness.markdown_table(headers, cells, numeric_from=3), ""]
+        lines += [*harness.markdown_table(headers, cells, "lll" + "r" * 5), ""]
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in sorted(set(notes))), ""]
     harness.write_report(out_dir, "gpu_report", report, "\n".join(lines))

@@ -200,7 +200,7 @@ def markdown(env: dict, trees: dict, rows: list, rounds: int) -> str:
         for r in rows
     ]
     headers = ["phase", "dtype", "Lq", "Lk", "baseline ms", "candidate ms", "candidate / baseline"]
-    lines += harness.markdown_table(headers, table, numeric_from=2)
+    lines += harness.markdown_table(headers, table, "llrrrrr")
     return "\n".join(lines) + "\n"
 
 

@@ -362,10 +362,10 @@ def environment_lines(env: dict) -> list:
     ]
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], numeric_from: int = 1) -> list:
-    """A Markdown table; columns from numeric_from on are right-aligned."""
-    align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> list:
+    """A Markdown table; align holds one letter per column, l (text) or r (numbers), default l then r's."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
 
