@@ -4,8 +4,8 @@ Each tree runs in its own worker process with PYTHONPATH pointing at it, so that
 compiled extension load. The workers take turns, case by case and round after round, so that a change of load on
 a shared machine hits both alike; each case reports the median and the fastest time of each tree, the median (and
 range) of the per-round ratios candidate / baseline (> 1: the candidate is slower) and the ratio of the fastest
-calls. Small shapes, where the wrapper's
-per-call overhead shows, come first: decode (Lq = 1), then the standard prompt lengths, then forward + backward.
+calls. Small shapes, where the wrapper's per-call overhead shows, come first: decode (Lq = 1), then prompt
+lengths up to 2048, then forward + backward.
 
     OMP_NUM_THREADS=2 python benchmarks/compare_builds.py --baseline /tmp/avar-old            # candidate: this tree
     OMP_NUM_THREADS=2 python benchmarks/compare_builds.py --baseline OLD --candidate NEW --rounds 7
