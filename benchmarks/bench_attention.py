@@ -10,17 +10,23 @@ writes benchmarks/results/cpu_attention.{json,md}.
 
 from __future__ import annotations
 
-import os
-import sys
-
-import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import avar_ops
-from common import (
-    command_line,
-    additive_mask, arg_parser, causal_fwd_flops, eager_with_maps, error_lines, flex_callable, machine_info,
-    make_problem, measure_memory, memory_lines, parse_args, peak_rss_mb_of, publish, time_methods, to_bhld,
+
+import harness
+from problems import (
+    DIM,
+    HEADS,
+    additive_mask,
+    cpu_arg_parser,
+    eager_with_maps,
+    flex_callable,
+    group_onehot,
+    make_problem,
+    parse_cpu_args,
+    to_bhld,
 )
 
 METHODS = ["avar", "sdpa_causal", "sdpa_mask", "flex", "eager"]
@@ -31,77 +37,88 @@ LABELS = {
     "flex": "FlexAttention score_mod",
     "eager": "eager with maps",
 }
+MEMORY_METHODS = ("avar", "sdpa_mask", "eager")
 
 
-def build(method, L, dtype, H=28):
+def build(method, L, dtype, H=HEADS):
     q, k, v, kg, bias = make_problem(L, dtype, H=H)
     if method == "avar":
         return lambda: avar_ops.attention(q, k, v, kg, bias, return_mass=True)
     qh, kh, vh = to_bhld(q, k, v, H)
     if method == "sdpa_causal":
         return lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-    mask = additive_mask(kg, bias, L, dtype)
+    mask = additive_mask(kg, bias, L, dtype)  # [B, H, L, L]
     if method == "sdpa_mask":
         return lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     if method == "flex":
-        fn = flex_callable(kg, bias, H)
+        fn = flex_callable(kg, bias)
         return lambda: fn(qh, kh, vh)
-    onehot = torch.nn.functional.one_hot(kg.long().clamp(min=0), 4).to(dtype)[:, None]  # [B, 1, L, G]
+    onehot = group_onehot(kg, dtype)  # [B, 1, L, G]
     return lambda: eager_with_maps(qh, kh, vh, mask, onehot)
 
 
 def run(lengths, dtypes, repeat, methods, memory_lengths):
     rows = []
-    for dtype in dtypes:
-        for L in lengths:
-            row = {"dtype": str(dtype).replace("torch.", ""), "L": L, "gflops": {}, "seconds": {}, "errors": {}}
-            rows.append(time_methods(row, methods, lambda m: build(m, L, dtype), causal_fwd_flops(1, 28, L, 128),
-                                     repeat, f"{row['dtype']:>8} L={L:5d}", warmup={"flex": 2}))
+    for dtype, L in tqdm([(d, L) for d in dtypes for L in lengths], desc="forward", unit="shape"):
+        row = {"dtype": str(dtype).removeprefix("torch."), "L": L}
+        row["flops"] = harness.attention_flops(1, HEADS, L, L, DIM, causal=True, phase="fwd")
+        tag = f"{row['dtype']:>8} L={L:5d}"
+        build_one = lambda m: build(m, L, dtype)  # noqa: E731, B023 (used before the loop moves on)
+        rows.append(
+            harness.time_methods(row, methods, build_one, repeat=repeat, warmup={"flex": 2}, tag=tag, log=tqdm.write)
+        )
 
-    def needs_gb(m, L):  # maps (and the mask) for the materialising baselines
-        return 0.0 if m == "avar" else 28 * L * L * 4 * 3 / 1e9
+    def code_of(m, L):  # inputs (and the mask a baseline needs) count: they are built after the reset
+        return "from bench_attention import build", f"fn = build({m!r}, {L}, torch.float32)\nfn()"
 
-    def peak_mb(m, L):
-        return peak_rss_mb_of(f"from bench_attention import build\nfn = build({m!r}, {L}, torch.float32)\nfn()",
-                              env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
+    def needs_gb(m, L):  # the materialising baselines hold the mask and the maps (fp32)
+        return 0.0 if m == "avar" else HEADS * L * L * 4 * 3 / 1e9
 
-    memory = measure_memory(memory_lengths, ("avar", "sdpa_mask", "eager"), needs_gb, peak_mb)
+    memory = harness.peak_memory(memory_lengths, MEMORY_METHODS, code_of, needs_gb)
     return rows, memory
 
 
-def markdown(info, rows, memory, command) -> str:
-    lines = [
-        "# CPU forward: avar fused attention vs PyTorch", "",
-        f"Machine: {info['cpu']}, {info['threads']} threads; torch {info['torch']} "
-        f"({info['torch_cpu_capability']}), avar {info['avar']} ({info['avar_cpu_isa']}), "
-        f"Python {info['python']}; {info['date']}.", "",
-        f"Command: `{command}`", "",
-        "Qwen2.5-VL-7B text layer: B = 1, H = 28, H_kv = 4, D = 128, causal. Useful GFLOP/s "
-        "(4·H·L²·D / 2 per call). avar computes the per-(head, group) bias and returns the 4 group masses; "
-        "SDPA is_causal has no bias (PyTorch's CPU flash kernel, the ceiling); the other baselines apply the "
-        "same bias (eager also returns masses).", "",
-        "| dtype | L | " + " | ".join(LABELS[m] for m in METHODS) + " | avar / SDPA causal | avar / SDPA+mask "
-        "| avar / Flex | avar / eager |",
-        "|---|---:|" + "---:|" * (len(METHODS) + 4),
+def markdown(env, rows, memory) -> str:
+    baselines = [m for m in METHODS if m != "avar"]
+    lines = ["# CPU forward: avar fused attention vs PyTorch", "", *harness.environment_lines(env), ""]
+    lines += [
+        "Qwen2.5-VL-7B text layer: B = 1, H = 28, H_kv = 4, D = 128, causal. Useful GFLOP/s (4·H·L²·D / 2 per "
+        "call, median of the repeats). avar computes the per-(head, group) bias and returns the 4 group masses; "
+        "SDPA is_causal has no bias (PyTorch's CPU flash kernel, the ceiling); the other baselines apply the same "
+        "bias (eager also returns masses). Ratios: avar's speed over the baseline's, both measured in this run.",
+        "",
     ]
-    for r in rows:
-        cells = [f"{r['gflops'][m]:.1f}" if m in r["gflops"] else "n/a" for m in METHODS]
-        ratios = [f"{r['ratio'][m]:.2f}×" if m in r["ratio"] else "n/a"
-                  for m in ("sdpa_causal", "sdpa_mask", "flex", "eager")]
-        lines.append(f"| {r['dtype']} | {r['L']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    lines += error_lines(rows, LABELS)
-    lines += memory_lines(memory, ("avar", "sdpa_mask", "eager"), "Peak resident memory of one fp32 call, inputs "
-                          "(and the mask a baseline needs) included (MB, fresh process):",
-                          ["avar", "SDPA + mask", "eager with maps"])
+    table = [
+        [r["dtype"], r["L"]]
+        + [harness.fmt(r["gflops"].get(m), ".1f", "n/a") for m in METHODS]
+        + [harness.fmt(r["speedup"].get(m), ".2f", "n/a") + ("×" if m in r["speedup"] else "") for m in baselines]
+        for r in rows
+    ]
+    headers = ["dtype", "L"] + [LABELS[m] for m in METHODS] + [f"avar / {LABELS[m]}" for m in baselines]
+    lines += harness.markdown_table(headers, table)
+    errors = [f"- {r['dtype']} L={r['L']} {LABELS[m]}: {e}" for r in rows for m, e in r["errors"].items()]
+    if errors:
+        lines += ["", "Baselines that could not run:", "", *errors]
+    lines += harness.memory_lines(
+        memory,
+        MEMORY_METHODS,
+        "Peak resident memory of one fp32 call, inputs (and the mask a baseline needs) included (MB, fresh process):",
+        ["avar", "SDPA + mask", "eager with maps"],
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    args = parse_args(arg_parser(__doc__, METHODS, "cpu_attention"), argv)
-    info = machine_info()
+    args = parse_cpu_args(cpu_arg_parser(__doc__, METHODS, "cpu_attention"), argv)
+    env = harness.environment(argv)
     rows, memory = run(args.lengths, args.dtypes, args.repeat, args.methods, args.memory_lengths)
-    command = command_line("bench_attention.py", argv)
-    publish(args, info, command, rows, memory, markdown(info, rows, memory, command))
+    harness.finish(env)
+    report = markdown(env, rows, memory)
+    print(report)
+    if not args.quick:
+        payload = {"environment": env, "results": rows, "memory": memory}
+        paths = harness.write_report(harness.RESULTS, args.name, payload, report)
+        print("wrote " + " and ".join(paths))
 
 
 if __name__ == "__main__":

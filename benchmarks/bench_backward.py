@@ -7,27 +7,34 @@ Useful-FLOP GFLOP/s as FlashAttention counts them (forward 4·B·H·L²·D / 2 c
 ratios against every baseline measured in the same run, and peak resident memory of one forward + backward
 in a fresh process. Writes benchmarks/results/cpu_backward.{json,md}.
 
-    python benchmarks/bench_backward.py              # L = 512..4096, fp32 and bf16, 2 threads
-    python benchmarks/bench_backward.py --quick      # tiny sizes, no report: checks that everything runs
+    OMP_NUM_THREADS=2 python benchmarks/bench_backward.py            # L = 512..4096, fp32 and bf16, 2 threads
+    OMP_NUM_THREADS=2 python benchmarks/bench_backward.py --quick    # a smoke run, no report
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import avar_ops
 from avar_ops.core import NUM_GROUPS
-from common import (
-    command_line,
-    additive_mask, arg_parser, causal_bwd_flops, causal_fwd_flops, eager_with_maps, error_lines, machine_info,
-    make_problem, measure_memory, memory_lines, parse_args, peak_rss_mb_of, publish, time_methods, to_bhld,
+
+import harness
+from problems import (
+    DIM,
+    HEADS,
+    KV_HEADS,
+    additive_mask,
+    cpu_arg_parser,
+    eager_with_maps,
+    group_onehot,
+    make_problem,
+    parse_cpu_args,
+    to_bhld,
 )
 
-H, HKV, D, B = 28, 4, 128, 1
+H, HKV, D, B = HEADS, KV_HEADS, DIM, 1
 METHODS = ["avar", "sdpa_causal", "sdpa_mask", "eager"]
 LABELS = {
     "avar": "avar (bias + masses, grads through out and mass)",
@@ -60,7 +67,7 @@ def build(method: str, L: int, dtype: torch.dtype):
     mask = additive_mask(kg, bias, L, dtype)  # [B, H, L, L], built once, outside the timed region
     if method == "sdpa_mask":
         return lambda: ((F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask),), (dout,))
-    onehot = F.one_hot(kg.long().clamp(min=0), NUM_GROUPS).to(dtype)[:, None]  # [B, 1, L, G]
+    onehot = group_onehot(kg, dtype)  # [B, 1, L, G]
     dmass = torch.randn(B, H, L, NUM_GROUPS, generator=gen).to(dtype)  # [B, H, L, G]
     return lambda: (eager_with_maps(qh, kh, vh, mask, onehot), (dout, dmass))
 
@@ -68,20 +75,14 @@ def build(method: str, L: int, dtype: torch.dtype):
 def timed(method, phase, L, dtype):
     forward = build(method, L, dtype)
     if phase == "fwd_bwd":
+
         def step():
             outs, grads = forward()
             torch.autograd.backward(outs, grads)
+
         return step
     outs, grads = forward()
     return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
-
-
-def peak_rss_mb(method: str, L: int, threads: int) -> float:
-    """Peak resident memory (MB) one fp32 forward + backward adds to its inputs, in a fresh interpreter."""
-    setup = (f"torch.set_num_threads({threads})\n"
-             "from bench_backward import timed\n"
-             f"fn = timed({method!r}, 'fwd_bwd', {L}, torch.float32)")
-    return peak_rss_mb_of("fn()", setup=setup)
 
 
 def maps_gb(method: str, L: int) -> float:
@@ -91,56 +92,78 @@ def maps_gb(method: str, L: int) -> float:
 
 def run(lengths, dtypes, repeat, methods, memory_lengths, threads):
     rows = []
-    for dtype in dtypes:
-        for L in lengths:
-            for phase in PHASES:
-                flops = causal_bwd_flops(B, H, L, D) + (causal_fwd_flops(B, H, L, D) if phase == "fwd_bwd" else 0)
-                row = {"dtype": str(dtype).replace("torch.", ""), "L": L, "phase": phase, "gflops": {},
-                       "seconds": {}, "errors": {}}
-                rows.append(time_methods(row, methods, lambda m: timed(m, phase, L, dtype), flops, repeat,
-                                         f"{row['dtype']:>8} L={L:5d} {phase:7s}", budget_s=90.0))
-    memory = measure_memory(memory_lengths, METHODS, maps_gb, lambda m, L: peak_rss_mb(m, L, threads))
+    shapes = [(d, L, p) for d in dtypes for L in lengths for p in PHASES]
+    for dtype, L, phase in tqdm(shapes, desc="backward", unit="shape"):
+        row = {"dtype": str(dtype).removeprefix("torch."), "L": L, "phase": phase}
+        row["flops"] = harness.attention_flops(B, H, L, L, D, causal=True, phase=phase)
+        tag = f"{row['dtype']:>8} L={L:5d} {phase:7s}"
+        build_one = lambda m: timed(m, phase, L, dtype)  # noqa: E731, B023 (used before the loop moves on)
+        rows.append(
+            harness.time_methods(row, methods, build_one, repeat=repeat, budget_s=90.0, tag=tag, log=tqdm.write)
+        )
+
+    def code_of(m, L):  # one fp32 forward + backward; the inputs are built before the reset
+        setup = (
+            f"torch.set_num_threads({threads})\n"
+            "from bench_backward import timed\n"
+            f"fn = timed({m!r}, 'fwd_bwd', {L}, torch.float32)"
+        )
+        return setup, "fn()"
+
+    memory = harness.peak_memory(memory_lengths, METHODS, code_of, maps_gb)
     return rows, memory
 
 
-def markdown(info, rows, memory, command) -> str:
+def markdown(env, rows, memory) -> str:
     baselines = [m for m in METHODS if m != "avar"]
-    lines = [
-        "# CPU backward: avar fused attention vs PyTorch", "",
-        f"Machine: {info['cpu']}, {info['threads']} threads; torch {info['torch']} "
-        f"({info['torch_cpu_capability']}), avar {info['avar']}, Python {info['python']}; {info['date']}.", "",
-        f"Command: `{command}`", "",
-        "Qwen2.5-VL-7B text layer: B = 1, H = 28, H_kv = 4, D = 128, causal. Useful GFLOP/s: forward "
-        "4·H·L²·D / 2, backward 2.5× that, forward + backward 3.5×. avar applies the per-(head, group) bias and "
-        "back-propagates from out and the 4 group masses into q, k, v and the bias. SDPA is_causal has no bias "
-        "(PyTorch's CPU flash kernel, the ceiling); SDPA + mask and eager apply the same bias as a float mask "
-        "built outside the timed region (no gradient into it); eager also returns and back-propagates masses. "
-        "SDPA and eager get kv heads expanded to H outside the timed region.", "",
-        "| dtype | L | phase | " + " | ".join(LABELS[m] for m in METHODS) + " | "
-        + " | ".join(f"avar / {LABELS[m].split(',')[0].split(' (')[0]}" for m in baselines) + " |",
-        "|---|---:|---|" + "---:|" * (len(METHODS) + len(baselines)),
+    lines = ["# CPU backward: avar fused attention vs PyTorch", "", *harness.environment_lines(env), ""]
+    lines += [
+        "Qwen2.5-VL-7B text layer: B = 1, H = 28, H_kv = 4, D = 128, causal. Useful GFLOP/s (median of the "
+        "repeats): forward 4·H·L²·D / 2, backward 2.5× that, forward + backward 3.5×. avar applies the per-(head, "
+        "group) bias and back-propagates from out and the 4 group masses into q, k, v and the bias. SDPA is_causal "
+        "has no bias (PyTorch's CPU flash kernel, the ceiling); SDPA + mask and eager apply the same bias as a float "
+        "mask built outside the timed region (no gradient into it); eager also returns and back-propagates masses. "
+        "SDPA and eager get kv heads expanded to H outside the timed region. Ratios: avar's speed over the "
+        "baseline's, both measured in this run.",
+        "",
     ]
-    for r in rows:
-        cells = [f"{r['gflops'][m]:.1f}" if m in r["gflops"] else "n/a" for m in METHODS]
-        ratios = [f"{r['ratio'][m]:.2f}×" if m in r["ratio"] else "n/a" for m in baselines]
-        lines.append(f"| {r['dtype']} | {r['L']} | {r['phase']} | " + " | ".join(cells) + " | "
-                     + " | ".join(ratios) + " |")
-    lines += error_lines(rows, LABELS)
-    lines += memory_lines(memory, METHODS,
-                          "Peak resident memory added by one fp32 forward + backward (MB, fresh process):",
-                          [LABELS[m] for m in METHODS])
+    short = {m: LABELS[m].split(",")[0].split(" (")[0] for m in baselines}
+    headers = ["dtype", "L", "phase"] + [LABELS[m] for m in METHODS] + [f"avar / {short[m]}" for m in baselines]
+    table = [
+        [r["dtype"], r["L"], r["phase"]]
+        + [harness.fmt(r["gflops"].get(m), ".1f", "n/a") for m in METHODS]
+        + [harness.fmt(r["speedup"].get(m), ".2f", "n/a") + ("×" if m in r["speedup"] else "") for m in baselines]
+        for r in rows
+    ]
+    lines += harness.markdown_table(headers, table, "lrl" + "r" * (len(headers) - 3))
+    errors = [f"- {r['dtype']} L={r['L']} {r['phase']} {LABELS[m]}: {e}" for r in rows for m, e in r["errors"].items()]
+    if errors:
+        lines += ["", "Baselines that could not run:", "", *errors]
+    lines += harness.memory_lines(
+        memory,
+        METHODS,
+        "Peak resident memory added by one fp32 forward + backward (MB, fresh process):",
+        [LABELS[m] for m in METHODS],
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    ap = arg_parser(__doc__, METHODS, "cpu_backward")
+    ap = cpu_arg_parser(__doc__, METHODS, "cpu_backward")
     ap.add_argument("--threads", type=int, default=2)
-    args = parse_args(ap, argv)
+    args = parse_cpu_args(ap, argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    info = machine_info()
+    env = harness.environment(argv)
     rows, memory = run(args.lengths, args.dtypes, args.repeat, args.methods, args.memory_lengths, args.threads)
-    command = command_line("bench_backward.py", argv)
-    publish(args, info, command, rows, memory, markdown(info, rows, memory, command))
+    harness.finish(env)
+    report = markdown(env, rows, memory)
+    print(report)
+    if not args.quick:
+        payload = {"environment": env, "results": rows, "memory": memory}
+        paths = harness.write_report(harness.RESULTS, args.name, payload, report)
+        print("wrote " + " and ".join(paths))
 
 
 if __name__ == "__main__":

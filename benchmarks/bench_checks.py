@@ -12,19 +12,15 @@ timed in the same run as the whole op call.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
+import harness
 import torch
+from problems import make_problem
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import RESULTS, command_line, machine_info, make_problem  # noqa: E402
-
-import avar_ops  # noqa: E402
-from avar_ops.core import NUM_GROUPS  # noqa: E402
+import avar_ops
+from avar_ops.core import NUM_GROUPS
 
 H, HKV, D = 28, 4, 128
 
@@ -79,39 +75,44 @@ def decode_problem(batch: int, cache: int, dtype, varlen: bool):
     return (q.reshape(batch, H, D), k.reshape(-1, HKV, D), v.reshape(-1, HKV, D)), kw
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected a positive number, got {args.repeats}")
 
+    env = harness.environment(argv)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for batch, cache, varlen in ((1, 1024, False), (1, 4096, False), (4, 1024, True)):
             qkv, kw = decode_problem(batch, cache, dtype, varlen)
             op, checks = time_op_and_checks(qkv, kw, args.repeats)
             layout = f"varlen B={batch}" if varlen else f"B={batch}"
-            rows.append((str(dtype).replace("torch.", ""), layout, cache, op, checks, checks / op))
-
-    info = machine_info()
+            rows.append({"dtype": str(dtype).replace("torch.", ""), "layout": layout, "cache": cache,
+                         "op_us": op, "checks_us": checks, "checks_over_op": checks / op})
+    harness.finish(env)
     lines = [
         "# CPU cost of the value checks (decode step: 1 query per sequence, H = 28, H_kv = 4, D = 128)",
         "",
-        f"`{command_line('bench_checks.py', None)}` on {info['cpu']}, {info['threads']} threads, "
-        f"torch {info['torch']}, {info['date']}.",
+        *harness.environment_lines(env),
         "",
-        "Checks: the same host reads as the op's value checks, replayed from Python (an upper bound). Load "
-        f"average {os.getloadavg()[0]:.1f} during the run: absolute times are inflated on a shared machine, the "
-        "ratio of two timings taken side by side less so.",
+        "Checks: the same host reads as the op's value checks, replayed from Python (an upper bound). Absolute "
+        "times are inflated on a shared machine; the ratio of two timings taken side by side less so.",
         "",
-        "| dtype | layout | cache | op call (µs) | value checks (µs) | checks / op |",
-        "|---|---|---|---|---|---|",
+        *harness.markdown_table(
+            ["dtype", "layout", "cache", "op call (µs)", "value checks (µs)", "checks / op"],
+            [[r["dtype"], r["layout"], r["cache"], f"{r['op_us']:.1f}", f"{r['checks_us']:.1f}",
+              f"{r['checks_over_op']:.3f}"] for r in rows],
+            align="llrrrr",
+        ),
     ]
-    lines += [f"| {d} | {lay} | {c} | {op:.1f} | {ch:.1f} | {r:.3f} |" for d, lay, c, op, ch, r in rows]
-    print("\n".join(lines))
+    report = "\n".join(lines)
+    print(report)
     if not args.no_save:
-        with open(os.path.join(RESULTS, "cpu_checks.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        paths = harness.write_report(harness.RESULTS, "cpu_checks", {"environment": env, "results": rows}, report)
+        print("wrote " + " and ".join(paths))
 
 
 if __name__ == "__main__":

@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
-NUM_GROUPS = 4
-# Bias per group (other text, visual, system, user text): the intervention's log(1 + α) on image keys and
-# log(1 − α) on system keys, so every path computes a non-trivial score modification.
-GROUP_BIAS = (0.0, math.log(1.15), math.log(0.8), 0.0)
+from avar_ops import NUM_GROUPS
+
+import harness
+from problems import GROUP_BIAS, key_groups
 
 
 @dataclasses.dataclass
@@ -53,11 +48,11 @@ class Result:
     batch: int
     len_q: int
     len_k: int
-    ms: Optional[float] = None
-    tflops: Optional[float] = None
-    gbps: Optional[float] = None  # decode: K/V bytes read per second
-    peak_mib: Optional[float] = None  # torch.cuda.max_memory_allocated during the measurement
-    extra_mib: Optional[float] = None  # peak minus what was allocated before (inputs)
+    ms: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None  # decode: K/V bytes read per second
+    peak_mib: float | None = None  # torch.cuda.max_memory_allocated during the measurement
+    extra_mib: float | None = None  # peak minus what was allocated before (inputs)
     note: str = ""
 
 
@@ -85,16 +80,18 @@ def parse_args(argv=None):
         ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     if args.dim not in (64, 80, 128):
         ap.error(f"--dim must be 64, 80 or 128, got {args.dim}")
-    cfg = Config(lengths, args.tokens, args.heads, args.kv_heads, args.dim, args.decode_q, args.budget_s,
-                 args.max_reps, args.measure_s)
+    cfg = Config(
+        lengths,
+        args.tokens,
+        args.heads,
+        args.kv_heads,
+        args.dim,
+        args.decode_q,
+        args.budget_s,
+        args.max_reps,
+        args.measure_s,
+    )
     return args, cfg
-
-
-def attention_flops(batch, heads, len_q, len_k, dim, causal, direction):
-    fwd = 4.0 * batch * heads * len_q * len_k * dim
-    if causal:
-        fwd /= 2
-    return fwd * (2.5 if direction == "bwd" else 1.0)
 
 
 def plan(cfg: Config):
@@ -117,6 +114,7 @@ def plan(cfg: Config):
 # ---------------------------------------------------------------------------------------------------------
 # Problem setup and the methods.
 
+
 class Problem:
     def __init__(self, cfg: Config, batch: int, len_q: int, len_k: int, grad: bool):
         dev, dt = "cuda", torch.bfloat16
@@ -127,13 +125,9 @@ class Problem:
         self.q = torch.randn(batch, len_q, H, D, device=dev, dtype=dt, generator=gen).requires_grad_(grad)
         self.k = torch.randn(batch, len_k, Hkv, D, device=dev, dtype=dt, generator=gen).requires_grad_(grad)
         self.v = torch.randn(batch, len_k, Hkv, D, device=dev, dtype=dt, generator=gen).requires_grad_(grad)
-        # Groups as in a multimodal prompt: system, image, user text, with a few masked (padding) keys.
-        g = torch.zeros(batch, len_k, dtype=torch.int8, device=dev)  # [B, Lk]
-        sys_end, img_end = len_k // 16, len_k // 2
-        g[:, :sys_end] = 2
-        g[:, sys_end:img_end] = 1
-        g[:, img_end:] = 3
-        g[:, -max(1, len_k // 64):] = -1
+        # The prompt's groups, with the last keys masked as padding would be.
+        g = key_groups(batch, len_k, device=dev)  # [B, Lk]
+        g[:, -max(1, len_k // 64) :] = -1
         self.key_group = g
         self.bias = torch.tensor(GROUP_BIAS, device=dev, dtype=torch.float32)  # [G]
         self.d_out = torch.randn(batch, len_q, H, D, device=dev, dtype=dt, generator=gen)
@@ -165,7 +159,10 @@ def method_fn(method: str, pb: Problem, direction: str, notes: list) -> Callable
         import avar_ops
 
         mass = method == "avar_mass"
-        fwd = lambda: avar_ops.attention(pb.q, pb.k, pb.v, pb.key_group, pb.bias, causal=True, return_mass=mass)
+
+        def fwd():
+            return avar_ops.attention(pb.q, pb.k, pb.v, pb.key_group, pb.bias, causal=True, return_mass=mass)
+
         if direction != "bwd":
             return fwd
         if mass:
@@ -243,25 +240,6 @@ def eager_fits(pb_shape, free_bytes):
     return maps * (2 + 4 + 2) * 2 < 0.8 * free_bytes
 
 
-def time_cuda(fn, measure_s: float, max_reps: int):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    single = max(start.elapsed_time(end), 1e-3)  # ms
-    reps = int(max(3, min(max_reps, measure_s * 1000 / single)))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in events:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
 def run_one(cfg: Config, row, notes: list) -> Result:
     direction, method, batch, len_q, len_k = row
     res = Result(direction, method, batch, len_q, len_k)
@@ -277,13 +255,16 @@ def run_one(cfg: Config, row, notes: list) -> Result:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn = method_fn(method, pb, direction, notes)
-        res.ms = time_cuda(fn, cfg.measure_s, cfg.max_reps)
+        timing = harness.measure(fn, device="cuda", repeat=cfg.max_reps, budget_s=cfg.measure_s, min_repeat=3)
+        res.ms = timing.median * 1e3
         peak = torch.cuda.max_memory_allocated()
         res.peak_mib = peak / 2**20
         res.extra_mib = (peak - base) / 2**20
         # Decode rows see (almost) every key of the cache: counted as non-causal.
-        flops = attention_flops(batch, cfg.heads, len_q, len_k, cfg.dim, causal=direction != "decode",
-                                direction="bwd" if direction == "bwd" else "fwd")
+        phase = "bwd" if direction == "bwd" else "fwd"
+        flops = harness.attention_flops(
+            batch, cfg.heads, len_q, len_k, cfg.dim, causal=direction != "decode", phase=phase
+        )
         res.tflops = flops / (res.ms * 1e-3) / 1e12
         if direction == "decode":
             kv_bytes = 2 * batch * len_k * cfg.kv_heads * cfg.dim * 2
@@ -301,121 +282,110 @@ def run_one(cfg: Config, row, notes: list) -> Result:
 # ---------------------------------------------------------------------------------------------------------
 # Report.
 
-def environment(args):
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "command": " ".join([sys.executable] + sys.argv),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    try:
-        import transformers
 
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        env["transformers"] = None
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        env["git_commit"] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-                      "memory_gib": round(p.total_memory / 2**30, 1)}
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.strip()
-        except OSError:
-            env["driver"] = None
-    else:
-        env["gpu"] = None
-    return env
+BASELINES = ("sdpa_flash", "flex", "sdpa_mask", "eager")
 
 
 def ratios(results):
-    """ours / baseline time ratios as speedups (baseline ms / ours ms) for the same direction and shape."""
-    by_key = {(r.direction, r.method, r.batch, r.len_q, r.len_k): r for r in results}
+    """Speedups of avar (with and without masses) over each baseline of the same direction and shape (baseline
+    time / ours), and the cost of the masses."""
+    ms = {}
+    for r in results:
+        ms.setdefault((r.direction, r.batch, r.len_q, r.len_k), {})[r.method] = r.ms
     out = []
     for r in results:
         if r.method not in ("avar", "avar_mass") or r.ms is None:
             continue
+        shape = ms[(r.direction, r.batch, r.len_q, r.len_k)]
+        speedup = harness.speedups(shape, r.method, BASELINES)
         entry = {"direction": r.direction, "method": r.method, "len_q": r.len_q, "len_k": r.len_k}
-        for base in ("sdpa_flash", "flex", "sdpa_mask", "eager"):
-            b = by_key.get((r.direction, base, r.batch, r.len_q, r.len_k))
-            entry[f"vs_{base}"] = round(b.ms / r.ms, 3) if b is not None and b.ms is not None else None
+        entry.update({f"vs_{b}": round(speedup[b], 3) if b in speedup else None for b in BASELINES})
         if r.method == "avar_mass":
-            plain = by_key.get((r.direction, "avar", r.batch, r.len_q, r.len_k))
-            entry["mass_overhead"] = round(r.ms / plain.ms - 1, 4) if plain is not None and plain.ms else None
+            plain = shape.get("avar")
+            entry["mass_overhead"] = round(r.ms / plain - 1, 4) if plain else None
         out.append(entry)
     return out
 
 
-def fmt(x, spec):
-    return "–" if x is None else format(x, spec)
-
-
-def write_report(out_dir, args, cfg, results, notes, checks, env):
-    os.makedirs(out_dir, exist_ok=True)
+def write_report(out_dir, cfg, results, notes, checks, env):
+    speedups = ratios(results)
     report = {
         "environment": env,
         "config": dataclasses.asdict(cfg),
         "checks": checks,
         "results": [dataclasses.asdict(r) for r in results],
-        "speedups": ratios(results),
+        "speedups": speedups,
         "notes": sorted(set(notes)),
     }
-    with open(os.path.join(out_dir, "gpu_report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-
-    lines = ["# avar GPU check", ""]
-    gpu = env.get("gpu") or {}
-    lines += [f"- GPU: {gpu.get('name', 'none')} (sm {gpu.get('capability', '–')}, {gpu.get('sms', '–')} SMs, "
-              f"{gpu.get('memory_gib', '–')} GiB), driver {env.get('driver')}",
-              f"- torch {env['torch']} (CUDA {env['torch_cuda']}), Python {env['python']}, transformers "
-              f"{env.get('transformers')}, commit {env.get('git_commit')}",
-              f"- command: `{env['command']}`, {env['date_utc']}",
-              f"- shapes: bf16, D = {cfg.dim}, H = {cfg.heads}, H_kv = {cfg.kv_heads}, causal, B·L = {cfg.tokens}; "
-              "FLOPs: fwd 4·B·H·Lq·Lk·D (halved when causal), bwd 2.5× fwd", ""]
+    fmt = harness.fmt
+    lines = ["# avar GPU check", "", *harness.environment_lines(env)]
+    lines += [
+        f"- Shapes: bf16, D = {cfg.dim}, H = {cfg.heads}, H_kv = {cfg.kv_heads}, causal, B·L = {cfg.tokens}; "
+        "FLOPs: fwd 4·B·H·Lq·Lk·D (halved when causal), bwd 2.5× fwd; times are medians of the repeats",
+        "",
+    ]
     if checks:
-        lines += ["## Checks", ""]
-        for name, value in checks.items():
-            lines.append(f"- {name}: {value}")
-        lines.append("")
+        lines += ["## Checks", "", *(f"- {name}: {value}" for name, value in checks.items()), ""]
     for direction, title in (("fwd", "Forward"), ("bwd", "Backward"), ("decode", "Decode")):
         rows = [r for r in results if r.direction == direction]
         if not rows:
             continue
         lines += [f"## {title}", ""]
         if direction == "decode":
-            lines += ["| method | B | Lq | Lk | ms | TFLOP/s | K/V GB/s | peak MiB | extra MiB | note |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+            headers = ["method", "B", "Lq", "Lk", "ms", "TFLOP/s", "K/V GB/s", "peak MiB", "extra MiB", "note"]
+            cells = [
+                [
+                    r.method,
+                    r.batch,
+                    r.len_q,
+                    r.len_k,
+                    fmt(r.ms, ".3f"),
+                    fmt(r.tflops, ".2f"),
+                    fmt(r.gbps, ".0f"),
+                    fmt(r.peak_mib, ".0f"),
+                    fmt(r.extra_mib, ".0f"),
+                    r.note,
+                ]
+                for r in rows
+            ]
         else:
-            lines += ["| method | B | L | ms | TFLOP/s | peak MiB | extra MiB | note |", "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if direction == "decode":
-                lines.append(f"| {r.method} | {r.batch} | {r.len_q} | {r.len_k} | {fmt(r.ms, '.3f')} | "
-                             f"{fmt(r.tflops, '.2f')} | {fmt(r.gbps, '.0f')} | {fmt(r.peak_mib, '.0f')} | "
-                             f"{fmt(r.extra_mib, '.0f')} | {r.note} |")
-            else:
-                lines.append(f"| {r.method} | {r.batch} | {r.len_q} | {fmt(r.ms, '.3f')} | {fmt(r.tflops, '.1f')} | "
-                             f"{fmt(r.peak_mib, '.0f')} | {fmt(r.extra_mib, '.0f')} | {r.note} |")
-        lines.append("")
-    sp = ratios(results)
-    if sp:
-        lines += ["## Speedups (baseline time / ours; > 1 means ours is faster)", "",
-                  "| direction | ours | L (Lq/Lk) | vs SDPA flash | vs Flex | vs SDPA+mask | vs eager | mass overhead |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for e in sp:
-            lines.append(f"| {e['direction']} | {e['method']} | {e['len_q']}/{e['len_k']} | {fmt(e['vs_sdpa_flash'], '.2f')} "
-                         f"| {fmt(e['vs_flex'], '.2f')} | {fmt(e['vs_sdpa_mask'], '.2f')} | {fmt(e['vs_eager'], '.2f')} "
-                         f"| {fmt(e.get('mass_overhead'), '+.1%')} |")
-        lines.append("")
+            headers = ["method", "B", "L", "ms", "TFLOP/s", "peak MiB", "extra MiB", "note"]
+            cells = [
+                [
+                    r.method,
+                    r.batch,
+                    r.len_q,
+                    fmt(r.ms, ".3f"),
+                    fmt(r.tflops, ".1f"),
+                    fmt(r.peak_mib, ".0f"),
+                    fmt(r.extra_mib, ".0f"),
+                    r.note,
+                ]
+                for r in rows
+            ]
+        lines += [*harness.markdown_table(headers, cells, "l" + "r" * (len(headers) - 2) + "l"), ""]
+    if speedups:
+        lines += ["## Speedups (baseline time / ours; > 1 means ours is faster)", ""]
+        headers = [
+            "direction",
+            "ours",
+            "L (Lq/Lk)",
+            "vs SDPA flash",
+            "vs Flex",
+            "vs SDPA+mask",
+            "vs eager",
+            "mass overhead",
+        ]
+        cells = [
+            [e["direction"], e["method"], f"{e['len_q']}/{e['len_k']}"]
+            + [fmt(e[f"vs_{b}"], ".2f") for b in ("sdpa_flash", "flex", "sdpa_mask", "eager")]
+            + [fmt(e.get("mass_overhead"), "+.1%")]
+            for e in speedups
+        ]
+        lines += [*harness.markdown_table(headers, cells, "lll" + "r" * 5), ""]
     if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in sorted(set(notes))] + [""]
-    with open(os.path.join(out_dir, "gpu_report.md"), "w") as f:
-        f.write("\n".join(lines))
+        lines += ["## Notes", "", *(f"- {n}" for n in sorted(set(notes))), ""]
+    harness.write_report(out_dir, "gpu_report", report, "\n".join(lines))
 
 
 def main(argv=None):
@@ -427,15 +397,15 @@ def main(argv=None):
     notes = []
     results = []
     rows = plan(cfg)
+    env = harness.environment(argv)
     if args.dry_run or not torch.cuda.is_available():
         notes.append("dry run: no measurement taken" + ("" if args.dry_run else " (no CUDA GPU)"))
         for direction, method, batch, len_q, len_k in rows:
             results.append(Result(direction, method, batch, len_q, len_k, note="not run"))
-        write_report(args.out, args, cfg, results, notes, checks, environment(args))
+        write_report(args.out, cfg, results, notes, checks, harness.finish(env))
         print(f"planned {len(rows)} measurements; report skeleton in {args.out}")
         return 0
 
-    env = environment(args)
     deadline = time.monotonic() + cfg.budget_s
     for row in rows:
         left = deadline - time.monotonic()
@@ -447,11 +417,14 @@ def main(argv=None):
         t0 = time.monotonic()
         r = run_one(cfg, row, notes)
         results.append(r)
-        print(f"{r.direction:6s} {r.method:10s} B={r.batch:3d} Lq={r.len_q:6d} Lk={r.len_k:6d} "
-              f"ms={fmt(r.ms, '.3f')} TFLOP/s={fmt(r.tflops, '.1f')} peak={fmt(r.peak_mib, '.0f')}MiB "
-              f"({time.monotonic() - t0:.1f}s) {r.note}", flush=True)
-        write_report(args.out, args, cfg, results, notes, checks, env)
-    write_report(args.out, args, cfg, results, notes, checks, env)
+        print(
+            f"{r.direction:6s} {r.method:10s} B={r.batch:3d} Lq={r.len_q:6d} Lk={r.len_k:6d} "
+            f"ms={harness.fmt(r.ms, '.3f')} TFLOP/s={harness.fmt(r.tflops, '.1f')} "
+            f"peak={harness.fmt(r.peak_mib, '.0f')}MiB ({time.monotonic() - t0:.1f}s) {r.note}",
+            flush=True,
+        )
+        write_report(args.out, cfg, results, notes, checks, env)
+    write_report(args.out, cfg, results, notes, checks, harness.finish(env))
     return 0
 
 

@@ -37,8 +37,9 @@ def run(B, Lq, Lk, H, Hkv, D, causal, dtype=torch.bfloat16, varlen=None):
     loss = res.out.float().square().sum() + (res.mass * torch.arange(4, device=dev)).sum()
     grads = torch.autograd.grad(loss, (q, k, v, bias, gamma))
     w = torch.rand_like(res.lse)
-    km = avar_ops.attention_key_mass(q.detach(), k.detach(), res.lse, w, kg, bias.detach(),
-                                     logit_scale=gamma.detach(), causal=causal, **extra)
+    km = avar_ops.attention_key_mass(
+        q.detach(), k.detach(), res.lse, w, kg, bias.detach(), logit_scale=gamma.detach(), causal=causal, **extra
+    )
     torch.cuda.synchronize()
     outs = [res.out, res.mass, km, *grads]
     return all(bool(torch.isfinite(t).all()) for t in outs)

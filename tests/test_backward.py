@@ -268,7 +268,7 @@ def test_gradcheck_qkv_through_out_fp64(case):
 
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c.name)
 def test_gradcheck_all_inputs_through_out_lse_mass_fp64(case):
-    """lse, mass and the bias / logit_scale tables are float32: larger eps, atol argued in avar_ops.testing."""
+    """lse, mass and the bias / logit_scale tables are float32: larger eps, atol argued in avar_ops.core.testing."""
     kw = make_inputs(case, torch.float64, seed=8)
     names, _ = _grad_inputs(kw)
     assert "bias" in names and "logit_scale" in names

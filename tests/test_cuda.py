@@ -1,6 +1,6 @@
 """The CUDA kernels against the float64 reference, over the whole shared case grid, in bf16 and fp16.
 
-Tolerances come from avar_ops.testing: our error may be a small multiple of PyTorch's own error at the same
+Tolerances come from avar_ops.core.testing: our error may be a small multiple of PyTorch's own error at the same
 precision (plain PyTorch ops on the same low-precision inputs, on the same GPU).
 """
 

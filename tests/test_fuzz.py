@@ -9,7 +9,7 @@ What is asserted is what the README ("The op") promises on non-finite input:
 - a masked key's K never matters: anything there gives the result of a clean K, gradients included;
 - a non-finite V entry makes out non-finite on every row that sees it; elsewhere it may leak through 0·NaN in
   P·V (as in SDPA), so those entries are compared only where they are finite;
-- every other entry is close to the reference with the tolerances of avar_ops.testing (widened by the score
+- every other entry is close to the reference with the tolerances of avar_ops.core.testing (widened by the score
   magnitude for the huge entries), and NaN in the forward never vanishes from dq.
 Gradient closeness is checked for fp32 and fp64; bf16 gradients are held to their bound by tests/test_backward.py
 on the shared grid, and only their NaN / finite pattern is checked here.
@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops import testing
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import testing
+from avar_ops.core import NUM_GROUPS
 
 N_TRIALS = 90
 PLACES = ("none", "q", "k_visible", "k_masked", "v_visible", "v_masked")

@@ -1,4 +1,4 @@
-// CPU backward: FlashAttention-2's backward with the mass terms of DESIGN §2, P recomputed tile by tile
+// CPU backward: FlashAttention-2's backward with the mass terms of docs/design.md ("The op"), P recomputed tile by tile
 // from the saved LSE.
 //
 // One task = (sequence b, kv head, split). The rep = H / H_kv query heads sharing the kv head are stacked as

@@ -1,4 +1,4 @@
-// Backward kernel: FlashAttention-2's dK/dV-stationary pass with the group terms of DESIGN §2.
+// Backward kernel: FlashAttention-2's dK/dV-stationary pass with the group terms of docs/design.md ("The op").
 //
 // One CTA = (key block of 64 keys, kv head, sequence); 4 warps own 16 keys each. The CTA loops over every
 // query head that reads this kv head and every query block that sees these keys, so dK and dV of the GQA
