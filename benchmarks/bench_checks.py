@@ -15,12 +15,13 @@ import argparse
 import statistics
 import time
 
-import harness
 import torch
-from problems import make_problem
 
 import avar_ops
 from avar_ops.core import NUM_GROUPS
+
+import harness
+from problems import make_problem
 
 H, HKV, D = 28, 4, 128
 
@@ -90,8 +91,16 @@ def main(argv=None) -> None:
             qkv, kw = decode_problem(batch, cache, dtype, varlen)
             op, checks = time_op_and_checks(qkv, kw, args.repeats)
             layout = f"varlen B={batch}" if varlen else f"B={batch}"
-            rows.append({"dtype": str(dtype).replace("torch.", ""), "layout": layout, "cache": cache,
-                         "op_us": op, "checks_us": checks, "checks_over_op": checks / op})
+            rows.append(
+                {
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "layout": layout,
+                    "cache": cache,
+                    "op_us": op,
+                    "checks_us": checks,
+                    "checks_over_op": checks / op,
+                }
+            )
     harness.finish(env)
     lines = [
         "# CPU cost of the value checks (decode step: 1 query per sequence, H = 28, H_kv = 4, D = 128)",
@@ -103,8 +112,17 @@ def main(argv=None) -> None:
         "",
         *harness.markdown_table(
             ["dtype", "layout", "cache", "op call (µs)", "value checks (µs)", "checks / op"],
-            [[r["dtype"], r["layout"], r["cache"], f"{r['op_us']:.1f}", f"{r['checks_us']:.1f}",
-              f"{r['checks_over_op']:.3f}"] for r in rows],
+            [
+                [
+                    r["dtype"],
+                    r["layout"],
+                    r["cache"],
+                    f"{r['op_us']:.1f}",
+                    f"{r['checks_us']:.1f}",
+                    f"{r['checks_over_op']:.3f}",
+                ]
+                for r in rows
+            ],
             align="llrrrr",
         ),
     ]

@@ -98,8 +98,12 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0, requires_
         k = torch.randn(Tk, Hkv, D, generator=gen)
         v = torch.randn(Tk, Hkv, D, generator=gen)
         kg = _groups(case.groups, (Tk,), gen)
-        kwargs.update(cu_seqlens_q=cu_q.to(device), cu_seqlens_k=cu_k.to(device),
-                      max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+        kwargs.update(
+            cu_seqlens_q=cu_q.to(device),
+            cu_seqlens_k=cu_k.to(device),
+            max_seqlen_q=max(lens_q),
+            max_seqlen_k=max(lens_k),
+        )
     else:
         B, Lq, Lk = case.batch, case.len_q, case.lk
         # Non-contiguous BSHD views (as HF hands over [B, H, L, D] tensors) with a contiguous last dim.
@@ -120,8 +124,12 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0, requires_
         return out.requires_grad_(requires_grad)
 
     kwargs.update(
-        q=prep_qkv(q), k=prep_qkv(k), v=prep_qkv(v),
+        q=prep_qkv(q),
+        k=prep_qkv(k),
+        v=prep_qkv(v),
         key_group=kg.to(device) if kg is not None else None,
-        bias=table(bias), logit_scale=table(logit_scale), causal=case.causal,
+        bias=table(bias),
+        logit_scale=table(logit_scale),
+        causal=case.causal,
     )
     return kwargs

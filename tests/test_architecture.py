@@ -89,15 +89,21 @@ def _violations(rel: str, module: str | None, level: int) -> list:
                     continue
                 if target != layer_pkg:
                     bad.append(f"{where}: imports {full} from inside {layer_pkg}; use {layer_pkg}'s public names")
-                elif name is not None and name not in _public_names(layer_pkg) and f"{layer_pkg}.{name}" not in \
-                        PUBLIC_MODULES:
+                elif (
+                    name is not None
+                    and name not in _public_names(layer_pkg)
+                    and f"{layer_pkg}.{name}" not in PUBLIC_MODULES
+                ):
                     bad.append(f"{where}: {name} is not a public name of {layer_pkg}")
     return bad
 
 
 def test_every_module_belongs_to_a_layer():
-    stray = [rel for rel, module, level in _sources() if module and module != "avar_ops" and level == 0
-             and module != "avar_ops._C"]
+    stray = [
+        rel
+        for rel, module, level in _sources()
+        if module and module != "avar_ops" and level == 0 and module != "avar_ops._C"
+    ]
     assert not stray, f"modules outside every layer: {stray}"
 
 

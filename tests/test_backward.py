@@ -4,11 +4,10 @@ optimisation check, and bad input to attention_bwd."""
 
 import pytest
 import torch
+from cases import CASES, Case, make_inputs
 
 import avar_ops
-from avar_ops.core import reference, testing
-from avar_ops.core import NUM_GROUPS
-from cases import CASES, Case, make_inputs
+from avar_ops.core import NUM_GROUPS, reference, testing
 
 DIFFERENTIABLE = ("q", "k", "v", "bias", "logit_scale")
 
@@ -76,12 +75,15 @@ def _table_term_scale(kw, w):
         spans = [(slice(None), slice(None), None)]
     else:
         cu_q, cu_k = kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()
-        spans = [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1]), b) for b in range(len(cu_q) - 1)
-                 if cu_q[b + 1] > cu_q[b]]
+        spans = [
+            (slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1]), b)
+            for b in range(len(cu_q) - 1)
+            if cu_q[b + 1] > cu_q[b]
+        ]
     db = torch.zeros(H, NUM_GROUPS, dtype=torch.float64)  # [H, G]
     dg = torch.zeros(H, NUM_GROUPS, dtype=torch.float64)  # [H, G]
     for sq, sk, b in spans:
-        batched = lambda t, s=sq: t if b is None else t[s][None]  # noqa: E731  [B, L, ...]
+        batched = lambda t, s=sq, b=b: t if b is None else t[s][None]  # noqa: E731  [B, L, ...]
         q, k, v = batched(kw["q"].detach()), batched(kw["k"].detach(), sk), batched(kw["v"].detach(), sk)
         kg = None if kw["key_group"] is None else batched(kw["key_group"], sk)
         p, lse, onehot = reference._probabilities(q, k, kg, kw["bias"], kw["logit_scale"], scale, kw["causal"])
@@ -123,8 +125,7 @@ def test_grads_fp32_match_reference(case):
 @pytest.mark.parametrize("threads", [1, 3, 4])
 def test_grads_fp32_any_thread_count(threads):
     """One (sequence, kv head) and several threads: the backward splits the query blocks and sums partials."""
-    case = Case("one_kv_head", batch=1, len_q=150, len_k=170, heads=7, kv_heads=1, head_dim=32,
-                logit_scale="random")
+    case = Case("one_kv_head", batch=1, len_q=150, len_k=170, heads=7, kv_heads=1, head_dim=32, logit_scale="random")
     kw = make_inputs(case, torch.float32, seed=9, requires_grad=True)
     w = _loss_weights(avar_ops.attention(**kw, return_mass=True), seed=10)
     ref = _reference_grads(kw, w)
@@ -177,8 +178,9 @@ def _torch_lowp_grads(kw, w, causal):
             if q1 == q0:
                 continue
             kg = kw["key_group"][k0:k1][None] if kw["key_group"] is not None else None
-            out, mass = testing.torch_lowp_attention(*args(kw["q"][None, q0:q1], kw["k"][None, k0:k1],
-                                                           kw["v"][None, k0:k1], kg))
+            out, mass = testing.torch_lowp_attention(
+                *args(kw["q"][None, q0:q1], kw["k"][None, k0:k1], kw["v"][None, k0:k1], kg)
+            )
             loss = loss + (out[0].double() * w["out"][q0:q1]).sum() + (mass[0].double() * w["mass"][:, q0:q1]).sum()
     if not isinstance(loss, torch.Tensor):  # every sequence empty: nothing depends on the inputs
         return {n: None for n in names}
@@ -186,9 +188,15 @@ def _torch_lowp_grads(kw, w, causal):
 
 
 BF16_CASES = [
-    c if c.len_q <= 130 else pytest.param(
-        c, marks=pytest.mark.skip(reason="the eager bf16 yardstick and the float64 reference materialise "
-                                         "[H, L, L] maps with autograd; too slow for the 2-core CI at L > 1k"))
+    c
+    if c.len_q <= 130
+    else pytest.param(
+        c,
+        marks=pytest.mark.skip(
+            reason="the eager bf16 yardstick and the float64 reference materialise "
+            "[H, L, L] maps with autograd; too slow for the 2-core CI at L > 1k"
+        ),
+    )
     for c in CASES
 ]
 
@@ -204,11 +212,14 @@ def test_grads_bf16_within_three_times_torch_error(case):
 # kernels too. Odd head dim and odd stacked-row counts (GQA 3, odd lengths) exercise every zero pad of the
 # pair layout; varlen with an empty sequence and keys past the queries exercises the per-sequence bounds.
 @pytest.mark.parametrize("path", ["onednn", "no_onednn", "emulated"])
-@pytest.mark.parametrize("case", [Case("odd_d33_gqa3", len_q=70, heads=6, kv_heads=2, head_dim=33,
-                                       logit_scale="random"),
-                                  Case("varlen_gqa3", varlen=(5, 0, 41), len_k=3, heads=3, kv_heads=1, head_dim=16,
-                                       logit_scale="random")],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("odd_d33_gqa3", len_q=70, heads=6, kv_heads=2, head_dim=33, logit_scale="random"),
+        Case("varlen_gqa3", varlen=(5, 0, 41), len_k=3, heads=3, kv_heads=1, head_dim=16, logit_scale="random"),
+    ],
+    ids=lambda c: c.name,
+)
 def test_grads_bf16_both_gemm_paths(case, path, monkeypatch):
     if path == "emulated":
         monkeypatch.setenv("AVAR_EMULATE_BF16_GEMM", "1")
@@ -237,10 +248,19 @@ def _check_bf16_grads(case):
 
 GRADCHECK_CASES = [
     Case("gc_gqa_causal", batch=2, len_q=7, heads=4, kv_heads=2, head_dim=8, logit_scale="random"),
-    Case("gc_noncausal_lq_lt_lk", batch=1, len_q=5, len_k=9, heads=2, kv_heads=1, head_dim=8, causal=False,
-         logit_scale="shared", bias="shared"),
-    Case("gc_dead_rows", batch=1, len_q=12, heads=2, kv_heads=1, head_dim=8, groups="dead_rows",
-         logit_scale="random"),
+    Case(
+        "gc_noncausal_lq_lt_lk",
+        batch=1,
+        len_q=5,
+        len_k=9,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        causal=False,
+        logit_scale="shared",
+        bias="shared",
+    ),
+    Case("gc_dead_rows", batch=1, len_q=12, heads=2, kv_heads=1, head_dim=8, groups="dead_rows", logit_scale="random"),
     Case("gc_varlen", varlen=(3, 0, 6), len_k=2, heads=2, kv_heads=2, head_dim=8, logit_scale="random"),
 ]
 
@@ -273,13 +293,17 @@ def test_gradcheck_all_inputs_through_out_lse_mass_fp64(case):
     names, _ = _grad_inputs(kw)
     assert "bias" in names and "logit_scale" in names
     fn, leaves = _gradcheck_fn(kw, names, ("out", "lse", "mass"))
-    assert torch.autograd.gradcheck(fn, leaves, eps=testing.GRADCHECK_F32_OUTPUT_EPS,
-                                    atol=testing.GRADCHECK_F32_OUTPUT_ATOL)
+    assert torch.autograd.gradcheck(
+        fn, leaves, eps=testing.GRADCHECK_F32_OUTPUT_EPS, atol=testing.GRADCHECK_F32_OUTPUT_ATOL
+    )
 
 
 def test_dead_rows_get_zero_gradient():
-    kw = make_inputs(Case("dead", batch=1, len_q=20, heads=2, kv_heads=1, head_dim=16, groups="dead_rows"),
-                     torch.float32, requires_grad=True)
+    kw = make_inputs(
+        Case("dead", batch=1, len_q=20, heads=2, kv_heads=1, head_dim=16, groups="dead_rows"),
+        torch.float32,
+        requires_grad=True,
+    )
     got = avar_ops.attention(**kw, return_mass=True)
     dead = torch.isneginf(got.lse)  # [B, H, Lq]
     assert dead.any(), "the case must have rows that see no key"
@@ -289,9 +313,21 @@ def test_dead_rows_get_zero_gradient():
 
 
 def _fwd_args(kw, return_mass=True):
-    return (kw["q"], kw["k"], kw["v"], kw["key_group"], kw["bias"], kw["logit_scale"], kw["q"].shape[-1] ** -0.5,
-            kw["causal"], kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k"), kw.get("max_seqlen_q", 0),
-            kw.get("max_seqlen_k", 0), return_mass)
+    return (
+        kw["q"],
+        kw["k"],
+        kw["v"],
+        kw["key_group"],
+        kw["bias"],
+        kw["logit_scale"],
+        kw["q"].shape[-1] ** -0.5,
+        kw["causal"],
+        kw.get("cu_seqlens_q"),
+        kw.get("cu_seqlens_k"),
+        kw.get("max_seqlen_q", 0),
+        kw.get("max_seqlen_k", 0),
+        return_mass,
+    )
 
 
 OPCHECK_CASES = [
@@ -312,14 +348,30 @@ def test_opcheck_backward(case):
     out, lse, mass = torch.ops.avar.attention_fwd(*_fwd_args(kw))
     dout, dmass, dlse = torch.randn_like(out), torch.randn_like(mass), torch.randn_like(lse)
     fa = _fwd_args(kw)
-    args = (dout, dmass, dlse, kw["q"], kw["k"], kw["v"], out, lse, mass, kw["key_group"], kw["bias"],
-            kw["logit_scale"], *fa[6:12], kw["bias"] is not None, kw["logit_scale"] is not None)
+    args = (
+        dout,
+        dmass,
+        dlse,
+        kw["q"],
+        kw["k"],
+        kw["v"],
+        out,
+        lse,
+        mass,
+        kw["key_group"],
+        kw["bias"],
+        kw["logit_scale"],
+        *fa[6:12],
+        kw["bias"] is not None,
+        kw["logit_scale"] is not None,
+    )
     torch.library.opcheck(torch.ops.avar.attention_bwd, args)
 
 
 def test_compile_forward_and_backward():
-    kw = make_inputs(Case("compiled", batch=1, len_q=24, heads=4, kv_heads=2, head_dim=16), torch.float32,
-                     requires_grad=True)
+    kw = make_inputs(
+        Case("compiled", batch=1, len_q=24, heads=4, kv_heads=2, head_dim=16), torch.float32, requires_grad=True
+    )
 
     def agto_like(q, k, v, bias):
         res = avar_ops.attention(q, k, v, kw["key_group"], bias, return_mass=True)
@@ -360,9 +412,23 @@ def test_adam_on_bias_raises_image_mass():
 
 def _bwd_call(kw, out, lse, mass, dmass=None, dlse=None):
     fa = _fwd_args(kw)
-    return torch.ops.avar.attention_bwd(torch.ones_like(out), dmass, dlse, kw["q"], kw["k"], kw["v"], out, lse,
-                                        mass, kw["key_group"], kw["bias"], kw["logit_scale"], *fa[6:12], False,
-                                        False)
+    return torch.ops.avar.attention_bwd(
+        torch.ones_like(out),
+        dmass,
+        dlse,
+        kw["q"],
+        kw["k"],
+        kw["v"],
+        out,
+        lse,
+        mass,
+        kw["key_group"],
+        kw["bias"],
+        kw["logit_scale"],
+        *fa[6:12],
+        False,
+        False,
+    )
 
 
 def test_bwd_rejects_bad_dmass_and_dlse():

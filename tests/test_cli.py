@@ -6,11 +6,11 @@ import json
 import os
 
 import pytest
+from tiny_eager import write_jsonl
 
 from avar_ops.analysis import vas
-from avar_ops.core import testing
 from avar_ops.analysis.cli import main
-from tiny_eager import write_jsonl
+from avar_ops.core import testing
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,25 @@ def test_vas_on_checkpoint_folder_and_compare(tiny_vas, data, tmp_path):
     model.save_pretrained(ckpt)
     processor.save_pretrained(ckpt)
     out = tmp_path / "out"
-    assert main(["vas", "--model", str(ckpt), "--data", data, "--limit", "2", "--out", str(out), "--no-progress",
-                 "--compare", str(tiny_vas)]) == 0
+    assert (
+        main(
+            [
+                "vas",
+                "--model",
+                str(ckpt),
+                "--data",
+                data,
+                "--limit",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--compare",
+                str(tiny_vas),
+            ]
+        )
+        == 0
+    )
     ours, base = vas.VASReport.load(str(out)), vas.VASReport.load(str(tiny_vas))
     assert ours.label == "ckpt"
     # Same weights, but the saved processor reloads with the torchvision image backend instead of the PIL one,
@@ -54,8 +71,25 @@ def test_vas_on_checkpoint_folder_and_compare(tiny_vas, data, tmp_path):
 
 def test_vas_with_intervention_raises_vas(tiny_vas, data, tmp_path):
     out = tmp_path / "iv"
-    assert main(["vas", "--data", data, "--limit", "2", "--out", str(out), "--no-progress",
-                 "--alpha-img", "0.5", "--alpha-sys", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "vas",
+                "--data",
+                data,
+                "--limit",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--alpha-img",
+                "0.5",
+                "--alpha-sys",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     steered, base = vas.VASReport.load(str(out)), vas.VASReport.load(str(tiny_vas))
     assert steered.intervention["alpha_img"] == 0.5
     # Layer 0 has the same inputs either way; its visual/system ratio is multiplied by 1.5 / 0.5 exactly.
@@ -64,8 +98,27 @@ def test_vas_with_intervention_raises_vas(tiny_vas, data, tmp_path):
 
 def test_generate_prints_both_answers(data, capsys):
     image = os.path.join(os.path.dirname(data), "images", "s0_0.png")
-    assert main(["generate", "--image", image, "--question", "What colour is the square?", "--alpha-img", "0.15",
-                 "--alpha-sys", "0.2", "--mode", "logits", "--baseline", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--image",
+                image,
+                "--question",
+                "What colour is the square?",
+                "--alpha-img",
+                "0.15",
+                "--alpha-sys",
+                "0.2",
+                "--mode",
+                "logits",
+                "--baseline",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "[no intervention]" in captured.out and "[logits α_img=0.15 α_sys=0.2]" in captured.out
     assert "tokens of 0" in captured.err  # the decoding-step bar of sample 0 (on unless --no-progress)
@@ -74,12 +127,36 @@ def test_generate_prints_both_answers(data, capsys):
 def test_sweep_writes_table(data, tmp_path, tiny_vas):
     out = tmp_path / "sweep"
     # A negative pair ("-0.5:0.2") starts like an option; the command still reads it as a setting.
-    assert main(["sweep", "--data", data, "--limit", "2", "--alphas", "0", "0.15:0.2", "0.4:0.4", "-0.5:0.2",
-                 "--out", str(out), "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--data",
+                data,
+                "--limit",
+                "2",
+                "--alphas",
+                "0",
+                "0.15:0.2",
+                "0.4:0.4",
+                "-0.5:0.2",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open(out / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["setting"] for r in rows] == ["none", "weights α_img=0.15 α_sys=0.2", "weights α_img=0.4 α_sys=0.4",
-                                            "weights α_img=-0.5 α_sys=0.2"]
+    assert [r["setting"] for r in rows] == [
+        "none",
+        "weights α_img=0.15 α_sys=0.2",
+        "weights α_img=0.4 α_sys=0.4",
+        "weights α_img=-0.5 α_sys=0.2",
+    ]
     assert rows[0]["answers_changed"] == "0"
     base = vas.VASReport.load(str(tiny_vas))
     assert float(rows[0]["vas"]) == pytest.approx(base.vas, rel=1e-9)
@@ -98,8 +175,13 @@ def test_demo(tmp_path, capsys):
     assert main(["demo", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "VAS" in text and "answers changed" in text
-    for name in ("compare.png", "baseline/vas.json", "intervention/vas.json", "attention_baseline_image1.png",
-                 "attention_intervention_image1.png"):
+    for name in (
+        "compare.png",
+        "baseline/vas.json",
+        "intervention/vas.json",
+        "attention_baseline_image1.png",
+        "attention_intervention_image1.png",
+    ):
         assert os.path.getsize(out / name) > 1000, name
 
 
@@ -114,8 +196,10 @@ def test_demo(tmp_path, capsys):
         (["generate", "--image", "IMAGE", "--question", "q", "--alpha-sys", "1.0"], "alpha_sys < 1"),
         (["generate", "--image", "IMAGE", "--question", "q", "--mode", "bias", "--alpha-img", "0.1"], "--beta-img"),
         (["sweep", "--data", "DATA", "--alphas", "0.1:x", "--out", "OUT"], "IMG or IMG:SYS"),
-        (["generate", "--image", "IMAGE", "--question", "q", "--alpha-img", "0.1", "--layers", "9"],
-         "index 9 is out of range"),
+        (
+            ["generate", "--image", "IMAGE", "--question", "q", "--alpha-img", "0.1", "--layers", "9"],
+            "index 9 is out of range",
+        ),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, data, tmp_path, capsys):

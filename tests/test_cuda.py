@@ -10,10 +10,11 @@ import dataclasses
 
 import pytest
 import torch
+from cases import CASES, Case, make_inputs
 
 import avar_ops
-from avar_ops.core import extension as _extension
 from avar_ops.core import NUM_GROUPS, attention_reference, key_mass_reference
+from avar_ops.core import extension as _extension
 from avar_ops.core.testing import (
     LOWP_FWD_FACTOR,
     LOWP_GRAD_FACTOR,
@@ -25,7 +26,6 @@ from avar_ops.core.testing import (
     torch_lowp_attention,
     torch_lowp_key_mass,
 )
-from cases import CASES, Case, make_inputs
 
 pytestmark = [
     pytest.mark.cuda,

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from cases import CASES, SMALL_CASES, Case, make_inputs
 
 import avar_ops
-from avar_ops.core import testing
-from avar_ops.core import NUM_GROUPS
-from cases import CASES, SMALL_CASES, Case, make_inputs
+from avar_ops.core import NUM_GROUPS, testing
 
 
 def _finite_lse_matches(lse, ref_lse):
@@ -38,13 +37,15 @@ def test_forward_bf16_within_twice_torch_error(case):
     # PyTorch's own bf16 attention on the same inputs is the yardstick (varlen: per sequence, batched view).
     if case.varlen is None:
         t_out, t_mass = testing.torch_lowp_attention(
-            kw["q"], kw["k"], kw["v"], kw["key_group"], kw["bias"], kw["logit_scale"], None, case.causal)
+            kw["q"], kw["k"], kw["v"], kw["key_group"], kw["bias"], kw["logit_scale"], None, case.causal
+        )
         t_out_err, t_mass_err = testing.rel_err(t_out, ref.out), testing.max_abs_err(t_mass, ref.mass)
     else:
         t_out_err, t_mass_err = _varlen_torch_errors(kw, ref, case.causal)
     assert testing.rel_err(got.out, ref.out) <= testing.lowp_bound(t_out_err, torch.bfloat16, testing.LOWP_FWD_FACTOR)
     assert testing.max_abs_err(got.mass, ref.mass) <= testing.lowp_bound(
-        t_mass_err, torch.bfloat16, testing.LOWP_FWD_FACTOR)
+        t_mass_err, torch.bfloat16, testing.LOWP_FWD_FACTOR
+    )
     assert _finite_lse_matches(got.lse, ref.lse) <= testing.LOWP_LSE_ABS
 
 
@@ -53,10 +54,14 @@ def test_forward_bf16_within_twice_torch_error(case):
 # exercises the zero pad of the bf16 GEMM's even reduction length; L = 70 gives diagonal tiles with odd widths.
 # AVAR_EMULATE_BF16_GEMM=1 runs the bf16 GEMM path with a loop GEMM of the same layout (tests it on any CPU).
 @pytest.mark.parametrize("path", ["onednn", "no_onednn", "emulated"])
-@pytest.mark.parametrize("case", [Case("odd_d33_gqa3", len_q=70, heads=6, kv_heads=2, head_dim=33,
-                                       logit_scale="random"),
-                                  Case("L129_gqa7_d128", batch=1, len_q=129, heads=7, kv_heads=1, head_dim=128)],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("odd_d33_gqa3", len_q=70, heads=6, kv_heads=2, head_dim=33, logit_scale="random"),
+        Case("L129_gqa7_d128", batch=1, len_q=129, heads=7, kv_heads=1, head_dim=128),
+    ],
+    ids=lambda c: c.name,
+)
 def test_forward_bf16_both_gemm_paths(case, path, monkeypatch):
     kw = make_inputs(case, torch.bfloat16, seed=3)
     if path == "emulated":
@@ -69,11 +74,14 @@ def test_forward_bf16_both_gemm_paths(case, path, monkeypatch):
         torch.backends.mkldnn.enabled = was_enabled
     ref = avar_ops.attention_reference(**kw, return_mass=True)
     t_out, t_mass = testing.torch_lowp_attention(
-        kw["q"], kw["k"], kw["v"], kw["key_group"], kw["bias"], kw["logit_scale"], None, case.causal)
+        kw["q"], kw["k"], kw["v"], kw["key_group"], kw["bias"], kw["logit_scale"], None, case.causal
+    )
     assert testing.rel_err(got.out, ref.out) <= testing.lowp_bound(
-        testing.rel_err(t_out, ref.out), torch.bfloat16, testing.LOWP_FWD_FACTOR)
+        testing.rel_err(t_out, ref.out), torch.bfloat16, testing.LOWP_FWD_FACTOR
+    )
     assert testing.max_abs_err(got.mass, ref.mass) <= testing.lowp_bound(
-        testing.max_abs_err(t_mass, ref.mass), torch.bfloat16, testing.LOWP_FWD_FACTOR)
+        testing.max_abs_err(t_mass, ref.mass), torch.bfloat16, testing.LOWP_FWD_FACTOR
+    )
     assert _finite_lse_matches(got.lse, ref.lse) <= testing.LOWP_LSE_ABS
 
 
@@ -85,16 +93,26 @@ def _varlen_torch_errors(kw, ref, causal):
         if q1 == q0:
             continue
         kg = kw["key_group"][k0:k1][None] if kw["key_group"] is not None else None
-        o, m = testing.torch_lowp_attention(kw["q"][None, q0:q1], kw["k"][None, k0:k1], kw["v"][None, k0:k1], kg,
-                                            kw["bias"], kw["logit_scale"], None, causal)
+        o, m = testing.torch_lowp_attention(
+            kw["q"][None, q0:q1],
+            kw["k"][None, k0:k1],
+            kw["v"][None, k0:k1],
+            kg,
+            kw["bias"],
+            kw["logit_scale"],
+            None,
+            causal,
+        )
         outs.append(o[0])
         masses.append(m[0])
         ref_outs.append(ref.out[q0:q1])
         ref_masses.append(ref.mass[:, q0:q1])
     if not outs:  # every sequence empty: PyTorch has nothing to get wrong
         return 0.0, 0.0
-    return (testing.rel_err(torch.cat(outs), torch.cat(ref_outs)),
-            testing.max_abs_err(torch.cat(masses, 1), torch.cat(ref_masses, 1)))
+    return (
+        testing.rel_err(torch.cat(outs), torch.cat(ref_outs)),
+        testing.max_abs_err(torch.cat(masses, 1), torch.cat(ref_masses, 1)),
+    )
 
 
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
@@ -157,11 +175,26 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 def test_opcheck_forward():
     for case in SMALL_CASES[:4]:
         kw = make_inputs(case)
-        args = (kw["q"], kw["k"], kw["v"], kw["key_group"], kw["bias"], kw["logit_scale"],
-                kw["q"].shape[-1] ** -0.5, kw["causal"], kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k"),
-                kw.get("max_seqlen_q", 0), kw.get("max_seqlen_k", 0), True)
-        torch.library.opcheck(torch.ops.avar.attention_fwd.default, args,
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        args = (
+            kw["q"],
+            kw["k"],
+            kw["v"],
+            kw["key_group"],
+            kw["bias"],
+            kw["logit_scale"],
+            kw["q"].shape[-1] ** -0.5,
+            kw["causal"],
+            kw.get("cu_seqlens_q"),
+            kw.get("cu_seqlens_k"),
+            kw.get("max_seqlen_q", 0),
+            kw.get("max_seqlen_k", 0),
+            True,
+        )
+        torch.library.opcheck(
+            torch.ops.avar.attention_fwd.default,
+            args,
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+        )
 
 
 def test_torch_compile_fullgraph():

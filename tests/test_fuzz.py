@@ -24,8 +24,7 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops.core import testing
-from avar_ops.core import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS, testing
 
 N_TRIALS = 90
 PLACES = ("none", "q", "k_visible", "k_masked", "v_visible", "v_masked")
@@ -156,8 +155,12 @@ def _place_special(prob: Problem, gen: torch.Generator) -> None:
         if not candidates:
             return
         row = _choice(gen, candidates)
-    x = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
-         "huge": HUGE_MASKED if place.endswith("masked") else HUGE_VISIBLE}[value]
+    x = {
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "-inf": float("-inf"),
+        "huge": HUGE_MASKED if place.endswith("masked") else HUGE_VISIBLE,
+    }[value]
     t = prob.kw[name]
     idx = _row_index(prob, row, length)
     with torch.no_grad():
@@ -218,8 +221,8 @@ def _lowp_yardstick(prob: Problem, clean: dict, ref_clean) -> tuple[float, float
         if q1 == q0:
             continue
         if prob.dense_lq is not None:
-            q, k, v = kw["q"][b:b + 1], kw["k"][b:b + 1], kw["v"][b:b + 1]
-            kg = kw["key_group"][b:b + 1] if kw["key_group"] is not None else None
+            q, k, v = kw["q"][b : b + 1], kw["k"][b : b + 1], kw["v"][b : b + 1]
+            kg = kw["key_group"][b : b + 1] if kw["key_group"] is not None else None
         else:
             q, k, v = kw["q"][None, q0:q1], kw["k"][None, k0:k1], kw["v"][None, k0:k1]
             kg = kw["key_group"][None, k0:k1] if kw["key_group"] is not None else None
@@ -230,8 +233,10 @@ def _lowp_yardstick(prob: Problem, clean: dict, ref_clean) -> tuple[float, float
         ref_masses.append(_pack_mass(prob, ref_clean.mass)[q0:q1])
     if not outs:
         return 0.0, 0.0
-    return (testing.rel_err(torch.cat(outs), torch.cat(ref_outs)),
-            testing.max_abs_err(torch.cat(masses), torch.cat(ref_masses)))
+    return (
+        testing.rel_err(torch.cat(outs), torch.cat(ref_outs)),
+        testing.max_abs_err(torch.cat(masses), torch.cat(ref_masses)),
+    )
 
 
 def _loss(res, w) -> torch.Tensor:
@@ -326,12 +331,30 @@ def test_fuzz_against_reference(seed, monkeypatch):
     gen = torch.Generator().manual_seed(1000 + seed)
     wq = torch.rand(got.lse.shape, generator=gen) * (torch.rand(got.lse.shape, generator=gen) > 0.3)
     km = avar_ops.attention_key_mass(
-        kw["q"], kw["k"], got.lse, wq, kw["key_group"], kw["bias"], logit_scale=kw["logit_scale"],
-        causal=kw["causal"], cu_seqlens_q=kw.get("cu_seqlens_q"), cu_seqlens_k=kw.get("cu_seqlens_k"),
-        max_seqlen_q=kw.get("max_seqlen_q"), max_seqlen_k=kw.get("max_seqlen_k"))
+        kw["q"],
+        kw["k"],
+        got.lse,
+        wq,
+        kw["key_group"],
+        kw["bias"],
+        logit_scale=kw["logit_scale"],
+        causal=kw["causal"],
+        cu_seqlens_q=kw.get("cu_seqlens_q"),
+        cu_seqlens_k=kw.get("cu_seqlens_k"),
+        max_seqlen_q=kw.get("max_seqlen_q"),
+        max_seqlen_k=kw.get("max_seqlen_k"),
+    )
     km_ref = avar_ops.key_mass_reference(
-        kw["q"], kw["k"], wq, kw["key_group"], kw["bias"], logit_scale=kw["logit_scale"], causal=kw["causal"],
-        cu_seqlens_q=kw.get("cu_seqlens_q"), cu_seqlens_k=kw.get("cu_seqlens_k"))
+        kw["q"],
+        kw["k"],
+        wq,
+        kw["key_group"],
+        kw["bias"],
+        logit_scale=kw["logit_scale"],
+        causal=kw["causal"],
+        cu_seqlens_q=kw.get("cu_seqlens_q"),
+        cu_seqlens_k=kw.get("cu_seqlens_k"),
+    )
     g_km, r_km = _pack_key_mass(prob, km), _pack_key_mass(prob, km_ref)  # [keys, H]
     assert torch.equal(torch.isnan(g_km), torch.isnan(r_km)), f"NaN key masses differ ({tag})"
     finite_km = ~torch.isnan(r_km)
@@ -349,8 +372,11 @@ def test_fuzz_against_reference(seed, monkeypatch):
         for name, g in g_grads.items():
             assert torch.isfinite(g).all(), f"non-finite d{name} from a finite forward ({tag})"
         if not lowp:
-            r_grads = _grads({n: (x.double() if n in ("q", "k", "v") and x is not None else x)
-                              for n, x in kw.items()}, avar_ops.attention_reference, w)
+            r_grads = _grads(
+                {n: (x.double() if n in ("q", "k", "v") and x is not None else x) for n, x in kw.items()},
+                avar_ops.attention_reference,
+                w,
+            )
             for name in ("q", "k", "v"):
                 err = testing.rel_err(g_grads[name], r_grads[name])
                 assert err <= testing.FP32_OUT_REL * factor, f"d{name}: relative error {err:.2e} ({tag})"
@@ -369,7 +395,8 @@ def test_overflowing_scores_give_nan_not_a_dead_row(dtype):
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     got = avar_ops.attention(q, k, v, return_mass=True)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2), is_causal=True)
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2), is_causal=True
+    )
     assert torch.isnan(sdpa[0, 1, 3]).all()  # the yardstick agrees that this row has no finite answer
     assert torch.isnan(got.out[0, 3, 1]).all() and torch.isnan(got.mass[0, 1, 3]).all()
     assert torch.isnan(got.lse[0, 1, 3])

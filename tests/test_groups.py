@@ -8,8 +8,8 @@ characters come from. That expectation knows nothing of how `token_groups` finds
 import pytest
 import torch
 
-from avar_ops.hf import token_groups
 from avar_ops.analysis.tiny_qwen import build_tiny_processor, synthetic_images
+from avar_ops.hf import token_groups
 
 SYS, USER, OTHER, VIS = 2, 3, 0, 1
 
@@ -27,11 +27,17 @@ def user(*parts):
     segs = [("<|im_start|>user\n", OTHER, False)]
     for p in parts:
         if isinstance(p, int):  # an image of p visual tokens
-            segs += [("<|vision_start|>", OTHER, False), ("<|image_pad|>" * p, VIS, False),
-                     ("<|vision_end|>", OTHER, False)]
+            segs += [
+                ("<|vision_start|>", OTHER, False),
+                ("<|image_pad|>" * p, VIS, False),
+                ("<|vision_end|>", OTHER, False),
+            ]
         elif p == "video":
-            segs += [("<|vision_start|>", OTHER, False), ("<|video_pad|>" * 6, VIS, False),
-                     ("<|vision_end|>", OTHER, False)]
+            segs += [
+                ("<|vision_start|>", OTHER, False),
+                ("<|video_pad|>" * 6, VIS, False),
+                ("<|vision_end|>", OTHER, False),
+            ]
         else:
             segs.append((p, USER, False))
     return segs + [("<|im_end|>", OTHER, False), ("\n", OTHER, False)]
@@ -48,12 +54,17 @@ CASES = {
     "system_image_user": system("Look at the image first.") + user(4, "What colour is the square?") + GEN_PROMPT,
     "default_system": system("You are a helpful assistant.") + user(9, "Describe the image.") + GEN_PROMPT,
     "no_system": user(4, "How many circles are there?") + GEN_PROMPT,
-    "several_images_and_video": system("Compare.") + user("Picture 1: ", 4, "Picture 2: ", 16, "video", "Which?")
+    "several_images_and_video": system("Compare.")
+    + user("Picture 1: ", 4, "Picture 2: ", 16, "video", "Which?")
     + GEN_PROMPT,
-    "multi_turn": system("Be careful.") + user(9, "What is shown?") + assistant("A red square.")
-    + user("Are you sure? Look back at the image.") + assistant("Wait, let me check", closed=False),
+    "multi_turn": system("Be careful.")
+    + user(9, "What is shown?")
+    + assistant("A red square.")
+    + user("Are you sure? Look back at the image.")
+    + assistant("Wait, let me check", closed=False),
     # Role names inside content must not start turns; only the token after <|im_start|> names a role.
-    "role_words_in_content": system("The user asks, the assistant answers.") + user("system user assistant")
+    "role_words_in_content": system("The user asks, the assistant answers.")
+    + user("system user assistant")
     + assistant("user system"),
     "text_before_any_turn": [("Picture 1: ", OTHER, False)] + user(4, "yes") + GEN_PROMPT,
 }
@@ -99,19 +110,20 @@ def test_hand_rendering_is_the_template(processor):
     images = synthetic_images(2, seed=3, sizes=(56, 112))
     msgs = [
         {"role": "system", "content": "Look at the image first."},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"},
-                                     {"type": "image"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}, {"type": "image"}]},
     ]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     enc = processor(text=[text], images=images, return_tensors="pt")
     n = (enc["image_grid_thw"].prod(-1) // 4).tolist()
-    ids, groups, _ = expected(processor, system("Look at the image first.") + user(n[0], "What colour?", n[1])
-                              + GEN_PROMPT)
+    ids, groups, _ = expected(
+        processor, system("Look at the image first.") + user(n[0], "What colour?", n[1]) + GEN_PROMPT
+    )
     assert torch.equal(enc["input_ids"][0], ids)
     assert torch.equal(token_groups(enc["input_ids"], processor, enc["attention_mask"]).key_group[0], groups)
     # Without a system message the template renders Qwen's default system turn.
-    default = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                            tokenize=False)
+    default = processor.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert default.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
 
 
@@ -142,7 +154,7 @@ def test_padding_token_ids_do_not_count(processor):
     mask = torch.cat([torch.ones(len(ids), dtype=torch.long), torch.zeros(2, dtype=torch.long)])[None]
     tg = token_groups(padded, processor, mask)
     assert torch.equal(tg.key_group[0, : len(ids)], groups)
-    assert (tg.key_group[0, len(ids):] == -1).all()
+    assert (tg.key_group[0, len(ids) :] == -1).all()
 
 
 def test_bad_input(processor):

@@ -12,8 +12,8 @@ import torch
 
 import avar_ops
 from avar_ops.core import testing
-from avar_ops.method import Intervention, reweight_probabilities
 from avar_ops.hf import is_patched
+from avar_ops.method import Intervention, reweight_probabilities
 
 B, LQ, H, HKV, D = 2, 24, 4, 2, 16
 
@@ -183,9 +183,9 @@ def sample():
 
 
 def _layer_masses(model, processor, sample, iv):
-    from avar_ops.method import intervened
-    from avar_ops.hf import collect_masses
     from avar_ops.analysis.samples import build_inputs
+    from avar_ops.hf import collect_masses
+    from avar_ops.method import intervened
 
     inputs = build_inputs(processor, [sample])
     with intervened(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
@@ -249,9 +249,9 @@ def test_model_logits_reading_matches_reference_on_layer_inputs(tiny, sample):
 def test_every_decode_step_gets_the_intervention(tiny, sample):
     """Masses of each generated token, taken during generate() (KV cache, one query per step), equal those of
     one full forward over the final sequence under the same intervention, and differ from the plain ones."""
-    from avar_ops.method import intervened
-    from avar_ops.hf import collect_masses
     from avar_ops.analysis.samples import build_inputs
+    from avar_ops.hf import collect_masses
+    from avar_ops.method import intervened
 
     model, processor = tiny
     iv = Intervention(mode="weights", alpha_img=0.4, alpha_sys=0.3)
@@ -261,8 +261,12 @@ def test_every_decode_step_gets_the_intervention(tiny, sample):
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     steps = rec.steps
     assert len(steps) == 6  # the prefill and five decode steps (the sixth token is not fed back)
-    full_inputs = {**inputs, "input_ids": out[:, :-1], "attention_mask": torch.ones_like(out[:, :-1]),
-                   "mm_token_type_ids": torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 5))}
+    full_inputs = {
+        **inputs,
+        "input_ids": out[:, :-1],
+        "attention_mask": torch.ones_like(out[:, :-1]),
+        "mm_token_type_ids": torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 5)),
+    }
 
     def full_masses(intervention):
         with intervened(model, processor, intervention), torch.no_grad(), collect_masses(model) as full:
@@ -278,13 +282,12 @@ def test_every_decode_step_gets_the_intervention(tiny, sample):
 
 
 def test_generate_without_intervention_is_stock_generate(tiny, sample):
-    from avar_ops.analysis.samples import generate_answers
-    from avar_ops.analysis.samples import build_inputs
+    from avar_ops.analysis.samples import build_inputs, generate_answers
 
     model, processor = tiny
     inputs = build_inputs(processor, [sample])
     with torch.no_grad():
-        stock = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        stock = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     ours = generate_answers(model, processor, [sample], max_new_tokens=6)[0]
     assert ours["tokens"] == stock.tolist()[: len(ours["tokens"])]
     assert not is_patched(model)

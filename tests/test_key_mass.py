@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from cases import CASES, Case, make_inputs
 
 import avar_ops
 from avar_ops.core import testing
-from cases import CASES, Case, make_inputs
 
 
 def _weights(kw, per_head, seed):
@@ -23,15 +23,33 @@ def _weights(kw, per_head, seed):
 
 def _key_mass(kw, w, lse):
     return avar_ops.attention_key_mass(
-        kw["q"], kw["k"], lse, w, kw["key_group"], kw["bias"], logit_scale=kw["logit_scale"], causal=kw["causal"],
-        cu_seqlens_q=kw.get("cu_seqlens_q"), cu_seqlens_k=kw.get("cu_seqlens_k"),
-        max_seqlen_q=kw.get("max_seqlen_q"), max_seqlen_k=kw.get("max_seqlen_k"))
+        kw["q"],
+        kw["k"],
+        lse,
+        w,
+        kw["key_group"],
+        kw["bias"],
+        logit_scale=kw["logit_scale"],
+        causal=kw["causal"],
+        cu_seqlens_q=kw.get("cu_seqlens_q"),
+        cu_seqlens_k=kw.get("cu_seqlens_k"),
+        max_seqlen_q=kw.get("max_seqlen_q"),
+        max_seqlen_k=kw.get("max_seqlen_k"),
+    )
 
 
 def _reference(kw, w):
     return avar_ops.key_mass_reference(
-        kw["q"], kw["k"], w, kw["key_group"], kw["bias"], logit_scale=kw["logit_scale"], causal=kw["causal"],
-        cu_seqlens_q=kw.get("cu_seqlens_q"), cu_seqlens_k=kw.get("cu_seqlens_k"))
+        kw["q"],
+        kw["k"],
+        w,
+        kw["key_group"],
+        kw["bias"],
+        logit_scale=kw["logit_scale"],
+        causal=kw["causal"],
+        cu_seqlens_q=kw.get("cu_seqlens_q"),
+        cu_seqlens_k=kw.get("cu_seqlens_k"),
+    )
 
 
 @pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "shared"])
@@ -52,8 +70,9 @@ def test_key_mass_matches_reference(case, dtype, per_head):
 
 def test_key_mass_of_all_queries_sums_to_live_rows():
     """With w = 1 on every query, the key masses of a head add up to the number of queries that see a key."""
-    kw = make_inputs(Case("sum", batch=2, len_q=40, heads=4, kv_heads=2, head_dim=32, groups="dead_rows"),
-                     torch.float32)
+    kw = make_inputs(
+        Case("sum", batch=2, len_q=40, heads=4, kv_heads=2, head_dim=32, groups="dead_rows"), torch.float32
+    )
     lse = avar_ops.attention(**kw).lse  # [B, H, Lq]
     w = torch.ones(2, 40)
     got = _key_mass(kw, w, lse).double().sum(-1)  # [B, H]
@@ -64,8 +83,11 @@ def test_key_mass_of_all_queries_sums_to_live_rows():
 def test_key_mass_rejects_bad_query_weight():
     kw = make_inputs(Case("bad", batch=2, len_q=8, heads=2, kv_heads=1, head_dim=16), torch.float32)
     lse = avar_ops.attention(**kw).lse
-    with pytest.raises(ValueError, match=r"query_weight must be \[B, H, Lq\] = \[2, 2, 8\] or \[B, Lq\] = \[2, 8\], "
-                                         r"got shape \[2, 3, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"query_weight must be \[B, H, Lq\] = \[2, 2, 8\] or \[B, Lq\] = \[2, 8\], "
+        r"got shape \[2, 3, 8\]",
+    ):
         _key_mass(kw, torch.ones(2, 3, 8), lse)
     with pytest.raises(TypeError, match="query_weight must be float32, got Double"):
         _key_mass(kw, torch.ones(2, 8, dtype=torch.float64), lse)
@@ -81,15 +103,33 @@ def test_key_mass_rejects_bad_varlen_query_weight():
         _key_mass(kw, torch.ones(2, tq + 1), lse)
 
 
-@pytest.mark.parametrize("case", [Case("op_gqa", batch=2, len_q=9, heads=4, kv_heads=2, head_dim=16,
-                                       logit_scale="random"),
-                                  Case("op_varlen", varlen=(4, 7), heads=2, kv_heads=1, head_dim=16, causal=False)],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("op_gqa", batch=2, len_q=9, heads=4, kv_heads=2, head_dim=16, logit_scale="random"),
+        Case("op_varlen", varlen=(4, 7), heads=2, kv_heads=1, head_dim=16, causal=False),
+    ],
+    ids=lambda c: c.name,
+)
 def test_opcheck_key_mass(case):
     kw = make_inputs(case, torch.float32)
     lse = avar_ops.attention(**kw).lse
     w = _weights(kw, per_head=True, seed=13)
-    torch.library.opcheck(torch.ops.avar.attention_key_mass, (
-        kw["q"], kw["k"], lse, w, kw["key_group"], kw["bias"], kw["logit_scale"], kw["q"].shape[-1] ** -0.5,
-        kw["causal"], kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k"), kw.get("max_seqlen_q", 0),
-        kw.get("max_seqlen_k", 0)))
+    torch.library.opcheck(
+        torch.ops.avar.attention_key_mass,
+        (
+            kw["q"],
+            kw["k"],
+            lse,
+            w,
+            kw["key_group"],
+            kw["bias"],
+            kw["logit_scale"],
+            kw["q"].shape[-1] ** -0.5,
+            kw["causal"],
+            kw.get("cu_seqlens_q"),
+            kw.get("cu_seqlens_k"),
+            kw.get("max_seqlen_q", 0),
+            kw.get("max_seqlen_k", 0),
+        ),
+    )

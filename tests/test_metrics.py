@@ -11,8 +11,8 @@ import torch
 
 import avar_ops
 from avar_ops import Group
-from avar_ops.method import agto_losses, visual_reward, vas
 from avar_ops.core.testing import FP32_MASS_ABS, FP64_REDUCTION_REL, max_abs_err
+from avar_ops.method import agto_losses, vas, visual_reward
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -58,9 +58,9 @@ def make_layout(batch: int, length: int, gen: torch.Generator, drop=()) -> Layou
         parts.append(("response", Group.OTHER, n_response))
         pos = pad if bool(torch.rand(1, generator=gen) < 0.5) else 0  # left or right padding
         for name, group, n in parts:
-            groups[b, pos:pos + n] = group
+            groups[b, pos : pos + n] = group
             if name == "response":
-                response[b, pos:pos + n] = True
+                response[b, pos : pos + n] = True
             pos += n
     return Layout(groups, groups == Group.USER, groups == Group.VISUAL, groups == Group.SYSTEM, response)
 
@@ -105,8 +105,9 @@ def make_problem(seed=0, batch=3, length=48, layers=3, heads=4, kv_heads=2, head
         params.append(p)
         maps.append(attention_map(p["q"], p["k"], layout.key_group, p["bias"], scale))
         fused.append(avar_ops.attention(p["q"], p["k"], p["v"], layout.key_group, p["bias"], return_mass=True).mass)
-        exact.append(avar_ops.attention_reference(p["q"], p["k"], p["v"], layout.key_group, p["bias"],
-                                                  return_mass=True).mass)
+        exact.append(
+            avar_ops.attention_reference(p["q"], p["k"], p["v"], layout.key_group, p["bias"], return_mass=True).mass
+        )
     return Problem(layout, params, maps, fused, exact)
 
 
@@ -146,7 +147,8 @@ def map_vas_stats(maps, query, image, system):
 
 
 def map_agto(maps, query, image, system, eps):
-    """(L_enhance_img, L_suppress_sys) (docs/design.md, "Metrics") from the maps, with explicit sums over (q, k) pairs."""
+    """(L_enhance_img, L_suppress_sys) (docs/design.md, "The method") from the maps, with explicit sums over
+    (q, k) pairs."""
     enhance, suppress = [], []
     for b in range(query.shape[0]):
         Q, K_img, K_sys = query[b], image[b], system[b]
@@ -234,8 +236,14 @@ def test_vas_matches_maps(seed):
     # Same numbers from the fused masses, to the accuracy the masses carry; a stacked tensor works too.
     for name in ("vas", "ratio_of_sums", "image_mass"):
         overall, per_layer, per_layer_head, per_sample = want[name]
-        flat = torch.cat([overall[None], per_layer, per_layer_head.flatten(),
-                          torch.stack([per_sample[b] for b in range(len(per_sample))])])
+        flat = torch.cat(
+            [
+                overall[None],
+                per_layer,
+                per_layer_head.flatten(),
+                torch.stack([per_sample[b] for b in range(len(per_sample))]),
+            ]
+        )
 
         def stats(masses, name=name):
             red = getattr(vas(masses, lay.query), name)
@@ -420,8 +428,10 @@ def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(9)
     lay = make_layout(2, 32, gen)
     # Masses that sum to 1 over groups, as attention gives; leaves for gradcheck.
-    masses = [torch.softmax(torch.randn(2, 3, 32, 4, generator=gen, dtype=torch.float64), -1).requires_grad_(True)
-              for _ in range(2)]
+    masses = [
+        torch.softmax(torch.randn(2, 3, 32, 4, generator=gen, dtype=torch.float64), -1).requires_grad_(True)
+        for _ in range(2)
+    ]
     assert torch.autograd.gradcheck(lambda *ms: agto_losses(list(ms), lay.query, lay.image, lay.system)[0], masses)
     assert torch.autograd.gradcheck(lambda *ms: agto_losses(list(ms), lay.query, lay.image, lay.system)[1], masses)
     assert torch.autograd.gradcheck(lambda *ms: vas(list(ms), lay.query).vas.per_layer_head, masses)
@@ -480,8 +490,28 @@ def _cpu_backward_placeholder():
     scale = 8**-0.5
     out, lse, mass = torch.ops.avar.attention_fwd(q, k, v, groups, None, None, scale, True, None, None, 0, 0, True)
     try:
-        torch.ops.avar.attention_bwd(torch.ones_like(out), torch.ones_like(mass), None, q, k, v, out, lse, mass,
-                                     groups, None, None, scale, True, None, None, 0, 0, False, False)
+        torch.ops.avar.attention_bwd(
+            torch.ones_like(out),
+            torch.ones_like(mass),
+            None,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            mass,
+            groups,
+            None,
+            None,
+            scale,
+            True,
+            None,
+            None,
+            0,
+            0,
+            False,
+            False,
+        )
     except RuntimeError as e:
         if "being written" in str(e):
             return str(e)

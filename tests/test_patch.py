@@ -13,11 +13,9 @@ import transformers
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
-from avar_ops.core import testing
-from avar_ops.hf import token_groups
-from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert
-from avar_ops.core import Group
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.core import Group, testing
+from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert, token_groups
 
 G = 4
 REF_IMPL = "avar_test_eager_bias"
@@ -40,8 +38,10 @@ def _messages():
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}],
         [
             {"role": "system", "content": "You are a careful visual reasoning assistant."},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare the two images."},
-                                         {"type": "image"}]},
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Compare the two images."}, {"type": "image"}],
+            },
             {"role": "assistant", "content": "The first one has more shapes."},
             {"role": "user", "content": "Look back at the image. Are you sure?"},
         ],
@@ -51,8 +51,15 @@ def _messages():
 def make_batch(processor, side: str, rows=(0, 1)):
     msgs = [_messages()[i] for i in rows]
     texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
-    n_images = [sum(1 for turn in m for part in (turn["content"] if isinstance(turn["content"], list) else [])
-                    if part.get("type") == "image") for m in msgs]
+    n_images = [
+        sum(
+            1
+            for turn in m
+            for part in (turn["content"] if isinstance(turn["content"], list) else [])
+            if part.get("type") == "image"
+        )
+        for m in msgs
+    ]
     images = synthetic_images(sum(n_images), seed=1)
     processor.tokenizer.padding_side = side
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
@@ -145,15 +152,16 @@ def test_collect_masses_reduce_and_grad(tiny, patched):
         model(**batch)
     assert len(rec.steps) == 2
     with pytest.raises(RuntimeError, match="exactly one forward"):
-        rec.masses
+        _ = rec.masses
 
 
 def test_generate_matches_stock_and_keeps_cached_groups(tiny, patched):
     model, processor = tiny
     batch = make_batch(processor, "left")
     n_new = 8
-    kwargs = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     handle = patched
     handle.revert()
     with torch.no_grad():
@@ -175,9 +183,11 @@ def test_generate_matches_stock_and_keeps_cached_groups(tiny, patched):
         full = dict(batch)
         full["input_ids"] = seq
         full["attention_mask"] = torch.cat(
-            [batch["attention_mask"], torch.ones(seq.shape[0], n_new - 1, dtype=torch.long)], dim=1)
+            [batch["attention_mask"], torch.ones(seq.shape[0], n_new - 1, dtype=torch.long)], dim=1
+        )
         full["mm_token_type_ids"] = torch.cat(
-            [batch["mm_token_type_ids"], torch.zeros(seq.shape[0], n_new - 1, dtype=torch.long)], dim=1)
+            [batch["mm_token_type_ids"], torch.zeros(seq.shape[0], n_new - 1, dtype=torch.long)], dim=1
+        )
         with torch.no_grad(), collect_masses(model) as whole:
             model(**full)
         for t in range(1, n_new):
@@ -248,8 +258,11 @@ def test_bias_matches_eager_reference(tiny, ref_model, side, what):
         ref_bias = [bias] * L
     if what == "logit_scale_and_bias":
         scale, ref_scale = _tables(L, H, 2, None, "scale")
-    _REF.update(groups=token_groups(batch["input_ids"], processor, batch["attention_mask"]).key_group,
-                bias=ref_bias, logit_scale=ref_scale)
+    _REF.update(
+        groups=token_groups(batch["input_ids"], processor, batch["attention_mask"]).key_group,
+        bias=ref_bias,
+        logit_scale=ref_scale,
+    )
     ref = _logits(ref_model, batch)
     stock = _logits(model, batch)
     handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=bias, logit_scale=scale, layers=layers)
@@ -384,8 +397,14 @@ def test_version_check_raises(tiny, monkeypatch, version):
 
 def test_wrong_model_raises(tiny):
     _, processor = tiny
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1)
+    cfg = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     with pytest.raises(TypeError, match="Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, got Qwen2ForCausalLM"):
         apply_to_qwen2_5_vl(transformers.Qwen2ForCausalLM(cfg), tokenizer=processor)
     with pytest.raises(TypeError, match="got Linear"):
@@ -414,8 +433,9 @@ def test_unsupported_inputs_raise(tiny, patched):
     with pytest.raises(NotImplementedError, match="masks prepared in advance"):
         model.generate(**batch, max_new_tokens=2, cache_implementation="static")
     # Packed sequences: positions restart inside the row and there is no attention mask.
-    ids = processor.tokenizer(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nyes<|im_end|>"],
-                              return_tensors="pt")["input_ids"]  # [1, L]
+    ids = processor.tokenizer(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nyes<|im_end|>"], return_tensors="pt")[
+        "input_ids"
+    ]  # [1, L]
     L = ids.shape[1]
     pos = torch.cat([torch.arange(6), torch.arange(L - 6)])[None, None].expand(4, 1, L)  # [4, 1, L]
     with pytest.raises(NotImplementedError, match="packed sequences"):
@@ -443,8 +463,10 @@ def test_each_cache_keeps_its_own_token_history(tiny):
     step runs with A's groups, as it does without B in between, and with B's groups it would differ."""
     model, processor = tiny
     tok = processor.tokenizer
-    text = ("<|im_start|>system\nYou are a careful visual reasoning assistant.<|im_end|>\n<|im_start|>user\n"
-            "Describe the image.<|im_end|>\n<|im_start|>assistant\n")
+    text = (
+        "<|im_start|>system\nYou are a careful visual reasoning assistant.<|im_end|>\n<|im_start|>user\n"
+        "Describe the image.<|im_end|>\n<|im_start|>assistant\n"
+    )
     a = tok([text], return_tensors="pt")["input_ids"]  # [1, L]
     (system_id,) = tok.encode("system", add_special_tokens=False)
     (user_id,) = tok.encode("user", add_special_tokens=False)
@@ -501,8 +523,13 @@ def test_cropped_cache_keeps_the_matching_history(tiny):
     """A cache cropped back (as assisted generation does) continues with the ids of the positions it kept."""
     model, processor = tiny
     tok = processor.tokenizer
-    prompt = tok(["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nDescribe the image.<|im_end|>\n"
-                  "<|im_start|>assistant\n"], return_tensors="pt")["input_ids"]  # [1, L]
+    prompt = tok(
+        [
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nDescribe the image.<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ],
+        return_tensors="pt",
+    )["input_ids"]  # [1, L]
     L = prompt.shape[1]
     first, second = torch.tensor([[7]]), torch.tensor([[9]])  # [1, 1] each
     model.model.rope_deltas = None  # text only: no rope deltas of an earlier multimodal prefill

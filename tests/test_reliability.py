@@ -70,10 +70,12 @@ def test_figures_never_create_folders(tmp_path):
 def test_overlay_prefix_from_user_data_stays_in_out_dir(tmp_path):
     out = tmp_path / "a" / "b" / "out"
     img = Image.new("RGB", (56, 56), (200, 10, 10))
-    result = ImageAttention(maps=[np.arange(4.0).reshape(2, 2)], layers=[0], queries="user", num_queries=1,
-                            response=None, visual_share=0.5)
-    paths = save_overlays(result, {"images": [img], "question": "q"}, str(out),
-                          prefix="attention_samplex/../../../../elsewhere/E")
+    result = ImageAttention(
+        maps=[np.arange(4.0).reshape(2, 2)], layers=[0], queries="user", num_queries=1, response=None, visual_share=0.5
+    )
+    paths = save_overlays(
+        result, {"images": [img], "question": "q"}, str(out), prefix="attention_samplex/../../../../elsewhere/E"
+    )
     assert [os.path.dirname(p) for p in paths] == [str(out)]
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == [os.path.join("a", "b", "out", "attention_samplex_.._.._.._.._elsewhere_E_image1.png")]
@@ -93,8 +95,9 @@ def test_duplicate_ids_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"d\.jsonl:1 and .*d\.jsonl:2 have the same id '1'"):
         load_samples(path)
     with pytest.raises(ValueError, match=r"samples\[0\] and samples\[1\] have the same id 'x'"):
-        check_unique_ids([normalize_sample({"id": "x", "question": "q"}, 0),
-                          normalize_sample({"id": "x", "question": "q"}, 1)])
+        check_unique_ids(
+            [normalize_sample({"id": "x", "question": "q"}, 0), normalize_sample({"id": "x", "question": "q"}, 1)]
+        )
 
 
 @pytest.mark.parametrize("field", ["question", "system", "response"])
@@ -202,9 +205,11 @@ def test_intervention_refuses_values_beyond_the_tables_range(kwargs, match):
 
 
 def test_intervention_extreme_but_valid_values_give_finite_tables():
-    for iv in (Intervention(mode="bias", beta_img=MAX_TABLE_VALUE, beta_sys=-MAX_TABLE_VALUE),
-               Intervention(mode="weights", alpha_img=1e300, alpha_sys=1 - 1e-16),
-               Intervention(mode="logits", alpha_img=MAX_TABLE_VALUE - 1, alpha_sys=1 - MAX_TABLE_VALUE)):
+    for iv in (
+        Intervention(mode="bias", beta_img=MAX_TABLE_VALUE, beta_sys=-MAX_TABLE_VALUE),
+        Intervention(mode="weights", alpha_img=1e300, alpha_sys=1 - 1e-16),
+        Intervention(mode="logits", alpha_img=MAX_TABLE_VALUE - 1, alpha_sys=1 - MAX_TABLE_VALUE),
+    ):
         t = iv.tables(2, 3)
         for table in (t.bias, t.logit_scale):
             assert table is None or torch.isfinite(table).all()

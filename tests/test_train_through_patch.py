@@ -7,12 +7,11 @@ a few optimizer steps move the user tokens' attention onto the image where L_LM 
 import pytest
 import torch
 
-from avar_ops.core import testing
-from avar_ops.hf import token_groups
-from avar_ops.method import agto_losses, vas
-from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, revert
 from avar_ops.analysis.samples import build_inputs
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.core import testing
+from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, revert, token_groups
+from avar_ops.method import agto_losses, vas
 
 # The paper's weights; at this learning rate the attention terms move the tiny model's image mass well past
 # what L_LM alone does within a handful of AdamW steps.
@@ -41,8 +40,10 @@ def batch(tiny):
     """Two image + system + question + answer samples of different lengths (so the batch is left-padded)."""
     _, processor, _ = tiny
     images = synthetic_images(len(SAMPLES), seed=3)
-    samples = [{"id": f"s{i}", "images": [img], "question": q, "system": sys_prompt}
-               for i, ((q, sys_prompt, _), img) in enumerate(zip(SAMPLES, images))]
+    samples = [
+        {"id": f"s{i}", "images": [img], "question": q, "system": sys_prompt}
+        for i, ((q, sys_prompt, _), img) in enumerate(zip(SAMPLES, images))
+    ]
     inputs = build_inputs(processor, samples, responses=[a for _, _, a in SAMPLES])
     groups = token_groups(inputs["input_ids"], processor, inputs["attention_mask"])
     assert not inputs["attention_mask"].bool().all(), "the batch must contain padding"
@@ -75,10 +76,11 @@ def test_agto_gradients_reach_qkv_and_are_finite(tiny, batch):
     lm, enhance, suppress, _ = _objective(model, inputs, groups, labels, _patched_masses)
     attn = _text_attention(model)
     weights = [m.weight for a in attn for m in (a.q_proj, a.k_proj, a.v_proj)]
-    attention_terms = torch.autograd.grad(ALPHA * enhance + BETA * suppress, weights, retain_graph=True,
-                                          allow_unused=True)
+    attention_terms = torch.autograd.grad(
+        ALPHA * enhance + BETA * suppress, weights, retain_graph=True, allow_unused=True
+    )
     for layer in range(len(attn)):
-        dq, dk, dv = attention_terms[3 * layer:3 * layer + 3]
+        dq, dk, dv = attention_terms[3 * layer : 3 * layer + 3]
         # Only the masses carry these terms, so any gradient here went through the op's mass backward.
         assert dq is not None and dk is not None
         assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
@@ -141,8 +143,15 @@ def _train(model, initial, batch, alpha, beta):
     for step in range(STEPS + 1):
         lm, enhance, suppress, masses = _objective(model, inputs, groups, labels, _patched_masses)
         image_mass, score = _user_attention(masses, groups)
-        history.append({"image_mass": image_mass, "vas": score, "lm": lm.item(), "enhance": enhance.item(),
-                        "suppress": suppress.item()})
+        history.append(
+            {
+                "image_mass": image_mass,
+                "vas": score,
+                "lm": lm.item(),
+                "enhance": enhance.item(),
+                "suppress": suppress.item(),
+            }
+        )
         if step == STEPS:
             break
         opt.zero_grad()

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_eager import eager_maps, masses_from_maps, tiny_eager, tiny_samples, write_jsonl
 
 from avar_ops.analysis import vas
-from avar_ops.core import testing
 from avar_ops.analysis.image_attention import image_attention, save_overlays
-from avar_ops.method import Intervention
-from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert
-from avar_ops.hf import token_groups
 from avar_ops.analysis.samples import build_inputs, load_samples
-from tiny_eager import eager_maps, masses_from_maps, tiny_eager, tiny_samples, write_jsonl
+from avar_ops.core import testing
+from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert, token_groups
+from avar_ops.method import Intervention
 
 EPS = testing.FP32_MASS_ABS  # each mass of the patched model is within this of the eager one
 
@@ -54,11 +53,17 @@ def _eager_stats(model, processor, sample):
     sv, ss = v.sum(-1), s.sum(-1)  # [NL, H]
     split = masses[..., user, :].mean(dim=(1, 2))  # [NL, G]
     return {
-        "vas_lh": ratio.mean(-1), "vas_lh_bound": _ratio_bound(v, s, EPS).mean(-1),
-        "vas": ratio.mean(), "vas_bound": _ratio_bound(v, s, EPS).mean(),
-        "ros_lh": sv / ss, "ros_lh_bound": _ratio_bound(sv, ss, n * EPS),
-        "ros": sv.sum() / ss.sum(), "ros_bound": _ratio_bound(sv.sum(), ss.sum(), v.numel() * EPS),
-        "img_lh": v.mean(-1), "img": v.mean(), "split": split,
+        "vas_lh": ratio.mean(-1),
+        "vas_lh_bound": _ratio_bound(v, s, EPS).mean(-1),
+        "vas": ratio.mean(),
+        "vas_bound": _ratio_bound(v, s, EPS).mean(),
+        "ros_lh": sv / ss,
+        "ros_lh_bound": _ratio_bound(sv, ss, n * EPS),
+        "ros": sv.sum() / ss.sum(),
+        "ros_bound": _ratio_bound(sv.sum(), ss.sum(), v.numel() * EPS),
+        "img_lh": v.mean(-1),
+        "img": v.mean(),
+        "split": split,
     }
 
 
@@ -98,8 +103,10 @@ def test_measure_matches_eager_maps(stats, samples, report):
 def test_split_sums_to_one_and_visual_share_is_image_mass(report):
     total = sum(np.asarray(report.split_per_layer[g]) for g in vas.GROUP_NAMES)
     assert np.abs(total - 1.0).max() <= 4 * EPS
-    assert np.abs(np.asarray(report.split_per_layer["visual"]) - np.asarray(report.per_layer["image_mass"])).max() \
+    assert (
+        np.abs(np.asarray(report.split_per_layer["visual"]) - np.asarray(report.per_layer["image_mass"])).max()
         <= testing.FP64_REDUCTION_REL
+    )
 
 
 def test_batch_size_and_layer_subset(tiny, samples, stats, report):
@@ -145,8 +152,13 @@ def test_report_files_written_and_loadable(report, tmp_path):
     assert len(loaded.per_layer_head["vas"]) == report.num_layers
     assert len(loaded.per_layer_head["vas"][0]) == report.num_heads
     assert _is_nontrivial_png(paths["heatmap"]) and _is_nontrivial_png(paths["lazy_attention"])
-    other = vas.VASReport.from_dict({**report.to_dict(), "label": "shifted",
-                                     "per_layer": {**report.per_layer, "vas": [2 * x for x in report.per_layer["vas"]]}})
+    other = vas.VASReport.from_dict(
+        {
+            **report.to_dict(),
+            "label": "shifted",
+            "per_layer": {**report.per_layer, "vas": [2 * x for x in report.per_layer["vas"]]},
+        }
+    )
     assert _is_nontrivial_png(vas.compare([report, loaded, other], str(tmp_path / "compare.png")))
 
 

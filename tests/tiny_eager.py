@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from avar_ops.hf import token_groups
 from avar_ops.analysis.samples import build_inputs
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.hf import token_groups
 
 QUESTIONS = [
     ("What colour is the square?", None, 1),
@@ -27,7 +27,7 @@ def tiny_samples(seed: int = 1):
     images = synthetic_images(4, seed=seed)
     out, used = [], 0
     for i, (question, system, n_img) in enumerate(QUESTIONS):
-        out.append({"id": f"s{i}", "images": images[used:used + n_img], "question": question, "system": system})
+        out.append({"id": f"s{i}", "images": images[used : used + n_img], "question": question, "system": system})
         used += n_img
     return out
 

@@ -110,7 +110,8 @@ def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu")
 
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            spec, local_files_only=True, dtype=_dtype(dtype), attn_implementation="sdpa")
+            spec, local_files_only=True, dtype=_dtype(dtype), attn_implementation="sdpa"
+        )
         processor = AutoProcessor.from_pretrained(spec, local_files_only=True)
     except OSError as exc:
         raise CLIError(f"--model: cannot load {spec!r}: {exc}") from exc
@@ -121,17 +122,28 @@ def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
-                   help="'tiny' (default: a tiny random Qwen2.5-VL, offline) or a local checkpoint directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: the checkpoint's own; float32 for the tiny model)")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (default: a tiny random Qwen2.5-VL, offline) or a local checkpoint directory",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: the checkpoint's own; float32 for the tiny model)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
 def _add_intervention_args(p: argparse.ArgumentParser, *, with_values: bool = True) -> None:
-    p.add_argument("--mode", default="weights", choices=["weights", "logits", "bias"],
-                   help="weights: scale attention weights by (1+α) and renormalise (= logit bias log(1+α)); "
-                        "logits: scale logits by (1+α); bias: add β to the logits")
+    p.add_argument(
+        "--mode",
+        default="weights",
+        choices=["weights", "logits", "bias"],
+        help="weights: scale attention weights by (1+α) and renormalise (= logit bias log(1+α)); "
+        "logits: scale logits by (1+α); bias: add β to the logits",
+    )
     if with_values:
         p.add_argument("--alpha-img", type=float, default=0.0, help="α_img (modes weights, logits)")
         p.add_argument("--alpha-sys", type=float, default=0.0, help="α_sys, must be < 1 (modes weights, logits)")
@@ -165,11 +177,14 @@ def _check_selection(args, ivs, shape) -> None:
         values = "--beta-img / --beta-sys" if args.mode == "bias" else "--alpha-img / --alpha-sys"
         if args.command == "sweep":
             values = "a non-zero --alphas setting"
-        raise CLIError(f"--layers / --heads choose where the intervention acts, but no intervention is given "
-                       f"({values})")
+        raise CLIError(
+            f"--layers / --heads choose where the intervention acts, but no intervention is given ({values})"
+        )
     checks = [("--layers", args.layers, num_layers), ("--heads", args.heads, num_heads)]
-    checks += [(f"--{name.replace('_', '-')}", getattr(args, name, None), num_layers)
-               for name in ("vas_layers", "heatmap_layers")]
+    checks += [
+        (f"--{name.replace('_', '-')}", getattr(args, name, None), num_layers)
+        for name in ("vas_layers", "heatmap_layers")
+    ]
     for flag, value, count in checks:
         try:
             select_indices(value, count, flag)
@@ -196,8 +211,10 @@ def _check_device(args, shape) -> None:
     allowed = _DEVICE_DTYPES[device.type]
     if dtype not in allowed:
         source = f"--dtype {args.dtype}" if args.dtype != "auto" else f"the checkpoint's dtype ({dtype})"
-        raise CLIError(f"{source}: the {device.type.upper()} kernels take {' or '.join(allowed)}; "
-                       f"pass --dtype {allowed[-1]}" + (" or --device cuda" if device.type == "cpu" else ""))
+        raise CLIError(
+            f"{source}: the {device.type.upper()} kernels take {' or '.join(allowed)}; "
+            f"pass --dtype {allowed[-1]}" + (" or --device cuda" if device.type == "cpu" else "")
+        )
 
 
 def _prepare_out(out: str, command: str, results: Sequence[str]) -> str:
@@ -221,7 +238,7 @@ def _prepare_out(out: str, command: str, results: Sequence[str]) -> str:
 def _check_batches(samples, batch_size: int) -> None:
     """A batch is padded into one processor call, which cannot mix samples with and without images."""
     for i in range(0, len(samples), batch_size):
-        batch = samples[i:i + batch_size]
+        batch = samples[i : i + batch_size]
         with_img = [s["id"] for s in batch if s["images"]]
         without = [s["id"] for s in batch if not s["images"]]
         if with_img and without:
@@ -293,13 +310,28 @@ def _cmd_vas(args) -> int:
 
     model, processor, label = load_model(args.model, dtype=args.dtype, device=args.device)
     label = args.label or label
-    report = vas.measure(model, processor, samples, layers=args.vas_layers, batch_size=args.batch_size,
-                         progress=not args.no_progress, label=label, intervention=iv)
+    report = vas.measure(
+        model,
+        processor,
+        samples,
+        layers=args.vas_layers,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        label=label,
+        intervention=iv,
+    )
     paths = report.save(out)
     print(report.summary())
     for sample, name in zip(drawn, heatmap_names):
-        res = image_attention(model, processor, sample, layers=args.heatmap_layers, queries=args.heatmap_queries,
-                              intervention=iv, max_new_tokens=args.max_new_tokens)
+        res = image_attention(
+            model,
+            processor,
+            sample,
+            layers=args.heatmap_layers,
+            queries=args.heatmap_queries,
+            intervention=iv,
+            max_new_tokens=args.max_new_tokens,
+        )
         for p in save_overlays(res, sample, out, prefix=f"attention_sample{name}"):
             paths[f"heatmap_{name}_{os.path.basename(p)}"] = p
     reports = [report]
@@ -347,8 +379,15 @@ def _measure_other(spec: str, args, samples, folder: str):
     from avar_ops.analysis import vas
 
     model, processor, label = load_model(spec, dtype=args.dtype, device=args.device)
-    report = vas.measure(model, processor, samples, layers=args.vas_layers, batch_size=args.batch_size,
-                         progress=not args.no_progress, label=label)
+    report = vas.measure(
+        model,
+        processor,
+        samples,
+        layers=args.vas_layers,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        label=label,
+    )
     report.save(folder)
     return report
 
@@ -362,8 +401,9 @@ def _cmd_generate(args) -> int:
         if not os.path.isfile(p):
             raise CLIError(f"--image: file not found: {p}")
     try:
-        sample = normalize_sample({"images": args.image, "question": args.question, "system": args.system}, 0,
-                                  where="arguments")
+        sample = normalize_sample(
+            {"images": args.image, "question": args.question, "system": args.system}, 0, where="arguments"
+        )
     except ValueError as exc:
         raise CLIError(f"--question / --system: {exc}") from None
     try:
@@ -380,8 +420,9 @@ def _cmd_generate(args) -> int:
         base = generate_answers(model, processor, [sample], max_new_tokens=args.max_new_tokens, progress=progress)[0]
         print(f"[no intervention] {base['answer']}")
     if iv is not None:
-        out = generate_answers(model, processor, [sample], intervention=iv, max_new_tokens=args.max_new_tokens,
-                               progress=progress)[0]
+        out = generate_answers(
+            model, processor, [sample], intervention=iv, max_new_tokens=args.max_new_tokens, progress=progress
+        )[0]
         print(f"[{iv.describe()}] {out['answer']}")
     return 0
 
@@ -402,17 +443,40 @@ def _cmd_sweep(args) -> int:
     rows, answers = [], {}
     for (img, sys_), iv in zip(settings, ivs):
         name = iv.describe() if iv is not None else "none"
-        report = vas.measure(model, processor, samples, batch_size=args.batch_size, progress=not args.no_progress,
-                             label=f"{label} {name}", intervention=iv)
-        outs = generate_answers(model, processor, samples, intervention=iv, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, progress=not args.no_progress)
+        report = vas.measure(
+            model,
+            processor,
+            samples,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            label=f"{label} {name}",
+            intervention=iv,
+        )
+        outs = generate_answers(
+            model,
+            processor,
+            samples,
+            intervention=iv,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
         answers[name] = outs
-        rows.append({
-            "setting": name, "mode": args.mode, "img": img, "sys": sys_,
-            "vas": report.vas, "ratio_of_sums": report.ratio_of_sums, "image_mass": report.image_mass,
-            "visual_share": report.split["visual"], "system_share": report.split["system"],
-            "samples": report.num_samples, "report": report.to_dict(),
-        })
+        rows.append(
+            {
+                "setting": name,
+                "mode": args.mode,
+                "img": img,
+                "sys": sys_,
+                "vas": report.vas,
+                "ratio_of_sums": report.ratio_of_sums,
+                "image_mass": report.image_mass,
+                "visual_share": report.split["visual"],
+                "system_share": report.split["system"],
+                "samples": report.num_samples,
+                "report": report.to_dict(),
+            }
+        )
     base = answers[rows[0]["setting"]]
     for row in rows:
         outs = answers[row["setting"]]
@@ -424,15 +488,28 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-_TABLE_COLUMNS = ("setting", "img", "sys", "vas", "ratio_of_sums", "image_mass", "visual_share", "system_share",
-                  "samples", "answers_changed")
+_TABLE_COLUMNS = (
+    "setting",
+    "img",
+    "sys",
+    "vas",
+    "ratio_of_sums",
+    "image_mass",
+    "visual_share",
+    "system_share",
+    "samples",
+    "answers_changed",
+)
 
 
 def write_sweep_table(rows: List[dict], answers: dict, samples: Sequence[dict], out_dir: str) -> dict:
     """sweep.md (summary and answers), sweep.csv (summary), sweep.json (everything, reports included)."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"markdown": os.path.join(out_dir, "sweep.md"), "csv": os.path.join(out_dir, "sweep.csv"),
-             "json": os.path.join(out_dir, "sweep.json")}
+    paths = {
+        "markdown": os.path.join(out_dir, "sweep.md"),
+        "csv": os.path.join(out_dir, "sweep.csv"),
+        "json": os.path.join(out_dir, "sweep.json"),
+    }
     first = rows[0]["setting"]
     lines = [
         f"# Intervention sweep ({rows[0]['mode']}; img/sys are α_img/α_sys, or β_img/β_sys in mode bias)",
@@ -442,11 +519,18 @@ def write_sweep_table(rows: List[dict], answers: dict, samples: Sequence[dict], 
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['img']:g} | {r['sys']:g} | {r['vas']:.4g} | {r['ratio_of_sums']:.4g} | "
-                     f"{r['image_mass']:.4g} | {r['visual_share']:.4f} | {r['system_share']:.4f} | {r['samples']} | "
-                     f"{r['answers_changed']} |")
-    lines += ["", "## Answers", "", "| sample | " + " | ".join(r["setting"] for r in rows) + " |",
-              "|---|" + "---|" * len(rows)]
+        lines.append(
+            f"| {r['setting']} | {r['img']:g} | {r['sys']:g} | {r['vas']:.4g} | {r['ratio_of_sums']:.4g} | "
+            f"{r['image_mass']:.4g} | {r['visual_share']:.4f} | {r['system_share']:.4f} | {r['samples']} | "
+            f"{r['answers_changed']} |"
+        )
+    lines += [
+        "",
+        "## Answers",
+        "",
+        "| sample | " + " | ".join(r["setting"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
     for i, s in enumerate(samples):
         cells = [_md_cell(answers[r["setting"]][i]["answer"]) for r in rows]
         lines.append(f"| {_md_cell(s['id'])} | " + " | ".join(cells) + " |")
@@ -499,8 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use the first N samples")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--label", default=None, help="name of the model in reports (default: folder name)")
-    p.add_argument("--compare", nargs="+", default=None,
-                   help="other checkpoints (or saved report folders) to overlay in compare.png")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        help="other checkpoints (or saved report folders) to overlay in compare.png",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--vas-layers", type=int, nargs="+", default=None, help="layers to average VAS over (default all)")
     p.add_argument("--heatmaps", type=int, default=0, help="draw image attention maps for the first N samples")
@@ -523,8 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="VAS and answers for several intervention strengths; writes a table")
     _add_model_args(p)
     p.add_argument("--data", required=True)
-    p.add_argument("--alphas", nargs="+", required=True,
-                   help="settings IMG or IMG:SYS (α in modes weights/logits, β in mode bias), e.g. 0 0.15 0.15:0.2")
+    p.add_argument(
+        "--alphas",
+        nargs="+",
+        required=True,
+        help="settings IMG or IMG:SYS (α in modes weights/logits, β in mode bias), e.g. 0 0.15 0.15:0.2",
+    )
     p.add_argument("--alpha-sys", type=float, default=0.0, help="system value for settings given as IMG alone")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", required=True)
@@ -547,8 +639,9 @@ def _check_counts(args) -> None:
         value = getattr(args, name, None)
         flag = f"--{name.replace('_', '-')}"
         if value is not None and value < (0 if name == "heatmaps" else 1):
-            raise CLIError(f"{flag}: expected a {'non-negative' if name == 'heatmaps' else 'positive'} number, "
-                           f"got {value}")
+            raise CLIError(
+                f"{flag}: expected a {'non-negative' if name == 'heatmaps' else 'positive'} number, got {value}"
+            )
     if getattr(args, "max_new_tokens", 0) > MAX_NEW_TOKENS:
         raise CLIError(f"--max-new-tokens: at most {MAX_NEW_TOKENS}, got {args.max_new_tokens}")
 

@@ -17,7 +17,10 @@ import time
 
 DEMO_QUESTIONS = [
     ("What colour is the square?", None),
-    ("How many circles are there?", "You are a careful visual reasoning assistant. Look at the image before answering."),
+    (
+        "How many circles are there?",
+        "You are a careful visual reasoning assistant. Look at the image before answering.",
+    ),
     ("Describe the image.", None),
     ("Compare the two images and tell me which one has more shapes.", None),
 ]
@@ -52,22 +55,28 @@ def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
     model, processor = build_tiny_qwen2_5_vl(seed=0)
     samples = demo_samples()
     cfg = model.config.text_config
-    print(f"  {cfg.num_hidden_layers} decoder layers, {cfg.num_attention_heads} heads "
-          f"({cfg.num_key_value_heads} kv heads), {len(samples)} synthetic samples")
+    print(
+        f"  {cfg.num_hidden_layers} decoder layers, {cfg.num_attention_heads} heads "
+        f"({cfg.num_key_value_heads} kv heads), {len(samples)} synthetic samples"
+    )
 
     iv = Intervention(mode="weights", alpha_img=DEMO_ALPHA_IMG, alpha_sys=DEMO_ALPHA_SYS)
     os.makedirs(out_dir, exist_ok=True)
     base = vas.measure(model, processor, samples, progress=progress, label="tiny")
-    steered = vas.measure(model, processor, samples, progress=progress, label=f"tiny + {iv.describe()}",
-                          intervention=iv)
+    steered = vas.measure(
+        model, processor, samples, progress=progress, label=f"tiny + {iv.describe()}", intervention=iv
+    )
     base.save(os.path.join(out_dir, "baseline"))
     steered.save(os.path.join(out_dir, "intervention"))
     compare_png = vas.compare([base, steered], os.path.join(out_dir, "compare.png"))
 
     print("\nVAS (prefill, user-text queries; mean of visual/system mass ratios over layers, heads, tokens):")
     print(f"  {'':34s} {'baseline':>10s} {'intervention':>13s}")
-    for name, a, b in (("VAS", base.vas, steered.vas), ("ratio of sums", base.ratio_of_sums, steered.ratio_of_sums),
-                       ("image mass", base.image_mass, steered.image_mass)):
+    for name, a, b in (
+        ("VAS", base.vas, steered.vas),
+        ("ratio of sums", base.ratio_of_sums, steered.ratio_of_sums),
+        ("image mass", base.image_mass, steered.image_mass),
+    ):
         print(f"  {name:34s} {a:10.4f} {b:13.4f}")
     print("  user-token attention split (mean over layers):")
     for g in ("visual", "system", "user", "other"):
@@ -93,12 +102,22 @@ def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
         overlays += save_overlays(res, samples[0], out_dir, prefix=f"attention_{label}")
     elapsed = time.perf_counter() - t0
     print(f"\n{changed} of {len(samples)} answers changed. Figures in {os.path.abspath(out_dir)}:")
-    for p in [os.path.join(out_dir, "baseline", "vas_heatmap.png"), os.path.join(out_dir, "baseline",
-              "lazy_attention.png"), compare_png, *overlays]:
+    for p in [
+        os.path.join(out_dir, "baseline", "vas_heatmap.png"),
+        os.path.join(out_dir, "baseline", "lazy_attention.png"),
+        compare_png,
+        *overlays,
+    ]:
         print(f"  {p}")
     print(f"done in {elapsed:.1f} s")
-    return {"baseline": base, "intervention": steered, "answers": {"baseline": plain, "intervention": boosted},
-            "changed": changed, "figures": [compare_png, *overlays], "seconds": elapsed}
+    return {
+        "baseline": base,
+        "intervention": steered,
+        "answers": {"baseline": plain, "intervention": boosted},
+        "changed": changed,
+        "figures": [compare_png, *overlays],
+        "seconds": elapsed,
+    }
 
 
 def main(argv=None) -> int:

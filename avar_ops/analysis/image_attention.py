@@ -95,8 +95,9 @@ def image_attention(
 
     with intervened(model, processor, intervention), torch.no_grad():
         response = sample["response"]
-        inputs = build_inputs(processor, [sample], responses=[response] if response is not None else None,
-                              device=device)
+        inputs = build_inputs(
+            processor, [sample], responses=[response] if response is not None else None, device=device
+        )
         if queries == "response" and response is None:
             prompt_len = inputs["input_ids"].shape[1]
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -104,11 +105,12 @@ def image_attention(
             response = processor.tokenizer.decode(new[0], skip_special_tokens=True)
             inputs["input_ids"] = out
             inputs["attention_mask"] = torch.cat(
-                [inputs["attention_mask"], torch.ones_like(new, dtype=inputs["attention_mask"].dtype)], dim=1)
+                [inputs["attention_mask"], torch.ones_like(new, dtype=inputs["attention_mask"].dtype)], dim=1
+            )
             if "mm_token_type_ids" in inputs:  # 3D rotary positions need it; generated tokens are text (0)
                 inputs["mm_token_type_ids"] = torch.cat(
-                    [inputs["mm_token_type_ids"], torch.zeros_like(new, dtype=inputs["mm_token_type_ids"].dtype)],
-                    dim=1)
+                    [inputs["mm_token_type_ids"], torch.zeros_like(new, dtype=inputs["mm_token_type_ids"].dtype)], dim=1
+                )
         with capture_attention(model, chosen) as capture:
             model(**inputs, use_cache=False)
 
@@ -121,15 +123,19 @@ def image_attention(
         received = torch.zeros(qmask.shape[1], dtype=torch.float64)  # [L]
         for j in chosen:
             c = capture.inputs[j]
-            km = attention_key_mass(c.query, c.key, c.lse, weight, c.key_group, c.bias, logit_scale=c.logit_scale,
-                                    scale=c.scale)  # [1, H, L]
+            km = attention_key_mass(
+                c.query, c.key, c.lse, weight, c.key_group, c.bias, logit_scale=c.logit_scale, scale=c.scale
+            )  # [1, H, L]
             received += km[0].mean(0).double().cpu()
         received /= len(chosen)
 
     merge = int(model.config.vision_config.spatial_merge_size)
     maps = _split_images(received, groups.image_mask[0].cpu(), inputs["image_grid_thw"].cpu(), merge)
     return ImageAttention(
-        maps=maps, layers=chosen, queries=queries, num_queries=n_q,
+        maps=maps,
+        layers=chosen,
+        queries=queries,
+        num_queries=n_q,
         response=response if queries == "response" else None,
         visual_share=float(sum(m.sum() for m in maps)),
     )
@@ -146,8 +152,11 @@ def save_overlays(result: ImageAttention, sample, out_dir: str, prefix: str = "a
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for n, (img, heat) in enumerate(zip(images, result.maps)):
-        title = (f"{result.queries} tokens → image {n + 1}, layers {result.layers} "
-                 f"(share on all images {result.visual_share:.3f})")
-        paths.append(plots.image_attention_overlay(
-            img, heat, inside(out_dir, f"{prefix}_image{n + 1}.png"), title=title))
+        title = (
+            f"{result.queries} tokens → image {n + 1}, layers {result.layers} "
+            f"(share on all images {result.visual_share:.3f})"
+        )
+        paths.append(
+            plots.image_attention_overlay(img, heat, inside(out_dir, f"{prefix}_image{n + 1}.png"), title=title)
+        )
     return paths

@@ -33,8 +33,9 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def vas_heatmap(vas_layer_head: np.ndarray, path: str, *, title: str = "VAS per layer and head",
-                log_scale: bool = True) -> str:
+def vas_heatmap(
+    vas_layer_head: np.ndarray, path: str, *, title: str = "VAS per layer and head", log_scale: bool = True
+) -> str:
     """Heatmap of VAS [layers, heads] (layers on the y axis, layer 0 at the top)."""
     data = np.asarray(vas_layer_head, dtype=np.float64)  # [NL, H]
     if data.ndim != 2 or data.size == 0:
@@ -55,15 +56,23 @@ def vas_heatmap(vas_layer_head: np.ndarray, path: str, *, title: str = "VAS per 
     if layers * heads <= _ANNOTATE_MAX_CELLS:
         mid = np.nanmean(shown[np.isfinite(shown)]) if np.isfinite(shown).any() else 0.0
         for (i, j), v in np.ndenumerate(data):
-            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
-                    color="black" if np.isfinite(shown[i, j]) and shown[i, j] > mid else "white")
+            ax.text(
+                j,
+                i,
+                f"{v:.3g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if np.isfinite(shown[i, j]) and shown[i, j] > mid else "white",
+            )
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=label)
     return _save(fig, path)
 
 
-def lazy_attention_split(split: Dict[str, Sequence[float]], path: str, *,
-                         title: str = "Where user tokens attend, per layer") -> str:
+def lazy_attention_split(
+    split: Dict[str, Sequence[float]], path: str, *, title: str = "Where user tokens attend, per layer"
+) -> str:
     """Stacked bars: per layer, the user tokens' attention split over visual, system, user and other keys."""
     missing = [g for g in SPLIT_ORDER if g not in split]
     if missing:
@@ -121,8 +130,9 @@ def compare_reports(reports: Sequence[dict], path: str, *, title: str = "VAS and
     return _save(fig, path)
 
 
-def image_attention_overlay(image, patch_attention: np.ndarray, path: str, *, title: Optional[str] = None,
-                            alpha: float = 0.55) -> str:
+def image_attention_overlay(
+    image, patch_attention: np.ndarray, path: str, *, title: Optional[str] = None, alpha: float = 0.55
+) -> str:
     """Attention received per merged patch [grid_h, grid_w], upsampled onto the image, side by side with it.
 
     The heat is normalised per image (its maximum is 1) since only where the model looks is compared.

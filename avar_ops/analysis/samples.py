@@ -212,8 +212,9 @@ def chat_messages(sample: dict, response: Optional[str] = None) -> list:
     return messages
 
 
-def build_inputs(processor, samples: Sequence[dict], *, responses: Optional[Sequence[Optional[str]]] = None,
-                 device=None) -> dict:
+def build_inputs(
+    processor, samples: Sequence[dict], *, responses: Optional[Sequence[Optional[str]]] = None, device=None
+) -> dict:
     """Processor outputs (input_ids, attention_mask, pixel_values, image_grid_thw, ...) for a batch, left-padded.
 
     Without responses the prompt ends with the assistant header (ready for generation); with a response the
@@ -223,15 +224,14 @@ def build_inputs(processor, samples: Sequence[dict], *, responses: Optional[Sequ
     for i, s in enumerate(samples):
         resp = None if responses is None else responses[i]
         add_prompt = resp is None
-        texts.append(processor.apply_chat_template(chat_messages(s, resp), add_generation_prompt=add_prompt,
-                                                   tokenize=False))
+        texts.append(
+            processor.apply_chat_template(chat_messages(s, resp), add_generation_prompt=add_prompt, tokenize=False)
+        )
         images.append(load_images(s))
     kwargs = {}
     if any(images):
         if not all(images):
-            raise ValueError(
-                "build_inputs: a batch must not mix samples with and without images; use batch_size=1"
-            )
+            raise ValueError("build_inputs: a batch must not mix samples with and without images; use batch_size=1")
         kwargs["images"] = images
     tok = processor.tokenizer
     old_side = tok.padding_side
@@ -264,8 +264,16 @@ class _TokenProgress:
         self.bar.close()
 
 
-def generate_answers(model, processor, samples, *, intervention: Optional[Intervention] = None,
-                     max_new_tokens: int = 32, batch_size: int = 1, progress: bool = False) -> List[dict]:
+def generate_answers(
+    model,
+    processor,
+    samples,
+    *,
+    intervention: Optional[Intervention] = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> List[dict]:
     """Greedy answers to `samples` (dicts / JSONL records) under the intervention, `batch_size` at a time.
 
     Returns one {"id", "answer", "tokens"} per sample; tokens are the generated ids up to and including the
@@ -282,14 +290,20 @@ def generate_answers(model, processor, samples, *, intervention: Optional[Interv
 
         bar = tqdm(total=len(samples), desc="answers", unit="sample")
     for i in range(0, len(samples), batch_size):
-        batch = samples[i:i + batch_size]
+        batch = samples[i : i + batch_size]
         inputs = build_inputs(processor, batch, device=device)
         streamer = _TokenProgress(max_new_tokens, f"tokens of {batch[0]['id']}") if progress else None
-        rows = generate(model, processor, inputs, intervention=intervention, max_new_tokens=max_new_tokens,
-                        streamer=streamer)
+        rows = generate(
+            model, processor, inputs, intervention=intervention, max_new_tokens=max_new_tokens, streamer=streamer
+        )
         for s, tokens in zip(batch, rows):
-            results.append({"id": s["id"], "answer": processor.tokenizer.decode(tokens, skip_special_tokens=True),
-                            "tokens": tokens})
+            results.append(
+                {
+                    "id": s["id"],
+                    "answer": processor.tokenizer.decode(tokens, skip_special_tokens=True),
+                    "tokens": tokens,
+                }
+            )
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:

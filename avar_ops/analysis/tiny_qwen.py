@@ -72,7 +72,10 @@ CHAT_TEMPLATE = (
 
 # Small corpus for the BPE: chat roles, the default system prompt and the kind of questions the demo asks.
 _CORPUS = [
-    "system", "user", "assistant", DEFAULT_SYSTEM_PROMPT,
+    "system",
+    "user",
+    "assistant",
+    DEFAULT_SYSTEM_PROMPT,
     "You are a careful visual reasoning assistant. Look at the image before answering.",
     "Describe the image. What colour is the square? How many circles are there?",
     "What is shown in the picture? Answer with a single word.",
@@ -96,10 +99,12 @@ def _train_tokenizer():
     # mean the same thing when handed to it.
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=_VOCAB_SIZE,

@@ -95,8 +95,12 @@ class VASReport:
         return cls.from_dict(data, where=path)
 
     def plot_data(self) -> dict:
-        return {"label": self.label, "vas": self.vas, "vas_per_layer": self.per_layer["vas"],
-                "split_per_layer": self.split_per_layer}
+        return {
+            "label": self.label,
+            "vas": self.vas,
+            "vas_per_layer": self.per_layer["vas"],
+            "split_per_layer": self.split_per_layer,
+        }
 
     def save(self, out_dir: str, *, figures: bool = True) -> Dict[str, str]:
         """Write vas.json and (figures=True) vas_heatmap.png and lazy_attention.png; returns their paths."""
@@ -106,20 +110,24 @@ class VASReport:
             json.dump(self.to_dict(), f, indent=1)
         if figures:
             paths["heatmap"] = plots.vas_heatmap(
-                self.vas_layer_head, os.path.join(out_dir, "vas_heatmap.png"),
+                self.vas_layer_head,
+                os.path.join(out_dir, "vas_heatmap.png"),
                 title=f"VAS per layer and head: {self.label} (VAS {self.vas:.3g}, n={self.num_samples})",
             )
             paths["lazy_attention"] = plots.lazy_attention_split(
-                self.split_per_layer, os.path.join(out_dir, "lazy_attention.png"),
+                self.split_per_layer,
+                os.path.join(out_dir, "lazy_attention.png"),
                 title=f"Where user tokens attend, per layer: {self.label}",
             )
         return paths
 
     def summary(self) -> str:
         s = self.split
-        return (f"{self.label}: VAS {self.vas:.4g} | ratio of sums {self.ratio_of_sums:.4g} | image mass "
-                f"{self.image_mass:.4g} | user-token attention: visual {s['visual']:.3f}, system {s['system']:.3f},"
-                f" user {s['user']:.3f}, other {s['other']:.3f} | {self.num_samples} samples")
+        return (
+            f"{self.label}: VAS {self.vas:.4g} | ratio of sums {self.ratio_of_sums:.4g} | image mass "
+            f"{self.image_mass:.4g} | user-token attention: visual {s['visual']:.3f}, system {s['system']:.3f},"
+            f" user {s['user']:.3f}, other {s['other']:.3f} | {self.num_samples} samples"
+        )
 
 
 def compare(reports: Sequence[VASReport], path: str) -> str:
@@ -209,7 +217,7 @@ def measure(
 
     acc = _Accumulator(len(layer_ids), num_heads)
     per_sample, skipped = [], []
-    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     bar = _progress(len(samples), progress, label)
     with intervened(model, processor, intervention), torch.no_grad():
         for batch in batches:
@@ -238,8 +246,9 @@ def measure(
                     "system_tokens": int(groups.system_mask[b].sum()),
                 }
                 if bool(valid[b]):
-                    per_sample.append({"id": s["id"], **{k: float(getattr(result, k).per_sample[b]) for k in _STATS},
-                                       **counts})
+                    per_sample.append(
+                        {"id": s["id"], **{k: float(getattr(result, k).per_sample[b]) for k in _STATS}, **counts}
+                    )
                 else:
                     reason = "no user-text token" if counts["user_tokens"] == 0 else "zero system mass on a query"
                     skipped.append({"id": s["id"], "reason": reason, **counts})

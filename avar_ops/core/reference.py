@@ -47,9 +47,7 @@ def _probabilities(
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     groups = (
-        key_group.to(torch.long)
-        if key_group is not None
-        else torch.zeros(B, Lk, dtype=torch.long, device=q.device)
+        key_group.to(torch.long) if key_group is not None else torch.zeros(B, Lk, dtype=torch.long, device=q.device)
     )  # [B, Lk]
     visible_group = groups >= 0  # [B, Lk]
     visible = visible_group[:, None, None, :].expand(B, 1, Lq, Lk)  # [B, 1, Lq, Lk]
@@ -132,8 +130,9 @@ def attention_reference(
         if q1 == q0:
             continue
         kg = key_group[k0:k1][None] if key_group is not None else None
-        o, l, m = _dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], kg, bias, logit_scale, scale, causal,
-                         return_mass)
+        o, l, m = _dense(
+            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], kg, bias, logit_scale, scale, causal, return_mass
+        )
         outs.append(o[0])
         lses.append(l[0])
         masses.append(m[0] if return_mass else None)

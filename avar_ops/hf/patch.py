@@ -54,8 +54,18 @@ from avar_ops.core import NUM_GROUPS, attention, select_indices
 from avar_ops.hf.token_groups import template_tokens, token_groups
 
 __all__ = [
-    "apply_to_qwen2_5_vl", "revert", "get_handle", "is_patched", "patched", "collect_masses", "capture_attention",
-    "PatchHandle", "MassRecord", "AttentionCapture", "LayerInputs", "SUPPORTED_TRANSFORMERS",
+    "apply_to_qwen2_5_vl",
+    "revert",
+    "get_handle",
+    "is_patched",
+    "patched",
+    "collect_masses",
+    "capture_attention",
+    "PatchHandle",
+    "MassRecord",
+    "AttentionCapture",
+    "LayerInputs",
+    "SUPPORTED_TRANSFORMERS",
 ]
 
 SUPPORTED_TRANSFORMERS = (">=5.17", "<6")
@@ -95,8 +105,7 @@ def _base_model(model):
     if isinstance(model, Qwen2_5_VLModel):
         return model
     raise TypeError(
-        "avar patch: model must be a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, "
-        f"got {type(model).__name__}"
+        f"avar patch: model must be a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, got {type(model).__name__}"
     )
 
 
@@ -104,8 +113,9 @@ def _base_model(model):
 # Bias / logit-scale tables
 
 
-def _layer_tables(value: Optional[TableLike], name: str, num_layers: int, num_heads: int,
-                  layers: Optional[List[int]]) -> List[Optional[torch.Tensor]]:
+def _layer_tables(
+    value: Optional[TableLike], name: str, num_layers: int, num_heads: int, layers: Optional[List[int]]
+) -> List[Optional[torch.Tensor]]:
     """Per layer: a float32 table [G] or [H, G] for `avar_ops.attention`, or None (layer not biased/scaled)."""
     if value is None:
         return [None] * num_layers
@@ -169,8 +179,9 @@ def _cached_ids(state: _PatchState, cache, past_len: int, batch: int) -> torch.T
     return seen[:, :past_len]
 
 
-def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len: int, new_len: int, batch: int,
-                        device, cache=None) -> torch.Tensor:
+def _groups_for_forward(
+    state: _PatchState, input_ids, attention_mask, past_len: int, new_len: int, batch: int, device, cache=None
+) -> torch.Tensor:
     """int8 [B, past_len + new_len]: the key groups of this forward, keeping the cached positions' history."""
     total = past_len + new_len
     if attention_mask is not None:
@@ -180,8 +191,11 @@ def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len:
                 "compiled forward), which no longer say where the padding is; use the default dynamic cache"
             )
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-            got = type(attention_mask).__name__ if not isinstance(attention_mask, torch.Tensor) else \
-                f"a {attention_mask.dim()}D tensor"
+            got = (
+                type(attention_mask).__name__
+                if not isinstance(attention_mask, torch.Tensor)
+                else f"a {attention_mask.dim()}D tensor"
+            )
             raise NotImplementedError(
                 f"avar patch: attention_mask must be None or a 2D [batch, cached + new] padding mask, got {got}"
             )
@@ -268,8 +282,9 @@ def _post_forward_hook(module, args, kwargs, output):
 # The attention and mask functions registered with transformers
 
 
-def _avar_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                    sliding_window=None, **kwargs):
+def _avar_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, sliding_window=None, **kwargs
+):
     """transformers attention function: query [B, H, Lq, D], key/value [B, H_kv, Lk, D] -> ([B, Lq, H, D], None)."""
     state: Optional[_PatchState] = getattr(module, "_avar_state", None)
     if state is None:
@@ -321,14 +336,27 @@ def _avar_attention(module, query, key, value, attention_mask, dropout: float = 
     for capture in state.captures:
         if layer in capture.layers and layer not in capture.inputs:
             capture.inputs[layer] = LayerInputs(
-                query=query.detach().transpose(1, 2), key=key.detach().transpose(1, 2), lse=res.lse.detach(),
-                key_group=groups.to(query.device), bias=bias, logit_scale=logit_scale, scale=scaling,
+                query=query.detach().transpose(1, 2),
+                key=key.detach().transpose(1, 2),
+                lse=res.lse.detach(),
+                key_group=groups.to(query.device),
+                bias=bias,
+                logit_scale=logit_scale,
+                scale=scaling,
             )
     return res.out, None  # out [B, Lq, H, D]
 
 
-def _avar_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
-               attention_mask=None, **kwargs):
+def _avar_mask(
+    batch_size=None,
+    q_length=None,
+    kv_length=None,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask=None,
+    **kwargs,
+):
     """transformers mask function: builds no mask (causality is the kernel's, padding is key group -1)."""
     from transformers.masking_utils import causal_mask_function
 
@@ -395,8 +423,12 @@ class PatchHandle:
 
         return full(s.bias[layer], 0.0), full(s.logit_scale[layer], 1.0)
 
-    def set_bias(self, bias: Optional[TableLike] = None, logit_scale: Optional[TableLike] = None,
-                 layers: Optional[Iterable[int]] = None) -> None:
+    def set_bias(
+        self,
+        bias: Optional[TableLike] = None,
+        logit_scale: Optional[TableLike] = None,
+        layers: Optional[Iterable[int]] = None,
+    ) -> None:
         """Replace the bias and logit-scale tables (same shapes and meaning as in `apply_to_qwen2_5_vl`)."""
         self._require_active()
         s = self._state
@@ -507,8 +539,10 @@ def apply_to_qwen2_5_vl(
         module._avar_state = state
     base._avar_state = state
     base._avar_signature = inspect.signature(type(base).forward)
-    hooks = (base.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True),
-             base.register_forward_hook(_post_forward_hook, with_kwargs=True))
+    hooks = (
+        base.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True),
+        base.register_forward_hook(_post_forward_hook, with_kwargs=True),
+    )
     text_config._attn_implementation = ATTN_IMPLEMENTATION
     handle = PatchHandle(model, base, state, hooks, previous_impl)
     model._avar_state = state
@@ -592,8 +626,14 @@ def collect_masses(model, reduce: Optional[Callable[[torch.Tensor], object]] = N
 
 
 @contextlib.contextmanager
-def patched(model, tokenizer, *, bias: Optional[TableLike] = None, logit_scale: Optional[TableLike] = None,
-            layers: Optional[Iterable[int]] = None):
+def patched(
+    model,
+    tokenizer,
+    *,
+    bias: Optional[TableLike] = None,
+    logit_scale: Optional[TableLike] = None,
+    layers: Optional[Iterable[int]] = None,
+):
     """The model routed through avar for the duration of the block, then restored.
 
     A model the caller already patched is used as it is, with the tables it was patched with; passing tables

@@ -119,7 +119,7 @@ def _follows(ids: torch.Tensor, pattern: Tuple[int, ...], offset: int) -> torch.
     padded = torch.nn.functional.pad(ids, (0, offset + n), value=-1)  # [B, L + offset + n]
     hit = torch.ones(B, L, dtype=torch.bool, device=ids.device)
     for k, tok in enumerate(pattern):  # over the pattern's few tokens, not over positions
-        hit &= padded[:, offset + k: offset + k + L] == tok
+        hit &= padded[:, offset + k : offset + k + L] == tok
     return hit
 
 
@@ -151,9 +151,11 @@ def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[to
     ids = input_ids.long()  # [B, L]
     B, L = ids.shape
     device = ids.device
-    valid = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.to(
-        device=device
-    ).bool()  # [B, L]
+    valid = (
+        torch.ones(B, L, dtype=torch.bool, device=device)
+        if attention_mask is None
+        else attention_mask.to(device=device).bool()
+    )  # [B, L]
     ids = ids.masked_fill(~valid, -1)  # padding never reads as a template token
 
     is_start = ids == t.im_start  # [B, L]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
@@ -235,8 +235,15 @@ def intervened(model, processor, intervention: Optional[Intervention] = None):
         yield handle
 
 
-def generate(model, processor, inputs: dict, *, intervention: Optional[Intervention] = None,
-             max_new_tokens: int = 32, streamer=None) -> List[List[int]]:
+def generate(
+    model,
+    processor,
+    inputs: dict,
+    *,
+    intervention: Optional[Intervention] = None,
+    max_new_tokens: int = 32,
+    streamer=None,
+) -> List[List[int]]:
     """Greedy generation from prepared model inputs (a processor's output) under the intervention.
 
     The intervention acts in the prefill and in every decode step (the patch keeps the groups of the cached
@@ -246,8 +253,11 @@ def generate(model, processor, inputs: dict, *, intervention: Optional[Intervent
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
     tok = getattr(processor, "tokenizer", processor)
-    stop = {t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
-            if t is not None}
+    stop = {
+        t
+        for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
+        if t is not None
+    }
     prompt_len = inputs["input_ids"].shape[1]
     with intervened(model, processor, intervention), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)

@@ -196,10 +196,14 @@ def vas(masses: Masses, query_mask: torch.Tensor, *, eps: float = 0.0, empty: st
     zero_system = undefined.any(dim=(0, 2, 3))  # [B]
     valid = ~no_query & ~zero_system  # [B]
     if empty == "error":
-        _raise_for_missing(fn, {
-            "have no query token (query_mask is all False)": no_query,
-            "have a query token with zero system mass (undefined ratio at eps = 0)": zero_system,
-        }, "skip")
+        _raise_for_missing(
+            fn,
+            {
+                "have no query token (query_mask is all False)": no_query,
+                "have a query token with zero system mass (undefined ratio at eps = 0)": zero_system,
+            },
+            "skip",
+        )
     if not bool(valid.any()):
         raise ValueError(f"{fn}: no sample has both a query token and a defined ratio; nothing to average")
 
@@ -272,7 +276,7 @@ def agto_losses(
     *,
     empty: str = "error",
 ) -> AGTOLosses:
-    """AGTO's attention losses (docs/design.md, "Metrics"), differentiable in the masses.
+    """AGTO's attention losses (docs/design.md, "The method"), differentiable in the masses.
 
     Per sample, with Q = query_mask, K_img = image_mask, K_sys = system_mask:
         L_enhance_img = −mean_{l,h} log( Σ_{q∈Q} mass_q[visual] / (|Q|·|K_img|) + eps )
@@ -307,11 +311,15 @@ def agto_losses(
     n_system = system_mask.sum(-1).to(torch.float64)  # [B]
     included = (n_query > 0) & (n_image > 0) & (n_system > 0)  # [B]
     if empty == "error":
-        _raise_for_missing(fn, {
-            "have no query token": n_query == 0,
-            "have no image token": n_image == 0,
-            "have no system token": n_system == 0,
-        }, "skip")
+        _raise_for_missing(
+            fn,
+            {
+                "have no query token": n_query == 0,
+                "have no image token": n_image == 0,
+                "have no system token": n_system == 0,
+            },
+            "skip",
+        )
 
     def mean_log_pair_attention(group_mass, n_keys):  # [NL, B, H], [B] -> [B]
         pairs = torch.where(included, n_query * n_keys, torch.ones_like(n_query))  # [B]

@@ -26,7 +26,9 @@ struct BwdTask {
   int64_t b, kvh, split, cost;
 };
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Tasks the backward aims for when there are few (b, kv head) pairs. The split count depends on the problem
 // only, never on the thread count, so dK/dV (whose split partials are summed in split order) are bit-identical
@@ -97,30 +99,30 @@ void backward_impl(const AttnBwdParams& bp, bool emulated) {
   auto* dv = static_cast<scalar_t*>(bp.dv);
 
   parallel_tasks(n_tasks, [&](const auto& claim) {
-    std::vector<acc_t> kbuf(kPairs ? 0 : Lk * D);                // [Lk, D]  K rows
+    std::vector<acc_t> kbuf(kPairs ? 0 : Lk * D);  // [Lk, D]  K rows
     // Kᵀ and Vᵀ are stored per key block, [n_blocks, D, Bk], so a GEMM's B operand is one contiguous tile
     // with a short row stride (a stride of Lk, a power of two at the usual lengths, would alias cache sets).
     std::vector<acc_t> kt(kPairs ? 0 : Lk_pad * D);   // [n_blocks, D, Bk]  Kᵀ
     std::vector<acc_t> vt(kPairs ? 0 : Lk_pad * De);  // [n_blocks, D (+G), Bk]  Vᵀ and group indicator rows
     // bf16 GEMM path: bf16 operands, every B operand pair-interleaved along its reduction (common.h), per block.
-    std::vector<bf16> kt16(kPairs ? Lk_pad * Dk : 0);  // [n_blocks, Dk, Bk]  Kᵀ, pairs along D
-    std::vector<bf16> vt16(kPairs ? Lk_pad * Dk : 0);  // [n_blocks, Dk, Bk]  Vᵀ, pairs along D
-    std::vector<bf16> kr16(kPairs ? Lk_pad * D : 0);   // [n_blocks, Bk, D]  K, pairs along keys
+    std::vector<bf16> kt16(kPairs ? Lk_pad * Dk : 0);                  // [n_blocks, Dk, Bk]  Kᵀ, pairs along D
+    std::vector<bf16> vt16(kPairs ? Lk_pad * Dk : 0);                  // [n_blocks, Dk, Bk]  Vᵀ, pairs along D
+    std::vector<bf16> kr16(kPairs ? Lk_pad * D : 0);                   // [n_blocks, Bk, D]  K, pairs along keys
     std::vector<acc_t> onehot(kPairs && with_dmass ? Lk_pad * G : 0);  // [n_blocks, G, Bk]  key groups (fp32)
     std::vector<bf16> q16(kPairs ? max_rows * Dk : 0), do16(kPairs ? max_rows * Dk : 0);  // [rows, Dk]  q, dO
-    std::vector<bf16> qp(kPairs ? rows_pad * D : 0), dop(kPairs ? rows_pad * D : 0);  // [rows, D]  pairs along rows
+    std::vector<bf16> qp(kPairs ? rows_pad * D : 0), dop(kPairs ? rows_pad * D : 0);      // [rows, D]  pairs along rows
     std::vector<bf16> t16(kPairs ? Bk * rows_pad : 0);   // [Bk, rows]  Pᵀ, then (dS·γ)ᵀ
     std::vector<bf16> ds16(kPairs ? max_rows * Bk : 0);  // [rows, Bk]  dS·γ
-    std::vector<acc_t> gam(rep * Lk), bet(rep * Lk);  // [rep, Lk]  per-key logit scale and bias
-    std::vector<acc_t> dk_acc(Lk * D), dv_acc(Lk * D);  // [Lk, D]
+    std::vector<acc_t> gam(rep * Lk), bet(rep * Lk);     // [rep, Lk]  per-key logit scale and bias
+    std::vector<acc_t> dk_acc(Lk * D), dv_acc(Lk * D);   // [Lk, D]
     std::vector<acc_t> col_db(tables ? rep * Lk : 0), col_dg(tables ? rep * Lk : 0);  // [rep, Lk]
     std::vector<int8_t> grp(Lk);
-    std::vector<acc_t> qs(kPairs ? 0 : max_rows * D);  // [rows, D]  q · scale
-    std::vector<acc_t> doe(max_rows * De);  // [rows, D (+G)]  dO and dmass
-    std::vector<acc_t> dq_acc(max_rows * D);  // [rows, D]  dQ / scale
-    std::vector<acc_t> lse_r(max_rows), d_r(max_rows);  // [rows]
+    std::vector<acc_t> qs(kPairs ? 0 : max_rows * D);              // [rows, D]  q · scale
+    std::vector<acc_t> doe(max_rows * De);                         // [rows, D (+G)]  dO and dmass
+    std::vector<acc_t> dq_acc(max_rows * D);                       // [rows, D]  dQ / scale
+    std::vector<acc_t> lse_r(max_rows), d_r(max_rows);             // [rows]
     std::vector<acc_t> sbuf(max_rows * Bk), dpbuf(max_rows * Bk);  // [rows, Bk]  S → P, dP → dS·γ
-    std::vector<acc_t> tbuf(Bk * max_rows);  // [Bk, rows]  Pᵀ, then (dS·γ)ᵀ
+    std::vector<acc_t> tbuf(Bk * max_rows);                        // [Bk, rows]  Pᵀ, then (dS·γ)ᵀ
 
     for (int64_t t = claim(); t >= 0; t = claim()) {
       const BwdTask& task = tasks[t];
@@ -222,8 +224,8 @@ void backward_impl(const AttnBwdParams& bp, bool emulated) {
             acc_t dsum = 0;
             for (int64_t d = 0; d < D; ++d) dsum += de[d] * static_cast<acc_t>(o[d]);
             if (with_dmass) {
-              const float* dm = row_ptr(bp.dmass, bp.dmass_batch_stride, bp.dmass_row_stride, bp.dmass_head_stride,
-                                        b, row, h);
+              const float* dm =
+                  row_ptr(bp.dmass, bp.dmass_batch_stride, bp.dmass_row_stride, bp.dmass_head_stride, b, row, h);
               const float* ms = row_ptr(p.mass, p.mass_batch_stride, p.mass_row_stride, p.mass_head_stride, b, row, h);
               for (int64_t g = 0; g < G; ++g) {
                 de[D + g] = dm[g];
@@ -272,12 +274,10 @@ void backward_impl(const AttnBwdParams& bp, bool emulated) {
             const int64_t col = hh * Lk + j0;
             if (tables) {
               softmax_grad_row<true>(sbuf.data() + r * Bk, dpbuf.data() + r * Bk, gam.data() + col, bet.data() + col,
-                                     lse_r[r], d_r[r], raw_mul, n_vis, nkr, col_db.data() + col,
-                                     col_dg.data() + col);
+                                     lse_r[r], d_r[r], raw_mul, n_vis, nkr, col_db.data() + col, col_dg.data() + col);
             } else {
               softmax_grad_row<false, acc_t>(sbuf.data() + r * Bk, dpbuf.data() + r * Bk, gam.data() + col,
-                                             bet.data() + col, lse_r[r], d_r[r], raw_mul, n_vis, nkr, nullptr,
-                                             nullptr);
+                                             bet.data() + col, lse_r[r], d_r[r], raw_mul, n_vis, nkr, nullptr, nullptr);
             }
           }
 
@@ -313,7 +313,8 @@ void backward_impl(const AttnBwdParams& bp, bool emulated) {
         for (int64_t hh = 0; hh < rep; ++hh) {
           for (int64_t qi = 0; qi < nq; ++qi) {
             const int64_t row = sb.q_start + q0 + qi;
-            scalar_t* dst = row_ptr(dq, bp.dq_batch_stride, bp.dq_row_stride, bp.dq_head_stride, b, row, kvh * rep + hh);
+            scalar_t* dst =
+                row_ptr(dq, bp.dq_batch_stride, bp.dq_row_stride, bp.dq_head_stride, b, row, kvh * rep + hh);
             store_row(dq_acc.data() + (hh * nq + qi) * D, dst, D, scale);
           }
         }
@@ -323,10 +324,10 @@ void backward_impl(const AttnBwdParams& bp, bool emulated) {
       if (n_splits == 1) {
         for (int64_t j = 0; j < sb.len_k; ++j) {
           const int64_t row = sb.k_start + j;
-          store_row(dk_acc.data() + j * D, row_ptr(dk, bp.dk_batch_stride, bp.dk_row_stride, bp.dk_head_stride, b, row, kvh),
-                    D, acc_t(1));
-          store_row(dv_acc.data() + j * D, row_ptr(dv, bp.dv_batch_stride, bp.dv_row_stride, bp.dv_head_stride, b, row, kvh),
-                    D, acc_t(1));
+          store_row(dk_acc.data() + j * D,
+                    row_ptr(dk, bp.dk_batch_stride, bp.dk_row_stride, bp.dk_head_stride, b, row, kvh), D, acc_t(1));
+          store_row(dv_acc.data() + j * D,
+                    row_ptr(dv, bp.dv_batch_stride, bp.dv_row_stride, bp.dv_head_stride, b, row, kvh), D, acc_t(1));
         }
       } else {
         acc_t* part = partial.data() + ((task.split * s.batch + b) * s.kv_heads + kvh) * part_stride;
@@ -392,14 +393,17 @@ void backward_impl(const AttnBwdParams& bp, bool emulated) {
 
 void attention_bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return backward_impl<float, false>(p, false);
+    case at::kFloat:
+      return backward_impl<float, false>(p, false);
     case at::kBFloat16: {
       const bool emulated = pair_gemm_emulated();
       if (emulated || bf16_pair_gemm_available()) return backward_impl<at::BFloat16, true>(p, emulated);
       return backward_impl<at::BFloat16, false>(p, false);
     }
-    case at::kDouble: return backward_impl<double, false>(p, false);
-    default: TORCH_CHECK(false, "avar: CPU attention_bwd has no kernel for dtype ", dtype);
+    case at::kDouble:
+      return backward_impl<double, false>(p, false);
+    default:
+      TORCH_CHECK(false, "avar: CPU attention_bwd has no kernel for dtype ", dtype);
   }
 }
 

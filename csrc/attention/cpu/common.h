@@ -20,14 +20,23 @@
 namespace avar::cpu {
 
 // bf16 and fp32 inputs work in fp32; fp64 (gradcheck, references) works in fp64.
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
 
-template <typename acc_t> constexpr acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
 
 // C[M, N] (+)= A[M, K] · B[K, N], row-major with leading dimensions.
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, bool accumulate) {
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
@@ -38,8 +47,8 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
 }
 
 // fp64 exists for gradcheck and small references; a plain loop keeps it exact and simple.
-inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
-                 double* C, int64_t ldc, bool accumulate) {
+inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+                 int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < M; ++i) {
     double* c = C + i * ldc;
     if (!accumulate) std::fill(c, c + N, 0.0);
@@ -55,8 +64,12 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, 
 // 2i + 1 of B are stored as one row of pairs, element (k, n) at pair_index(k, n, ldb). K must be even (pad
 // with zero rows and columns). This is the layout oneDNN's bf16 dot-product instructions read, and the only
 // one in which PyTorch's brgemm runs bf16 at the bf16 rate.
-inline int64_t round_up_even(int64_t n) { return n + (n & 1); }
-inline int64_t pair_index(int64_t k, int64_t n, int64_t ldb) { return (k / 2) * 2 * ldb + 2 * n + (k & 1); }
+inline int64_t round_up_even(int64_t n) {
+  return n + (n & 1);
+}
+inline int64_t pair_index(int64_t k, int64_t n, int64_t ldb) {
+  return (k / 2) * 2 * ldb + 2 * n + (k & 1);
+}
 
 // `emulated`: the same product as a plain loop (exact bf16 products summed in fp32), for testing the bf16 GEMM
 // paths on machines where oneDNN's bf16 kernels do not run (see pair_gemm_emulated).

@@ -1,9 +1,10 @@
 // CPU forward: tiled online softmax with per-(head, group) logit scale and bias, and per-group masses.
 //
-// K/V are first packed per (kv head, key block) (packed_kv.h). Then one task = (sequence b, kv head, query block). The rep = H / H_kv query heads that share the kv head are
-// stacked as rows of one tile, so each K/V tile is loaded once for all of them and the GEMMs are tall.
-// V is extended with G indicator columns (one-hot of the key's group): the same P·V GEMM then accumulates
-// the unnormalised group masses a[g], and the softmax denominator is l = Σ_g a[g] (masked keys have p = 0).
+// K/V are first packed per (kv head, key block) (packed_kv.h). Then one task = (sequence b, kv head, query block). The
+// rep = H / H_kv query heads that share the kv head are stacked as rows of one tile, so each K/V tile is loaded once
+// for all of them and the GEMMs are tall. V is extended with G indicator columns (one-hot of the key's group): the same
+// P·V GEMM then accumulates the unnormalised group masses a[g], and the softmax denominator is l = Σ_g a[g] (masked
+// keys have p = 0).
 //
 // bf16 inputs, where the bf16 GEMM runs (bf16_pair_gemm_available), keep Q, K and V in bf16 and round P to
 // bf16 before P·V, as PyTorch's own bf16 attention does; scores, softmax and accumulators stay fp32. Out and
@@ -54,12 +55,12 @@ void forward_impl(const AttnFwdParams& p, bool emulated) {
   auto* out = static_cast<scalar_t*>(p.out);
 
   parallel_tasks(n_tasks, [&](const auto& claim) {
-    std::vector<mat_t> qbuf(max_rows * Dk);  // [rows, Dk], pre-scaled by `scale` unless kPairs (zero pad)
-    std::vector<acc_t> sbuf(max_rows * Bk);  // [rows, Bk]  scores, then probabilities
+    std::vector<mat_t> qbuf(max_rows * Dk);               // [rows, Dk], pre-scaled by `scale` unless kPairs (zero pad)
+    std::vector<acc_t> sbuf(max_rows * Bk);               // [rows, Bk]  scores, then probabilities
     std::vector<mat_t> pbuf(kPairs ? max_rows * Bk : 0);  // [rows, Bk]  probabilities rounded to bf16
-    std::vector<acc_t> acc(max_rows * Dv);   // [rows, D + G]  unnormalised out and group masses
-    std::vector<acc_t> mrow(max_rows);       // [rows]  running max
-    std::vector<acc_t> lrow(kPairs ? max_rows : 0);  // [rows]  running Σ p before rounding (for lse)
+    std::vector<acc_t> acc(max_rows * Dv);                // [rows, D + G]  unnormalised out and group masses
+    std::vector<acc_t> mrow(max_rows);                    // [rows]  running max
+    std::vector<acc_t> lrow(kPairs ? max_rows : 0);       // [rows]  running Σ p before rounding (for lse)
 
     for (int64_t t = claim(); t >= 0; t = claim()) {
       const QueryBlock& qb = blocks[t / s.kv_heads];
@@ -72,8 +73,8 @@ void forward_impl(const AttnFwdParams& p, bool emulated) {
       for (int64_t hh = 0; hh < rep; ++hh) {
         const int64_t h = kvh * rep + hh;
         for (int64_t qi = 0; qi < nq; ++qi) {
-          const scalar_t* src = row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b,
-                                        sb.q_start + qb.q0 + qi, h);
+          const scalar_t* src =
+              row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, sb.q_start + qb.q0 + qi, h);
           mat_t* dst = qbuf.data() + (hh * nq + qi) * Dk;
           if constexpr (kPairs) {
             std::copy(src, src + D, dst);
@@ -102,8 +103,7 @@ void forward_impl(const AttnFwdParams& p, bool emulated) {
         const bool all_visible = j0 + nk <= first_row_end;  // no causal cut inside this tile
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t hh = r / nq, qi = r % nq;
-          const int64_t n_vis =
-              all_visible ? nk : std::clamp<int64_t>(visible_end(s, sb, qb.q0 + qi) - j0, 0, nk);
+          const int64_t n_vis = all_visible ? nk : std::clamp<int64_t>(visible_end(s, sb, qb.q0 + qi) - j0, 0, nk);
           acc_t* srow = sbuf.data() + r * Bk;
           const acc_t tile_max = bias_and_max(srow, tile.gamma + hh * Bk, tile.beta + hh * Bk, n_vis, nkr);
           const acc_t m_new = std::max(mrow[r], tile_max);
@@ -176,14 +176,17 @@ void forward_impl(const AttnFwdParams& p, bool emulated) {
 
 void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return forward_impl<float, false>(p, false);
+    case at::kFloat:
+      return forward_impl<float, false>(p, false);
     case at::kBFloat16: {
       const bool emulated = pair_gemm_emulated();
       if (emulated || bf16_pair_gemm_available()) return forward_impl<at::BFloat16, true>(p, emulated);
       return forward_impl<at::BFloat16, false>(p, false);
     }
-    case at::kDouble: return forward_impl<double, false>(p, false);
-    default: TORCH_CHECK(false, "avar: CPU attention_fwd has no kernel for dtype ", dtype);
+    case at::kDouble:
+      return forward_impl<double, false>(p, false);
+    default:
+      TORCH_CHECK(false, "avar: CPU attention_fwd has no kernel for dtype ", dtype);
   }
 }
 

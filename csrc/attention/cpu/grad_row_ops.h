@@ -19,7 +19,8 @@ inline void transpose_tile(const acc_t* src, int64_t ld_src, acc_t* dst, int64_t
 // exp(raw · gamma + beta − lse), and exactly 0 for a masked key (beta = −inf) whatever raw and lse are: a row
 // whose lse is NaN (a NaN or infinite score in the forward) gets NaN on the keys it sees, never on masked ones.
 template <typename acc_t>
-inline at::vec::Vectorized<acc_t> prob_or_zero(const at::vec::Vectorized<acc_t>& raw, const at::vec::Vectorized<acc_t>& g,
+inline at::vec::Vectorized<acc_t> prob_or_zero(const at::vec::Vectorized<acc_t>& raw,
+                                               const at::vec::Vectorized<acc_t>& g,
                                                const at::vec::Vectorized<acc_t>& bt,
                                                const at::vec::Vectorized<acc_t>& lse) {
   using Vec = at::vec::Vectorized<acc_t>;

@@ -49,9 +49,9 @@ void key_mass_impl(const KeyMassParams& kp) {
     std::vector<acc_t> gam(rep * Kc), bet(rep * Kc);  // [rep, Kc]
     std::vector<acc_t> km(rep * Kc);                  // [rep, Kc]  accumulated key mass
     std::vector<int8_t> grp(Kc);
-    std::vector<acc_t> qs(max_rows * D);          // [rows, D]  q · scale
+    std::vector<acc_t> qs(max_rows * D);                // [rows, D]  q · scale
     std::vector<acc_t> lse_r(max_rows), w_r(max_rows);  // [rows]
-    std::vector<acc_t> sbuf(max_rows * Bk);       // [rows, Bk]  scores, then P
+    std::vector<acc_t> sbuf(max_rows * Bk);             // [rows, Bk]  scores, then P
 
     for (int64_t t = claim(); t >= 0; t = claim()) {
       const KeyChunk& ch = chunks[t / s.kv_heads];
@@ -83,7 +83,7 @@ void key_mass_impl(const KeyMassParams& kp) {
             const float l = p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride];
             // A row that sees no key has lse = −inf; +inf makes its recomputed P zero.
             lse_r[r] = l == -std::numeric_limits<float>::infinity() ? std::numeric_limits<acc_t>::infinity()
-                                                                      : static_cast<acc_t>(l);
+                                                                    : static_cast<acc_t>(l);
             w_r[r] = kp.query_weight[b * kp.w_batch_stride + row * kp.w_row_stride + h * kp.w_head_stride];
           }
         }
@@ -118,10 +118,14 @@ void key_mass_impl(const KeyMassParams& kp) {
 
 void attention_key_mass(const KeyMassParams& p, at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return key_mass_impl<float>(p);
-    case at::kBFloat16: return key_mass_impl<at::BFloat16>(p);
-    case at::kDouble: return key_mass_impl<double>(p);
-    default: TORCH_CHECK(false, "avar: CPU attention_key_mass has no kernel for dtype ", dtype);
+    case at::kFloat:
+      return key_mass_impl<float>(p);
+    case at::kBFloat16:
+      return key_mass_impl<at::BFloat16>(p);
+    case at::kDouble:
+      return key_mass_impl<double>(p);
+    default:
+      TORCH_CHECK(false, "avar: CPU attention_key_mass has no kernel for dtype ", dtype);
   }
 }
 

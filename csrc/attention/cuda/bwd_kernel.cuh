@@ -45,11 +45,11 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   const AttnFwdParams& p = bp.fwd;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);  // [kBlockN][kStride]
-  T* sV = sK + C::kTileKV;                 // [kBlockN][kStride]
-  T* sQ = sV + C::kTileKV;                 // [2][kBlockM][kStride]
-  T* sdO = sQ + 2 * C::kTileQ;             // [2][kBlockM][kStride]
-  T* sdS = sdO + 2 * C::kTileQ;            // [kBlockN][kStrideS]  dSg, key-major
+  T* sK = reinterpret_cast<T*>(smem_raw);                             // [kBlockN][kStride]
+  T* sV = sK + C::kTileKV;                                            // [kBlockN][kStride]
+  T* sQ = sV + C::kTileKV;                                            // [2][kBlockM][kStride]
+  T* sdO = sQ + 2 * C::kTileQ;                                        // [2][kBlockM][kStride]
+  T* sdS = sdO + 2 * C::kTileQ;                                       // [kBlockN][kStrideS]  dSg, key-major
   float* sLse2 = reinterpret_cast<float*>(sdS + kBlockN * kStrideS);  // [2][kBlockM] lse·log2e, +inf if dead
   float* sDelta = sLse2 + 2 * kBlockM;                                // [2][kBlockM]
   float* sDm = sDelta + 2 * kBlockM;                                  // [2][G][kBlockM] dmass, group-major
@@ -69,10 +69,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   const int n_mb = m_first >= sp.len_q ? 0 : (sp.len_q + kBlockM - 1) / kBlockM - mb_begin;
   const int total_steps = rep * n_mb;
 
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride +
-                    kvh * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + sp.k_start * p.v_row_stride +
-                    kvh * p.v_head_stride;
+  const T* k_base =
+      static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride + kvh * p.k_head_stride;
+  const T* v_base =
+      static_cast<const T*>(p.v) + b * p.v_batch_stride + sp.k_start * p.v_row_stride + kvh * p.v_head_stride;
   const int64_t H = p.seq.heads;
   const int64_t row0 = scratch_row0(p.seq, sp, b);
   const float scale = static_cast<float>(p.seq.scale);  // the kernels work in fp32
@@ -83,14 +83,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   auto prefetch = [&](int t, int stage) {
     const int h = kvh * rep + t / n_mb;
     const int m0 = (mb_begin + t % n_mb) * kBlockM;
-    const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + sp.q_start * p.q_row_stride +
-                      h * p.q_head_stride;
-    const T* do_base = static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + sp.q_start * bp.do_row_stride +
-                       h * bp.do_head_stride;
+    const T* q_base =
+        static_cast<const T*>(p.q) + b * p.q_batch_stride + sp.q_start * p.q_row_stride + h * p.q_head_stride;
+    const T* do_base =
+        static_cast<const T*>(bp.dout) + b * bp.do_batch_stride + sp.q_start * bp.do_row_stride + h * bp.do_head_stride;
     load_tile_async<T, kBlockM, kD, C::kThreads>(sQ + stage * C::kTileQ, q_base, p.q_row_stride, m0, sp.len_q,
                                                  static_cast<const T*>(p.q), tid);
-    load_tile_async<T, kBlockM, kD, C::kThreads>(sdO + stage * C::kTileQ, do_base, bp.do_row_stride, m0,
-                                                 sp.len_q, static_cast<const T*>(bp.dout), tid);
+    load_tile_async<T, kBlockM, kD, C::kThreads>(sdO + stage * C::kTileQ, do_base, bp.do_row_stride, m0, sp.len_q,
+                                                 static_cast<const T*>(bp.dout), tid);
     if (tid < kBlockM) {
       const int i = m0 + tid;
       float lse2 = INFINITY, delta = 0.f;
@@ -114,10 +114,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
     }
   };
 
-  load_tile_async<T, kBlockN, kD, C::kThreads>(sK, k_base, p.k_row_stride, n0, sp.len_k,
-                                               static_cast<const T*>(p.k), tid);
-  load_tile_async<T, kBlockN, kD, C::kThreads>(sV, v_base, p.v_row_stride, n0, sp.len_k,
-                                               static_cast<const T*>(p.v), tid);
+  load_tile_async<T, kBlockN, kD, C::kThreads>(sK, k_base, p.k_row_stride, n0, sp.len_k, static_cast<const T*>(p.k),
+                                               tid);
+  load_tile_async<T, kBlockN, kD, C::kThreads>(sV, v_base, p.v_row_stride, n0, sp.len_k, static_cast<const T*>(p.v),
+                                               tid);
   if (total_steps > 0) prefetch(0, 0);
   cp_async_commit();
   if (tid < 2 * kNumGroups) sRed[tid] = 0.f;
@@ -143,10 +143,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
     dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
   }
   KeyFactors kf[2];
-  float sg[2] = {0.f, 0.f};          // scale·γ of this thread's keys (for dSg)
-  float col_b[2] = {0.f, 0.f};       // Σ_i dS over this thread's query columns, per key
-  float col_g[2] = {0.f, 0.f};       // Σ_i dS·raw
-  int pending_head = -1;             // head whose dβ/dγ wait in sRed
+  float sg[2] = {0.f, 0.f};     // scale·γ of this thread's keys (for dSg)
+  float col_b[2] = {0.f, 0.f};  // Σ_i dS over this thread's query columns, per key
+  float col_g[2] = {0.f, 0.f};  // Σ_i dS·raw
+  int pending_head = -1;        // head whose dβ/dγ wait in sRed
 
   for (int t = 0; t < total_steps; ++t) {
     const int stage = t & 1;

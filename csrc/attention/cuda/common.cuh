@@ -121,11 +121,12 @@ __device__ __forceinline__ uint32_t lds_pattern_b(const void* tile, int row0, in
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -209,7 +210,9 @@ __device__ __forceinline__ KeyFactors key_factors(const AttnFwdParams& p, int b,
 }
 
 // max that keeps a NaN from either side: fmaxf(m, NaN) is m, which would pass a NaN score off as a dead row.
-__device__ __forceinline__ float fmax_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+  return (a != a || a > b) ? a : b;
+}
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmax_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));

@@ -34,8 +34,7 @@ __device__ __forceinline__ uint32_t onehot_pair(bool lo, bool hi, uint16_t one) 
 }
 
 template <typename T, int kD, bool kCausal>
-__global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
-    fwd_kernel(const AttnFwdParams p, const FwdSplit split) {
+__global__ void __launch_bounds__(FwdConfig<kD>::kThreads) fwd_kernel(const AttnFwdParams p, const FwdSplit split) {
   using C = FwdConfig<kD>;
   using Tr = ElemTraits<T>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStride = C::kStride;
@@ -44,11 +43,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);                   // [kBlockM][kStride]
-  T* sK = sQ + C::kTileQ;                                    // [2][kBlockN][kStride]
-  T* sV = sK + 2 * C::kTileKV;                               // [2][kBlockN][kStride]
-  int* sG = reinterpret_cast<int*>(sV + 2 * C::kTileKV);     // [2][kBlockN] group id, −1 masked
-  float* sGS = reinterpret_cast<float*>(sG + 2 * kBlockN);   // [2][kBlockN] scale·γ·log2e
-  float* sBS = sGS + 2 * kBlockN;                            // [2][kBlockN] β·log2e or −inf
+  T* sK = sQ + C::kTileQ;                                   // [2][kBlockN][kStride]
+  T* sV = sK + 2 * C::kTileKV;                              // [2][kBlockN][kStride]
+  int* sG = reinterpret_cast<int*>(sV + 2 * C::kTileKV);    // [2][kBlockN] group id, −1 masked
+  float* sGS = reinterpret_cast<float*>(sG + 2 * kBlockN);  // [2][kBlockN] scale·γ·log2e
+  float* sBS = sGS + 2 * kBlockN;                           // [2][kBlockN] β·log2e or −inf
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal blocks first
@@ -72,12 +71,12 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
     t_end = min(n_tiles, t_begin + per_split);
   }
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + sp.q_start * p.q_row_stride +
-                    h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride +
-                    kvh * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + sp.k_start * p.v_row_stride +
-                    kvh * p.v_head_stride;
+  const T* q_base =
+      static_cast<const T*>(p.q) + b * p.q_batch_stride + sp.q_start * p.q_row_stride + h * p.q_head_stride;
+  const T* k_base =
+      static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride + kvh * p.k_head_stride;
+  const T* v_base =
+      static_cast<const T*>(p.v) + b * p.v_batch_stride + sp.k_start * p.v_row_stride + kvh * p.v_head_stride;
   const float* gamma_h = p.logit_scale + h * kNumGroups;
   const float* beta_h = p.bias + h * kNumGroups;
   const float scale_log2 = static_cast<float>(p.seq.scale) * kLog2e;  // the kernels work in fp32
@@ -97,8 +96,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
     }
   };
 
-  load_tile_async<T, kBlockM, kD, C::kThreads>(sQ, q_base, p.q_row_stride, m0, sp.len_q,
-                                               static_cast<const T*>(p.q), tid);
+  load_tile_async<T, kBlockM, kD, C::kThreads>(sQ, q_base, p.q_row_stride, m0, sp.len_q, static_cast<const T*>(p.q),
+                                               tid);
   if (t_begin < t_end) load_kv(t_begin, 0);
   cp_async_commit();
 
@@ -153,8 +152,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = nb * 8 + 2 * tig + (e & 1);
-          const bool visible =
-              sGt[col] >= 0 && !(need_mask && n0 + col > (e < 2 ? row0 : row1) + offset);
+          const bool visible = sGt[col] >= 0 && !(need_mask && n0 + col > (e < 2 ? row0 : row1) + offset);
           const float v = visible ? s[nb][e] * sGSt[col] + sBSt[col] : -INFINITY;
           live[e >> 1] = live[e >> 1] || visible;
           s[nb][e] = v;

@@ -32,10 +32,10 @@ __global__ void __launch_bounds__(KeyMassConfig<kD>::kThreads) key_mass_kernel(c
   const AttnFwdParams& p = kp.fwd;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);                          // [kBlockN][kStride]
-  T* sQ = sK + C::kTileK;                                          // [2][kBlockM][kStride]
-  float* sLse2 = reinterpret_cast<float*>(sQ + 2 * C::kTileQ);     // [2][kBlockM]
-  float* sW = sLse2 + 2 * kBlockM;                                 // [2][kBlockM]
+  T* sK = reinterpret_cast<T*>(smem_raw);                       // [kBlockN][kStride]
+  T* sQ = sK + C::kTileK;                                       // [2][kBlockM][kStride]
+  float* sLse2 = reinterpret_cast<float*>(sQ + 2 * C::kTileQ);  // [2][kBlockM]
+  float* sW = sLse2 + 2 * kBlockM;                              // [2][kBlockM]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
   const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -48,10 +48,10 @@ __global__ void __launch_bounds__(KeyMassConfig<kD>::kThreads) key_mass_kernel(c
   const int mb_begin = m_first / kBlockM;
   const int n_mb = m_first >= sp.len_q ? 0 : (sp.len_q + kBlockM - 1) / kBlockM - mb_begin;
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + sp.q_start * p.q_row_stride +
-                    h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride +
-                    kvh * p.k_head_stride;
+  const T* q_base =
+      static_cast<const T*>(p.q) + b * p.q_batch_stride + sp.q_start * p.q_row_stride + h * p.q_head_stride;
+  const T* k_base =
+      static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride + kvh * p.k_head_stride;
 
   auto prefetch = [&](int t, int stage) {
     const int m0 = (mb_begin + t) * kBlockM;
@@ -71,8 +71,8 @@ __global__ void __launch_bounds__(KeyMassConfig<kD>::kThreads) key_mass_kernel(c
     }
   };
 
-  load_tile_async<T, kBlockN, kD, C::kThreads>(sK, k_base, p.k_row_stride, n0, sp.len_k,
-                                               static_cast<const T*>(p.k), tid);
+  load_tile_async<T, kBlockN, kD, C::kThreads>(sK, k_base, p.k_row_stride, n0, sp.len_k, static_cast<const T*>(p.k),
+                                               tid);
   if (n_mb > 0) prefetch(0, 0);
   cp_async_commit();
 
