@@ -37,64 +37,20 @@ import torch
 
 from avar_ops.groups import token_groups
 from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, get_handle
-from avar_ops.samples import build_inputs, normalize_sample
+from avar_train.collator import QwenVLCollator
 from avar_train.grpo_config import GRPOConfig
 from avar_train.grpo_loss import group_advantages, policy_loss
+from avar_train.records import Record, load_records
 from avar_train.rewards import (
     DEFAULT_FORMAT_PATTERN, AccuracyReward, VisualStats, accuracy_reward, call_reward_function, combine_rewards,
     format_reward, load_reward_function, visual_terms,
 )
 
-__all__ = ["GRPOTrainer", "Rollouts", "load_prompt_records", "completion_mask", "completion_logps", "train_grpo"]
+__all__ = ["GRPOTrainer", "Rollouts", "completion_mask", "completion_logps", "train_grpo"]
 
 LOG_FILE = "log.jsonl"
 STATE_FILE = "grpo_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-# --------------------------------------------------------------------------------------------------- data
-
-
-def load_prompt_records(path: str, answer_column: str = "answer", skip_bad: bool = False,
-                        rejects_path: Optional[str] = None) -> List[dict]:
-    """RL records from JSONL: id, image|images (relative to the file), question, the answer column, optional
-    system. A bad record is an error naming file, line and reason; with skip_bad it is written to rejects_path
-    (JSONL with the reason) and counted instead."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"train_file not found: {path}")
-    base = os.path.dirname(os.path.abspath(path))
-    records, rejects = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                raw = json.loads(line)
-                if not isinstance(raw, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-                answer = raw.get(answer_column)
-                if answer is None or (isinstance(answer, str) and not answer.strip()):
-                    raise ValueError(f"{where}: no {answer_column!r} (the reference answer r_acc checks)")
-                rec = normalize_sample(raw, len(records), base, where=where)
-                real_base = os.path.realpath(base)
-                for img in rec["images"]:
-                    if os.path.commonpath([os.path.realpath(img), real_base]) != real_base:
-                        raise ValueError(f"{where}: image path {img!r} leaves the data folder {base}")
-                rec[answer_column] = str(answer)
-                records.append(rec)
-            except (ValueError, FileNotFoundError) as exc:
-                msg = str(exc) if str(exc).startswith(path) else f"{where}: {exc}"
-                if not skip_bad:
-                    raise ValueError(msg) from None
-                rejects.append({"line": lineno, "reason": msg, "record": line.strip()})
-    if rejects and rejects_path is not None:
-        with open(rejects_path, "w", encoding="utf-8") as f:
-            for r in rejects:
-                f.write(json.dumps(r) + "\n")
-    if not records:
-        raise ValueError(f"{path} holds no usable record ({len(rejects)} rejected)")
-    return records
 
 
 # ------------------------------------------------------------------------------------------- token helpers
@@ -150,7 +106,7 @@ class GRPOTrainer:
 
     def __init__(self, cfg: GRPOConfig, model=None, processor=None, *, accelerator=None,
                  reward_funcs: Optional[Dict[str, Callable]] = None, reward_weights: Optional[Dict[str, float]] = None,
-                 accuracy: Optional[Callable] = None, records: Optional[List[dict]] = None):
+                 accuracy: Optional[Callable] = None, records: Optional[List[Record]] = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -159,8 +115,10 @@ class GRPOTrainer:
         acc = self.accelerator
         set_seed(cfg.seed)
         os.makedirs(cfg.output_dir, exist_ok=True)
-        self.records = records if records is not None else load_prompt_records(
-            cfg.train_file, cfg.answer_column, cfg.skip_bad_records, os.path.join(cfg.output_dir, "rejects.jsonl"))
+        if records is None:
+            records = load_records(cfg.train_file, use="rl", on_error="skip" if cfg.skip_bad_records else "raise",
+                                   rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl")).records
+        self.records: List[Record] = list(records)
         prompts_per_step = acc.num_processes * cfg.per_device_train_batch_size // cfg.num_generations
         if prompts_per_step > len(self.records):
             raise ValueError(
@@ -171,6 +129,11 @@ class GRPOTrainer:
         elif processor is None:
             raise ValueError("GRPOTrainer: a model given without its processor")
         self.processor = processor
+        image_processor = processor.image_processor
+        self.collator = QwenVLCollator(
+            processor, mode="prompt", max_length=cfg.max_prompt_length or _NO_PROMPT_LIMIT,
+            min_pixels=cfg.min_pixels or _pixels(image_processor, "min_pixels", "shortest_edge"),
+            max_pixels=cfg.max_pixels or _pixels(image_processor, "max_pixels", "longest_edge"))
         tok = processor.tokenizer
         self.eos_ids = sorted({int(i) for i in _as_list(model.generation_config.eos_token_id)})
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
@@ -202,7 +165,7 @@ class GRPOTrainer:
             self.zero_stage = int(ds.zero_stage or 0)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
 
-        self.accuracy = accuracy or accuracy_reward(_load_checker(cfg.accuracy_checker), cfg.answer_column)
+        self.accuracy = accuracy or accuracy_reward(_load_checker(cfg.accuracy_checker))
         self.format = format_reward(cfg.format_pattern or DEFAULT_FORMAT_PATTERN)
         self.extras: Dict[str, Callable] = {}
         self.extra_weights: Dict[str, float] = {}
@@ -222,7 +185,7 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------------------------------- data order
 
-    def _step_records(self, step: int) -> List[dict]:
+    def _step_records(self, step: int) -> List[Record]:
         """This process's prompts of `step`: a per-epoch permutation from the seed, sliced by process."""
         acc, cfg = self.accelerator, self.cfg
         per_proc = cfg.per_device_train_batch_size // cfg.num_generations
@@ -249,16 +212,12 @@ class GRPOTrainer:
             yield unwrapped
 
     @torch.no_grad()
-    def generate(self, records: List[dict]) -> Rollouts:
-        cfg, dev = self.cfg, self.accelerator.device
+    def generate(self, records: List[Record]) -> Rollouts:
+        cfg = self.cfg
         expanded = [r for r in records for _ in range(cfg.num_generations)]
-        prompt = build_inputs(self.processor, expanded, device=dev)
+        prompt = self.prompt_inputs(expanded)
         prompt_ids, prompt_att = prompt["input_ids"], prompt["attention_mask"]  # [N, P] each
         P = prompt_ids.shape[1]
-        if cfg.max_prompt_length is not None and int(prompt_att.sum(-1).max()) > cfg.max_prompt_length:
-            lengths = prompt_att.sum(-1).tolist()
-            long = sorted({expanded[i]["id"] for i, n in enumerate(lengths) if n > cfg.max_prompt_length})
-            raise ValueError(f"records {long} have prompts longer than max_prompt_length={cfg.max_prompt_length}")
         groups = token_groups(prompt_ids, self.processor, prompt_att)
         # top_k 0 switches top-k off (a checkpoint's generation config may set 50).
         kwargs = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0,
@@ -275,7 +234,19 @@ class GRPOTrainer:
                 policy.train(was_training)
         return self.assemble(expanded, prompt, out[:, P:])
 
-    def assemble(self, expanded: List[dict], prompt: Dict[str, torch.Tensor], completion_ids: torch.Tensor) -> Rollouts:
+    def prompt_inputs(self, records: List[Record]) -> Dict[str, torch.Tensor]:
+        """Left-padded prompt inputs (conversation without a final assistant turn, plus the generation header)."""
+        cut = self.collator.truncated
+        batch = self.collator(records)
+        if self.collator.truncated != cut:
+            raise ValueError(
+                f"records {[r.id for r in records]}: a prompt is longer than max_prompt_length="
+                f"{self.cfg.max_prompt_length}; a prompt is never cut (that would drop the question)"
+            )
+        dev = self.accelerator.device
+        return {k: v.to(dev) for k, v in QwenVLCollator.model_inputs(batch).items()}
+
+    def assemble(self, expanded: List[Record], prompt: Dict[str, torch.Tensor], completion_ids: torch.Tensor) -> Rollouts:
         """Rollouts from the prompts' inputs (left-padded) and sampled completion ids [N, C]: everything after a
         completion's first end-of-sequence token becomes padding."""
         dev = self.accelerator.device
@@ -298,7 +269,8 @@ class GRPOTrainer:
         tok = self.processor.tokenizer
         prompts_text = tok.batch_decode(prompt_ids.masked_fill(prompt_att == 0, self.pad_id), skip_special_tokens=False)
         completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        columns = {key: [r.get(key) for r in expanded] for key in expanded[0] if key != "images"}
+        columns = {"answer": [r.answer for r in expanded], "id": [r.id for r in expanded],
+                   "question": [r.question for r in expanded], "meta": [r.meta for r in expanded]}
         return Rollouts(
             inputs=inputs, prompt_len=P, completion_ids=completion_ids, completion_mask=cmask,
             key_group=groups.key_group, user_mask=torch.cat([groups.user_mask, zeros_c], dim=1),
@@ -532,6 +504,19 @@ def _latest_checkpoint(output_dir: str) -> Optional[str]:
         if name.startswith(CHECKPOINT_PREFIX) and tail.isdigit():
             steps.append(int(tail))
     return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{max(steps)}") if steps else None
+
+
+_NO_PROMPT_LIMIT = 1 << 30
+
+
+def _pixels(image_processor, name: str, size_key: str) -> int:
+    """The processor's own pixel budget (Qwen2-VL image processors keep it in `size` or as an attribute)."""
+    value = getattr(image_processor, name, None)
+    if value is None:
+        value = getattr(getattr(image_processor, "size", None), size_key, None)
+    if not isinstance(value, int):
+        raise ValueError(f"config: {name} is not set and the processor has no {name}; set it in the recipe")
+    return value
 
 
 def _load_checker(spec: Optional[str]):

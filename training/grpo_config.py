@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class GRPOConfig:
     # model and data
     model_name_or_path: str = "tiny"  # a Qwen2.5-VL checkpoint folder, or "tiny" for the embedded random model
-    train_file: str = ""  # JSONL records: id, image|images, question, answer, optional system
+    train_file: str = ""  # JSONL records (avar_train.records, use "rl"): prompt, images and the reference answer
     output_dir: str = ""
     skip_bad_records: bool = False
     min_pixels: Optional[int] = None
@@ -67,7 +67,6 @@ class GRPOConfig:
     visual_layers: Optional[List[int]] = None  # decoder layers r_visual averages over (default all)
     visual_eps: float = 1e-6
     format_pattern: Optional[str] = None  # default: <think>…</think><answer>…</answer>
-    answer_column: str = "answer"
     accuracy_checker: Optional[str] = None  # "module:function" (completions, references) -> statuses
     reward_funcs: List[str] = field(default_factory=list)  # extra TRL-style reward functions, "module:function"
     reward_weights: Optional[List[float]] = None  # one per reward_funcs entry (default 1.0 each)
