@@ -49,16 +49,35 @@ class AGTOSettings:
     layers: Optional[List[int]] = None  # decoder layers in the losses; None: all
 
 
+class _MeanOverQueries(torch.autograd.Function):
+    """mass [B, H, L, 4] -> its mean over each sample's query tokens, [B, H, 1, 4].
+
+    A custom function because it runs inside the decoder layer, i.e. inside a non-reentrant checkpoint region,
+    but only in the first forward (the recomputation keeps the first forward's reductions): it must save no
+    tensor through autograd, or the checkpoint would count different saved tensors in the two runs. The
+    weights it needs are constants and live on ctx as plain attributes.
+    """
+
+    @staticmethod
+    def forward(ctx, mass, weight):  # mass [B, H, L, 4], weight [B, L] (1/|Q| on query tokens, 0 elsewhere)
+        ctx.weight = weight
+        return torch.einsum("bhlg,bl->bhg", mass, weight).unsqueeze(2)  # [B, H, 1, 4]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [B, H, 1, 4]
+        return grad * ctx.weight[:, None, :, None], None  # [B, H, L, 4]
+
+
 class _LayerReduction:
-    """The per-layer reduction handed to `collect_masses`: keeps [B, H, 1, 4] and two [B] numbers per layer."""
+    """The per-layer reduction handed to `collect_masses`: keeps [B, H, 1, 4] and three [B] values per layer."""
 
     def __init__(self):
         self.user_mask: Optional[torch.Tensor] = None  # bool [B, L] of the batch being run
 
     def __call__(self, mass: torch.Tensor):  # mass [B, H, L, 4]
         user = self.user_mask.to(mass.device)  # [B, L]
-        n_user = user.sum(-1).clamp(min=1).to(mass.dtype)  # [B]
-        mean_mass = (mass * user[:, None, :, None]).sum(2, keepdim=True) / n_user[:, None, None, None]  # [B, H, 1, 4]
+        weight = user.to(mass.dtype) / user.sum(-1, keepdim=True).clamp(min=1).to(mass.dtype)  # [B, L]
+        mean_mass = _MeanOverQueries.apply(mass, weight)  # [B, H, 1, 4]
         stats = vas([mass.detach()], user, empty="skip")
         return mean_mass, stats.vas.per_sample, stats.image_mass.per_sample, stats.valid  # [B,H,1,4], [B], [B], [B]
 
@@ -158,6 +177,24 @@ class AGTOTrainer(Trainer):
             self._count += 1
         return (loss, outputs) if return_outputs else loss
 
+    # ---------------------------------------------------------------------------------------------- resuming
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Load a checkpoint's weights strictly, through `from_pretrained`.
+
+        `save_pretrained` writes Qwen2.5-VL weights under the checkpoint key names (`visual.*`, `model.layers.*`),
+        which `Trainer`'s own loader hands to `load_state_dict(strict=False)` unconverted: every key would be
+        missing and the run would resume from the initial weights with only a warning. DeepSpeed restores its
+        own model states and keeps Trainer's path.
+        """
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        dtype = next(target.parameters()).dtype
+        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, local_files_only=True)
+        target.load_state_dict(saved.state_dict(), strict=True)
+        del saved
+
     # ------------------------------------------------------------------------------------------------ logging
 
     def log(self, logs, start_time=None):
@@ -245,6 +282,21 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
+def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
+    """run_info.json: how the run was distributed (what accelerate and DeepSpeed actually set up)."""
+    state = trainer.accelerator.state
+    plugin = getattr(state, "deepspeed_plugin", None)
+    info = {
+        "distributed_type": str(state.distributed_type).split(".")[-1],
+        "num_processes": state.num_processes,
+        "zero_stage": None if plugin is None else plugin.zero_stage,
+        "backend": getattr(state, "backend", None),
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "run_info.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+
+
 def train_sft(cfg) -> AGTOTrainer:
     """Run SFT with AGTO as `cfg` (an `avar_train.config.SFTConfig`) says; returns the finished trainer."""
     from avar_ops.patch import apply_to_qwen2_5_vl
@@ -279,6 +331,7 @@ def train_sft(cfg) -> AGTOTrainer:
         agto=AGTOSettings(alpha=cfg.alpha, beta=cfg.beta, eps=cfg.agto_eps, layers=cfg.agto_layers),
         log_file=os.path.join(cfg.output_dir, "log.jsonl"),
     )
+    _write_run_info(trainer, cfg.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     if cfg.save_steps == 0:
         trainer.save_model(cfg.output_dir)
