@@ -48,3 +48,10 @@ def hash_checker(completions, references):
     import zlib
 
     return ["correct" if zlib.crc32(c.encode()) % 2 else "incorrect" for c in completions]
+
+
+def initial_checker(completions, references):
+    """A lenient checker for the tiny random model: correct when the completion contains the reference colour's
+    initial letter. Which rollouts count as correct then depends on the image (through the reference), and a
+    random policy is right often enough for the gated r_visual to be non-zero."""
+    return ["correct" if ref[0].lower() in c.lower() else "incorrect" for c, ref in zip(completions, references)]

@@ -137,6 +137,8 @@ class GRPOTrainer:
         tok = processor.tokenizer
         self.eos_ids = sorted({int(i) for i in _as_list(model.generation_config.eos_token_id)})
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
+        t = self.collator.template
+        self.vision_ids = [t.image_pad, t.video_pad, t.vision_start, t.vision_end]
         n_layers = model.config.text_config.num_hidden_layers
         if cfg.visual_layers is not None and max(cfg.visual_layers) >= n_layers:
             raise ValueError(f"config: visual_layers must be in [0, {n_layers}), got {cfg.visual_layers}")
@@ -146,6 +148,8 @@ class GRPOTrainer:
             self.ref_model = _frozen_copy(model).to(acc.device)
         if get_handle(model) is None:
             apply_to_qwen2_5_vl(model, tokenizer=processor)
+        if cfg.freeze_vision_tower:
+            model.model.visual.requires_grad_(False)
         if cfg.gradient_checkpointing:
             # Non-reentrant: the patch keeps the first forward's masses and the recomputation matches it.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -159,9 +163,7 @@ class GRPOTrainer:
         ds = acc.state.deepspeed_plugin
         self.zero_stage = 0
         if ds is not None:
-            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
-            ds.deepspeed_config["gradient_accumulation_steps"] = 1
-            ds.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+            _fill_deepspeed_auto(ds.deepspeed_config, cfg, model.config.text_config.hidden_size)
             self.zero_stage = int(ds.zero_stage or 0)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
 
@@ -182,6 +184,10 @@ class GRPOTrainer:
             acc.init_trackers("avar-grpo", config={k: v for k, v in vars(cfg).items() if _is_plain(v)})
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
+        else:
+            # Seed again once the backend is set up (DeepSpeed's initialisation draws from the RNG), so that
+            # plain, DDP and ZeRO runs sample the same rollouts.
+            set_seed(cfg.seed)
 
     # ---------------------------------------------------------------------------------------- data order
 
@@ -219,9 +225,11 @@ class GRPOTrainer:
         prompt_ids, prompt_att = prompt["input_ids"], prompt["attention_mask"]  # [N, P] each
         P = prompt_ids.shape[1]
         groups = token_groups(prompt_ids, self.processor, prompt_att)
-        # top_k 0 switches top-k off (a checkpoint's generation config may set 50).
+        # top_k 0 switches top-k off (a checkpoint's generation config may set 50). Vision placeholders are never
+        # sampled: an image token in a completion has no image features behind it and breaks the scoring forward.
         kwargs = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0,
-                      max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+                      max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                      suppress_tokens=self.vision_ids)
         with self._generation_model() as policy:
             handle = get_handle(policy)
             handle.set_key_groups(groups.key_group)
@@ -507,6 +515,22 @@ def _latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 _NO_PROMPT_LIMIT = 1 << 30
+
+
+def _fill_deepspeed_auto(ds_config: dict, cfg: GRPOConfig, hidden: int) -> None:
+    """Give the DeepSpeed config's "auto" entries the values this loop runs with (there is no dataloader for
+    accelerate to read the batch size from, and Qwen2.5-VL keeps hidden_size in its text config); the
+    bucket sizes follow the sizes transformers' Trainer derives from the hidden size."""
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config["gradient_clipping"] = cfg.max_grad_norm
+    ds_config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    zero = ds_config.get("zero_optimization", {})
+    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": 10 * hidden}
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
 
 
 def _pixels(image_processor, name: str, size_key: str) -> int:

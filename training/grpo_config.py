@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import yaml
+from avar_train.config import ConfigError, load_config
 
-__all__ = ["GRPOConfig", "ConfigError", "load_grpo_config", "parse_overrides"]
-
-
-class ConfigError(ValueError):
-    """A recipe value that cannot be used; the message names the key."""
+__all__ = ["GRPOConfig", "load_grpo_config"]
 
 
 @dataclass
@@ -34,6 +29,7 @@ class GRPOConfig:
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
     max_prompt_length: Optional[int] = None  # tokens; a longer prompt is an error naming the record
+    freeze_vision_tower: bool = True  # the vision tower's weights stay as they are (the paper trains the LLM)
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -150,46 +146,19 @@ class GRPOConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, str) or not v):
                 fail(key, "null or a non-empty string")
-        for key in ("skip_bad_records", "bf16", "gradient_checkpointing"):
+        for key in ("skip_bad_records", "freeze_vision_tower", "bf16", "gradient_checkpointing"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "true or false")
         return self
 
 
-def parse_overrides(items: List[str]) -> Dict[str, Any]:
-    """["key=value", …] -> {key: YAML value}."""
-    out = {}
-    for item in items:
-        if "=" not in item or not item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        try:
-            out[key] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
-    return out
-
-
 def load_grpo_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> GRPOConfig:
-    """Read a YAML recipe (a mapping of GRPOConfig fields), apply overrides and validate (relative paths are
-    relative to the working directory, as on the command line)."""
-    values: Dict[str, Any] = {}
+    """The recipe in the YAML file `path` (read as every avar-train config: paths in the file relative to it) with
+    `overrides` applied, validated; without a file, the defaults with the overrides."""
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config: file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config: {path} is not valid YAML ({exc})") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of settings, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update(overrides or {})
-    known = {f.name for f in dataclasses.fields(GRPOConfig)}
-    unknown = sorted(set(values) - known)
+        return load_config(GRPOConfig, path, overrides)
+    values = dict(overrides or {})
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(GRPOConfig)})
     if unknown:
-        raise ConfigError(f"config: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"unknown keys {unknown} for GRPOConfig")
     return GRPOConfig(**values).validate()
