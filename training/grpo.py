@@ -111,6 +111,10 @@ class GRPOTrainer:
         from accelerate.utils import set_seed
 
         self.cfg = cfg
+        if model is None and cfg.model_name_or_path == "tiny":
+            # Built before the accelerator: under ZeRO-3 with zero3_init_flag, a model constructed later is
+            # initialised inside deepspeed.zero.Init, which draws other random weights than a plain run.
+            model, processor = _load_model(cfg)
         self.accelerator = accelerator or Accelerator(log_with=cfg.report_to or None, project_dir=cfg.output_dir)
         acc = self.accelerator
         set_seed(cfg.seed)
