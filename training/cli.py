@@ -53,10 +53,12 @@ def _run_sft(args) -> int:
         _prepare_output_dir(cfg.output_dir)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from avar_train.sft import train_sft
+    from avar_train.sft import LaunchError, train_sft
 
     try:
         train_sft(cfg)
+    except LaunchError as exc:
+        return _fail(str(exc), 2)
     except (RecordError, CollateError, FileNotFoundError) as exc:
         return _fail(str(exc), 1)
     return 0

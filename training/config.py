@@ -65,6 +65,8 @@ class SFTConfig:
     seed: int = 0
     data_seed: Optional[int] = None
     dataloader_num_workers: int = 0
+    use_cpu: bool = False  # CPU-only data parallelism (torchrun on CPU); leave false under DeepSpeed
+    ddp_backend: Optional[str] = None  # e.g. gloo on CPU, nccl on GPU (default: the device's)
     # bookkeeping
     logging_steps: int = 1
     save_steps: int = 0  # 0: save only at the end
@@ -98,6 +100,10 @@ class SFTConfig:
         if self.agto_layers is not None and (not self.agto_layers or any(i < 0 for i in self.agto_layers)):
             raise ConfigError(f"agto_layers must be null (all layers) or a non-empty list of layer indices >= 0, "
                               f"got {self.agto_layers}")
+        if self.use_cpu and self.deepspeed:
+            raise ConfigError("use_cpu disables DeepSpeed; leave it false with a deepspeed config")
+        if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "ccl", "hccl", "cncl", "mccl"):
+            raise ConfigError(f"ddp_backend must be null or a torch.distributed backend, got {self.ddp_backend!r}")
         _existing_file(self.train_file, "train_file")
         if self.deepspeed is not None:
             _existing_file(self.deepspeed, "deepspeed")

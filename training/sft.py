@@ -35,10 +35,14 @@ from transformers import Trainer
 from avar_ops.metrics import agto_losses, vas
 from avar_ops.patch import collect_masses, get_handle
 
-__all__ = ["AGTOSettings", "AGTOTrainer", "LOG_KEYS"]
+__all__ = ["AGTOSettings", "AGTOTrainer", "LaunchError", "LOG_KEYS", "train_sft"]
 
 LOG_KEYS = ("loss_lm", "loss_enhance_img", "loss_suppress_sys", "vas", "image_mass")
 _GROUP_MASKS = ("key_group", "user_mask", "image_mask", "system_mask", "response_mask")
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched in a way the run cannot use (found before any model is loaded)."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,8 @@ def training_arguments(cfg):
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         deepspeed=cfg.deepspeed,
+        use_cpu=cfg.use_cpu,
+        ddp_backend=cfg.ddp_backend,
         seed=cfg.seed,
         data_seed=cfg.data_seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
@@ -312,6 +318,12 @@ def train_sft(cfg) -> AGTOTrainer:
     elif resume is not None and not os.path.isdir(resume):
         raise FileNotFoundError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
     args = training_arguments(cfg)  # before the model: it sets up the distributed state DeepSpeed needs
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise LaunchError(
+            f"launched as {launched} processes but the run would train {args.world_size}-way (each process on its "
+            "own); on CPU set use_cpu=true (and ddp_backend=gloo) for data parallelism"
+        )
     loaded = load_records(cfg.train_file, use="sft", on_error="skip" if cfg.skip_bad_records else "raise",
                           rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"))
     model, processor = load_model_and_processor(cfg.model_name_or_path, cfg.bf16, cfg.seed)
