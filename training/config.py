@@ -126,6 +126,7 @@ class VARDConfig:
     api_key_env: Optional[str] = None  # http: name of the environment variable holding the API key
     timeout: float = 120.0
     max_retries: int = 3
+    retry_backoff: float = 1.0  # seconds before the first retry, doubling after each
     concurrency: int = 8
     temperature: float = 0.7
     max_new_tokens: int = 2048
@@ -135,7 +136,6 @@ class VARDConfig:
         "the image shows", "check the image", "from the image", "in the figure", "the figure shows",
     ])
     answer_check: bool = True  # keep an output only if its answer agrees with the record's reference
-    checker_timeout: float = 5.0
     skip_bad_records: bool = False
     limit: Optional[int] = None
 
@@ -160,8 +160,8 @@ class VARDConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("concurrency", "max_new_tokens"):
             _positive(self, name)
-        for name in ("timeout", "checker_timeout"):
-            _positive_float(self, name)
+        _positive_float(self, "timeout")
+        _non_negative(self, "retry_backoff")
         _non_negative(self, "temperature")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"limit must be a positive int or null, got {self.limit}")
