@@ -82,8 +82,13 @@ def extension():
     )
 
 
+# The trainers live in the top-level training/ folder and install as `avar_train` (a name no other package takes).
+TRAIN_PACKAGES = ["avar_train"] + [f"avar_train.{p}" for p in find_packages("training")]
+
 setup(
-    packages=find_packages(include=["avar_ops", "avar_ops.*"]),
+    packages=find_packages(include=["avar_ops", "avar_ops.*"]) + TRAIN_PACKAGES,
+    package_dir={"avar_train": "training"},
+    package_data={"avar_train": ["configs/*.yaml", "configs/*.json", "templates/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -2,25 +2,39 @@
 
 `attention` is fused causal GQA attention with a per-(head, token-group) logit scale and bias that also
 returns the attention mass each query puts on each token group (other text, visual, system, user text).
+
+Layers (each imports only the public names of those below it; docs/contributing.md):
+    avar_ops.core      groups, the op, its reference, index selection
+    avar_ops.hf        Hugging Face integration: token groups, the Qwen2.5-VL patch, mass and q/k capture
+    avar_ops.method    metrics (VAS, AGTO, VARS) and the intervention
+    avar_ops.analysis  VAS measurement, heatmaps, plots, samples, the demo, the tiny model, the CLI
 """
 
-from avar_ops.ops import NUM_GROUPS, AttentionOutput, attention, attention_key_mass
-from avar_ops.reference import attention_reference, key_mass_reference
+from importlib.metadata import PackageNotFoundError, version
 
-GROUP_MASKED, GROUP_OTHER, GROUP_VISUAL, GROUP_SYSTEM, GROUP_USER = -1, 0, 1, 2, 3
+from avar_ops.core import (
+    GROUP_NAMES,
+    NUM_GROUPS,
+    AttentionOutput,
+    Group,
+    attention,
+    attention_key_mass,
+    attention_reference,
+    key_mass_reference,
+)
+
+try:
+    __version__ = version("avar")
+except PackageNotFoundError:  # a source tree used without installing it
+    __version__ = "0+unknown"
 
 __all__ = [
+    "Group",
     "NUM_GROUPS",
+    "GROUP_NAMES",
     "AttentionOutput",
     "attention",
     "attention_key_mass",
     "attention_reference",
     "key_mass_reference",
-    "GROUP_MASKED",
-    "GROUP_OTHER",
-    "GROUP_VISUAL",
-    "GROUP_SYSTEM",
-    "GROUP_USER",
 ]
-
-__version__ = "0.1.0"

@@ -16,10 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import avar_ops  # noqa: E402
-from common import (  # noqa: E402
+import avar_ops
+from common import (
     command_line,
     additive_mask, arg_parser, causal_fwd_flops, eager_with_maps, error_lines, flex_callable, machine_info,
     make_problem, measure_memory, memory_lines, parse_args, peak_rss_mb_of, publish, time_methods, to_bhld,

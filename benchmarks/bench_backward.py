@@ -19,11 +19,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import avar_ops  # noqa: E402
-from avar_ops.reference import NUM_GROUPS  # noqa: E402
-from common import (  # noqa: E402
+import avar_ops
+from avar_ops.core import NUM_GROUPS
+from common import (
     command_line,
     additive_mask, arg_parser, causal_bwd_flops, causal_fwd_flops, eager_with_maps, error_lines, machine_info,
     make_problem, measure_memory, memory_lines, parse_args, peak_rss_mb_of, publish, time_methods, to_bhld,

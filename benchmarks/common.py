@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import avar_ops
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,7 @@
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from avar_ops.testing import poisoned_outputs  # noqa: E402
+from avar_ops.core.testing import poisoned_outputs
 
 
 @pytest.fixture(autouse=True)

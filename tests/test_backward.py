@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops import reference, testing
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import reference, testing
+from avar_ops.core import NUM_GROUPS
 from cases import CASES, Case, make_inputs
 
 DIFFERENTIABLE = ("q", "k", "v", "bias", "logit_scale")

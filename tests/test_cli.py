@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from avar_ops import testing, vas
-from avar_ops.cli import main
+from avar_ops.analysis import vas
+from avar_ops.core import testing
+from avar_ops.analysis.cli import main
 from tiny_eager import write_jsonl
 
 
@@ -34,7 +35,7 @@ def test_vas_tiny_writes_report_figures_and_heatmaps(tiny_vas):
 def test_vas_on_checkpoint_folder_and_compare(tiny_vas, data, tmp_path):
     """A saved checkpoint of the same tiny model loads offline and measures the same VAS; --compare takes the
     earlier report folder and overlays both."""
-    from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl
+    from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
 
     model, processor = build_tiny_qwen2_5_vl(seed=0)
     ckpt = tmp_path / "ckpt"
@@ -110,7 +111,7 @@ def test_demo(tmp_path, capsys):
         (["generate", "--image", "IMAGE", "--question", "q", "--mode", "bias", "--alpha-img", "0.1"], "--beta-img"),
         (["sweep", "--data", "DATA", "--alphas", "0.1:x", "--out", "OUT"], "IMG or IMG:SYS"),
         (["generate", "--image", "IMAGE", "--question", "q", "--alpha-img", "0.1", "--layers", "9"],
-         "layer index 9 out of range"),
+         "index 9 is out of range"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, data, tmp_path, capsys):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops import _extension
-from avar_ops.reference import NUM_GROUPS, attention_reference, key_mass_reference
-from avar_ops.testing import (
+from avar_ops.core import extension as _extension
+from avar_ops.core import NUM_GROUPS, attention_reference, key_mass_reference
+from avar_ops.core.testing import (
     LOWP_FWD_FACTOR,
     LOWP_GRAD_FACTOR,
     LOWP_LSE_ABS,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops import testing
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import testing
+from avar_ops.core import NUM_GROUPS
 from cases import CASES, SMALL_CASES, Case, make_inputs
 
 

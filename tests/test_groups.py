@@ -8,8 +8,8 @@ characters come from. That expectation knows nothing of how `token_groups` finds
 import pytest
 import torch
 
-from avar_ops.groups import token_groups
-from avar_ops.tiny_qwen import build_tiny_processor, synthetic_images
+from avar_ops.hf import token_groups
+from avar_ops.analysis.tiny_qwen import build_tiny_processor, synthetic_images
 
 SYS, USER, OTHER, VIS = 2, 3, 0, 1
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops import testing
-from avar_ops.intervention import Intervention, reweight_probabilities
-from avar_ops.patch import is_patched
+from avar_ops.core import testing
+from avar_ops.method import Intervention, reweight_probabilities
+from avar_ops.hf import is_patched
 
 B, LQ, H, HKV, D = 2, 24, 4, 2, 16
 
@@ -157,10 +157,10 @@ def test_bad_settings_are_rejected(kwargs, match):
 
 
 def test_bad_layer_and_head_indices_are_rejected():
-    with pytest.raises(ValueError, match="layer index 5 out of range"):
+    with pytest.raises(ValueError, match="Intervention.layers: index 5 is out of range for 4"):
         Intervention(alpha_img=0.1, layers=(5,)).tables(4, H)
-    with pytest.raises(ValueError, match="head index -1 out of range"):
-        Intervention(alpha_img=0.1, heads=(-1,)).tables(4, H)
+    with pytest.raises(ValueError, match=f"Intervention.heads: index {-H - 1} is out of range for {H}"):
+        Intervention(alpha_img=0.1, heads=(-H - 1,)).tables(4, H)
     with pytest.raises(TypeError, match="expected ints"):
         Intervention(alpha_img=0.1, heads=(0.5,)).tables(4, H)
 
@@ -183,12 +183,12 @@ def sample():
 
 
 def _layer_masses(model, processor, sample, iv):
-    from avar_ops.intervention import patched
-    from avar_ops.patch import collect_masses
-    from avar_ops.samples import build_inputs
+    from avar_ops.method import intervened
+    from avar_ops.hf import collect_masses
+    from avar_ops.analysis.samples import build_inputs
 
     inputs = build_inputs(processor, [sample])
-    with patched(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
+    with intervened(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
         model(**inputs)
     return [m.double() for m in rec.masses]  # per layer [1, H, L, G]
 
@@ -224,31 +224,24 @@ def test_model_layer0_is_reweighted_eager_map(tiny, sample, iv, img_factor, sys_
 
 
 def test_model_logits_reading_matches_reference_on_layer_inputs(tiny, sample):
-    """The logits reading inside the model: layer 1's masses equal the float64 reference run on that layer's
-    own q, k, v (captured from its inputs) with the logit-scale table."""
-    from avar_ops.groups import token_groups
-    from avar_ops.image_attention import _Capture, _qkv
-    from avar_ops.intervention import patched
-    from avar_ops.patch import collect_masses
-    from avar_ops.samples import build_inputs
+    """The logits reading inside the model: layer 1's masses equal the float64 reference run on the q and k that
+    layer's attention received (captured through the patch) with the logit-scale table."""
+    from avar_ops.analysis.samples import build_inputs
+    from avar_ops.hf import capture_attention, collect_masses
+    from avar_ops.method import intervened
 
     model, processor = tiny
     iv = Intervention(mode="logits", alpha_img=0.3, alpha_sys=0.3, layers=(1,))
     inputs = build_inputs(processor, [sample])
-    attn = model.model.language_model.layers[1].self_attn
-    cap = _Capture()
-    hook = attn.register_forward_pre_hook(cap, with_kwargs=True)
-    try:
-        with patched(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
+    with intervened(model, processor, iv), torch.no_grad():
+        with capture_attention(model, [1]) as cap, collect_masses(model) as rec:
             model(**inputs)
-    finally:
-        hook.remove()
-    with torch.no_grad():
-        q, k, v = _qkv(attn, cap)
-    kg = token_groups(inputs["input_ids"], processor).key_group
+    c = cap.inputs[1]
+    q, k = c.query, c.key  # [1, L, H, D], [1, L, H_kv, D]
+    v = torch.randn_like(k)  # masses do not depend on v
     gamma = iv.tables(3, H, dtype=torch.float64).logit_scale[1]
-    ref = avar_ops.attention_reference(q, k, v, kg, logit_scale=gamma, scale=attn.scaling, return_mass=True)
-    plain = avar_ops.attention_reference(q, k, v, kg, scale=attn.scaling, return_mass=True)
+    ref = avar_ops.attention_reference(q, k, v, c.key_group, logit_scale=gamma, scale=c.scale, return_mass=True)
+    plain = avar_ops.attention_reference(q, k, v, c.key_group, scale=c.scale, return_mass=True)
     assert testing.max_abs_err(rec.masses[1], ref.mass) <= testing.FP32_MASS_ABS
     assert testing.max_abs_err(ref.mass, plain.mass) > 100 * testing.FP32_MASS_ABS
 
@@ -256,15 +249,15 @@ def test_model_logits_reading_matches_reference_on_layer_inputs(tiny, sample):
 def test_every_decode_step_gets_the_intervention(tiny, sample):
     """Masses of each generated token, taken during generate() (KV cache, one query per step), equal those of
     one full forward over the final sequence under the same intervention, and differ from the plain ones."""
-    from avar_ops.intervention import patched
-    from avar_ops.patch import collect_masses
-    from avar_ops.samples import build_inputs
+    from avar_ops.method import intervened
+    from avar_ops.hf import collect_masses
+    from avar_ops.analysis.samples import build_inputs
 
     model, processor = tiny
     iv = Intervention(mode="weights", alpha_img=0.4, alpha_sys=0.3)
     inputs = build_inputs(processor, [sample])
     P = inputs["input_ids"].shape[1]
-    with patched(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
+    with intervened(model, processor, iv), torch.no_grad(), collect_masses(model) as rec:
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     steps = rec.steps
     assert len(steps) == 6  # the prefill and five decode steps (the sixth token is not fed back)
@@ -272,7 +265,7 @@ def test_every_decode_step_gets_the_intervention(tiny, sample):
                    "mm_token_type_ids": torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 5))}
 
     def full_masses(intervention):
-        with patched(model, processor, intervention), torch.no_grad(), collect_masses(model) as full:
+        with intervened(model, processor, intervention), torch.no_grad(), collect_masses(model) as full:
             model(**full_inputs)
         return full.masses
 
@@ -285,24 +278,24 @@ def test_every_decode_step_gets_the_intervention(tiny, sample):
 
 
 def test_generate_without_intervention_is_stock_generate(tiny, sample):
-    from avar_ops.intervention import generate
-    from avar_ops.samples import build_inputs
+    from avar_ops.analysis.samples import generate_answers
+    from avar_ops.analysis.samples import build_inputs
 
     model, processor = tiny
     inputs = build_inputs(processor, [sample])
     with torch.no_grad():
         stock = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    ours = generate(model, processor, [sample], max_new_tokens=6)[0]
+    ours = generate_answers(model, processor, [sample], max_new_tokens=6)[0]
     assert ours["tokens"] == stock.tolist()[: len(ours["tokens"])]
     assert not is_patched(model)
 
 
 def test_patched_refuses_second_intervention(tiny):
-    from avar_ops.intervention import patched
+    from avar_ops.method import intervened
 
     model, processor = tiny
-    with patched(model, processor, Intervention(alpha_img=0.1)):
+    with intervened(model, processor, Intervention(alpha_img=0.1)):
         with pytest.raises(RuntimeError, match="already patched"):
-            with patched(model, processor, Intervention(alpha_img=0.2)):
+            with intervened(model, processor, Intervention(alpha_img=0.2)):
                 pass
     assert not is_patched(model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops import testing
+from avar_ops.core import testing
 from cases import CASES, Case, make_inputs
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import avar_ops
-from avar_ops import GROUP_MASKED, GROUP_OTHER, GROUP_SYSTEM, GROUP_USER, GROUP_VISUAL
-from avar_ops.metrics import agto_losses, visual_reward, vas
-from avar_ops.testing import FP32_MASS_ABS, FP64_REDUCTION_REL, max_abs_err
+from avar_ops import Group
+from avar_ops.method import agto_losses, visual_reward, vas
+from avar_ops.core.testing import FP32_MASS_ABS, FP64_REDUCTION_REL, max_abs_err
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -40,29 +40,29 @@ def make_layout(batch: int, length: int, gen: torch.Generator, drop=()) -> Layou
     if length < longest + 3:
         raise ValueError(f"make_layout: length must be >= {longest + 3} to leave room for a response, got {length}")
 
-    groups = torch.full((batch, length), GROUP_MASKED, dtype=torch.int8)  # [B, L]
+    groups = torch.full((batch, length), Group.MASKED, dtype=torch.int8)  # [B, L]
     response = torch.zeros(batch, length, dtype=torch.bool)  # [B, L]
     for b in range(batch):
         parts = [
-            ("system", GROUP_SYSTEM, randint(2, 6)),
-            ("template", GROUP_OTHER, randint(1, 2)),
-            ("user", GROUP_USER, randint(0, 3)),
-            ("image", GROUP_VISUAL, randint(3, 10)),
-            ("user", GROUP_USER, randint(2, 6)),
-            ("template", GROUP_OTHER, randint(1, 2)),
+            ("system", Group.SYSTEM, randint(2, 6)),
+            ("template", Group.OTHER, randint(1, 2)),
+            ("user", Group.USER, randint(0, 3)),
+            ("image", Group.VISUAL, randint(3, 10)),
+            ("user", Group.USER, randint(2, 6)),
+            ("template", Group.OTHER, randint(1, 2)),
         ]
         parts = [p for p in parts if (b, p[0]) not in drop]
         used = sum(n for _, _, n in parts)
         pad = randint(0, (length - used) // 3)
         n_response = 0 if (b, "response") in drop else length - used - pad
-        parts.append(("response", GROUP_OTHER, n_response))
+        parts.append(("response", Group.OTHER, n_response))
         pos = pad if bool(torch.rand(1, generator=gen) < 0.5) else 0  # left or right padding
         for name, group, n in parts:
             groups[b, pos:pos + n] = group
             if name == "response":
                 response[b, pos:pos + n] = True
             pos += n
-    return Layout(groups, groups == GROUP_USER, groups == GROUP_VISUAL, groups == GROUP_SYSTEM, response)
+    return Layout(groups, groups == Group.USER, groups == Group.VISUAL, groups == Group.SYSTEM, response)
 
 
 @dataclasses.dataclass
@@ -146,7 +146,7 @@ def map_vas_stats(maps, query, image, system):
 
 
 def map_agto(maps, query, image, system, eps):
-    """(L_enhance_img, L_suppress_sys) per DESIGN §1 from the maps, with explicit sums over (q, k) pairs."""
+    """(L_enhance_img, L_suppress_sys) (docs/design.md, "Metrics") from the maps, with explicit sums over (q, k) pairs."""
     enhance, suppress = [], []
     for b in range(query.shape[0]):
         Q, K_img, K_sys = query[b], image[b], system[b]
@@ -438,10 +438,10 @@ def test_gradients_flow_into_fused_masses():
         assert bool(torch.isfinite(m.grad).all())
         # Only query rows of the visual and system channels enter the losses.
         rows = lay.query[:, None, :].expand(-1, m.shape[1], -1)  # [B, H, L]
-        assert bool((m.grad[..., avar_ops.GROUP_VISUAL][rows] < 0).all())  # more image mass lowers L_enhance
-        assert bool((m.grad[..., avar_ops.GROUP_SYSTEM][rows] > 0).all())  # less system mass lowers L_suppress
-        assert bool((m.grad[..., avar_ops.GROUP_VISUAL][~rows] == 0).all())
-        assert bool((m.grad[..., [avar_ops.GROUP_OTHER, avar_ops.GROUP_USER]] == 0).all())
+        assert bool((m.grad[..., avar_ops.Group.VISUAL][rows] < 0).all())  # more image mass lowers L_enhance
+        assert bool((m.grad[..., avar_ops.Group.SYSTEM][rows] > 0).all())  # less system mass lowers L_suppress
+        assert bool((m.grad[..., avar_ops.Group.VISUAL][~rows] == 0).all())
+        assert bool((m.grad[..., [avar_ops.Group.OTHER, avar_ops.Group.USER]] == 0).all())
 
 
 def _adam_on_bias(attention_fn, bias_dtype, steps=8):
@@ -476,7 +476,7 @@ def _cpu_backward_placeholder():
     q = torch.randn(1, 2, 2, 8)  # [B, L, H, D]
     k = torch.randn(1, 2, 1, 8)  # [B, L, Hkv, D]
     v = torch.randn(1, 2, 1, 8)
-    groups = torch.tensor([[GROUP_SYSTEM, GROUP_VISUAL]], dtype=torch.int8)  # [B, L]
+    groups = torch.tensor([[Group.SYSTEM, Group.VISUAL]], dtype=torch.int8)  # [B, L]
     scale = 8**-0.5
     out, lse, mass = torch.ops.avar.attention_fwd(q, k, v, groups, None, None, scale, True, None, None, 0, 0, True)
     try:

@@ -7,12 +7,12 @@ a few optimizer steps move the user tokens' attention onto the image where L_LM 
 import pytest
 import torch
 
-from avar_ops import testing
-from avar_ops.groups import token_groups
-from avar_ops.metrics import agto_losses, vas
-from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, revert
-from avar_ops.samples import build_inputs
-from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.core import testing
+from avar_ops.hf import token_groups
+from avar_ops.method import agto_losses, vas
+from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, revert
+from avar_ops.analysis.samples import build_inputs
+from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
 
 # The paper's weights; at this learning rate the attention terms move the tiny model's image mass well past
 # what L_LM alone does within a handful of AdamW steps.

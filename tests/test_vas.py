@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from avar_ops import testing, vas
-from avar_ops.image_attention import image_attention, save_overlays
-from avar_ops.intervention import Intervention
-from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert
-from avar_ops.groups import token_groups
-from avar_ops.samples import build_inputs, load_samples
+from avar_ops.analysis import vas
+from avar_ops.core import testing
+from avar_ops.analysis.image_attention import image_attention, save_overlays
+from avar_ops.method import Intervention
+from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert
+from avar_ops.hf import token_groups
+from avar_ops.analysis.samples import build_inputs, load_samples
 from tiny_eager import eager_maps, masses_from_maps, tiny_eager, tiny_samples, write_jsonl
 
 EPS = testing.FP32_MASS_ABS  # each mass of the patched model is within this of the eager one
@@ -178,7 +179,7 @@ def test_bad_samples_raise(tmp_path, line, match):
 
 def test_measure_bad_arguments(tiny, samples):
     model, processor = tiny
-    with pytest.raises(ValueError, match="layer 7 out of range"):
+    with pytest.raises(ValueError, match="layers: index 7 is out of range"):
         vas.measure(model, processor, samples, layers=[7], progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         vas.measure(model, processor, samples, batch_size=0, progress=False)

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from avar_ops.groups import token_groups
-from avar_ops.samples import build_inputs
-from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.hf import token_groups
+from avar_ops.analysis.samples import build_inputs
+from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
 
 QUESTIONS = [
     ("What colour is the square?", None, 1),

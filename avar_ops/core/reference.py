@@ -1,7 +1,7 @@
 """The pure-PyTorch reference of the avar attention op: materialises P, works in float64, differentiable.
 
 Tests, benchmarks and anything that needs ground truth use these functions (and nothing else) as the
-definition of what the kernels compute (DESIGN §2):
+definition of what the kernels compute (docs/design.md, "The op"):
 
     s_ij   = scale · q_i·k_j · γ[h, g(j)] + β[h, g(j)]     (−inf if g(j) = −1 or j is causally hidden)
     P_ij   = softmax_j(s_ij),  O_i = Σ_j P_ij v_j,  LSE_i = log Σ_j exp(s_ij),  mass_i[g] = Σ_{g(j)=g} P_ij
@@ -11,17 +11,14 @@ A row with no visible key gives O = 0, LSE = −inf, mass = 0 (and zero gradient
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-NUM_GROUPS = 4
+from avar_ops.core.constants import NUM_GROUPS
+from avar_ops.core.ops import AttentionOutput
 
-
-class AttentionOutput(NamedTuple):
-    out: torch.Tensor  # like q
-    lse: torch.Tensor  # [B, H, Lq] | [H, Tq], float32 (kernels) or float64 (reference)
-    mass: Optional[torch.Tensor]  # [B, H, Lq, G] | [H, Tq, G], or None when not asked
+__all__ = ["attention_reference", "key_mass_reference"]
 
 
 def _group_table(t: Optional[torch.Tensor], heads: int, fill: float, device) -> torch.Tensor:

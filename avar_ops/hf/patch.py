@@ -22,7 +22,7 @@ How it hooks in (transformers >= 5.17, < 6):
   the input ids of everything in the KV cache, so the groups always cover the cached positions too: on a fresh
   forward (empty or no cache) the history restarts; on a cached step the new ids are appended and the groups
   of the whole history are recomputed from the tokens and the full attention mask (cheap: a few vectorised
-  passes over [B, L]). Groups come from `groups.token_groups` when a tokenizer is given, or from groups set
+  passes over [B, L]). Groups come from `token_groups` when a tokenizer is given, or from groups set
   with `handle.set_key_groups`; positions past the explicit groups (generated tokens) are group 0.
 - The attention function reads the groups, the layer's bias / logit scale and whether masses are being
   collected from the patch state attached to each attention module.
@@ -43,13 +43,12 @@ from typing import Callable, Iterable, List, Optional, Union
 
 import torch
 
-import avar_ops
-from avar_ops.groups import template_tokens, token_groups
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS, attention, select_indices
+from avar_ops.hf.token_groups import template_tokens, token_groups
 
 __all__ = [
-    "apply_to_qwen2_5_vl", "revert", "get_handle", "is_patched", "collect_masses", "PatchHandle", "MassRecord",
-    "SUPPORTED_TRANSFORMERS",
+    "apply_to_qwen2_5_vl", "revert", "get_handle", "is_patched", "patched", "collect_masses", "capture_attention",
+    "PatchHandle", "MassRecord", "AttentionCapture", "LayerInputs", "SUPPORTED_TRANSFORMERS",
 ]
 
 SUPPORTED_TRANSFORMERS = (">=5.17", "<6")
@@ -122,21 +121,6 @@ def _layer_tables(value: Optional[TableLike], name: str, num_layers: int, num_he
     return out
 
 
-def _check_layers(layers, num_layers: int) -> Optional[List[int]]:
-    if layers is None:
-        return None
-    if isinstance(layers, int):
-        layers = [layers]
-    try:
-        layers = [int(i) for i in layers]
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"avar patch: layers must be None or an iterable of ints, got {layers!r}") from exc
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"avar patch: layers must be in [0, {num_layers}), got {bad}")
-    return sorted(set(layers))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # State shared by the hook and the attention function
 
@@ -158,6 +142,7 @@ class _PatchState:
     ids: Optional[torch.Tensor] = None  # [B, P] input ids of every cached position
     key_group: Optional[torch.Tensor] = None  # int8 [B, P + L] groups of the current forward's keys
     collectors: List[_Collector] = field(default_factory=list)
+    captures: List["AttentionCapture"] = field(default_factory=list)
 
 
 def _groups_for_forward(state: _PatchState, input_ids, attention_mask, past_len: int, new_len: int, batch: int,
@@ -250,7 +235,7 @@ def _avar_attention(module, query, key, value, attention_mask, dropout: float = 
     state: Optional[_PatchState] = getattr(module, "_avar_state", None)
     if state is None:
         raise RuntimeError(
-            f"avar attention: {type(module).__name__} is not patched; use avar_ops.patch.apply_to_qwen2_5_vl "
+            f"avar attention: {type(module).__name__} is not patched; use avar_ops.hf.apply_to_qwen2_5_vl "
             "instead of setting attn_implementation='avar' by hand"
         )
     if dropout:
@@ -277,7 +262,7 @@ def _avar_attention(module, query, key, value, attention_mask, dropout: float = 
     if logit_scale is not None:
         logit_scale = logit_scale.to(device=query.device)
     want_mass = bool(state.collectors)
-    res = avar_ops.attention(
+    res = attention(
         query.transpose(1, 2),  # [B, Lq, H, D] view
         key.transpose(1, 2),  # [B, Lk, H_kv, D] view
         value.transpose(1, 2),  # [B, Lk, H_kv, D] view
@@ -294,6 +279,12 @@ def _avar_attention(module, query, key, value, attention_mask, dropout: float = 
             # A layer seen twice in one forward is activation-checkpoint recomputation: keep the first.
             if step is not None and layer not in step:
                 step[layer] = res.mass if collector.reduce is None else collector.reduce(res.mass)
+    for capture in state.captures:
+        if layer in capture.layers and layer not in capture.inputs:
+            capture.inputs[layer] = LayerInputs(
+                query=query.detach().transpose(1, 2), key=key.detach().transpose(1, 2), lse=res.lse.detach(),
+                key_group=groups.to(query.device), bias=bias, logit_scale=logit_scale, scale=scaling,
+            )
     return res.out, None  # out [B, Lq, H, D]
 
 
@@ -353,8 +344,7 @@ class PatchHandle:
         s = self._state
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"PatchHandle.tables: layer must be an int, got {layer!r} ({type(layer).__name__})")
-        if not 0 <= layer < s.num_layers:
-            raise ValueError(f"PatchHandle.tables: layer must be in [0, {s.num_layers}), got {layer}")
+        (layer,) = select_indices(layer, s.num_layers, "PatchHandle.tables: layer")
 
         given = [t for t in (s.bias[layer], s.logit_scale[layer]) if t is not None]
         device = given[0].device if given else torch.device("cpu")
@@ -371,7 +361,7 @@ class PatchHandle:
         """Replace the bias and logit-scale tables (same shapes and meaning as in `apply_to_qwen2_5_vl`)."""
         self._require_active()
         s = self._state
-        layers = _check_layers(layers, s.num_layers)
+        layers = select_indices(layers, s.num_layers, "avar patch: layers")
         s.bias = _layer_tables(bias, "bias", s.num_layers, s.num_heads, layers)
         s.logit_scale = _layer_tables(logit_scale, "logit_scale", s.num_layers, s.num_heads, layers)
 
@@ -411,6 +401,7 @@ class PatchHandle:
                 if name in obj.__dict__:
                     delattr(obj, name)
         self._state.collectors.clear()
+        self._state.captures.clear()
 
     def _require_active(self) -> None:
         if self._hook is None:
@@ -453,7 +444,7 @@ def apply_to_qwen2_5_vl(
     if any(m.config is not text_config for m in attn_modules):
         raise RuntimeError("avar patch: the decoder layers do not share the text config; cannot switch attention")
     num_layers, num_heads = len(attn_modules), text_config.num_attention_heads
-    layer_list = _check_layers(layers, num_layers)
+    layer_list = select_indices(layers, num_layers, "avar patch: layers")
     state = _PatchState(
         num_layers=num_layers,
         num_heads=num_heads,
@@ -556,3 +547,69 @@ def collect_masses(model, reduce: Optional[Callable[[torch.Tensor], object]] = N
         yield MassRecord(collector, state.num_layers)
     finally:
         state.collectors[:] = [c for c in state.collectors if c is not collector]
+
+
+@contextlib.contextmanager
+def patched(model, tokenizer, *, bias: Optional[TableLike] = None, logit_scale: Optional[TableLike] = None,
+            layers: Optional[Iterable[int]] = None):
+    """The model routed through avar for the duration of the block, then restored.
+
+    A model the caller already patched is used as it is, with the tables it was patched with; passing tables
+    for it is an error, since the two could disagree. Yields the live `PatchHandle` either way.
+    """
+    handle = get_handle(model)
+    if handle is not None:
+        if bias is not None or logit_scale is not None or layers is not None:
+            raise RuntimeError(
+                "avar patch: the model is already patched; revert it (avar_ops.hf.revert(model)) before passing "
+                "tables, or use it as it is"
+            )
+        yield handle
+        return
+    handle = apply_to_qwen2_5_vl(model, tokenizer=tokenizer, bias=bias, logit_scale=logit_scale, layers=layers)
+    try:
+        yield handle
+    finally:
+        handle.revert()
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What one layer's attention ran on: enough for `avar_ops.attention_key_mass` without recomputing q and k."""
+
+    query: torch.Tensor  # [B, Lq, H, D] (rotary applied)
+    key: torch.Tensor  # [B, Lk, H_kv, D] (rotary applied, cached positions included)
+    lse: torch.Tensor  # float32 [B, H, Lq]
+    key_group: torch.Tensor  # int8 [B, Lk]
+    bias: Optional[torch.Tensor]  # float32 [H, 4] / [4], or None
+    logit_scale: Optional[torch.Tensor]  # float32 [H, 4] / [4], or None
+    scale: Optional[float]
+
+
+@dataclass
+class AttentionCapture:
+    """Filled by `capture_attention`: the inputs of the chosen layers' attention in the first forward."""
+
+    layers: List[int]
+    inputs: dict = field(default_factory=dict)  # layer -> LayerInputs
+
+
+@contextlib.contextmanager
+def capture_attention(model, layers: Optional[Iterable[int]] = None):
+    """Keep q, k, lse, groups and tables of the chosen layers (default all) from the forward run in the block.
+
+    Each layer is captured once (the first forward that runs it); the tensors are detached. Per-key maps are
+    then `avar_ops.attention_key_mass(c.query, c.key, c.lse, weights, c.key_group, c.bias, ...)`.
+    """
+    state: Optional[_PatchState] = getattr(model, "_avar_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"capture_attention: {type(model).__name__} is not patched; call apply_to_qwen2_5_vl(model) first"
+        )
+    chosen = select_indices(layers, state.num_layers, "capture_attention: layers")
+    capture = AttentionCapture(layers=chosen if chosen is not None else list(range(state.num_layers)))
+    state.captures.append(capture)
+    try:
+        yield capture
+    finally:
+        state.captures[:] = [c for c in state.captures if c is not capture]

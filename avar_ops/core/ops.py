@@ -2,7 +2,8 @@
 
 The kernels live in the extension (`torch.ops.avar.*`, registered by `avar_ops._C`); this module only
 adds what the dispatcher needs from Python: shape inference for torch.compile and the backward formula
-(which is itself a kernel, `torch.ops.avar.attention_bwd`).
+(which is itself a kernel, `torch.ops.avar.attention_bwd`). The extension is loaded, and these registered,
+on the first call (or by `ensure_loaded()`), so that importing avar_ops needs no build.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ from typing import Optional
 
 import torch
 
-from avar_ops._extension import load_extension
-from avar_ops.reference import NUM_GROUPS, AttentionOutput
+from typing import NamedTuple
 
-load_extension()
+from avar_ops.core.constants import NUM_GROUPS
+from avar_ops.core.extension import load_extension
 
-__all__ = ["attention", "attention_key_mass", "AttentionOutput", "NUM_GROUPS"]
+__all__ = ["attention", "attention_key_mass", "AttentionOutput", "ensure_loaded"]
+
+
+class AttentionOutput(NamedTuple):
+    out: torch.Tensor  # like q
+    lse: torch.Tensor  # [B, H, Lq] | [H, Tq], float32 (kernels) or float64 (reference)
+    mass: Optional[torch.Tensor]  # [B, H, Lq, G] | [H, Tq, G], or None when not asked
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool):
@@ -33,7 +40,6 @@ def _check_fake_devices(q, **tensors):
             raise ValueError(f"avar.attention: {name} must be on the same device as q ({q.device}), got {t.device}")
 
 
-@torch.library.register_fake("avar::attention_fwd")
 def _attention_fwd_fake(q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q, max_seqlen_k, return_mass):
     _check_fake_devices(q, k=k, v=v, key_group=key_group, bias=bias, logit_scale=logit_scale,
@@ -46,7 +52,6 @@ def _attention_fwd_fake(q, k, v, key_group, bias, logit_scale, scale, causal, cu
     return out, lse, mass
 
 
-@torch.library.register_fake("avar::attention_bwd")
 def _attention_bwd_fake(dout, dmass, dlse, q, k, v, out, lse, mass, key_group, bias, logit_scale, scale, causal,
                         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dbias, need_dlogit_scale):
     heads = q.shape[-2]
@@ -60,7 +65,6 @@ def _attention_bwd_fake(dout, dmass, dlse, q, k, v, out, lse, mass, key_group, b
     )
 
 
-@torch.library.register_fake("avar::attention_key_mass")
 def _attention_key_mass_fake(q, k, lse, query_weight, key_group, bias, logit_scale, scale, causal, cu_seqlens_q,
                              cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     if cu_seqlens_q is not None:
@@ -108,7 +112,25 @@ def _backward(ctx, dout, dlse, dmass):
     )
 
 
-torch.library.register_autograd("avar::attention_fwd", _backward, setup_context=_setup_context)
+_LOADED = False
+
+
+@torch.compiler.assume_constant_result
+def ensure_loaded() -> bool:
+    """Load the extension and register the fake kernels and the autograd formula (once); returns True.
+
+    Called by every public op; call it yourself before using `torch.ops.avar.*` directly. torch.compile runs it
+    while tracing and keeps only its (constant) result, so the first call may happen inside a compiled function.
+    """
+    global _LOADED
+    if not _LOADED:
+        load_extension()
+        torch.library.register_fake("avar::attention_fwd")(_attention_fwd_fake)
+        torch.library.register_fake("avar::attention_bwd")(_attention_bwd_fake)
+        torch.library.register_fake("avar::attention_key_mass")(_attention_key_mass_fake)
+        torch.library.register_autograd("avar::attention_fwd", _backward, setup_context=_setup_context)
+        _LOADED = True
+    return True
 
 
 def _check_public_args(q, scale, causal, return_mass, max_seqlen_q, max_seqlen_k):
@@ -163,6 +185,7 @@ def attention(
                         mass float32 [B, H, Lq, 4] (varlen [H, Tq, 4]) or None).
     """
     _check_public_args(q, scale, causal, return_mass, max_seqlen_q, max_seqlen_k)
+    ensure_loaded()
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out, lse, mass = torch.ops.avar.attention_fwd(
@@ -194,6 +217,7 @@ def attention_key_mass(
     float32 [B, H, Lq] or [B, Lq] (varlen [H, Tq] or [Tq]). Returns float32 [B, H, Lk] (varlen [H, Tk]).
     """
     _check_public_args(q, scale, causal, False, max_seqlen_q, max_seqlen_k)
+    ensure_loaded()
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return torch.ops.avar.attention_key_mass(

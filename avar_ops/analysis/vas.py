@@ -4,10 +4,10 @@
     report.save("out/")           # vas.json, vas_heatmap.png, lazy_attention.png
     compare([report_a, report_b], "out/compare.png")
 
-Numbers (see `avar_ops.metrics.vas` for the per-sample definitions): the paper's VAS (mean over layers, heads
+Numbers (see `avar_ops.method.vas` for the per-sample definitions): the paper's VAS (mean over layers, heads
 and user-turn tokens of visual mass / system mass), the ratio of sums and the absolute image mass, overall, per
 layer and per layer × head. Every dataset-level number is the equal-weight mean over samples of that sample's
-number (as `metrics.vas` does inside a batch), so batch size does not change the result.
+number (as `avar_ops.method.vas` does inside a batch), so batch size does not change the result.
 
 The lazy-attention view: per layer, the mean over samples, heads and user tokens of the share of attention on
 visual, system, user-text and other keys (the four shares sum to 1).
@@ -23,14 +23,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from avar_ops import metrics
-from avar_ops.groups import token_groups
-from avar_ops.intervention import patched
-from avar_ops.samples import build_inputs, normalize_sample
+from avar_ops.analysis import plots
+from avar_ops.analysis.samples import build_inputs, load_samples, normalize_sample
+from avar_ops.core import GROUP_NAMES, select_indices
+from avar_ops.hf import collect_masses, token_groups
+from avar_ops.method import VASResult, intervened
+from avar_ops.method import vas as vas_metric
 
 __all__ = ["VASReport", "measure", "compare"]
-
-GROUP_NAMES = ("other", "visual", "system", "user")
 _STATS = ("vas", "ratio_of_sums", "image_mass")
 
 
@@ -78,18 +78,16 @@ class VASReport:
 
     def save(self, out_dir: str, *, figures: bool = True) -> Dict[str, str]:
         """Write vas.json and (figures=True) vas_heatmap.png and lazy_attention.png; returns their paths."""
-        from avar_ops import vas_plots
-
         os.makedirs(out_dir, exist_ok=True)
         paths = {"json": os.path.join(out_dir, "vas.json")}
         with open(paths["json"], "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=1)
         if figures:
-            paths["heatmap"] = vas_plots.vas_heatmap(
+            paths["heatmap"] = plots.vas_heatmap(
                 self.vas_layer_head, os.path.join(out_dir, "vas_heatmap.png"),
                 title=f"VAS per layer and head: {self.label} (VAS {self.vas:.3g}, n={self.num_samples})",
             )
-            paths["lazy_attention"] = vas_plots.lazy_attention_split(
+            paths["lazy_attention"] = plots.lazy_attention_split(
                 self.split_per_layer, os.path.join(out_dir, "lazy_attention.png"),
                 title=f"Where user tokens attend, per layer: {self.label}",
             )
@@ -104,9 +102,7 @@ class VASReport:
 
 def compare(reports: Sequence[VASReport], path: str) -> str:
     """One figure with every report's per-layer VAS and visual / system shares overlaid."""
-    from avar_ops import vas_plots
-
-    return vas_plots.compare_reports([r.plot_data() for r in reports], path)
+    return plots.compare_reports([r.plot_data() for r in reports], path)
 
 
 def _text_config(model):
@@ -124,22 +120,6 @@ class _UserRows:
         return mass.detach().index_select(2, self.columns).float().cpu()
 
 
-def _check_layers(layers, num_layers: int) -> List[int]:
-    if layers is None:
-        return list(range(num_layers))
-    out = []
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"measure: layers must be ints, got {i!r}")
-        j = i + num_layers if i < 0 else i
-        if not 0 <= j < num_layers:
-            raise ValueError(f"measure: layer {i} out of range for a model with {num_layers} decoder layers")
-        out.append(j)
-    if not out:
-        raise ValueError("measure: layers must be None (all) or a non-empty list")
-    return sorted(set(out))
-
-
 class _Accumulator:
     """Sums of per-sample statistics, so that dataset means are equal-weight means over samples."""
 
@@ -150,7 +130,7 @@ class _Accumulator:
         self.overall = {s: 0.0 for s in _STATS}
         self.split = np.zeros((num_layers, len(GROUP_NAMES)))  # [NL, G]
 
-    def add(self, result: "metrics.VASResult", split: np.ndarray, n_valid: int) -> None:
+    def add(self, result: VASResult, split: np.ndarray, n_valid: int) -> None:
         # metrics.vas returns the mean over the batch's valid samples; scaling by their count gives the sum.
         for s in _STATS:
             red = getattr(result, s)
@@ -178,18 +158,15 @@ def measure(
 
     Args:
         model: Qwen2_5_VLForConditionalGeneration (patched here unless already patched, see
-            `avar_ops.intervention.patched`).
+            `avar_ops.hf.patched`).
         processor: its processor (chat template, tokenizer, image processor).
-        samples: dicts / JSONL records (see `avar_ops.samples`), or a path to a JSONL file.
+        samples: dicts / JSONL records (see `avar_ops.analysis.samples`), or a path to a JSONL file.
         limit: use the first `limit` samples.
         layers: decoder layers to average over (default all; negative indices count from the end).
         batch_size: samples per forward (left-padded); the result does not depend on it.
-        intervention: an `avar_ops.intervention.Intervention` to measure the model under.
-        eps: see `metrics.vas` (0 = the paper's ratio).
+        intervention: an `avar_ops.method.Intervention` to measure the model under.
+        eps: see `avar_ops.method.vas` (0 = the paper's ratio).
     """
-    from avar_ops import patch
-    from avar_ops.samples import load_samples
-
     if isinstance(samples, (str, os.PathLike)):
         samples = load_samples(os.fspath(samples), limit)
     else:
@@ -204,24 +181,24 @@ def measure(
         raise ValueError(f"measure: batch_size must be a positive int, got {batch_size!r}")
     text_cfg = _text_config(model)
     num_layers, num_heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
-    layer_ids = _check_layers(layers, num_layers)
+    layer_ids = select_indices(layers, num_layers, "measure: layers") or list(range(num_layers))
     device = next(model.parameters()).device
 
     acc = _Accumulator(len(layer_ids), num_heads)
     per_sample, skipped = [], []
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     bar = _progress(len(samples), progress, label)
-    with patched(model, processor, intervention), torch.no_grad():
+    with intervened(model, processor, intervention), torch.no_grad():
         for batch in batches:
             inputs = build_inputs(processor, batch, device=device)
             groups = token_groups(inputs["input_ids"], processor, inputs.get("attention_mask"))
             user = groups.user_mask  # [B, L]
             columns = torch.nonzero(user.any(0)).flatten()  # [L']
-            with patch.collect_masses(model, reduce=_UserRows(columns)) as rec:
+            with collect_masses(model, reduce=_UserRows(columns)) as rec:
                 model(**inputs, use_cache=False)
             masses = [rec.masses[i] for i in layer_ids]  # each [B, H, L', G]
             query = user.index_select(1, columns).cpu()  # [B, L']
-            result = metrics.vas(masses, query, eps=eps, empty="skip") if bool(query.any()) else None
+            result = vas_metric(masses, query, eps=eps, empty="skip") if bool(query.any()) else None
             valid = result.valid if result is not None else torch.zeros(len(batch), dtype=torch.bool)
             stacked = torch.stack(masses).to(torch.float64)  # [NL, B, H, L', G]
             qw = query.to(torch.float64)  # [B, L']

@@ -28,11 +28,9 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS, Group
 
 __all__ = ["Reduction", "VASResult", "AGTOLosses", "vas", "agto_losses", "visual_reward"]
-
-_VISUAL, _SYSTEM = 1, 2
 
 Masses = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -81,8 +79,8 @@ def _group_channels(fn: str, arg: str, masses: Masses):
                 f"{fn}: every layer of {arg} must be on {first.device} (layer 0); layer {i} is on {m.device} "
                 f"(move the masses to one device first)"
             )
-    visual = torch.stack([m[..., _VISUAL] for m in layers]).to(torch.float64)  # [NL, B, H, L]
-    system = torch.stack([m[..., _SYSTEM] for m in layers]).to(torch.float64)  # [NL, B, H, L]
+    visual = torch.stack([m[..., Group.VISUAL] for m in layers]).to(torch.float64)  # [NL, B, H, L]
+    system = torch.stack([m[..., Group.SYSTEM] for m in layers]).to(torch.float64)  # [NL, B, H, L]
     # Masses are attention probabilities; a negative or non-finite one would turn a log or ratio into NaN.
     bad = int((~(torch.isfinite(visual) & (visual >= 0))).sum() + (~(torch.isfinite(system) & (system >= 0))).sum())
     if bad:
@@ -271,7 +269,7 @@ def agto_losses(
     *,
     empty: str = "error",
 ) -> AGTOLosses:
-    """AGTO's attention losses (DESIGN §1), differentiable in the masses.
+    """AGTO's attention losses (docs/design.md, "Metrics"), differentiable in the masses.
 
     Per sample, with Q = query_mask, K_img = image_mask, K_sys = system_mask:
         L_enhance_img = −mean_{l,h} log( Σ_{q∈Q} mass_q[visual] / (|Q|·|K_img|) + eps )

@@ -15,7 +15,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-GROUP_NAMES = ("other", "visual", "system", "user")
 GROUP_COLORS = {"visual": "#d95f02", "user": "#1b9e77", "system": "#7570b3", "other": "#999999"}
 # Stacking order of the lazy-attention bars: the two quantities VAS compares sit next to each other.
 SPLIT_ORDER = ("visual", "system", "user", "other")

@@ -1,6 +1,6 @@
 """The avar demo: a tiny random Qwen2.5-VL, offline and on CPU, measured and steered in about half a minute.
 
-    avar demo [--out DIR]          or          python -m avar_ops.demo [DIR]
+    avar demo [--out DIR]          or          python -m avar_ops.analysis.demo [DIR]
 
 It builds the tiny model with its offline processor and a few synthetic images, patches the model, measures
 VAS and the lazy-attention split, generates with and without the intervention (the paper's α_img = 0.15,
@@ -26,7 +26,7 @@ DEMO_MAX_NEW_TOKENS = 12
 
 
 def demo_samples(seed: int = 0) -> list:
-    from avar_ops.tiny_qwen import synthetic_images
+    from avar_ops.analysis.tiny_qwen import synthetic_images
 
     images = synthetic_images(5, seed=seed)
     samples = []
@@ -40,10 +40,11 @@ def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
     """Run the demo, print what changed, write figures to out_dir; returns the numbers it printed."""
     import torch
 
-    from avar_ops import vas
-    from avar_ops.image_attention import image_attention, save_overlays
-    from avar_ops.intervention import Intervention, generate
-    from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl
+    from avar_ops.analysis import vas
+    from avar_ops.analysis.image_attention import image_attention, save_overlays
+    from avar_ops.analysis.samples import generate_answers
+    from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
+    from avar_ops.method import Intervention
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -72,8 +73,8 @@ def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
     for g in ("visual", "system", "user", "other"):
         print(f"    {g:32s} {base.split[g]:10.4f} {steered.split[g]:13.4f}  ({steered.split[g] - base.split[g]:+.4f})")
 
-    plain = generate(model, processor, samples, max_new_tokens=DEMO_MAX_NEW_TOKENS)
-    boosted = generate(model, processor, samples, intervention=iv, max_new_tokens=DEMO_MAX_NEW_TOKENS)
+    plain = generate_answers(model, processor, samples, max_new_tokens=DEMO_MAX_NEW_TOKENS)
+    boosted = generate_answers(model, processor, samples, intervention=iv, max_new_tokens=DEMO_MAX_NEW_TOKENS)
     print(f"\nGreedy answers (random weights, so not meaningful text), {iv.describe()}:")
     changed = 0
     for s, a, b in zip(samples, plain, boosted):
@@ -103,7 +104,7 @@ def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m avar_ops.demo [OUT_DIR]", file=sys.stderr)
+        print("usage: python -m avar_ops.analysis.demo [OUT_DIR]", file=sys.stderr)
         return 2
     run_demo(argv[0] if argv else "avar_demo_out")
     return 0

@@ -1,6 +1,6 @@
 """Token groups of a Qwen2.5-VL chat sequence, from input_ids alone (vectorised over batch and length).
 
-Group ids (one int8 per position, the key groups of `avar_ops.attention`):
+Group ids (`avar_ops.core.Group`; one int8 per position, the key groups of `avar_ops.attention`):
 
     -1  padding (attention_mask == 0)
      0  other: template tokens between and around turns, assistant turns, roles we do not name
@@ -29,9 +29,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from avar_ops.core import Group
+
 __all__ = ["TokenGroups", "TemplateTokens", "template_tokens", "token_groups"]
 
-GROUP_PAD, GROUP_OTHER, GROUP_VISUAL, GROUP_SYSTEM, GROUP_USER = -1, 0, 1, 2, 3
 
 _ROLE_NONE, _ROLE_SYSTEM, _ROLE_USER, _ROLE_ASSISTANT = 0, 1, 2, 3
 
@@ -179,8 +180,8 @@ def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[to
 
     # masked_fill rather than boolean indexing: no device sync on GPU.
     key_group = torch.zeros(B, L, dtype=torch.int8, device=device)  # [B, L]
-    key_group = key_group.masked_fill(system_mask, GROUP_SYSTEM).masked_fill(user_mask, GROUP_USER)
-    key_group = key_group.masked_fill(image_mask, GROUP_VISUAL).masked_fill(~valid, GROUP_PAD)
+    key_group = key_group.masked_fill(system_mask, Group.SYSTEM).masked_fill(user_mask, Group.USER)
+    key_group = key_group.masked_fill(image_mask, Group.VISUAL).masked_fill(~valid, Group.MASKED)
     return TokenGroups(
         key_group=key_group,
         user_mask=user_mask,

@@ -17,7 +17,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["load_samples", "normalize_sample", "load_images", "chat_messages", "build_inputs"]
+from avar_ops.method import Intervention, generate
+
+__all__ = ["load_samples", "normalize_sample", "load_images", "chat_messages", "build_inputs", "generate_answers"]
 
 
 def _is_pil(x) -> bool:
@@ -143,3 +145,25 @@ def build_inputs(processor, samples: Sequence[dict], *, responses: Optional[Sequ
     if device is not None:
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     return dict(inputs)
+
+
+def generate_answers(model, processor, samples, *, intervention: Optional[Intervention] = None,
+                     max_new_tokens: int = 32, batch_size: int = 1) -> List[dict]:
+    """Greedy answers to `samples` (dicts / JSONL records) under the intervention, `batch_size` at a time.
+
+    Returns one {"id", "answer", "tokens"} per sample; tokens are the generated ids up to and including the
+    end-of-turn token.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"generate: batch_size must be a positive int, got {batch_size!r}")
+    samples = [normalize_sample(s, i) for i, s in enumerate(samples)]
+    device = next(model.parameters()).device
+    results = []
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i:i + batch_size]
+        inputs = build_inputs(processor, batch, device=device)
+        rows = generate(model, processor, inputs, intervention=intervention, max_new_tokens=max_new_tokens)
+        for s, tokens in zip(batch, rows):
+            results.append({"id": s["id"], "answer": processor.tokenizer.decode(tokens, skip_special_tokens=True),
+                            "tokens": tokens})
+    return results

@@ -22,10 +22,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS, Group, select_indices
+from avar_ops.hf import apply_to_qwen2_5_vl, patched
 
-GROUP_VISUAL = 1
-GROUP_SYSTEM = 2
 MODES = ("weights", "logits", "bias")
 
 
@@ -36,21 +35,6 @@ class InterventionTables:
     bias: Optional[torch.Tensor]  # float32 [num_layers, H, G] or None (all zero)
     logit_scale: Optional[torch.Tensor]  # float32 [num_layers, H, G] or None (all one)
     layers: tuple  # the layer indices whose tables are not the identity
-
-
-def _check_index_list(name: str, values: Optional[Sequence[int]], bound: int, what: str) -> Optional[list]:
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"Intervention.{name}: expected ints, got {v!r} ({type(v).__name__})")
-        if not 0 <= v < bound:
-            raise ValueError(f"Intervention.{name}: {what} index {v} out of range [0, {bound})")
-        out.append(v)
-    if not out:
-        raise ValueError(f"Intervention.{name}: expected a non-empty list of {what} indices or None (all), got []")
-    return sorted(set(out))
 
 
 def _check_finite(name: str, value) -> float:
@@ -105,8 +89,10 @@ class Intervention:
             )
         for name in ("layers", "heads"):
             v = getattr(self, name)
+            if isinstance(v, (str, bytes)):
+                raise TypeError(f"Intervention.{name}: expected None or a sequence of ints, got the string {v!r}")
             if v is not None:
-                object.__setattr__(self, name, tuple(v))
+                object.__setattr__(self, name, (v,) if isinstance(v, int) else tuple(v))
 
     @property
     def is_identity(self) -> bool:
@@ -116,21 +102,21 @@ class Intervention:
         """β per group [G] on the acted-on heads."""
         b = [0.0] * NUM_GROUPS
         if self.mode == "bias":
-            b[GROUP_VISUAL], b[GROUP_SYSTEM] = self.beta_img, self.beta_sys
+            b[Group.VISUAL], b[Group.SYSTEM] = self.beta_img, self.beta_sys
         elif self.mode == "weights":
-            b[GROUP_VISUAL], b[GROUP_SYSTEM] = math.log1p(self.alpha_img), math.log1p(-self.alpha_sys)
+            b[Group.VISUAL], b[Group.SYSTEM] = math.log1p(self.alpha_img), math.log1p(-self.alpha_sys)
         return b
 
     def group_logit_scale(self) -> list:
         """γ per group [G] on the acted-on heads."""
         g = [1.0] * NUM_GROUPS
         if self.mode == "logits":
-            g[GROUP_VISUAL], g[GROUP_SYSTEM] = 1.0 + self.alpha_img, 1.0 - self.alpha_sys
+            g[Group.VISUAL], g[Group.SYSTEM] = 1.0 + self.alpha_img, 1.0 - self.alpha_sys
         return g
 
     def head_tables(self, num_heads: int, dtype: torch.dtype = torch.float32):
         """(bias [H, G], logit_scale [H, G]) for one acted-on layer (values computed in float64, then cast)."""
-        heads = _check_index_list("heads", self.heads, num_heads, "head")
+        heads = select_indices(self.heads, num_heads, "Intervention.heads")
         on = torch.zeros(num_heads, 1, dtype=torch.float64)  # [H, 1]: 1 on the acted-on heads
         on[heads if heads is not None else slice(None)] = 1.0
         bias = on * torch.tensor(self.group_bias(), dtype=torch.float64)  # [H, G]
@@ -146,7 +132,7 @@ class Intervention:
             raise ValueError(f"Intervention.tables: num_layers must be a positive int, got {num_layers!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
             raise ValueError(f"Intervention.tables: num_heads must be a positive int, got {num_heads!r}")
-        layers = _check_index_list("layers", self.layers, num_layers, "layer")
+        layers = select_indices(self.layers, num_layers, "Intervention.layers")
         layers = list(range(num_layers)) if layers is None else layers
         bias = torch.zeros(num_layers, num_heads, NUM_GROUPS, dtype=dtype)  # [NL, H, G]
         gamma = torch.ones(num_layers, num_heads, NUM_GROUPS, dtype=dtype)  # [NL, H, G]
@@ -189,8 +175,8 @@ def reweight_probabilities(
     Used as the independent definition that the "weights" tables are checked against; rows with no mass stay 0.
     """
     factor = torch.ones_like(p)
-    factor = torch.where(key_group == GROUP_VISUAL, torch.full_like(p, 1.0 + alpha_img), factor)
-    factor = torch.where(key_group == GROUP_SYSTEM, torch.full_like(p, 1.0 - alpha_sys), factor)
+    factor = torch.where(key_group == Group.VISUAL, torch.full_like(p, 1.0 + alpha_img), factor)
+    factor = torch.where(key_group == Group.SYSTEM, torch.full_like(p, 1.0 - alpha_sys), factor)
     scaled = p * factor  # [..., Lk]
     total = scaled.sum(dim=-1, keepdim=True)  # [..., 1]
     return torch.where(total > 0, scaled / torch.where(total > 0, total, torch.ones_like(total)), scaled)
@@ -202,81 +188,60 @@ def _num_layers_heads(model) -> tuple:
     return int(text.num_hidden_layers), int(text.num_attention_heads)
 
 
+def patch_tables(model, intervention: Optional[Intervention]) -> dict:
+    """Keyword arguments (bias, logit_scale) that make `avar_ops.hf.apply_to_qwen2_5_vl` / `patched` apply
+    the intervention to this model; empty for None."""
+    if intervention is None:
+        return {}
+    if not isinstance(intervention, Intervention):
+        raise TypeError(f"intervention: expected an Intervention or None, got {type(intervention).__name__}")
+    num_layers, num_heads = _num_layers_heads(model)
+    t = intervention.tables(num_layers, num_heads)
+    return {"bias": t.bias, "logit_scale": t.logit_scale}
+
+
 def apply(model, intervention: Intervention, *, tokenizer=None):
     """Patch `model` (Qwen2.5-VL) so that every forward and generate() runs with this intervention.
 
     Returns the patch handle (call `.revert()` to undo). An identity intervention still patches, so that
     masses are collected the same way with and without it.
     """
-    from avar_ops import patch
-
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention.apply: expected an Intervention, got {type(intervention).__name__}")
-    num_layers, num_heads = _num_layers_heads(model)
-    t = intervention.tables(num_layers, num_heads)
-    return patch.apply_to_qwen2_5_vl(model, tokenizer=tokenizer, bias=t.bias, logit_scale=t.logit_scale)
+    return apply_to_qwen2_5_vl(model, tokenizer=tokenizer, **patch_tables(model, intervention))
 
 
 @contextlib.contextmanager
-def patched(model, processor, intervention: Optional[Intervention] = None):
-    """The model routed through avar (with the intervention, if any) for the duration of the block.
+def intervened(model, processor, intervention: Optional[Intervention] = None):
+    """`avar_ops.hf.patched` with this intervention's tables (None: plain avar attention).
 
-    A model the caller already patched is used as it is, with whatever tables it was patched with; passing an
-    intervention for it is an error, since the two could disagree. Otherwise the model is patched here and
-    reverted on exit. Yields the patch handle, or None for a model patched by the caller.
+    A model the caller already patched is used as it is; passing an intervention for it is then an error.
     """
-    from avar_ops import patch
-
-    if patch.is_patched(model):
-        if intervention is not None:
-            raise RuntimeError(
-                "avar: the model is already patched; revert it (avar_ops.patch.revert(model)) before passing an "
-                "intervention, or use it as it is"
-            )
-        yield None
-        return
-    if intervention is not None:
-        handle = apply(model, intervention, tokenizer=processor)
-    else:
-        handle = patch.apply_to_qwen2_5_vl(model, tokenizer=processor)
-    try:
+    with patched(model, processor, **patch_tables(model, intervention)) as handle:
         yield handle
-    finally:
-        handle.revert()
 
 
-def generate(model, processor, samples, *, intervention: Optional[Intervention] = None, max_new_tokens: int = 32,
-             batch_size: int = 1) -> List[dict]:
-    """Greedy answers to `samples` (dicts / JSONL records, see `avar_ops.samples`) under the intervention.
+def generate(model, processor, inputs: dict, *, intervention: Optional[Intervention] = None,
+             max_new_tokens: int = 32) -> List[List[int]]:
+    """Greedy generation from prepared model inputs (a processor's output) under the intervention.
 
     The intervention acts in the prefill and in every decode step (the patch keeps the groups of the cached
-    positions). Returns one {"id", "answer", "tokens"} per sample; tokens are the generated ids up to and
-    including the end-of-turn token.
+    positions). Returns, per row, the generated ids up to and including the first end-of-turn token.
     """
-    from avar_ops.samples import build_inputs, normalize_sample
-
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"generate: batch_size must be a positive int, got {batch_size!r}")
-    samples = [normalize_sample(s, i) for i, s in enumerate(samples)]
-    tok = processor.tokenizer
+    tok = getattr(processor, "tokenizer", processor)
     stop = {t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
             if t is not None}
-    device = next(model.parameters()).device
-    results = []
-    with patched(model, processor, intervention), torch.no_grad():
-        for i in range(0, len(samples), batch_size):
-            batch = samples[i:i + batch_size]
-            inputs = build_inputs(processor, batch, device=device)
-            prompt_len = inputs["input_ids"].shape[1]
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            for s, row in zip(batch, out[:, prompt_len:].tolist()):
-                tokens = []
-                for t in row:
-                    tokens.append(t)
-                    if t in stop:
-                        break
-                results.append({"id": s["id"], "answer": tok.decode(tokens, skip_special_tokens=True),
-                                "tokens": tokens})
-    return results
+    prompt_len = inputs["input_ids"].shape[1]
+    with intervened(model, processor, intervention), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    rows = []
+    for row in out[:, prompt_len:].tolist():
+        tokens = []
+        for t in row:
+            tokens.append(t)
+            if t in stop:
+                break
+        rows.append(tokens)
+    return rows

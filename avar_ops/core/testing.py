@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from avar_ops._extension import load_extension
-from avar_ops.reference import NUM_GROUPS
+from avar_ops.core.constants import NUM_GROUPS
+from avar_ops.core.extension import load_extension
 
 # fp32 kernels against the float64 reference.
 FP32_OUT_REL = 1e-5  # relative (Frobenius) error of out and of gradients
@@ -45,7 +45,7 @@ FP64_OUT_REL = 1e-12
 FP32_OUTPUT_ROUNDING = 2.0**-24
 
 # Low precision: our error may be at most this multiple of PyTorch's own error at the same precision
-# (DESIGN: forward ≤ 2×, gradients ≤ 3×), plus a floor well below one ulp of the dtype at |x| ~ 1 so that
+# (the project's rule: forward ≤ 2×, gradients ≤ 3×), plus a floor well below one ulp of the dtype at |x| ~ 1 so that
 # a lucky PyTorch result that is exact to rounding cannot make a correct kernel fail.
 LOWP_FWD_FACTOR = 2.0
 LOWP_GRAD_FACTOR = 3.0

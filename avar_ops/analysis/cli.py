@@ -42,7 +42,7 @@ def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu")
     import torch
 
     if spec in (None, "tiny"):
-        from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl
+        from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
 
         dt = _dtype(dtype)
         model, processor = build_tiny_qwen2_5_vl(seed=0, dtype=torch.float32 if dt == "auto" else dt)
@@ -95,7 +95,7 @@ def _add_intervention_args(p: argparse.ArgumentParser, *, with_values: bool = Tr
 
 def _intervention(args, img: float, sys_: float):
     """An Intervention from the mode and one (image, system) pair of values, or None when both are 0."""
-    from avar_ops.intervention import Intervention
+    from avar_ops.method import Intervention
 
     if img == 0.0 and sys_ == 0.0:
         return None
@@ -143,7 +143,7 @@ def _parse_alpha(token: str, default_sys: float):
 
 
 def _load_samples(path: str, limit: Optional[int]):
-    from avar_ops.samples import load_samples
+    from avar_ops.analysis.samples import load_samples
 
     if limit is not None and limit <= 0:
         raise CLIError(f"--limit: expected a positive number, got {limit}")
@@ -157,8 +157,8 @@ def _load_samples(path: str, limit: Optional[int]):
 
 
 def _cmd_vas(args) -> int:
-    from avar_ops import vas
-    from avar_ops.image_attention import image_attention, save_overlays
+    from avar_ops.analysis import vas
+    from avar_ops.analysis.image_attention import image_attention, save_overlays
 
     samples = _load_samples(args.data, args.limit)
     iv = _intervention_from_flags(args)
@@ -189,7 +189,7 @@ def _cmd_vas(args) -> int:
 
 def _compare_report(spec: str, args, samples):
     """A saved report (a vas.json file or a folder holding one) or a model to measure on the same samples."""
-    from avar_ops import vas
+    from avar_ops.analysis import vas
 
     if os.path.isfile(spec) and spec.endswith(".json"):
         return vas.VASReport.load(spec)
@@ -207,7 +207,7 @@ def _safe_name(label: str) -> str:
 
 
 def _cmd_generate(args) -> int:
-    from avar_ops.intervention import generate
+    from avar_ops.analysis.samples import generate_answers
 
     for p in args.image:
         if not os.path.isfile(p):
@@ -217,17 +217,17 @@ def _cmd_generate(args) -> int:
     _check_fits([iv], model)
     sample = {"images": args.image, "question": args.question, "system": args.system}
     if iv is None or args.baseline:
-        base = generate(model, processor, [sample], max_new_tokens=args.max_new_tokens)[0]
+        base = generate_answers(model, processor, [sample], max_new_tokens=args.max_new_tokens)[0]
         print(f"[no intervention] {base['answer']}")
     if iv is not None:
-        out = generate(model, processor, [sample], intervention=iv, max_new_tokens=args.max_new_tokens)[0]
+        out = generate_answers(model, processor, [sample], intervention=iv, max_new_tokens=args.max_new_tokens)[0]
         print(f"[{iv.describe()}] {out['answer']}")
     return 0
 
 
 def _cmd_sweep(args) -> int:
-    from avar_ops import vas
-    from avar_ops.intervention import generate
+    from avar_ops.analysis import vas
+    from avar_ops.analysis.samples import generate_answers
 
     samples = _load_samples(args.data, args.limit)
     settings = [_parse_alpha(t, args.alpha_sys) for t in args.alphas]
@@ -239,7 +239,7 @@ def _cmd_sweep(args) -> int:
         name = iv.describe() if iv is not None else "none"
         report = vas.measure(model, processor, samples, batch_size=args.batch_size, progress=not args.no_progress,
                              label=f"{label} {name}", intervention=iv)
-        outs = generate(model, processor, samples, intervention=iv, max_new_tokens=args.max_new_tokens,
+        outs = generate_answers(model, processor, samples, intervention=iv, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size)
         answers[name] = outs
         rows.append({
@@ -303,7 +303,7 @@ def _md_cell(text: str, limit: int = 80) -> str:
 
 
 def _cmd_demo(args) -> int:
-    from avar_ops.demo import run_demo
+    from avar_ops.analysis.demo import run_demo
 
     run_demo(args.out)
     return 0
