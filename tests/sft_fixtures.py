@@ -5,7 +5,7 @@ import functools
 import json
 import os
 
-from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.analysis import build_tiny_qwen2_5_vl, synthetic_images
 
 
 @functools.lru_cache(maxsize=None)

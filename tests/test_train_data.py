@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from avar_ops.tiny_qwen import synthetic_images
+from avar_ops.analysis import synthetic_images
 from avar_train.collator import CollateError, QwenVLCollator
 from avar_train.records import RecordError, load_records
 from sft_fixtures import tiny_processor

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from avar_ops.patch import apply_to_qwen2_5_vl, revert
+from avar_ops.hf import apply_to_qwen2_5_vl, revert
 from avar_train.cli import main
 from avar_train.collator import QwenVLCollator
 from avar_train.config import SFTConfig
@@ -212,7 +212,7 @@ def test_cli_answers_bad_input_in_one_line(tiny_dir, train_file, tmp_path, capsy
 
 def test_per_sample_reduction_equals_the_full_agto_losses():
     """The [B, H, 1, 4] means the step keeps give the losses and gradients of agto_losses on the full masses."""
-    from avar_ops.metrics import agto_losses
+    from avar_ops.method import agto_losses
     from avar_train.sft import _LayerReduction
 
     B, H, L = 3, 2, 7

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from avar_ops.groups import template_tokens, token_groups
+from avar_ops.hf import template_tokens, token_groups
 
 from avar_train.records import Record
 

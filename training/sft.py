@@ -3,7 +3,7 @@
 The model runs through the avar patch, so each decoder layer's attention returns the per-group masses of every
 query from the fused kernel. During the forward, each layer's masses [B, H, L, 4] are reduced on the spot to
 what the step needs, per sample: the mean mass over the user-turn query tokens [B, H, 1, 4] (which carries the
-gradient: the AGTO losses of `avar_ops.metrics.agto_losses` depend on the masses only through Σ_{q∈Q} mass_q),
+gradient: the AGTO losses of `avar_ops.method.agto_losses` depend on the masses only through Σ_{q∈Q} mass_q),
 and the detached per-sample VAS and image mass for the logs. No per-token tensor outlives its layer, so memory
 stays linear in L whatever the number of layers.
 
@@ -32,8 +32,8 @@ from typing import List, Optional
 import torch
 from transformers import Trainer
 
-from avar_ops.metrics import agto_losses, vas
-from avar_ops.patch import collect_masses, get_handle
+from avar_ops.method import agto_losses, vas
+from avar_ops.hf import collect_masses, get_handle
 
 __all__ = ["AGTOSettings", "AGTOTrainer", "LaunchError", "LOG_KEYS", "train_sft"]
 
@@ -89,7 +89,7 @@ class _LayerReduction:
 class AGTOTrainer(Trainer):
     """`Trainer` whose loss adds the AGTO attention terms, computed from the patch's fused masses.
 
-    `model` must be patched (`avar_ops.patch.apply_to_qwen2_5_vl`) and the batches must come from
+    `model` must be patched (`avar_ops.hf.apply_to_qwen2_5_vl`) and the batches must come from
     `avar_train.collator.QwenVLCollator` in "sft" mode (they carry the token groups and masks).
     `log_file`: a JSONL file that gets every log entry (main process only).
     """
@@ -234,7 +234,7 @@ class RecordDataset(torch.utils.data.Dataset):
 def load_model_and_processor(name_or_path: str, bf16: bool, seed: int):
     """The Qwen2.5-VL model and processor to train: the embedded tiny random one, or a local checkpoint."""
     if name_or_path == "tiny":
-        from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl
+        from avar_ops.analysis import build_tiny_qwen2_5_vl
 
         model, processor = build_tiny_qwen2_5_vl(seed=seed, dtype=torch.bfloat16 if bf16 else torch.float32)
         return model, processor
@@ -305,7 +305,7 @@ def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
 
 def train_sft(cfg) -> AGTOTrainer:
     """Run SFT with AGTO as `cfg` (an `avar_train.config.SFTConfig`) says; returns the finished trainer."""
-    from avar_ops.patch import apply_to_qwen2_5_vl
+    from avar_ops.hf import apply_to_qwen2_5_vl
 
     from avar_train.collator import QwenVLCollator
     from avar_train.records import load_records

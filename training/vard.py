@@ -12,7 +12,7 @@ Each stage's prompt is a template file (`describe.txt`, `reason.txt`, `anchor.tx
 Generators are callables `(messages, images) -> str`: messages are chat turns whose content is a list of
 `{"type": "image"}` / `{"type": "text", "text": ...}` parts, images the PIL images in the order of the image
 parts. Shipped: `HTTPGenerator` (an OpenAI-compatible chat-completions endpoint such as vLLM or SGLang, through
-`avar_ops.analysis.chat_client.ChatClient`: concurrency limit, timeout, retries with backoff), `HFGenerator`
+`avar_ops.analysis.ChatClient`: concurrency limit, timeout, retries with backoff), `HFGenerator`
 (a local Hugging Face Qwen2.5-VL) and any "module:function".
 
 Outputs in `output_dir` (nothing is written elsewhere):
@@ -119,9 +119,9 @@ class HTTPGenerator:
     @classmethod
     def from_config(cls, cfg) -> "HTTPGenerator":
         try:
-            from avar_ops.analysis.chat_client import ChatClient
+            from avar_ops.analysis import ChatClient
         except ImportError as exc:
-            raise VARDError(f"generator 'http' needs avar_ops.analysis.chat_client ({exc})") from None
+            raise VARDError(f"generator 'http' needs avar_ops.analysis.ChatClient ({exc})") from None
         api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if cfg.api_key_env and not api_key:
             raise VARDError(f"api_key_env: the environment variable {cfg.api_key_env} is not set")
@@ -200,9 +200,9 @@ def build_generator(cfg) -> Generator:
 
 def _default_checker():
     try:
-        from avar_ops.analysis.answers import check_answer
+        from avar_ops.analysis import check_answer
     except ImportError as exc:
-        raise VARDError(f"answer_check needs avar_ops.analysis.answers ({exc}); set answer_check: false to keep "
+        raise VARDError(f"answer_check needs avar_ops.analysis.check_answer ({exc}); set answer_check: false to keep "
                         "outputs without checking their answers") from None
     return check_answer
 
