@@ -6,7 +6,7 @@ Per record (an image question from `avar_train.records`):
 3. anchor: the reasoning rewritten with explicit visual anchors ("looking back at the image, …") into
    `<think>…</think><answer>…</answer>`, the SFT target.
 Each stage's prompt is a template file (`describe.txt`, `reason.txt`, `anchor.txt`, shipped in
-`training/vard_templates/`; `templates_dir` points at the user's own), with `{question}`, `{description}` and
+`training/templates/`; `templates_dir` points at the user's own), with `{question}`, `{description}` and
 `{reasoning}` filled in.
 
 Generators are callables `(messages, images) -> str`: messages are chat turns whose content is a list of
@@ -52,7 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vard_templates")
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 _STAGES = ("describe", "reason", "anchor")
 _REQUIRED = {"describe": (), "reason": ("{description}", "{question}"), "anchor": ("{reasoning}",)}
 GENERATOR_ERROR = "generator_error"
