@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from avar_ops import testing
-from avar_ops.metrics import visual_reward
-from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl
+from avar_ops.core import testing
+from avar_ops.method import visual_reward
+from avar_ops.analysis import build_tiny_qwen2_5_vl
 from avar_train.grpo import GRPOTrainer, completion_mask
 from avar_train.grpo_config import ConfigError, load_grpo_config
 from avar_train.rewards import VisualStats, accuracy_reward, visual_terms

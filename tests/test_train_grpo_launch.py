@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl
+from avar_ops.analysis import build_tiny_qwen2_5_vl
 from avar_train.grpo import GRPOTrainer
 from avar_train.grpo_config import load_grpo_config
 from avar_train.rewards import accuracy_reward
@@ -41,7 +41,6 @@ def plain_first_step(data, tmp_path_factory):
     return GRPOTrainer(cfg, model, processor, accuracy=accuracy_reward(initial_checker)).train()[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_accelerate_launch_deepspeed(stage, data, tmp_path, plain_first_step):
     pytest.importorskip("deepspeed", reason="the DeepSpeed launch needs the train extra (deepspeed)")

@@ -5,7 +5,7 @@ accuracy rewards with TRL's signature."""
 import pytest
 import torch
 
-from avar_ops.metrics import visual_reward
+from avar_ops.method import visual_reward
 from avar_train.rewards import (
     AccuracyReward, VisualStats, call_reward_function, combine_rewards, format_reward, load_reward_function,
     visual_terms,
@@ -162,3 +162,16 @@ def test_reward_function_checks():
     assert load_reward_function("avar_train.rewards:format_reward") is format_reward
     with pytest.raises(ValueError, match="module:function"):
         load_reward_function("format_reward")
+
+
+def test_default_accuracy_uses_the_shared_checker():
+    from avar_ops import analysis
+
+    if not hasattr(analysis, "AnswerChecker"):
+        pytest.skip("the shared answer checker (avar_ops.analysis.AnswerChecker) is not on this branch yet")
+    r = AccuracyReward()
+    completions = ["<think>look</think><answer>(B)</answer>", "The answer is 3.50", "<answer>C</answer>",
+                   "so \\boxed{\\frac{1}{2}}"]
+    got = r([""] * 4, completions, [[1]] * 4, answer=["B", "3.5", "B", "0.5"])
+    assert got == [1.0, 1.0, 0.0, 1.0]
+    assert r.counts["correct"] == 3 and r.counts["incorrect"] == 1

@@ -35,8 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from avar_ops.groups import token_groups
-from avar_ops.patch import apply_to_qwen2_5_vl, collect_masses, get_handle
+from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, token_groups
 from avar_train.collator import QwenVLCollator
 from avar_train.grpo_config import GRPOConfig
 from avar_train.grpo_loss import group_advantages, policy_loss
@@ -570,7 +569,7 @@ def _scheduler(optimizer, cfg: GRPOConfig):
 
 def _load_model(cfg: GRPOConfig):
     if cfg.model_name_or_path == "tiny":
-        from avar_ops.tiny_qwen import build_tiny_qwen2_5_vl
+        from avar_ops.analysis import build_tiny_qwen2_5_vl
 
         kwargs = {}
         if cfg.min_pixels is not None:

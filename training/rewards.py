@@ -64,19 +64,21 @@ Checker = Callable[[Sequence[str], Sequence[str]], Sequence[str]]
 
 
 def _answers_checker() -> Checker:
-    """The shared answer checker (`avar_ops.analysis.answers`): extraction from <answer>…</answer> or a final
-    \\boxed{}, letters, numbers with tolerance, LaTeX through math-verify in a subprocess pool with a hard timeout."""
-    try:
-        answers = importlib.import_module("avar_ops.analysis.answers")
-    except ImportError as exc:
+    """The shared answer checker of `avar_ops.analysis` (AnswerChecker): extraction from <answer>…</answer> or a
+    final \\boxed{}, letters, numbers with tolerance, LaTeX through math-verify in a subprocess pool with a hard
+    timeout; each result is correct / incorrect / timeout / error."""
+    from avar_ops import analysis
+
+    if not hasattr(analysis, "AnswerChecker"):
         raise ImportError(
-            "accuracy_reward: the answer checker avar_ops.analysis.answers is not available; pass checker= "
-            "(a function (completions, references) -> statuses) or install the evaluation extra"
-        ) from exc
+            "accuracy_reward: this avar_ops has no shared answer checker (avar_ops.analysis.AnswerChecker); pass "
+            "checker= (a function (completions, references) -> statuses) or accuracy_checker: module:function"
+        )
+    checker = analysis.AnswerChecker()
 
     def check(completions: Sequence[str], references: Sequence[str]) -> List[str]:
-        results = answers.check_answers(list(completions), list(references))
-        return [r.status for r in results]
+        specs = [analysis.AnswerSpec(str(r)) for r in references]
+        return [r.status for r in analysis.check_answers(list(completions), specs, checker)]
 
     return check
 
