@@ -101,6 +101,16 @@ def load_templates(folder: Optional[str] = None) -> Templates:
 # ------------------------------------------------------------------------------------------------ generators
 
 
+def _analysis_name(name: str, needed_by: str):
+    """A public name of avar_ops.analysis (the shared chat client and answer checker), or a clear error."""
+    import avar_ops.analysis as analysis
+
+    value = getattr(analysis, name, None)
+    if value is None:
+        raise VARDError(f"{needed_by} needs avar_ops.analysis.{name}, which this installation does not have")
+    return value
+
+
 def _data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -118,10 +128,7 @@ class HTTPGenerator:
 
     @classmethod
     def from_config(cls, cfg) -> "HTTPGenerator":
-        try:
-            from avar_ops.analysis import ChatClient
-        except ImportError as exc:
-            raise VARDError(f"generator 'http' needs avar_ops.analysis.ChatClient ({exc})") from None
+        ChatClient = _analysis_name("ChatClient", "generator 'http'")
         api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if cfg.api_key_env and not api_key:
             raise VARDError(f"api_key_env: the environment variable {cfg.api_key_env} is not set")
@@ -199,12 +206,7 @@ def build_generator(cfg) -> Generator:
 
 
 def _default_checker():
-    try:
-        from avar_ops.analysis import check_answer
-    except ImportError as exc:
-        raise VARDError(f"answer_check needs avar_ops.analysis.check_answer ({exc}); set answer_check: false to keep "
-                        "outputs without checking their answers") from None
-    return check_answer
+    return _analysis_name("check_answer", "answer_check (set answer_check: false to keep outputs unchecked)")
 
 
 def validate_output(text: str, reference: Optional[str], *, anchor_phrases: Sequence[str], min_anchors: int,
