@@ -75,7 +75,7 @@ def test_r_visual_fused_equals_eager_maps(data, tmp_path):
 
 
 def test_steps_end_to_end(data, tmp_path):
-    cfg = _cfg(data, tmp_path, max_steps=2, save_steps=1)
+    cfg = _cfg(data, tmp_path, max_steps=2, save_steps=1, beta=0.04)  # with the KL to a frozen reference
     trainer = _trainer(cfg)
     before = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
     history = trainer.train()
@@ -87,6 +87,8 @@ def test_steps_end_to_end(data, tmp_path):
         assert keys <= set(rec)
         assert all(isinstance(rec[k], (int, float)) and rec[k] == rec[k] for k in keys)
         assert rec["r_visual_raw"] > 0 and rec["r_visual"] <= rec["r_visual_raw"]
+    # The reference is the initial policy: no KL before the first update, some after it.
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-9) and history[1]["kl"] > 0
     logged = [json.loads(line) for line in open(os.path.join(tmp_path, "log.jsonl"))]
     assert logged == history
     assert os.path.isdir(os.path.join(tmp_path, "checkpoint-1")) and os.path.isdir(os.path.join(tmp_path, "checkpoint-2"))
