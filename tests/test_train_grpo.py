@@ -76,7 +76,12 @@ def test_r_visual_fused_equals_eager_maps(data, tmp_path):
 
 def test_steps_end_to_end(data, tmp_path):
     cfg = _cfg(data, tmp_path, max_steps=2, save_steps=1, beta=0.04)  # with the KL to a frozen reference
-    trainer = _trainer(cfg)
+
+    def short(prompts, completions, completion_ids, **columns):  # a user reward with TRL's signature
+        assert columns["answer"] and len(columns["answer"]) == len(completions)
+        return [-len(ids) / 10 for ids in completion_ids]
+
+    trainer = _trainer(cfg, reward_funcs={"short": short}, reward_weights={"short": 0.5})
     before = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
     history = trainer.train()
     assert [r["step"] for r in history] == [1, 2]
@@ -87,6 +92,9 @@ def test_steps_end_to_end(data, tmp_path):
         assert keys <= set(rec)
         assert all(isinstance(rec[k], (int, float)) and rec[k] == rec[k] for k in keys)
         assert rec["r_visual_raw"] > 0 and rec["r_visual"] <= rec["r_visual_raw"]
+        assert rec["reward/short"] == pytest.approx(-rec["completion_length"] / 10)
+        assert rec["reward"] == pytest.approx(rec["r_acc"] + 0.3 * rec["r_visual"] + 0.1 * rec["r_format"]
+                                              + 0.5 * rec["reward/short"])
     # The reference is the initial policy: no KL before the first update, some after it.
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-9) and history[1]["kl"] > 0
     logged = [json.loads(line) for line in open(os.path.join(tmp_path, "log.jsonl"))]
