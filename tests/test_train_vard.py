@@ -254,3 +254,19 @@ def test_vard_templates_and_validation(tmp_path):
 def _write(path, **values):
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+def test_vard_local_hf_generator(tmp_path):
+    """The local-model generator runs the three stages on the tiny model; its random text fails validation, and
+    the rejection says so."""
+    from avar_train.vard import HFGenerator
+    from sft_fixtures import tiny_pair
+
+    model, processor = tiny_pair()
+    generator = HFGenerator(model, processor, max_new_tokens=4, temperature=0.0)
+    cfg = VARDConfig(input_file=str(_inputs(tmp_path / "in", ["a"])), output_dir=str(tmp_path / "out"),
+                     generator="hf", model="tiny", answer_check=False).validate()
+    summary = run_vard(cfg, generator=generator)
+    assert summary.kept == 0 and summary.rejected == {"format": 1}
+    (row,) = _rows(tmp_path / "out" / "rejects.jsonl")
+    assert row["stage"] == "validate" and row["description"] and isinstance(row["response"], str)
