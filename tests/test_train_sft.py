@@ -231,3 +231,25 @@ def test_per_sample_reduction_equals_the_full_agto_losses():
     g_reduced = torch.autograd.grad(reduced[0] + 2 * reduced[1], masses)
     for got, want in zip(g_reduced, g_full):
         assert want.abs().max() > 0 and torch.allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_shipped_sft_recipes_and_deepspeed_configs_are_consistent(train_file, tmp_path):
+    import yaml
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "configs")
+    seven_b = yaml.safe_load(open(os.path.join(configs, "sft_qwen2_5_vl_7b.yaml")))
+    cfg = SFTConfig(**seven_b)  # every key is a field
+    assert (cfg.alpha, cfg.beta, cfg.agto_eps, cfg.learning_rate) == (0.15, 0.15, 1e-6, 1e-5)
+    assert (cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.bf16, cfg.max_length) == ("cosine", 0.1, True, 8192)
+    assert os.path.isfile(os.path.join(configs, cfg.deepspeed))
+    from avar_train.config import load_config
+
+    tiny = load_config(SFTConfig, os.path.join(configs, "sft_tiny.yaml"),
+                       {"train_file": train_file, "output_dir": str(tmp_path)})
+    assert tiny.model_name_or_path == "tiny"
+    for stage in (2, 3):
+        ds = json.load(open(os.path.join(configs, f"zero{stage}.json")))
+        assert ds["zero_optimization"]["stage"] == stage
+        acc = yaml.safe_load(open(os.path.join(configs, f"accelerate_zero{stage}.yaml")))
+        assert acc["distributed_type"] == "DEEPSPEED" and "use_cpu" not in acc
+        assert acc["deepspeed_config"]["deepspeed_config_file"] == f"training/configs/zero{stage}.json"
