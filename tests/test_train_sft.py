@@ -13,7 +13,8 @@ from avar_train.cli import main
 from avar_train.collator import QwenVLCollator
 from avar_train.config import SFTConfig
 from avar_train.records import load_records
-from avar_train.sft import AGTOSettings, AGTOTrainer, training_arguments, train_sft
+from avar_train.sft import LOG_KEYS, AGTOSettings, AGTOTrainer, training_arguments, train_sft
+from avar_ops.analysis import synthetic_images
 from sft_fixtures import tiny_pair, write_sft_records
 
 
@@ -253,3 +254,22 @@ def test_shipped_sft_recipes_and_deepspeed_configs_are_consistent(train_file, tm
         acc = yaml.safe_load(open(os.path.join(configs, f"accelerate_zero{stage}.yaml")))
         assert acc["distributed_type"] == "DEEPSPEED" and "use_cpu" not in acc
         assert acc["deepspeed_config"]["deepspeed_config_file"] == f"training/configs/zero{stage}.json"
+
+
+def test_text_only_samples_are_an_error_or_explicitly_skipped(trainer_and_batch, tmp_path):
+    model, make, _, _ = trainer_and_batch
+    data = tmp_path / "mixed.jsonl"
+    synthetic_images(1, seed=0)[0].save(tmp_path / "img.png")
+    data.write_text(json.dumps({"id": "img", "image": "img.png", "question": "What colour?", "response": "Red."}) + "\n"
+                    + json.dumps({"id": "text", "question": "What is 2 + 3?", "response": "5."}) + "\n")
+    collator = QwenVLCollator(tiny_pair()[1], max_length=256, min_pixels=56 * 56, max_pixels=112 * 112)
+    batch = collator(load_records(str(data), use="sft").records)
+    trainer = make()
+    with pytest.raises(ValueError, match=r"samples \[1\] have no image token.*empty='skip'"):
+        trainer.training_step(model, dict(batch))
+    trainer.agto = AGTOSettings(empty="skip")
+    trainer._sums.zero_()
+    trainer._count = 0
+    loss = trainer.training_step(model, dict(batch))
+    assert torch.isfinite(loss)
+    assert trainer._sums[LOG_KEYS.index("agto_samples")].item() == pytest.approx(0.5)

@@ -47,6 +47,7 @@ class SFTConfig:
     beta: float = 0.15
     agto_eps: float = 1e-6
     agto_layers: Optional[List[int]] = None  # decoder layers whose masses enter the losses (default all)
+    agto_empty: str = "error"  # a sample without image/system/user tokens: "error", or "skip" it in the AGTO terms
     # optimisation (TrainingArguments names)
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
@@ -97,6 +98,8 @@ class SFTConfig:
                 f"lr_scheduler_type must be constant, constant_with_warmup, linear or cosine, "
                 f"got {self.lr_scheduler_type!r}"
             )
+        if self.agto_empty not in ("error", "skip"):
+            raise ConfigError(f"agto_empty must be 'error' or 'skip', got {self.agto_empty!r}")
         if self.agto_layers is not None and (not self.agto_layers or any(i < 0 for i in self.agto_layers)):
             raise ConfigError(f"agto_layers must be null (all layers) or a non-empty list of layer indices >= 0, "
                               f"got {self.agto_layers}")

@@ -37,7 +37,7 @@ from avar_ops.hf import collect_masses, get_handle
 
 __all__ = ["AGTOSettings", "AGTOTrainer", "LaunchError", "LOG_KEYS", "train_sft"]
 
-LOG_KEYS = ("loss_lm", "loss_enhance_img", "loss_suppress_sys", "vas", "image_mass")
+LOG_KEYS = ("loss_lm", "loss_enhance_img", "loss_suppress_sys", "vas", "image_mass", "agto_samples")
 _GROUP_MASKS = ("key_group", "user_mask", "image_mask", "system_mask", "response_mask")
 
 
@@ -51,6 +51,9 @@ class AGTOSettings:
     beta: float = 0.15
     eps: float = 1e-6
     layers: Optional[List[int]] = None  # decoder layers in the losses; None: all
+    # A sample without user, image or system tokens has no AGTO term: "error" stops the run, "skip" leaves it out
+    # of the attention terms (it still trains L_LM) and the logged agto_samples shows the share that entered.
+    empty: str = "error"
 
 
 class _MeanOverQueries(torch.autograd.Function):
@@ -99,6 +102,8 @@ class AGTOTrainer(Trainer):
         self.agto = agto
         self.log_file = log_file
         self._patched = self.model
+        if agto.empty not in ("error", "skip"):
+            raise ValueError(f"AGTOTrainer: agto empty must be 'error' or 'skip', got {agto.empty!r}")
         handle = get_handle(self._patched)
         if handle is None:
             raise RuntimeError("AGTOTrainer: the model is not patched; call apply_to_qwen2_5_vl(model, ...) first")
@@ -163,8 +168,9 @@ class AGTOTrainer(Trainer):
             )
         user = masks["user_mask"].to(lm.device)  # [B, L]
         has_query = user.any(-1, keepdim=True)  # [B, 1]: the [B, H, 1, 4] means stand for all user tokens
-        enhance, suppress = agto_losses(mean_mass, has_query, masks["image_mask"].to(lm.device),
-                                        masks["system_mask"].to(lm.device), self.agto.eps)
+        terms = agto_losses(mean_mass, has_query, masks["image_mask"].to(lm.device),
+                            masks["system_mask"].to(lm.device), self.agto.eps, empty=self.agto.empty)
+        enhance, suppress = terms
         loss = lm + self.agto.alpha * enhance.to(lm.dtype) + self.agto.beta * suppress.to(lm.dtype)
 
         valid = torch.stack([per_layer[i][3] for i in range(len(per_layer))]).all(0)  # [B]
@@ -176,7 +182,8 @@ class AGTOTrainer(Trainer):
             score = image = torch.tensor(float("nan"), dtype=torch.float64)
         if model.training:
             values = torch.stack([lm.detach().double().cpu(), enhance.detach().double().cpu(),
-                                  suppress.detach().double().cpu(), score.double().cpu(), image.double().cpu()])
+                                  suppress.detach().double().cpu(), score.double().cpu(), image.double().cpu(),
+                                  terms.included.double().mean().cpu()])
             self._sums += values
             self._count += 1
         return (loss, outputs) if return_outputs else loss
@@ -340,7 +347,8 @@ def train_sft(cfg) -> AGTOTrainer:
         train_dataset=RecordDataset(loaded.records),
         data_collator=collator,
         processing_class=processor,
-        agto=AGTOSettings(alpha=cfg.alpha, beta=cfg.beta, eps=cfg.agto_eps, layers=cfg.agto_layers),
+        agto=AGTOSettings(alpha=cfg.alpha, beta=cfg.beta, eps=cfg.agto_eps, layers=cfg.agto_layers,
+                          empty=cfg.agto_empty),
         log_file=os.path.join(cfg.output_dir, "log.jsonl"),
     )
     _write_run_info(trainer, cfg.output_dir)
