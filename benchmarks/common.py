@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import avar_ops
-from avar_ops.core import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS, load_extension
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -38,7 +38,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "avar": avar_ops.__version__,
-        "avar_cpu_isa": avar_ops.ops.load_extension().cpu_capability,
+        "avar_cpu_isa": load_extension().cpu_capability,
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
