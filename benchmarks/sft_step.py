@@ -15,12 +15,14 @@ collated by `avar_train.collator.QwenVLCollator`; AdamW over the text decoder (v
 Each method runs in a fresh process. Times are the median of `--repeat` steps after one warm-up step (which also
 creates the optimizer state), as wall seconds and as the process's CPU seconds (user + system): on a shared
 machine the wall time also counts waiting for cores other jobs hold, the CPU time does not. Peak memory is the
-resident high-water mark of the timed steps above what was resident before them (/proc/self/clear_refs):
-activations, maps and gradients, not weights and optimizer state.
+resident high-water mark of the timed steps above what was resident before them (/proc/self/clear_refs, after
+`malloc_trim` returned the warm-up's freed memory): activations, maps and gradients, not weights and optimizer
+state.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import statistics
@@ -127,6 +129,8 @@ def measure(method: str, L: int, repeat: int) -> dict:
         batch = make_batch(processor, L, workdir)
         step = _stepper(method, model, processor, batch, workdir)
         step()  # warm-up: optimizer state, allocator
+        # Hand the warm-up's freed activations back to the system, or the timed step would reuse them unseen.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         open("/proc/self/clear_refs", "w").write("5")
         base = _rss("VmRSS:")
         times, cpu = [], []
