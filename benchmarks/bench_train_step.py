@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import command_line, write_report  # noqa: E402
 
+import grpo_step  # noqa: E402
 import sft_step  # noqa: E402
 
 
@@ -73,6 +74,11 @@ def main(argv=None) -> None:
     ap.add_argument("--eager-limit-gb", type=float, default=10.0,
                     help="skip the eager step where its maps alone would pass this")
     ap.add_argument("--quick", action="store_true", help="L=256, one step each, no report: checks that it runs")
+    ap.add_argument("--grpo-lengths", type=int, nargs="*", default=[],
+                    help="also time one GRPO step (generation / scoring / update) at these lengths "
+                         "(benchmarks/grpo_step.py; each method in its own process)")
+    ap.add_argument("--grpo-rollouts", type=int, default=2)
+    ap.add_argument("--grpo-new-tokens", type=int, default=8)
     ap.add_argument("--name", default="cpu_train_step")
     args = ap.parse_args(argv)
     if args.quick:
@@ -90,10 +96,16 @@ def main(argv=None) -> None:
              f"transformers {info['transformers']}, avar {info['avar']} (commit {info['commit']}), {info['date']}.",
              f"Command: `{command}`", "", "Ratios are against the SDPA step measured in the same run.", ""]
     lines += sft_step.markdown(rows, tuple(args.methods))
+    payload = {"machine": info, "command": command, "sft": rows}
+    if args.grpo_lengths:
+        grpo_lengths, new_tokens = ([192], 4) if args.quick else (args.grpo_lengths, args.grpo_new_tokens)
+        grpo_rows = grpo_step.run_all(grpo_lengths, args.grpo_rollouts, new_tokens, 1)
+        lines += ["", "## GRPO step", ""] + grpo_step.table(grpo_rows)
+        payload["grpo"] = grpo_rows
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     if not args.quick:
-        write_report(args.name, {"machine": info, "command": command, "sft": rows}, markdown)
+        write_report(args.name, payload, markdown)
 
 
 if __name__ == "__main__":

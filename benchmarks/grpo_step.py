@@ -197,6 +197,13 @@ def markdown(rows, info: dict, command: str) -> str:
         f"Load average when the run started: {info.get('loadavg', '?')} (the machine's 2 cores are shared; "
         "absolute seconds move with the load, ratios within one run less so).",
         "",
+    ]
+    return "\n".join(lines + table(rows)) + "\n"
+
+
+def table(rows) -> list:
+    """The results as Markdown lines: per length and method, the phases, the ratios and r_visual."""
+    lines = [
         "hidden 3584, 28 heads, 4 kv heads, 2 layers, random weights, float32. Seconds per phase (median), peak "
         "resident memory added by the step. Ratios are against the SDPA step without reward, measured in the "
         "same run.",
@@ -219,10 +226,10 @@ def markdown(rows, info: dict, command: str) -> str:
         if r["r_visual"].get("avar") and r["r_visual"].get("eager"):
             a, e = r["r_visual"]["avar"], r["r_visual"]["eager"]
             lines.append(f"- L={r['L']}: avar {[round(x, 5) for x in a]}, eager {[round(x, 5) for x in e]}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _run_isolated(args, method: str) -> list:
+def _run_isolated(method: str, lengths, rollouts: int, new_tokens: int, repeat: int) -> list:
     """One method in a fresh interpreter, so that its peak memory is measured from the same starting point as
     the others' (freed memory that the allocator keeps would otherwise favour whichever method runs later)."""
     import json
@@ -232,11 +239,25 @@ def _run_isolated(args, method: str) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--rows-out", out,
-               "--lengths", *map(str, args.lengths), "--rollouts", str(args.rollouts),
-               "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+               "--lengths", *map(str, lengths), "--rollouts", str(rollouts), "--new-tokens", str(new_tokens),
+               "--repeat", str(repeat)]
         subprocess.run(cmd, check=True)
         with open(out) as f:
             return json.load(f)
+
+
+def run_all(lengths, rollouts: int, new_tokens: int, repeat: int, methods=METHODS) -> list:
+    """Every method, each in its own process; rows per length with all methods' numbers."""
+    rows = None
+    for method in methods:
+        part = _run_isolated(method, lengths, rollouts, new_tokens, repeat)
+        if rows is None:
+            rows = part
+        else:
+            for row, other in zip(rows, part):
+                for key in ("seconds", "peak_mb", "r_visual"):
+                    row[key].update(other[key])
+    return rows
 
 
 def main(argv=None) -> None:
@@ -275,15 +296,7 @@ def main(argv=None) -> None:
     except OSError:
         pass
     command = command_line("grpo_step.py", argv)
-    rows = None
-    for method in args.methods:
-        part = _run_isolated(args, method)
-        if rows is None:
-            rows = part
-        else:
-            for row, other in zip(rows, part):
-                for key in ("seconds", "peak_mb", "r_visual"):
-                    row[key].update(other[key])
+    rows = run_all(args.lengths, args.rollouts, args.new_tokens, args.repeat, tuple(args.methods))
     md = markdown(rows, info, command)
     print(md)
     if not args.quick:
