@@ -67,7 +67,7 @@ def _answers_checker() -> Checker:
     """The shared answer checker of `avar_ops.analysis` (AnswerChecker): extraction from <answer>…</answer> or a
     final \\boxed{}, letters, numbers with tolerance, LaTeX through math-verify in a subprocess pool with a hard
     timeout; each result is correct / incorrect / timeout / error."""
-    from avar_ops import analysis
+    import avar_ops.analysis as analysis
 
     if not hasattr(analysis, "AnswerChecker"):
         raise ImportError(
