@@ -1,0 +1,171 @@
+"""Batches of `Record`s for Qwen2.5-VL: chat template, image processing, labels, token groups and masks.
+
+Each record is rendered by the processor's chat template and processed on its own (so that its token count is
+known before padding), then the batch is padded. What a batch holds:
+
+    input_ids, attention_mask          [B, L]  (right-padded for SFT, left-padded for prompts)
+    pixel_values, image_grid_thw       the processor's, concatenated in record order (absent without images)
+    mm_token_type_ids                  [B, L]  when the processor makes them
+    labels                             [B, L]  SFT only: the assistant turns' tokens (content and closing
+                                               <|im_end|>), -100 elsewhere
+    key_group                          int8 [B, L], -1..3, and the bool [B, L] masks user_mask, image_mask,
+    user_mask, image_mask, ...         system_mask, response_mask: `avar_ops` token groups of input_ids, as the
+                                       patch computes them during the forward
+    record_ids                         list of B strings
+
+The token budget `max_length` may cut text after the last image, never an image: a record whose image tokens
+reach past the budget is an error that names it (lower `max_pixels` or raise `max_length`), and so is an SFT
+record left with no target token. Cuts that are allowed are counted in `truncated` and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from avar_ops.hf import template_tokens, token_groups
+from avar_train.records import Record
+
+__all__ = ["QwenVLCollator", "CollateError", "MODES"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("sft", "prompt")
+_MASKS = ("user_mask", "image_mask", "system_mask", "response_mask")
+
+
+class CollateError(ValueError):
+    """A record that cannot be turned into model inputs under the collator's settings."""
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"QwenVLCollator: {name} must be a positive int, got {value!r}")
+    return value
+
+
+class QwenVLCollator:
+    """Callable turning a list of `Record`s into a batch (see the module docstring).
+
+    mode "sft": the whole conversation, labels on assistant tokens, right padding. mode "prompt": the
+    conversation without its final assistant turn plus the generation header, left padding (for generate).
+    min_pixels / max_pixels: the image budget each image is resized into (Qwen2-VL's smart resize).
+    """
+
+    def __init__(self, processor, *, max_length: int, min_pixels: int, max_pixels: int, mode: str = "sft"):
+        if mode not in MODES:
+            raise ValueError(f"QwenVLCollator: mode must be one of {MODES}, got {mode!r}")
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "apply_chat_template"):
+            raise TypeError(f"QwenVLCollator: processor must be a Qwen2.5-VL processor, got {type(processor).__name__}")
+        self.processor = processor
+        self.max_length = _positive_int("max_length", max_length)
+        self.min_pixels = _positive_int("min_pixels", min_pixels)
+        self.max_pixels = _positive_int("max_pixels", max_pixels)
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"QwenVLCollator: min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+        self.mode = mode
+        self.template = template_tokens(processor)
+        pad = processor.tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError("QwenVLCollator: the tokenizer has no pad token")
+        self.pad_id = int(pad)
+        self.truncated = 0
+
+    def render(self, record: Record) -> str:
+        """The chat-template text of one record as this collator feeds it to the processor."""
+        if self.mode == "sft":
+            if not record.has_target:
+                raise CollateError(f"record {record.id!r}: SFT needs a final assistant turn, the record has none")
+            return self.processor.apply_chat_template(
+                list(record.messages), tokenize=False, add_generation_prompt=False
+            )
+        return self.processor.apply_chat_template(record.prompt_messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, record: Record) -> dict:
+        from PIL import Image
+
+        text = self.render(record)
+        kwargs = {}
+        if record.images:
+            images = []
+            for path in record.images:
+                with Image.open(path) as img:
+                    images.append(img.convert("RGB"))
+            kwargs["images"] = [images]
+            kwargs["size"] = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        out = self.processor(text=[text], return_tensors="pt", **kwargs)
+        ids = out["input_ids"][0]  # [n]
+        t = self.template
+        if len(ids) > self.max_length:
+            vision = (ids == t.image_pad) | (ids == t.video_pad) | (ids == t.vision_start) | (ids == t.vision_end)
+            last_vision = int(torch.nonzero(vision).max()) if bool(vision.any()) else -1
+            if last_vision >= self.max_length:
+                raise CollateError(
+                    f"record {record.id!r}: max_length={self.max_length} would cut through image tokens "
+                    f"(the record has {len(ids)} tokens, its image tokens end at position {last_vision}); "
+                    f"raise max_length or lower max_pixels (now {self.max_pixels})"
+                )
+            self.truncated += 1
+            logger.warning(
+                "record %r: %d tokens cut to max_length=%d (text after the images); %d cut so far",
+                record.id,
+                len(ids),
+                self.max_length,
+                self.truncated,
+            )
+        n = min(len(ids), self.max_length)
+        row = {"input_ids": ids[:n]}  # [n]
+        if "mm_token_type_ids" in out:
+            row["mm_token_type_ids"] = out["mm_token_type_ids"][0, :n]  # [n]
+        if record.images:
+            row["pixel_values"] = out["pixel_values"]  # [patches, C·T·P·P]
+            row["image_grid_thw"] = out["image_grid_thw"]  # [images, 3]
+        return row
+
+    def __call__(self, records: Sequence[Record]) -> dict:
+        if not records:
+            raise CollateError("QwenVLCollator: empty batch")
+        for r in records:
+            if not isinstance(r, Record):
+                raise TypeError(f"QwenVLCollator: expected Record objects, got {type(r).__name__}")
+        rows = [self._encode(r) for r in records]
+        B, L = len(rows), max(len(r["input_ids"]) for r in rows)
+        left = self.mode == "prompt"
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros(B, L, dtype=torch.long)  # [B, L]
+        with_types = all("mm_token_type_ids" in r for r in rows)
+        types = torch.zeros(B, L, dtype=torch.long)  # [B, L]
+        for b, row in enumerate(rows):
+            n = len(row["input_ids"])
+            span = slice(L - n, L) if left else slice(0, n)
+            input_ids[b, span] = row["input_ids"]
+            attention_mask[b, span] = 1
+            if with_types:
+                types[b, span] = row["mm_token_type_ids"]
+        groups = token_groups(input_ids, self.template, attention_mask)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if with_types:
+            batch["mm_token_type_ids"] = types
+        with_images = [r for r in rows if "pixel_values" in r]
+        if with_images:
+            batch["pixel_values"] = torch.cat([r["pixel_values"] for r in with_images])  # [patches, C·T·P·P]
+            batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in with_images])  # [images, 3]
+        if self.mode == "sft":
+            labels = input_ids.masked_fill(~groups.response_mask, -100)  # [B, L]
+            empty = [records[b].id for b in range(B) if not bool(groups.response_mask[b].any())]
+            if empty:
+                raise CollateError(f"records {empty}: no target token left within max_length={self.max_length}")
+            batch["labels"] = labels
+        batch["key_group"] = groups.key_group
+        for name in _MASKS:
+            batch[name] = getattr(groups, name)
+        batch["record_ids"] = [r.id for r in records]
+        return batch
+
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        """The entries of a batch the model's forward takes (everything but groups, masks and ids)."""
+        skip = set(_MASKS) | {"key_group", "record_ids"}
+        return {k: v for k, v in batch.items() if k not in skip}

@@ -1,0 +1,179 @@
+"""The GRPO recipe: one dataclass, read from YAML, every value checked; an unknown key is an error.
+
+Names shared with TRL's GRPOConfig mean the same thing here (learning_rate, num_generations, temperature, top_p,
+max_completion_length, num_iterations, epsilon, epsilon_high, beta, loss_type, scale_rewards, reward_weights, …),
+so a recipe moves between the two. Differences, stated: `per_device_train_batch_size` counts rollouts and must
+be a multiple of `num_generations` (each process holds whole groups, so advantages need no communication), and
+`max_steps` counts rollout batches (each one followed by `num_iterations` optimizer updates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from avar_train.config import ConfigError, load_config
+
+__all__ = ["GRPOConfig", "load_grpo_config"]
+
+
+@dataclass
+class GRPOConfig:
+    # model and data
+    model_name_or_path: str = "tiny"  # a Qwen2.5-VL checkpoint folder, or "tiny" for the embedded random model
+    train_file: str = ""  # JSONL records (avar_train.records, use "rl"): prompt, images and the reference answer
+    output_dir: str = ""
+    skip_bad_records: bool = False
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    max_prompt_length: Optional[int] = None  # tokens; a longer prompt is an error naming the record
+    freeze_vision_tower: bool = True  # the vision tower's weights stay as they are (the paper trains the LLM)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # optimisation
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"  # constant | linear | cosine
+    warmup_ratio: float = 0.0
+    max_steps: int = 1
+    per_device_train_batch_size: int = 8
+    # rollouts
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    max_completion_length: int = 256
+    # loss
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    beta: float = 0.0
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    # rewards
+    lambda_visual: float = 0.3
+    lambda_format: float = 0.1
+    visual_reward_max: Optional[float] = None
+    visual_layers: Optional[List[int]] = None  # decoder layers r_visual averages over (default all)
+    visual_eps: float = 1e-6
+    format_pattern: Optional[str] = None  # default: <think>…</think><answer>…</answer>
+    accuracy_checker: Optional[str] = None  # "module:function" (completions, references) -> statuses
+    reward_funcs: List[str] = field(default_factory=list)  # extra TRL-style reward functions, "module:function"
+    reward_weights: Optional[List[float]] = None  # one per reward_funcs entry (default 1.0 each)
+    # bookkeeping
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: only at the end
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest" in output_dir
+    report_to: List[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
+
+    def validate(self) -> "GRPOConfig":
+        def fail(key, want):
+            raise ConfigError(f"config: {key} must be {want}, got {getattr(self, key)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+        for key in ("model_name_or_path", "train_file", "output_dir"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                fail(key, "a non-empty string")
+        for key in (
+            "max_steps",
+            "per_device_train_batch_size",
+            "num_generations",
+            "max_completion_length",
+            "num_iterations",
+            "logging_steps",
+        ):
+            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
+                fail(key, "an int >= 1")
+        for key in ("save_steps", "seed"):
+            if not is_int(getattr(self, key)) or getattr(self, key) < 0:
+                fail(key, "an int >= 0")
+        for key in ("min_pixels", "max_pixels", "max_prompt_length", "top_k"):
+            v = getattr(self, key)
+            if v is not None and (not is_int(v) or v < 1):
+                fail(key, "null or an int >= 1")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            fail("min_pixels", f"<= max_pixels ({self.max_pixels})")
+        for key in ("learning_rate", "temperature"):
+            if not is_num(getattr(self, key)) or getattr(self, key) <= 0:
+                fail(key, "a number > 0")
+        for key in (
+            "weight_decay",
+            "max_grad_norm",
+            "epsilon",
+            "beta",
+            "lambda_visual",
+            "lambda_format",
+            "warmup_ratio",
+        ):
+            if not is_num(getattr(self, key)) or getattr(self, key) < 0:
+                fail(key, "a number >= 0")
+        for key in ("adam_beta1", "adam_beta2", "top_p"):
+            v = getattr(self, key)
+            if not is_num(v) or not 0 < v <= 1 or (key != "top_p" and v == 1):
+                fail(key, "a number in (0, 1)" if key != "top_p" else "a number in (0, 1]")
+        if self.warmup_ratio > 1:
+            fail("warmup_ratio", "in [0, 1]")
+        for key in ("epsilon_high", "visual_reward_max"):
+            v = getattr(self, key)
+            if v is not None and (not is_num(v) or v <= 0):
+                fail(key, "null or a number > 0")
+        if not is_num(self.visual_eps) or self.visual_eps <= 0:
+            fail("visual_eps", "a number > 0")
+        self.visual_eps = float(self.visual_eps)
+        if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
+            fail("lr_scheduler_type", "one of constant, linear, cosine")
+        if self.loss_type not in ("grpo", "dr_grpo", "dapo"):
+            fail("loss_type", "one of grpo, dr_grpo, dapo")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            fail("scale_rewards", "one of group, batch, none")
+        if self.num_generations < 2 and self.scale_rewards == "group":
+            fail("num_generations", ">= 2 with scale_rewards = group (a std over one rollout)")
+        if self.per_device_train_batch_size % self.num_generations:
+            fail("per_device_train_batch_size", f"a multiple of num_generations ({self.num_generations})")
+        if self.visual_layers is not None and (
+            not isinstance(self.visual_layers, list)
+            or not self.visual_layers
+            or not all(is_int(i) and i >= 0 for i in self.visual_layers)
+        ):
+            fail("visual_layers", "null (all layers) or a non-empty list of layer indices")
+        for key in ("reward_funcs", "report_to"):
+            v = getattr(self, key)
+            if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+                fail(key, "a list of strings")
+        if self.reward_weights is not None and (
+            not isinstance(self.reward_weights, list)
+            or len(self.reward_weights) != len(self.reward_funcs)
+            or not all(is_num(w) for w in self.reward_weights)
+        ):
+            fail("reward_weights", f"null or a list of {len(self.reward_funcs)} numbers (one per reward_funcs)")
+        for key in ("format_pattern", "accuracy_checker", "resume_from_checkpoint"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or not v):
+                fail(key, "null or a non-empty string")
+        for key in ("skip_bad_records", "freeze_vision_tower", "bf16", "gradient_checkpointing"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "true or false")
+        return self
+
+
+def load_grpo_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> GRPOConfig:
+    """The recipe in the YAML file `path` (read as every avar-train config: paths in the file relative to it) with
+    `overrides` applied, validated; without a file, the defaults with the overrides."""
+    if path is not None:
+        return load_config(GRPOConfig, path, overrides)
+    values = dict(overrides or {})
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(GRPOConfig)})
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} for GRPOConfig")
+    return GRPOConfig(**values).validate()

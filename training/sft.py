@@ -1,0 +1,380 @@
+"""Cold-start SFT with the AGTO losses on `transformers.Trainer`: L = L_LM + α·L_enhance_img + β·L_suppress_sys.
+
+The model runs through the avar patch, so each decoder layer's attention returns the per-group masses of every
+query from the fused kernel. During the forward, each layer's masses [B, H, L, 4] are reduced on the spot to
+what the step needs, per sample: the mean mass over the user-turn query tokens [B, H, 1, 4] (which carries the
+gradient: the AGTO losses of `avar_ops.method.agto_losses` depend on the masses only through Σ_{q∈Q} mass_q),
+and the detached per-sample VAS and image mass for the logs. No per-token tensor outlives its layer, so memory
+stays linear in L whatever the number of layers.
+
+Guarantees:
+- the attention loss never goes missing: a step whose forward did not produce the masses of every layer is an
+  error (`collect_masses` checks it), and so is a step whose masses carry no gradient while the loss needs
+  them (what reentrant activation checkpointing does: its first forward runs without autograd);
+- gradient checkpointing is non-reentrant (the collector stays open through backward, so recomputation sees
+  the same attention calls, and the masses kept are the first forward's, which autograd ties to the
+  recomputed ones);
+- logged per optimizer step (averaged over the micro-batches and processes since the last log): loss_lm,
+  loss_enhance_img, loss_suppress_sys, vas (paper's Eq. 1 over all layers, heads and user tokens) and
+  image_mass (the user tokens' mean attention on image tokens).
+
+Gradient accumulation: each micro-batch's loss is its own token mean (L_LM) and sample means (AGTO terms), and
+Trainer divides it by the number of accumulation steps (`model_accepts_loss_kwargs` is off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from transformers import Trainer
+
+from avar_ops.hf import collect_masses, get_handle
+from avar_ops.method import agto_losses, vas
+
+__all__ = ["AGTOSettings", "AGTOTrainer", "LaunchError", "LOG_KEYS", "train_sft"]
+
+LOG_KEYS = ("loss_lm", "loss_enhance_img", "loss_suppress_sys", "vas", "image_mass", "agto_samples")
+_GROUP_MASKS = ("key_group", "user_mask", "image_mask", "system_mask", "response_mask")
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched in a way the run cannot use (found before any model is loaded)."""
+
+
+@dataclass(frozen=True)
+class AGTOSettings:
+    alpha: float = 0.15
+    beta: float = 0.15
+    eps: float = 1e-6
+    layers: Optional[List[int]] = None  # decoder layers in the losses; None: all
+    # A sample without user, image or system tokens has no AGTO term: "error" stops the run, "skip" leaves it out
+    # of the attention terms (it still trains L_LM) and the logged agto_samples shows the share that entered.
+    empty: str = "error"
+
+
+class _MeanOverQueries(torch.autograd.Function):
+    """mass [B, H, L, 4] -> its mean over each sample's query tokens, [B, H, 1, 4].
+
+    A custom function because it runs inside the decoder layer, i.e. inside a non-reentrant checkpoint region,
+    but only in the first forward (the recomputation keeps the first forward's reductions): it must save no
+    tensor through autograd, or the checkpoint would count different saved tensors in the two runs. The
+    weights it needs are constants and live on ctx as plain attributes.
+    """
+
+    @staticmethod
+    def forward(ctx, mass, weight):  # mass [B, H, L, 4], weight [B, L] (1/|Q| on query tokens, 0 elsewhere)
+        ctx.weight = weight
+        return torch.einsum("bhlg,bl->bhg", mass, weight).unsqueeze(2)  # [B, H, 1, 4]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [B, H, 1, 4]
+        return grad * ctx.weight[:, None, :, None], None  # [B, H, L, 4]
+
+
+class _LayerReduction:
+    """The per-layer reduction handed to `collect_masses`: keeps [B, H, 1, 4] and three [B] values per layer."""
+
+    def __init__(self):
+        self.user_mask: Optional[torch.Tensor] = None  # bool [B, L] of the batch being run
+
+    def __call__(self, mass: torch.Tensor):  # mass [B, H, L, 4]
+        user = self.user_mask.to(mass.device)  # [B, L]
+        weight = user.to(mass.dtype) / user.sum(-1, keepdim=True).clamp(min=1).to(mass.dtype)  # [B, L]
+        mean_mass = _MeanOverQueries.apply(mass, weight)  # [B, H, 1, 4]
+        stats = vas([mass.detach()], user, empty="skip")
+        return mean_mass, stats.vas.per_sample, stats.image_mass.per_sample, stats.valid  # [B,H,1,4], [B], [B], [B]
+
+
+class AGTOTrainer(Trainer):
+    """`Trainer` whose loss adds the AGTO attention terms, computed from the patch's fused masses.
+
+    `model` must be patched (`avar_ops.hf.apply_to_qwen2_5_vl`) and the batches must come from
+    `avar_train.collator.QwenVLCollator` in "sft" mode (they carry the token groups and masks).
+    `log_file`: a JSONL file that gets every log entry (main process only).
+    """
+
+    def __init__(self, *args, agto: AGTOSettings, log_file: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.agto = agto
+        self.log_file = log_file
+        self._patched = self.model
+        if agto.empty not in ("error", "skip"):
+            raise ValueError(f"AGTOTrainer: agto empty must be 'error' or 'skip', got {agto.empty!r}")
+        handle = get_handle(self._patched)
+        if handle is None:
+            raise RuntimeError("AGTOTrainer: the model is not patched; call apply_to_qwen2_5_vl(model, ...) first")
+        num_layers = len(self._patched.model.language_model.layers)
+        if agto.layers is not None:
+            bad = [i for i in agto.layers if not 0 <= i < num_layers]
+            if bad or not agto.layers:
+                raise ValueError(f"AGTOTrainer: agto layers must be indices in [0, {num_layers}), got {agto.layers}")
+        self._layers = list(range(num_layers)) if agto.layers is None else sorted(set(agto.layers))
+        if self.args.gradient_checkpointing:
+            kw = self.args.gradient_checkpointing_kwargs or {}
+            if kw.get("use_reentrant", True) is not False:
+                raise ValueError(
+                    "AGTOTrainer: gradient checkpointing must be non-reentrant "
+                    "(gradient_checkpointing_kwargs={'use_reentrant': False}): reentrant checkpointing runs the "
+                    "forward without autograd, which would drop the gradients of the attention masses"
+                )
+        # Each micro-batch loss is a mean of its own; Trainer scales it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._reduction = _LayerReduction()
+        self._record = None
+        self._sums = torch.zeros(len(LOG_KEYS), dtype=torch.float64)
+        self._count = 0
+
+    # ---------------------------------------------------------------------------------------------- the step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Open through backward: checkpoint recomputation calls the attention again, and must do so with masses.
+        with collect_masses(self._patched, reduce=self._reduction) as record:
+            self._record = record
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._record = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        missing = [k for k in _GROUP_MASKS if k not in inputs]
+        if missing:
+            raise KeyError(f"AGTOTrainer: the batch lacks {missing}; use QwenVLCollator(mode='sft') as the collator")
+        masks = {k: inputs.pop(k) for k in _GROUP_MASKS}
+        inputs.pop("record_ids", None)
+        self._reduction.user_mask = masks["user_mask"]
+        if self._record is None:  # evaluation or prediction: no backward follows
+            with collect_masses(self._patched, reduce=self._reduction) as record:
+                outputs = model(**inputs, use_cache=False)
+        else:
+            record = self._record
+            outputs = model(**inputs, use_cache=False)
+        per_layer = record.steps[-1] if record.steps else None
+        if per_layer is None:
+            raise RuntimeError("AGTOTrainer: the forward produced no attention masses (is the model still patched?)")
+        lm = outputs.loss
+        if lm is None:
+            raise RuntimeError("AGTOTrainer: the model returned no LM loss; the batch must carry labels")
+        mean_mass = [per_layer[i][0] for i in self._layers]  # each [B, H, 1, 4]
+        if (
+            torch.is_grad_enabled()
+            and (self.agto.alpha or self.agto.beta)
+            and not any(m.requires_grad for m in mean_mass)
+        ):
+            raise RuntimeError(
+                "AGTOTrainer: the attention masses carry no gradient in a training step, so the AGTO terms would "
+                "silently not train; this is what reentrant gradient checkpointing does: enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
+        user = masks["user_mask"].to(lm.device)  # [B, L]
+        has_query = user.any(-1, keepdim=True)  # [B, 1]: the [B, H, 1, 4] means stand for all user tokens
+        terms = agto_losses(
+            mean_mass,
+            has_query,
+            masks["image_mask"].to(lm.device),
+            masks["system_mask"].to(lm.device),
+            self.agto.eps,
+            empty=self.agto.empty,
+        )
+        enhance, suppress = terms
+        loss = lm + self.agto.alpha * enhance.to(lm.dtype) + self.agto.beta * suppress.to(lm.dtype)
+
+        valid = torch.stack([per_layer[i][3] for i in range(len(per_layer))]).all(0)  # [B]
+        if bool(valid.any()):
+            vas_b = torch.stack([per_layer[i][1] for i in range(len(per_layer))]).mean(0)  # [B]
+            img_b = torch.stack([per_layer[i][2] for i in range(len(per_layer))]).mean(0)  # [B]
+            score, image = vas_b[valid].mean(), img_b[valid].mean()
+        else:
+            score = image = torch.tensor(float("nan"), dtype=torch.float64)
+        if model.training:
+            values = torch.stack(
+                [
+                    lm.detach().double().cpu(),
+                    enhance.detach().double().cpu(),
+                    suppress.detach().double().cpu(),
+                    score.double().cpu(),
+                    image.double().cpu(),
+                    terms.included.double().mean().cpu(),
+                ]
+            )
+            self._sums += values
+            self._count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    # ---------------------------------------------------------------------------------------------- resuming
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Load a checkpoint's weights strictly, through `from_pretrained`.
+
+        `save_pretrained` writes Qwen2.5-VL weights under the checkpoint key names (`visual.*`, `model.layers.*`),
+        which `Trainer`'s own loader hands to `load_state_dict(strict=False)` unconverted: every key would be
+        missing and the run would resume from the initial weights with only a warning. DeepSpeed restores its
+        own model states and keeps Trainer's path.
+        """
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        dtype = next(target.parameters()).dtype
+        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, local_files_only=True)
+        target.load_state_dict(saved.state_dict(), strict=True)
+        del saved
+
+    # ------------------------------------------------------------------------------------------------ logging
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._count:
+            totals = torch.cat([self._sums, torch.tensor([float(self._count)], dtype=torch.float64)])
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+            for key, value in zip(LOG_KEYS, (totals[:-1] / totals[-1]).tolist()):
+                logs[key] = value
+            self._sums.zero_()
+            self._count = 0
+        super().log(logs, start_time)
+        if self.log_file and self.is_world_process_zero():
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_file)), exist_ok=True)
+            with open(self.log_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    def __init__(self, records):
+        self.records = list(records)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+
+def load_model_and_processor(name_or_path: str, bf16: bool, seed: int):
+    """The Qwen2.5-VL model and processor to train: the embedded tiny random one, or a local checkpoint."""
+    if name_or_path == "tiny":
+        from avar_ops.analysis import build_tiny_qwen2_5_vl
+
+        model, processor = build_tiny_qwen2_5_vl(seed=seed, dtype=torch.bfloat16 if bf16 else torch.float32)
+        return model, processor
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32, local_files_only=True
+    )
+    processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
+    return model, processor
+
+
+def training_arguments(cfg):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        deepspeed=cfg.deepspeed,
+        use_cpu=cfg.use_cpu,
+        ddp_backend=cfg.ddp_backend,
+        seed=cfg.seed,
+        data_seed=cfg.data_seed,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=cfg.save_total_limit,
+        report_to=cfg.report_to or "none",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
+    """run_info.json: how the run was distributed (what accelerate and DeepSpeed actually set up)."""
+    state = trainer.accelerator.state
+    plugin = getattr(state, "deepspeed_plugin", None)
+    info = {
+        "distributed_type": str(state.distributed_type).split(".")[-1],
+        "num_processes": state.num_processes,
+        "zero_stage": None if plugin is None else plugin.zero_stage,
+        "backend": getattr(state, "backend", None),
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "run_info.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+
+
+def train_sft(cfg) -> AGTOTrainer:
+    """Run SFT with AGTO as `cfg` (an `avar_train.config.SFTConfig`) says; returns the finished trainer."""
+    from avar_ops.hf import apply_to_qwen2_5_vl
+    from avar_train.collator import QwenVLCollator
+    from avar_train.records import load_records
+
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        resume = latest_checkpoint(cfg.output_dir)
+        if resume is None:
+            raise FileNotFoundError(f"resume_from_checkpoint: 'latest' but {cfg.output_dir} holds no checkpoint")
+    elif resume is not None and not os.path.isdir(resume):
+        raise FileNotFoundError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
+    args = training_arguments(cfg)  # before the model: it sets up the distributed state DeepSpeed needs
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise LaunchError(
+            f"launched as {launched} processes but the run would train {args.world_size}-way (each process on its "
+            "own); on CPU set use_cpu=true (and ddp_backend=gloo) for data parallelism"
+        )
+    loaded = load_records(
+        cfg.train_file,
+        use="sft",
+        on_error="skip" if cfg.skip_bad_records else "raise",
+        rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"),
+    )
+    model, processor = load_model_and_processor(cfg.model_name_or_path, cfg.bf16, cfg.seed)
+    if cfg.freeze_vision_tower:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    apply_to_qwen2_5_vl(model, tokenizer=processor)
+    model.train()
+    collator = QwenVLCollator(
+        processor, max_length=cfg.max_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, mode="sft"
+    )
+    trainer = AGTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=RecordDataset(loaded.records),
+        data_collator=collator,
+        processing_class=processor,
+        agto=AGTOSettings(
+            alpha=cfg.alpha, beta=cfg.beta, eps=cfg.agto_eps, layers=cfg.agto_layers, empty=cfg.agto_empty
+        ),
+        log_file=os.path.join(cfg.output_dir, "log.jsonl"),
+    )
+    _write_run_info(trainer, cfg.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    if cfg.save_steps == 0:
+        trainer.save_model(cfg.output_dir)
+    trainer.save_state()
+    return trainer
