@@ -177,10 +177,6 @@ def test_reward_function_checks():
 
 
 def test_default_accuracy_uses_the_shared_checker():
-    import avar_ops.analysis as analysis
-
-    if not hasattr(analysis, "AnswerChecker"):
-        pytest.skip("the shared answer checker (avar_ops.analysis.AnswerChecker) is not on this branch yet")
     r = AccuracyReward()
     completions = [
         "<think>look</think><answer>(B)</answer>",

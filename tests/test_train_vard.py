@@ -136,13 +136,6 @@ def _rows(path):
 
 
 def test_vard_over_http_end_to_end(tmp_path, capsys):
-    import avar_ops.analysis as analysis
-
-    if not (hasattr(analysis, "ChatClient") and hasattr(analysis, "check_answer")):
-        pytest.skip(
-            "the HTTP generator's client and the answer checker (avar_ops.analysis.ChatClient, "
-            "check_answer) are not in this checkout yet"
-        )
     script = Script()
     server = _server(script)
     try:
