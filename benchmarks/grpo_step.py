@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 
+import sft_step
 import torch
 
 import harness
@@ -39,19 +40,8 @@ LABELS = {"avar": "avar (fused masses)", "eager": "eager maps", "sdpa": "SDPA, n
 
 
 def build_slice(seed: int = 0):
-    from avar_ops.analysis import build_tiny_qwen2_5_vl
-
     # 28·28 pixels per visual token after merging: up to (1344/28)² = 2304 image tokens.
-    return build_tiny_qwen2_5_vl(
-        seed=seed,
-        num_layers=2,
-        hidden_size=3584,
-        num_heads=28,
-        num_kv_heads=4,
-        init_std=0.02,
-        min_pixels=28 * 28 * 16,
-        max_pixels=1344 * 1344,
-    )
+    return sft_step.build_slice(seed=seed, max_pixels=1344 * 1344)
 
 
 def make_prompt(processor, L: int, rollouts: int):

@@ -38,7 +38,8 @@ LABELS = {"avar": "avar AGTO step", "eager": "eager maps AGTO step", "sdpa": "SD
 ALPHA = BETA = 0.15
 
 
-def build_slice(attn_implementation: str, seed: int = 0):
+def build_slice(attn_implementation: str = "sdpa", seed: int = 0, max_pixels: int = 2048 * 2048):
+    """The Qwen2.5-VL-7B-shaped slice both training-step benchmarks measure (2 decoder layers, random weights)."""
     from avar_ops.analysis import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(
@@ -50,7 +51,7 @@ def build_slice(attn_implementation: str, seed: int = 0):
         init_std=0.02,
         attn_implementation=attn_implementation,
         min_pixels=28 * 28 * 16,
-        max_pixels=2048 * 2048,
+        max_pixels=max_pixels,
     )
 
 
