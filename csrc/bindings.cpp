@@ -1,12 +1,14 @@
-// The extension module avar_ops._C: registers the avar ops with the dispatcher (torch.ops.avar.*), one
-// implementation per dispatch key, and exposes build facts and test switches to Python through the plain
-// Python C API (no pybind11: torch/extension.h is the slowest header of the build).
+// The extension module avar_ops._C (avar_ops._C_emu in an emulation build, see cuda/emulation.h): registers the
+// avar ops with the dispatcher (torch.ops.avar.*), one implementation per dispatch key, and exposes build facts
+// and test switches to Python through the plain Python C API (no pybind11: torch/extension.h is the slowest
+// header of the build).
 #include <Python.h>
 #include <torch/library.h>
 
 #include "attention/attention_ops.h"
-#ifdef AVAR_WITH_CUDA
+#if defined(AVAR_WITH_CUDA) || defined(AVAR_CUDA_EMULATION)
 #include "attention/cuda_dispatch.h"
+#define AVAR_CUDA_HOST_CODE 1
 #endif
 
 #ifndef AVAR_CPU_CAPABILITY_NAME
@@ -38,7 +40,11 @@ void register_ops(torch::Library& m) {
   m.impl("attention_key_mass", &Ops::key_mass);
 }
 
+#ifdef AVAR_CUDA_EMULATION
+using CpuOps = avar::OpsOn<avar::cuda_dispatch::kEmulationBackend, avar::NoScope>;
+#else
 using CpuOps = avar::OpsOn<avar::kCpuBackend, avar::NoScope>;
+#endif
 #ifdef AVAR_WITH_CUDA
 using CudaOps = avar::OpsOn<avar::cuda_dispatch::kCudaBackend, avar::cuda_dispatch::DeviceOf>;
 #else
@@ -77,7 +83,7 @@ PyObject* py_input_checks(PyObject*, PyObject*) {
   return PyBool_FromLong(avar::input_checks() ? 1 : 0);
 }
 
-#ifdef AVAR_WITH_CUDA
+#ifdef AVAR_CUDA_HOST_CODE
 // C++ exceptions must not cross into Python: turn them into a RuntimeError.
 template <typename F>
 PyObject* guarded(F&& f) {
@@ -107,6 +113,28 @@ PyObject* py_set_cuda_decode_splits(PyObject*, PyObject* args) {
   avar::cuda_dispatch::set_forced_decode_splits(splits);
   Py_RETURN_NONE;
 }
+
+PyObject* py_cuda_backward_splits(PyObject*, PyObject* args) {
+  long long batch = 0, heads = 0, kv_heads = 0, seqlen_q = 0, seqlen_k = 0;
+  if (!PyArg_ParseTuple(args, "LLLLL:cuda_backward_splits", &batch, &heads, &kv_heads, &seqlen_q, &seqlen_k)) {
+    return nullptr;
+  }
+  return guarded([&] {
+    return PyLong_FromLong(
+        avar::cuda_dispatch::backward_splits_on_current_device(batch, heads, kv_heads, seqlen_q, seqlen_k));
+  });
+}
+
+PyObject* py_set_cuda_backward_splits(PyObject*, PyObject* args) {
+  int splits = 0;
+  if (!PyArg_ParseTuple(args, "i:set_cuda_backward_splits", &splits)) return nullptr;
+  if (splits < 0) {
+    PyErr_Format(PyExc_ValueError, "set_cuda_backward_splits: splits must be >= 0 (0 = the heuristic), got %d", splits);
+    return nullptr;
+  }
+  avar::cuda_dispatch::set_forced_backward_splits(splits);
+  Py_RETURN_NONE;
+}
 #endif
 
 PyMethodDef kMethods[] = {
@@ -115,29 +143,41 @@ PyMethodDef kMethods[] = {
     {"set_input_checks", py_set_input_checks, METH_VARARGS,
      "set_input_checks(on): run the value checks (they read tensor contents) on CUDA inputs too."},
     {"input_checks", py_input_checks, METH_NOARGS, "input_checks(): whether the value checks run on CUDA inputs."},
-#ifdef AVAR_WITH_CUDA
+#ifdef AVAR_CUDA_HOST_CODE
     {"cuda_decode_splits", py_cuda_decode_splits, METH_VARARGS,
      "cuda_decode_splits(batch, heads, seqlen_q, seqlen_k): key splits (flash-decoding) the CUDA forward uses for "
      "these sizes on the current device; 1 = no split."},
     {"set_cuda_decode_splits", py_set_cuda_decode_splits, METH_VARARGS,
      "set_cuda_decode_splits(n): use n key splits on every call (n >= 2 forces the split path, for tests); 0 "
      "restores the heuristic."},
+    {"cuda_backward_splits", py_cuda_backward_splits, METH_VARARGS,
+     "cuda_backward_splits(batch, heads, kv_heads, seqlen_q, seqlen_k): CTAs that share each key block's steps in "
+     "the CUDA backward on the current device; 1 = no split."},
+    {"set_cuda_backward_splits", py_set_cuda_backward_splits, METH_VARARGS,
+     "set_cuda_backward_splits(n): split every backward into n (n >= 2 forces the split path, for tests); 0 "
+     "restores the heuristic."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef kModule = {PyModuleDef_HEAD_INIT,
-                       "_C",
-                       "avar fused attention kernels (ops are registered as torch.ops.avar.*)",
-                       -1,
-                       kMethods,
-                       nullptr,
-                       nullptr,
-                       nullptr,
-                       nullptr};
+#ifdef AVAR_CUDA_EMULATION
+constexpr const char* kModuleName = "_C_emu";
+constexpr const char* kModuleDoc =
+    "avar ops with the CUDA kernels on an emulated device: float16 / bfloat16 CPU tensors run them (for tests)";
+#else
+constexpr const char* kModuleName = "_C";
+constexpr const char* kModuleDoc = "avar fused attention kernels (ops are registered as torch.ops.avar.*)";
+#endif
+
+PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT, kModuleName, kModuleDoc, -1, kMethods, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
+#ifdef AVAR_CUDA_EMULATION
+PyMODINIT_FUNC PyInit__C_emu(void) {
+#else
 PyMODINIT_FUNC PyInit__C(void) {
+#endif
   PyObject* m = PyModule_Create(&kModule);
   if (m == nullptr) return nullptr;
 #ifdef AVAR_WITH_CUDA
@@ -145,7 +185,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   const bool with_cuda = false;
 #endif
+#ifdef AVAR_CUDA_EMULATION
+  const bool cuda_emulation = true;
+#else
+  const bool cuda_emulation = false;
+#endif
   if (PyModule_AddObject(m, "with_cuda", PyBool_FromLong(with_cuda ? 1 : 0)) < 0 ||
+      PyModule_AddObject(m, "cuda_emulation", PyBool_FromLong(cuda_emulation ? 1 : 0)) < 0 ||
       PyModule_AddStringConstant(m, "cpu_capability", AVAR_CPU_CAPABILITY_NAME) < 0) {
     Py_DECREF(m);
     return nullptr;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (once), installs the development requirements and builds avar_ops._C into it (editable).
 # The CUDA kernels are compiled when AVAR_CUDA_ARCHS is set (CI sets it) or a GPU is visible; otherwise the
-# build is CPU-only. AVAR_FORCE_CPU=1 forces CPU-only. Same rule as setup.py.
+# build is CPU-only. AVAR_FORCE_CPU=1 forces CPU-only. Same rule as setup.py. AVAR_BUILD_CUDA_EMULATION=1 (set by
+# scripts/test.sh) also builds avar_ops._C_emu, the CUDA kernels for the emulated device the tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,3 +47,6 @@ else
   echo "[avar] build took $(( $(date +%s) - start )) s"
 fi
 .venv/bin/python -c "import avar_ops, avar_ops._C as c; print('[avar] avar_ops', avar_ops.__version__, '| cuda kernels:', c.with_cuda, '| cpu isa:', c.cpu_capability)"
+if [ "${AVAR_BUILD_CUDA_EMULATION:-0}" = 1 ]; then
+  .venv/bin/python -c "import avar_ops._C_emu" && echo "[avar] avar_ops._C_emu (CUDA kernels on the emulated device) is built"
+fi

@@ -1,12 +1,18 @@
 """The CUDA kernels against the float64 reference, over the whole shared case grid, in bf16 and fp16.
 
 Tolerances come from avar_ops.core.testing: our error may be a small multiple of PyTorch's own error at the same
-precision (plain PyTorch ops on the same low-precision inputs, on the same GPU).
+precision (plain PyTorch ops on the same low-precision inputs, on the same device).
+
+On a GPU these run the real kernels. Without one, `AVAR_EXTENSION=cuda_emulation` (with avar_ops._C_emu built by
+AVAR_BUILD_CUDA_EMULATION=1; scripts/test.sh does both) runs the same kernels and host code on the emulated device
+of csrc/attention/cuda/emulation.h, on CPU tensors; the tests that need a real GPU (CUDA graphs, torch.compile's
+reduce-overhead, CUDA-only dtype rules) are skipped there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -27,10 +33,17 @@ from avar_ops.core.testing import (
     torch_lowp_key_mass,
 )
 
+EMULATED = os.environ.get("AVAR_EXTENSION") == "cuda_emulation"
+DEVICE = "cpu" if EMULATED else "cuda"
+
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+    pytest.mark.skipif(
+        not EMULATED and not torch.cuda.is_available(),
+        reason="no CUDA GPU (AVAR_EXTENSION=cuda_emulation runs these on the emulated device)",
+    ),
 ]
+gpu_only = pytest.mark.skipif(EMULATED, reason="needs a real GPU, not the emulated device")
 
 DTYPES = [torch.bfloat16, torch.float16]
 DTYPE_IDS = ["bf16", "fp16"]
@@ -140,7 +153,7 @@ def _check_forward(kw, dtype, return_mass=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_forward(case, dtype):
-    _check_forward(make_inputs(case, dtype, "cuda", seed=1), dtype)
+    _check_forward(make_inputs(case, dtype, DEVICE, seed=1), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -148,7 +161,7 @@ def test_forward(case, dtype):
     "case", [c for c in CASES if c.name in ("L1025_gqa7_d128", "varlen_ragged", "dead_rows")], ids=lambda c: c.name
 )
 def test_forward_without_mass(case, dtype):
-    _check_forward(make_inputs(case, dtype, "cuda", seed=3), dtype, return_mass=False)
+    _check_forward(make_inputs(case, dtype, DEVICE, seed=3), dtype, return_mass=False)
 
 
 def _decode_splits(case: Case) -> int:
@@ -178,31 +191,38 @@ def test_decode_split_path(case, dtype, splits, forced_splits):
     # 64 splits leave some splits without a key tile: their partials must drop out of the merge.
     forced_splits(splits)
     assert _decode_splits(case) == splits
-    _check_forward(make_inputs(case, dtype, "cuda", seed=4), dtype)
+    _check_forward(make_inputs(case, dtype, DEVICE, seed=4), dtype)
 
 
 def _grad_leaves(kw):
     return [(name, kw[name]) for name in ("q", "k", "v", "bias", "logit_scale") if kw.get(name) is not None]
 
 
+def _grads(loss, inputs):
+    """d loss / d inputs, zeros where the loss does not depend on an input (every sequence empty)."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    return torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+
+
 def _check_backward(kw, dtype, seed):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     names, leaves = zip(*_grad_leaves(kw))
 
     ours = avar_ops.attention(**kw, return_mass=True)
-    d_out = torch.randn(ours.out.shape, generator=gen, device="cuda").to(dtype)  # like out
-    d_mass = torch.randn(ours.mass.shape, generator=gen, device="cuda")  # [B, H, Lq, G] | [H, Tq, G]
+    d_out = torch.randn(ours.out.shape, generator=gen, device=DEVICE).to(dtype)  # like out
+    d_mass = torch.randn(ours.mass.shape, generator=gen, device=DEVICE)  # [B, H, Lq, G] | [H, Tq, G]
     loss = (ours.out.float() * d_out.float()).sum() + (ours.mass * d_mass).sum()
-    grads = torch.autograd.grad(loss, leaves)
+    grads = _grads(loss, leaves)
 
     kw64 = _upcast(kw, requires_grad=True)
     ref = attention_reference(**kw64, return_mass=True)
     ref_loss = (ref.out * d_out.double()).sum() + (ref.mass * d_mass.double()).sum()
-    ref_grads = torch.autograd.grad(ref_loss, [kw64[n] for n in names])
+    ref_grads = _grads(ref_loss, [kw64[n] for n in names])
 
     t_out, t_mass = _lowp_attention(kw)
     t_loss = (t_out.float() * d_out.float()).sum() + (t_mass * d_mass).sum()
-    t_grads = torch.autograd.grad(t_loss, leaves)
+    t_grads = _grads(t_loss, leaves)
 
     for name, g, r, t in zip(names, grads, ref_grads, t_grads):
         assert torch.isfinite(g).all(), f"d{name} has non-finite values"
@@ -219,16 +239,61 @@ def _check_backward(kw, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_backward(case, dtype):
-    _check_backward(make_inputs(case, dtype, "cuda", seed=2, requires_grad=True), dtype, seed=5)
+    _check_backward(make_inputs(case, dtype, DEVICE, seed=2, requires_grad=True), dtype, seed=5)
+
+
+# Backward splits: each key block's steps (query heads × query blocks) shared by several CTAs, whose dK / dV
+# partials are summed afterwards. Split counts that do not divide the steps cut runs in the middle of a head;
+# more splits than steps leave some CTAs without work, whose zero partials must still be summed in.
+BACKWARD_SPLIT_CASES = [
+    Case("bwd_split_gqa7_d128", batch=1, len_q=200, len_k=None, heads=14, kv_heads=2, head_dim=128),
+    Case("bwd_split_gqa2_d80_noncausal", batch=2, len_q=70, len_k=None, heads=4, kv_heads=2, head_dim=80, causal=False),
+    Case("bwd_split_varlen", varlen=(0, 37, 90), len_k=10, heads=4, kv_heads=1, head_dim=64, groups="dead_rows"),
+]
+
+
+@pytest.fixture
+def forced_backward_splits():
+    ext = _extension.load_extension()
+    yield ext.set_cuda_backward_splits
+    ext.set_cuda_backward_splits(0)
+
+
+@pytest.mark.parametrize("case", BACKWARD_SPLIT_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("splits", [2, 5, 40], ids=["2_splits", "5_splits", "40_splits"])
+def test_backward_split_path(case, splits, forced_backward_splits):
+    forced_backward_splits(splits)
+    lens_q = case.varlen if case.varlen is not None else (case.len_q,)
+    batch = len(lens_q) if case.varlen is not None else case.batch
+    max_k = max(lq + case.lk for lq in lens_q) if case.varlen is not None else case.lk
+    ext = _extension.load_extension()
+    assert ext.cuda_backward_splits(batch, case.heads, case.kv_heads, max(lens_q), max_k) == splits
+    dtype = torch.bfloat16
+    _check_backward(make_inputs(case, dtype, DEVICE, seed=11, requires_grad=True), dtype, seed=12)
+
+
+def test_backward_splits_heuristic(monkeypatch):
+    if EMULATED:
+        monkeypatch.setenv("AVAR_EMULATED_SM_COUNT", "132")  # an H100's / H200's count
+    sms = 132 if EMULATED else torch.cuda.get_device_properties(0).multi_processor_count
+    ext = _extension.load_extension()
+    # A 7B-shaped short sequence (28 query heads on 4 kv heads, 1025 tokens): 17 key blocks × 4 kv heads = 68 CTAs.
+    got = ext.cuda_backward_splits(1, 28, 4, 1025, 1025)
+    if 68 < sms:
+        assert 2 <= got and 68 * (got - 1) < 2 * sms, f"{got} splits of 68 CTAs on {sms} SMs"
+    else:
+        assert got == 1
+    assert ext.cuda_backward_splits(8, 28, 4, 8192, 8192) == 1  # 8 × 128 × 4 CTAs fill any GPU
+    assert ext.cuda_backward_splits(1, 1, 1, 1, 1) == 1  # a single step cannot be shared
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_key_mass(case, dtype):
-    kw = make_inputs(case, dtype, "cuda", seed=6)
+    kw = make_inputs(case, dtype, DEVICE, seed=6)
     fwd = avar_ops.attention(**kw)
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    w = torch.rand(fwd.lse.shape, generator=gen, device="cuda")  # [B, H, Lq] | [H, Tq]
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    w = torch.rand(fwd.lse.shape, generator=gen, device=DEVICE)  # [B, H, Lq] | [H, Tq]
     extra = {n: kw[n] for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k") if n in kw}
     common = dict(
         key_group=kw.get("key_group"), bias=kw.get("bias"), logit_scale=kw.get("logit_scale"), causal=kw["causal"]
@@ -257,33 +322,34 @@ def test_key_mass(case, dtype):
 # Bad input: a clear exception naming the argument.
 
 
+@gpu_only
 def test_rejects_fp32_on_cuda():
-    kw = make_inputs(CASES[1], torch.float32, "cuda")
+    kw = make_inputs(CASES[1], torch.float32, DEVICE)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         avar_ops.attention(**kw)
 
 
 def test_rejects_head_dim_96():
-    kw = make_inputs(dataclasses.replace(CASES[1], head_dim=96), torch.bfloat16, "cuda")
+    kw = make_inputs(dataclasses.replace(CASES[1], head_dim=96), torch.bfloat16, DEVICE)
     with pytest.raises(ValueError, match="head dim 96"):
         avar_ops.attention(**kw)
 
 
 def test_rejects_misaligned_stride():
     B, L, H, D = 2, 33, 4, 64
-    q = torch.randn(B, L, H, D + 1, device="cuda", dtype=torch.bfloat16)[..., :D]  # head stride D + 1
-    k = torch.randn(B, L, 1, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B, L, 1, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, L, H, D + 1, device=DEVICE, dtype=torch.bfloat16)[..., :D]  # head stride D + 1
+    k = torch.randn(B, L, 1, D, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn(B, L, 1, D, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="q must be 16-byte aligned"):
         avar_ops.attention(q, k, v)
 
 
 def test_rejects_misaligned_pointer():
     B, L, Hkv, D = 2, 33, 1, 64
-    q = torch.randn(B, L, 4, D, device="cuda", dtype=torch.bfloat16)
-    flat = torch.randn(B * L * Hkv * D + 1, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, L, 4, D, device=DEVICE, dtype=torch.bfloat16)
+    flat = torch.randn(B * L * Hkv * D + 1, device=DEVICE, dtype=torch.bfloat16)
     k = flat[1:].view(B, L, Hkv, D)  # data pointer 2 bytes past an aligned address
-    v = torch.randn(B, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, L, Hkv, D, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="k must be 16-byte aligned"):
         avar_ops.attention(q, k, v)
 
@@ -302,15 +368,16 @@ def checks_off():
 
 def _graph_inputs(seed):
     case = Case("graph_decode", batch=2, len_q=1, len_k=600, heads=8, kv_heads=2, head_dim=64)
-    return make_inputs(case, torch.bfloat16, "cuda", seed=seed)
+    return make_inputs(case, torch.bfloat16, DEVICE, seed=seed)
 
 
+@gpu_only
 @pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
 def test_forward_captures_in_a_cuda_graph(varlen, checks_off):
     kw = _graph_inputs(seed=8)
     if varlen:
         case = Case("graph_varlen", varlen=(1, 3), len_k=500, heads=8, kv_heads=2, head_dim=64)
-        kw = make_inputs(case, torch.bfloat16, "cuda", seed=8)
+        kw = make_inputs(case, torch.bfloat16, DEVICE, seed=8)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture (kernel attributes, allocator pools)
@@ -320,7 +387,7 @@ def test_forward_captures_in_a_cuda_graph(varlen, checks_off):
     with torch.cuda.graph(graph):
         static = avar_ops.attention(**kw, return_mass=True)
 
-    fresh = _graph_inputs(seed=9) if not varlen else make_inputs(case, torch.bfloat16, "cuda", seed=9)
+    fresh = _graph_inputs(seed=9) if not varlen else make_inputs(case, torch.bfloat16, DEVICE, seed=9)
     for name in ("q", "k", "v"):
         kw[name].copy_(fresh[name])
     graph.replay()
@@ -331,6 +398,7 @@ def test_forward_captures_in_a_cuda_graph(varlen, checks_off):
     assert torch.equal(static.mass, eager.mass)
 
 
+@gpu_only
 def test_reduce_overhead_compile(checks_off):
     kw = _graph_inputs(seed=10)
 

@@ -67,9 +67,20 @@ struct Geometry {
   int64_t covered_q = 0, covered_k = 0;  // varlen: cu_seqlens_*[-1] (rows past them belong to no sequence)
 };
 
+// Whether a call follows the CUDA rules (float16 / bfloat16, head dims 64, 80 and 128, max_seqlen from the
+// caller, value checks only when asked for): CUDA inputs, and in an emulation build the CPU inputs that run on
+// the emulated device.
+bool cuda_rules(const Tensor& q) {
+#ifdef AVAR_CUDA_EMULATION
+  return q.is_cuda() || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+#else
+  return q.is_cuda();
+#endif
+}
+
 // Value checks read tensor contents; on CUDA that waits for the GPU, so they run there only when asked for.
 bool value_checks_for(const Tensor& q) {
-  return !q.is_cuda() || input_checks();
+  return !cuda_rules(q) || input_checks();
 }
 
 // The kernels compute in float32, except the CPU float64 path (gradcheck).
@@ -81,8 +92,9 @@ double largest_finite(at::ScalarType t) {
   return t == at::kDouble ? DBL_MAX : FLT_MAX;
 }
 
-bool is_supported_dtype(const at::Device& device, at::ScalarType dt) {
-  if (device.is_cuda()) return dt == at::kHalf || dt == at::kBFloat16;
+bool is_supported_dtype(const Tensor& q) {
+  const at::ScalarType dt = q.scalar_type();
+  if (cuda_rules(q)) return dt == at::kHalf || dt == at::kBFloat16;
   return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble;
 }
 
@@ -142,9 +154,9 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "avar.attention: q, k and v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(),
                    ", v ", v.scalar_type());
-  TORCH_CHECK_TYPE(is_supported_dtype(q.device(), q.scalar_type()), "avar.attention: q dtype ", q.scalar_type(),
-                   " is not supported on ", q.device().type(),
-                   q.is_cuda() ? " (expected float16 or bfloat16)" : " (expected float32, bfloat16 or float64)");
+  TORCH_CHECK_TYPE(is_supported_dtype(q), "avar.attention: q dtype ", q.scalar_type(), " is not supported on ",
+                   q.device().type(),
+                   cuda_rules(q) ? " (expected float16 or bfloat16)" : " (expected float32, bfloat16 or float64)");
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "avar.attention: k and v must have the same shape, got k ", k.sizes(),
                     " and v ", v.sizes());
   check_last_dim_contiguous(q, "q");
@@ -160,7 +172,7 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
                     "avar.attention: the number of query heads must be a multiple of the number of kv heads "
                     "(H % H_kv == 0), got H = ",
                     g.heads, " and H_kv = ", g.kv_heads);
-  if (q.is_cuda()) {
+  if (cuda_rules(q)) {
     TORCH_CHECK_VALUE(g.head_dim == 64 || g.head_dim == 80 || g.head_dim == 128, "avar.attention: head dim ",
                       g.head_dim, " is not supported on CUDA (expected 64, 80 or 128)");
   } else {
@@ -180,7 +192,7 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
     g.total_k = k.size(0);
     // Negative: not given. CUDA takes them from the caller (as FlashAttention's varlen API does) so that no
     // call waits for the GPU; the CPU reads them off cu_seqlens.
-    TORCH_CHECK_VALUE(!q.is_cuda() || (max_seqlen_q >= 0 && max_seqlen_k >= 0),
+    TORCH_CHECK_VALUE(!cuda_rules(q) || (max_seqlen_q >= 0 && max_seqlen_k >= 0),
                       "avar.attention: varlen on CUDA needs max_seqlen_q and max_seqlen_k (the longest query and "
                       "key sequence): reading them from cu_seqlens would wait for the GPU on every call; got "
                       "max_seqlen_q = ",
@@ -204,7 +216,7 @@ Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
       TORCH_CHECK_VALUE(max_seqlen_k < 0 || max_seqlen_k >= g.seqlen_k, "avar.attention: max_seqlen_k = ", max_seqlen_k,
                         " is smaller than the longest key sequence in cu_seqlens_k (", g.seqlen_k, ")");
     }
-    if (q.is_cuda()) {
+    if (cuda_rules(q)) {
       g.seqlen_q = max_seqlen_q;
       g.seqlen_k = max_seqlen_k;
     }
@@ -315,6 +327,7 @@ SeqLayout make_layout(const Geometry& g, const OptTensor& cu_q, const OptTensor&
   s.seqlen_q = g.seqlen_q;
   s.seqlen_k = g.seqlen_k;
   s.total_q = g.total_q;
+  s.total_k = g.total_k;
   s.heads = g.heads;
   s.kv_heads = g.kv_heads;
   s.head_dim = g.head_dim;

@@ -1,17 +1,70 @@
 #include "cuda_dispatch.h"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <atomic>
 
 #include "cuda/launch.h"
+#ifdef AVAR_CUDA_EMULATION
+#include "cuda/emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace avar::cuda_dispatch {
 namespace {
+
+// What the host side needs of the device: the real one, or the CPU emulation (cuda/emulation.h), where scratch
+// lives in host memory and the kernels run on the calling thread.
+#ifdef AVAR_CUDA_EMULATION
+c10::DeviceIndex current_device() {
+  return 0;
+}
+
+cudaStream_t current_stream(c10::DeviceIndex) {
+  return nullptr;
+}
+
+int sm_count(c10::DeviceIndex) {
+  return cuda_emulation::sm_count();
+}
+
+at::TensorOptions f32_on(c10::DeviceIndex) {
+  return at::TensorOptions().dtype(at::kFloat);
+}
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "avar (emulated CUDA): ",
+              err == cudaErrorInvalidValue ? "unsupported head dim" : cuda_emulation::last_error());
+}
+#else
+c10::DeviceIndex current_device() {
+  return c10::cuda::current_device();
+}
+
+cudaStream_t current_stream(c10::DeviceIndex device) {
+  return current_stream(device);
+}
+
+// ATen's CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which a bare nvcc toolkit lacks.
+int sm_count(c10::DeviceIndex device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+at::TensorOptions f32_on(c10::DeviceIndex device) {
+  return at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, device));
+}
+
+void check_launch(cudaError_t err) {
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 using avar::cuda::DType;
 
@@ -22,6 +75,7 @@ DType to_dtype(at::ScalarType t) {
 }
 
 std::atomic<int> g_forced_splits{0};
+std::atomic<int> g_forced_backward_splits{0};
 
 // The kernels move q, k, v and dout tiles with 16-byte cp.async copies: the base pointer and every stride that
 // is stepped over (batch, row, head) must be a multiple of 16 bytes, i.e. of 8 two-byte elements.
@@ -66,22 +120,6 @@ void check_grid(const SeqLayout& s, int64_t z_factor) {
                     " sequences per call, got ", s.batch);
 }
 
-void check_launch(cudaError_t err) {
-  C10_CUDA_CHECK(err);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// ATen's CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which a bare nvcc toolkit lacks.
-int sm_count(c10::DeviceIndex device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
-at::TensorOptions f32_on(c10::DeviceIndex device) {
-  return at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, device));
-}
-
 }  // namespace
 
 int decode_splits(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, int sm_count) {
@@ -101,21 +139,45 @@ int decode_splits(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen
 int decode_splits_on_current_device(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k) {
   const int forced = g_forced_splits.load();
   if (forced > 0) return static_cast<int>(std::min<int64_t>(forced, 65535 / std::max<int64_t>(batch, 1)));
-  return decode_splits(batch, heads, seqlen_q, seqlen_k, sm_count(c10::cuda::current_device()));
+  return decode_splits(batch, heads, seqlen_q, seqlen_k, sm_count(current_device()));
 }
 
 void set_forced_decode_splits(int n) {
   g_forced_splits.store(n);
 }
 
+int backward_splits(int64_t batch, int64_t heads, int64_t kv_heads, int64_t seqlen_q, int64_t seqlen_k, int sm_count) {
+  // The backward grid is one CTA per (key block, kv head, sequence). When that leaves multiprocessors idle (short
+  // sequences, few kv heads: 34 CTAs on 132 SMs at L = 1025 with 2 kv heads), split each key block's steps (query
+  // heads × query blocks) over up to two CTAs per SM, each keeping at least two steps.
+  const int64_t ctas = batch * kv_heads * ((seqlen_k + cuda::kBwdBlockN - 1) / cuda::kBwdBlockN);
+  if (ctas <= 0 || kv_heads <= 0 || ctas >= sm_count) return 1;
+  const int64_t steps = heads / kv_heads * ((seqlen_q + cuda::kBwdBlockM - 1) / cuda::kBwdBlockM);
+  constexpr int64_t kMaxSplits = 16;
+  int64_t splits = std::min<int64_t>({(2 * sm_count + ctas - 1) / ctas, steps / 2, kMaxSplits});
+  splits = std::min<int64_t>(splits, 65535 / kv_heads);
+  return static_cast<int>(std::max<int64_t>(splits, 1));
+}
+
+int backward_splits_on_current_device(int64_t batch, int64_t heads, int64_t kv_heads, int64_t seqlen_q,
+                                      int64_t seqlen_k) {
+  const int forced = g_forced_backward_splits.load();
+  if (forced > 0) return static_cast<int>(std::min<int64_t>(forced, 65535 / std::max<int64_t>(kv_heads, 1)));
+  return backward_splits(batch, heads, kv_heads, seqlen_q, seqlen_k, sm_count(current_device()));
+}
+
+void set_forced_backward_splits(int n) {
+  g_forced_backward_splits.store(n);
+}
+
 namespace {
 
 void fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   const DType dt = to_dtype(dtype);
-  const c10::DeviceIndex device = c10::cuda::current_device();
+  const c10::DeviceIndex device = current_device();
   check_qkv_aligned(p);
   const SeqLayout& s = p.seq;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const cudaStream_t stream = current_stream(device);
 
   cuda::FwdSplit split;
   split.num_splits = decode_splits_on_current_device(s.batch, s.heads, s.seqlen_q, s.seqlen_k);
@@ -140,14 +202,14 @@ void fwd(const AttnFwdParams& p, at::ScalarType dtype) {
 
 void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   const DType dt = to_dtype(dtype);
-  const c10::DeviceIndex device = c10::cuda::current_device();
+  const c10::DeviceIndex device = current_device();
   check_qkv_aligned(p.fwd);
   const SeqLayout& s = p.fwd.seq;
   check_aligned(p.dout, "dout", p.do_batch_stride, batch_extent(s), p.do_row_stride, row_extent(s, s.seqlen_q),
                 p.do_head_stride, s.heads);
   check_grid(s, 1);
   TORCH_CHECK_VALUE(s.kv_heads <= 65535, "avar.attention_bwd (CUDA): at most 65535 kv heads, got ", s.kv_heads);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const cudaStream_t stream = current_stream(device);
 
   // Indexed by packed query row (b·Lq + i batched, cu_seqlens_q[b] + i varlen): scratch grows with the rows of
   // q, not with batch × the longest sequence.
@@ -156,18 +218,28 @@ void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   cuda::BwdScratch scratch;
   scratch.dq_accum = dq_accum.data_ptr<float>();
   scratch.delta = delta.data_ptr<float>();
+  scratch.num_splits = backward_splits_on_current_device(s.batch, s.heads, s.kv_heads, s.seqlen_q, s.seqlen_k);
+  at::Tensor dk_partial, dv_partial;
+  if (scratch.num_splits > 1) {
+    // Every split writes every key row of its sequences, so no zeroing is needed.
+    dk_partial = at::empty({scratch.num_splits, s.total_k, s.kv_heads, s.head_dim}, f32_on(device));  // [S, Tk, Hkv, D]
+    dv_partial = at::empty({scratch.num_splits, s.total_k, s.kv_heads, s.head_dim}, f32_on(device));  // [S, Tk, Hkv, D]
+    scratch.dk_partial = dk_partial.data_ptr<float>();
+    scratch.dv_partial = dv_partial.data_ptr<float>();
+  }
   check_launch(cuda::launch_bwd_delta(p, dt, scratch, stream));
   check_launch(cuda::with_head_dim(
       s.head_dim, [&](auto d) { return cuda::launch_bwd<decltype(d)::value>(p, dt, scratch, stream); }));
   check_launch(cuda::launch_bwd_convert_dq(p, dt, scratch, stream));
+  if (scratch.num_splits > 1) check_launch(cuda::launch_bwd_reduce_dkv(p, dt, scratch, stream));
 }
 
 void key_mass(const KeyMassParams& p, at::ScalarType dtype) {
   const DType dt = to_dtype(dtype);
-  const c10::DeviceIndex device = c10::cuda::current_device();
+  const c10::DeviceIndex device = current_device();
   check_qkv_aligned(p.fwd);
   check_grid(p.fwd.seq, 1);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const cudaStream_t stream = current_stream(device);
   check_launch(cuda::with_head_dim(p.fwd.seq.head_dim,
                                    [&](auto d) { return cuda::launch_key_mass<decltype(d)::value>(p, dt, stream); }));
 }
@@ -175,5 +247,29 @@ void key_mass(const KeyMassParams& p, at::ScalarType dtype) {
 }  // namespace
 
 const Backend kCudaBackend{&fwd, &bwd, &key_mass};
+
+#ifdef AVAR_CUDA_EMULATION
+namespace {
+
+bool emulated(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+void emulation_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
+  (emulated(dtype) ? kCudaBackend : kCpuBackend).fwd(p, dtype);
+}
+
+void emulation_bwd(const AttnBwdParams& p, at::ScalarType dtype) {
+  (emulated(dtype) ? kCudaBackend : kCpuBackend).bwd(p, dtype);
+}
+
+void emulation_key_mass(const KeyMassParams& p, at::ScalarType dtype) {
+  (emulated(dtype) ? kCudaBackend : kCpuBackend).key_mass(p, dtype);
+}
+
+}  // namespace
+
+const Backend kEmulationBackend{&emulation_fwd, &emulation_bwd, &emulation_key_mass};
+#endif
 
 }  // namespace avar::cuda_dispatch

@@ -20,6 +20,7 @@ struct SeqLayout {
   int64_t seqlen_q = 0;  // batched: Lq; varlen: max_seqlen_q
   int64_t seqlen_k = 0;  // batched: Lk; varlen: max_seqlen_k
   int64_t total_q = 0;   // rows of q: batched B·Lq; varlen Tq (sequences and the rows past them)
+  int64_t total_k = 0;   // rows of k: batched B·Lk; varlen Tk
   int64_t heads = 0;
   int64_t kv_heads = 0;
   int64_t head_dim = 0;

@@ -1,4 +1,5 @@
-// The two light passes around the backward kernel: D_i before it, dq's conversion from fp32 after it.
+// The light passes around the backward kernel: D_i before it; after it, dq's conversion from fp32 and the sum of
+// the dk / dv split partials.
 #include "common.cuh"
 #include "launch.h"
 #include "launch_util.cuh"
@@ -62,7 +63,43 @@ __global__ void __launch_bounds__(kConvertWarps * 32) convert_dq_kernel(const At
   for (int d = lane; d < D; d += 32) dst[d] = Tr::from_float(src[d]);
 }
 
+// dk[b, j, kvh, :] = Σ_s dk_partial[s, packed row of (b, j), kvh, :] (and dv likewise) for every key of every
+// sequence; one warp per (key row, kv head). Rows past the sequences are left as the caller set them.
+template <typename T>
+__global__ void __launch_bounds__(kConvertWarps * 32) reduce_dkv_kernel(const AttnBwdParams bp, const BwdScratch scr) {
+  using Tr = ElemTraits<T>;
+  const SeqLayout& s = bp.fwd.seq;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  const SeqSpan sp = seq_span(s, b);
+  const int j = blockIdx.x * kConvertWarps + warp;
+  if (j >= sp.len_k) return;
+  const int D = static_cast<int>(s.head_dim);
+  const int64_t split_stride = s.total_k * s.kv_heads * D;
+  const int64_t part = ((scratch_krow0(s, sp, b) + j) * s.kv_heads + kvh) * D;
+  const int64_t krow = sp.k_start + j;
+  T* dk = static_cast<T*>(bp.dk) + b * bp.dk_batch_stride + krow * bp.dk_row_stride + kvh * bp.dk_head_stride;
+  T* dv = static_cast<T*>(bp.dv) + b * bp.dv_batch_stride + krow * bp.dv_row_stride + kvh * bp.dv_head_stride;
+  for (int d = lane; d < D; d += 32) {
+    float sk = 0.f, sv = 0.f;
+    for (int split = 0; split < scr.num_splits; ++split) {
+      sk += scr.dk_partial[split * split_stride + part + d];
+      sv += scr.dv_partial[split * split_stride + part + d];
+    }
+    dk[d] = Tr::from_float(sk);
+    dv[d] = Tr::from_float(sv);
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_bwd_reduce_dkv(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
+  const dim3 grid(blocks_for(p.fwd.seq.seqlen_k, kConvertWarps), static_cast<unsigned>(p.fwd.seq.kv_heads),
+                  static_cast<unsigned>(p.fwd.seq.batch));
+  return with_dtype(dt, [&](auto elem) {
+    return launch(reduce_dkv_kernel<typename decltype(elem)::type>, grid, kConvertWarps * 32, 0, stream, p, s);
+  });
+}
 
 cudaError_t launch_bwd_delta(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kDeltaWarps * kDeltaRowsPerWarp;

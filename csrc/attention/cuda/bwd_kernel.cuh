@@ -1,8 +1,11 @@
 // Backward kernel: FlashAttention-2's dK/dV-stationary pass with the group terms of docs/design.md ("The op").
 //
-// One CTA = (key block of 64 keys, kv head, sequence); 4 warps own 16 keys each. The CTA loops over every
-// query head that reads this kv head and every query block that sees these keys, so dK and dV of the GQA
-// group accumulate in registers and are written once, without races. Per step (query head h, 64 query rows):
+// One CTA = (key block of 64 keys, kv head, split, sequence); 4 warps own 16 keys each. A key block's work is a
+// list of steps, one per (query head reading this kv head, query block seeing these keys); the CTA takes a
+// contiguous run of it, so dK and dV of the GQA group accumulate in registers. With one split (the grid alone
+// fills the GPU) the CTA takes every step and writes dK / dV once, without races; with S splits each CTA
+// writes an fp32 partial and a second pass sums the S partials (so a short sequence with few kv heads still
+// spreads over the multiprocessors). Per step (query head h, kBlockM query rows):
 //     Sᵀ = K·Qᵀ,  dPᵀ = V·dOᵀ                           (mma, rows = this warp's keys)
 //     P  = exp2(raw·gs + bs − lse2),   dP += dmass[i, g(j)]
 //     dS = P·(dP − D_i),   dSg = dS·scale·γ[h, g(j)]
@@ -23,7 +26,13 @@ struct BwdConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockN = kBwdBlockN;  // keys per CTA = 16 · kWarps
-  static constexpr int kBlockM = kBwdBlockM;  // query rows per step
+  // Query rows per step. Each thread holds dK and dV of its two keys (kD / 2 floats each) for the whole CTA, plus
+  // the Sᵀ and dPᵀ accumulators of a step (kBlockM / 2 floats each): at kD = 128 a 64-row step needs more than
+  // 255 registers and spills, while 32 rows leave room and halve the shared memory (more CTAs per SM).
+  static constexpr int kBlockM = kD >= 128 ? 32 : 64;
+  // dQ of a step: warps split its rows in 16-row slices, and the head dim when there are fewer slices than warps.
+  static constexpr int kWarpsM = kBlockM / 16;
+  static constexpr int kWarpsD = kWarps / kWarpsM;
   static constexpr int kStride = kD + kPad;
   static constexpr int kStrideS = kBlockM + kPad;  // dS tile [key][query]
   static constexpr int kTileKV = kBlockN * kStride;
@@ -33,6 +42,7 @@ struct BwdConfig {
                                        2 * kBlockM * (2 + kNumGroups) * 4 + 2 * kNumGroups * 4;
   static_assert(kBlockN == 16 * kWarps, "one warp per 16 keys");
   static_assert(kBlockM % 16 == 0 && kD % 16 == 0, "tiles are made of 16×16 MMA blocks");
+  static_assert(kWarpsM * kWarpsD == kWarps && (kD / 16) % kWarpsD == 0, "dQ slices cover the step once");
 };
 
 template <typename T, int kD, bool kCausal>
@@ -44,7 +54,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   constexpr int kDB = kD / 8;
   const AttnFwdParams& p = bp.fwd;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* sK = reinterpret_cast<T*>(smem_raw);                             // [kBlockN][kStride]
   T* sV = sK + C::kTileKV;                                            // [kBlockN][kStride]
   T* sQ = sV + C::kTileKV;                                            // [2][kBlockM][kStride]
@@ -56,7 +66,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   float* sRed = sDm + 2 * kNumGroups * kBlockM;                       // [2][G] dβ, dγ of the current head
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
-  const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int n_block = blockIdx.x, b = blockIdx.z;
+  const int kvh = blockIdx.y / scr.num_splits, split = blockIdx.y % scr.num_splits;
   const SeqSpan sp = seq_span(p.seq, b);
   const int n0 = n_block * kBlockN;
   if (n0 >= sp.len_k) return;
@@ -67,7 +78,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   const int m_first = kCausal ? max(0, n0 - offset) : 0;
   const int mb_begin = m_first / kBlockM;
   const int n_mb = m_first >= sp.len_q ? 0 : (sp.len_q + kBlockM - 1) / kBlockM - mb_begin;
-  const int total_steps = rep * n_mb;
+  // Steps t = (query head t / n_mb, query block t % n_mb); this split takes [t_begin, t_end).
+  const int all_steps = rep * n_mb;
+  const int t_begin = static_cast<int>(static_cast<int64_t>(all_steps) * split / scr.num_splits);
+  const int t_end = static_cast<int>(static_cast<int64_t>(all_steps) * (split + 1) / scr.num_splits);
 
   const T* k_base =
       static_cast<const T*>(p.k) + b * p.k_batch_stride + sp.k_start * p.k_row_stride + kvh * p.k_head_stride;
@@ -118,7 +132,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
                                                tid);
   load_tile_async<T, kBlockN, kD, C::kThreads>(sV, v_base, p.v_row_stride, n0, sp.len_k, static_cast<const T*>(p.v),
                                                tid);
-  if (total_steps > 0) prefetch(0, 0);
+  if (t_begin < t_end) prefetch(t_begin, 0);
   cp_async_commit();
   if (tid < 2 * kNumGroups) sRed[tid] = 0.f;
 
@@ -148,13 +162,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   float col_g[2] = {0.f, 0.f};  // Σ_i dS·raw
   int pending_head = -1;        // head whose dβ/dγ wait in sRed
 
-  for (int t = 0; t < total_steps; ++t) {
-    const int stage = t & 1;
-    const int hh = t / n_mb;
-    const int h = kvh * rep + hh;
+  for (int t = t_begin; t < t_end; ++t) {
+    const int stage = (t - t_begin) & 1;
+    const int h = kvh * rep + t / n_mb;
     const int m0 = (mb_begin + t % n_mb) * kBlockM;
-    const bool head_ends = (t % n_mb) == n_mb - 1;
-    if (t + 1 < total_steps) prefetch(t + 1, stage ^ 1);
+    const bool head_starts = t % n_mb == 0 || t == t_begin;
+    const bool head_ends = t % n_mb == n_mb - 1 || t == t_end - 1;
+    if (t + 1 < t_end) prefetch(t + 1, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -165,7 +179,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
       sRed[tid] = 0.f;
     }
     pending_head = -1;
-    if (t % n_mb == 0) {
+    if (head_starts) {
       const float* gamma_h = p.logit_scale + h * kNumGroups;
       const float* beta_h = p.bias + h * kNumGroups;
 #pragma unroll
@@ -228,7 +242,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
       }
     }
 
-#pragma unroll
+    // Rolled: unrolled, the loop keeps every slice's fragments in flight next to dK and dV and spills registers
+    // at every head dim (ptxas -v; scripts/check_spills.sh).
+#pragma unroll 1
     for (int kc = 0; kc < kBlockM / 16; ++kc) {
       uint32_t ap[4], as[4];
       ap[0] = Tr::pack(st[2 * kc][0], st[2 * kc][1]);
@@ -257,21 +273,25 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
     }
     __syncthreads();
 
-    // dQ rows [16·warp, 16·warp + 16) of this step: dSg (query-major view of sdS) · K.
+    // dQ of this step = dSg (query-major view of sdS) · K: rows [16·wm, 16·wm + 16), head-dim blocks of 16 from
+    // dp_first on.
     {
+      constexpr int kDpPerWarp = kD / 16 / C::kWarpsD;
+      const int wm = warp % C::kWarpsM;
+      const int dp_first = (warp / C::kWarpsM) * kDpPerWarp;
       uint32_t ads[kBlockN / 16][4];
 #pragma unroll
       for (int kc = 0; kc < kBlockN / 16; ++kc) {
-        ldmatrix_x4_trans(ads[kc], lds_pattern_b<kStrideS>(sdS, kc * 16, warp * 16, lane));
+        ldmatrix_x4_trans(ads[kc], lds_pattern_b<kStrideS>(sdS, kc * 16, wm * 16, lane));
       }
-      const int q_row[2] = {m0 + warp * 16 + gid, m0 + warp * 16 + gid + 8};
+      const int q_row[2] = {m0 + wm * 16 + gid, m0 + wm * 16 + gid + 8};
       float* dq_row[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         dq_row[r] = scr.dq_accum + ((row0 + q_row[r]) * H + h) * kD;
       }
 #pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
+      for (int dp = dp_first; dp < dp_first + kDpPerWarp; ++dp) {
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int kc = 0; kc < kBlockN / 16; ++kc) {
@@ -317,6 +337,24 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
     if (dst != nullptr) atomicAdd(dst + pending_head * kNumGroups + (tid % kNumGroups), sRed[tid]);
   }
 
+  if (scr.num_splits > 1) {
+    // [S, Tk, Hkv, D]: this split's share, summed by the reduction pass.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = n0 + key_local[r];
+      if (key >= sp.len_k) continue;
+      const int64_t prow = (split * p.seq.total_k + scratch_krow0(p.seq, sp, b) + key) * p.seq.kv_heads + kvh;
+      float* dk_part = scr.dk_partial + prow * kD;
+      float* dv_part = scr.dv_partial + prow * kD;
+#pragma unroll
+      for (int i = 0; i < kDB; ++i) {
+        const int d = i * 8 + 2 * tig;
+        *reinterpret_cast<float2*>(dk_part + d) = make_float2(dk[i][2 * r], dk[i][2 * r + 1]);
+        *reinterpret_cast<float2*>(dv_part + d) = make_float2(dv[i][2 * r], dv[i][2 * r + 1]);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + key_local[r];
@@ -336,7 +374,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
 template <int kD>
 cudaError_t launch_bwd(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
   using C = BwdConfig<kD>;
-  const dim3 grid(blocks_for(p.fwd.seq.seqlen_k, C::kBlockN), static_cast<unsigned>(p.fwd.seq.kv_heads),
+  const dim3 grid(blocks_for(p.fwd.seq.seqlen_k, C::kBlockN), static_cast<unsigned>(p.fwd.seq.kv_heads * s.num_splits),
                   static_cast<unsigned>(p.fwd.seq.batch));
   return with_dtype_causal(dt, p.fwd.seq.causal, [&](auto elem, auto causal) {
     using T = typename decltype(elem)::type;

@@ -8,6 +8,10 @@
 //   C 16×8  (fp32):      c0,c1 = (row gid, col 2tig..2tig+1)  c2,c3 = (row gid+8, col 2tig..)
 #pragma once
 
+#ifdef AVAR_CUDA_EMULATION
+#include "emulation.h"
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -49,6 +53,21 @@ struct ElemTraits<__nv_bfloat16> {
   __device__ static __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
+#ifdef AVAR_CUDA_EMULATION
+inline void emulated_mma(cuda_emulation::WarpOp op, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint32_t in[cuda_emulation::kMaxIn] = {a[0], a[1], a[2], a[3], b0, b1};
+  std::memcpy(in + 6, c, sizeof(c));
+  uint32_t out[cuda_emulation::kMaxOut];
+  cuda_emulation::warp_op(op, in, out);
+  std::memcpy(c, out, sizeof(c));
+}
+
+inline void emulated_ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  uint32_t in[cuda_emulation::kMaxIn] = {addr};
+  cuda_emulation::warp_op(trans ? cuda_emulation::WarpOp::kLdmatrixTrans : cuda_emulation::WarpOp::kLdmatrix, in, r);
+}
+#endif
+
 // D (16×8 fp32) += A (16×16) · B (16×8), both operands in T.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
@@ -56,20 +75,28 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                          uint32_t b1) {
+#ifdef AVAR_CUDA_EMULATION
+  emulated_mma(cuda_emulation::WarpOp::kMmaBf16, c, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef AVAR_CUDA_EMULATION
+  emulated_mma(cuda_emulation::WarpOp::kMmaF16, c, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -78,20 +105,42 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 
 constexpr int kPad = 8;
 
+// The CTA's dynamic shared memory (the launch sets its size).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef AVAR_CUDA_EMULATION
+  return cuda_emulation::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+#endif
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
+#ifdef AVAR_CUDA_EMULATION
+  return cuda_emulation::smem_offset(p);
+#else
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef AVAR_CUDA_EMULATION
+  emulated_ldmatrix(r, addr, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifdef AVAR_CUDA_EMULATION
+  emulated_ldmatrix(r, addr, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 // The four 8×8 matrices of one ldmatrix.x4 are addressed by lanes 8m..8m+7 (m = lane / 8). Two patterns:
@@ -120,17 +169,29 @@ __device__ __forceinline__ uint32_t lds_pattern_b(const void* tile, int row0, in
 // cp.async: 16-byte copies global -> shared; `valid == false` writes zeros and reads nothing.
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#ifdef AVAR_CUDA_EMULATION
+  cuda_emulation::cp_async_16(smem, gmem, valid);
+#else
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
+#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {
+#ifdef AVAR_CUDA_EMULATION
+  cuda_emulation::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
+#endif
 }
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef AVAR_CUDA_EMULATION
+  cuda_emulation::cp_async_wait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
 }
 
 // Loads rows [row0, row0 + kRows) of a [len, kD] row-strided matrix into a padded smem tile; rows at or past
@@ -181,6 +242,11 @@ __device__ __forceinline__ SeqSpan seq_span(const SeqLayout& s, int b) {
 // First row of sequence b in the backward's packed scratch (dq_accum [Tq, H, D], delta [Tq, H]).
 __device__ __forceinline__ int64_t scratch_row0(const SeqLayout& s, const SeqSpan& sp, int b) {
   return s.cu_seqlens_q != nullptr ? sp.q_start : static_cast<int64_t>(b) * s.seqlen_q;
+}
+
+// First row of sequence b in the backward's packed key scratch (dk / dv partials [S, Tk, Hkv, D]).
+__device__ __forceinline__ int64_t scratch_krow0(const SeqLayout& s, const SeqSpan& sp, int b) {
+  return s.cu_seqlens_k != nullptr ? sp.k_start : static_cast<int64_t>(b) * s.seqlen_k;
 }
 
 // Per-key factors in the log2 domain: score2 = raw · gs + bs, raw = q·k. A masked key (group −1, or past the

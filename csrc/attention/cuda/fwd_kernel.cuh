@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kThreads) fwd_kernel(const Attn
   constexpr int kNB = kBlockN / 8;  // n8 blocks of scores per warp
   constexpr int kDB = kD / 8;       // n8 blocks of the output per warp
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* sQ = reinterpret_cast<T*>(smem_raw);                   // [kBlockM][kStride]
   T* sK = sQ + C::kTileQ;                                   // [2][kBlockN][kStride]
   T* sV = sK + 2 * C::kTileKV;                              // [2][kBlockN][kStride]

@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(KeyMassConfig<kD>::kThreads) key_mass_kernel(c
   constexpr int kNB = kBlockM / 8;
   const AttnFwdParams& p = kp.fwd;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* sK = reinterpret_cast<T*>(smem_raw);                       // [kBlockN][kStride]
   T* sQ = sK + C::kTileK;                                       // [2][kBlockM][kStride]
   float* sLse2 = reinterpret_cast<float*>(sQ + 2 * C::kTileQ);  // [2][kBlockM]

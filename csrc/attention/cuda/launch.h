@@ -18,7 +18,7 @@ enum class DType { kHalf, kBFloat16 };
 constexpr int kFwdBlockM = 128;  // query rows per forward CTA
 constexpr int kFwdBlockN = 64;   // keys per forward K/V tile
 constexpr int kBwdBlockN = 64;   // keys per backward / key-mass CTA
-constexpr int kBwdBlockM = 64;   // query rows per backward / key-mass step
+constexpr int kBwdBlockM = 64;   // query rows per key-mass step
 
 // Split-KV (flash-decoding) partials, float32, indexed [split, b, h, i] with i < max_seqlen_q.
 struct FwdSplit {
@@ -28,11 +28,16 @@ struct FwdSplit {
   float* mass_partial = nullptr;  // [splits, B, H, Lq_max, G] (only when p.mass is set)
 };
 
-// Indexed by packed query row r (b·Lq + i batched, cu_seqlens_q[b] + i varlen), so that scratch grows with the
-// rows of q rather than with batch × the longest sequence.
+// Indexed by packed query row r (b·Lq + i batched, cu_seqlens_q[b] + i varlen), or packed key row likewise, so
+// that scratch grows with the rows of q and k rather than with batch × the longest sequence.
 struct BwdScratch {
   float* dq_accum = nullptr;  // [Tq, H, D], zeroed by the caller
   float* delta = nullptr;     // [Tq, H]: D_i = dO·O + Σ_g dmass·mass − dlse
+  // Splits of each key block's steps (query heads × query blocks) over CTAs; with more than one, every split
+  // writes its share of dK / dV here and launch_bwd_reduce_dkv sums them into dk / dv.
+  int num_splits = 1;
+  float* dk_partial = nullptr;  // [S, Tk, Hkv, D]
+  float* dv_partial = nullptr;  // [S, Tk, Hkv, D]
 };
 
 // One instantiation per supported head dim, each in its own file (fwd_d*.cu, bwd_d*.cu, key_mass.cu) so that
@@ -60,10 +65,12 @@ cudaError_t with_head_dim(int64_t head_dim, F&& f) {
   }
 }
 
-// Backward, in order: delta (D_i per query row), the main kernel (dk, dv, dq_accum, dbias, dlogit_scale),
-// then dq = dq_accum converted to the input dtype.
+// Backward, in order: delta (D_i per query row), the main kernel (dk, dv or their split partials, dq_accum,
+// dbias, dlogit_scale), then dq = dq_accum converted to the input dtype and, with splits, dk / dv = the sums of
+// the partials.
 cudaError_t launch_bwd_delta(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
 cudaError_t launch_bwd_convert_dq(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
+cudaError_t launch_bwd_reduce_dkv(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
 
 // Merges the split partials by their log-sum-exp into out / lse / mass (flash-decoding's second step).
 cudaError_t launch_fwd_combine(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);

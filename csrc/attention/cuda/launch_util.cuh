@@ -1,6 +1,10 @@
 // The one dtype / causality switch and the one launch helper of every CUDA kernel (device-side files only).
 #pragma once
 
+#ifdef AVAR_CUDA_EMULATION
+#include "emulation.h"
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,13 +46,20 @@ template <typename... KernelArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
                    const Args&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+#ifdef AVAR_CUDA_EMULATION
+  (void)stream;
+  return cuda_emulation::launch(grid, threads, smem, [&] { kernel(args...); });
+#else
   if (smem > 0) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
+  // clang-format off
   kernel<<<grid, threads, smem, stream>>>(args...);
+  // clang-format on
   return cudaGetLastError();
+#endif
 }
 
 }  // namespace avar::cuda
