@@ -162,6 +162,27 @@ class _PatchState:
     key_group: Optional[torch.Tensor] = None  # int8 [B, P + L] groups of the current forward's keys
     collectors: List[_Collector] = field(default_factory=list)
     captures: List["AttentionCapture"] = field(default_factory=list)
+    # (id of a table or of explicit_groups, device) -> (that tensor, its version, its copy on the device)
+    device_copies: dict = field(default_factory=dict)
+
+
+def _on_device(state: _PatchState, tensor: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """`tensor` on `device`, copied there once rather than in every forward and layer.
+
+    A copy from host memory makes the host wait for the GPU (and cannot be captured in a CUDA graph), so the
+    copy is kept and made again only when the tensor changes in place (its version counter moves). A tensor
+    that requires grad is moved on every call, so that each forward gets its own autograd edge to it.
+    """
+    if tensor is None or tensor.device == device:
+        return tensor
+    if tensor.requires_grad or tensor.is_inference():
+        return tensor.to(device)
+    key = (id(tensor), device)
+    kept = state.device_copies.get(key)
+    if kept is None or kept[0] is not tensor or kept[1] != tensor._version:
+        kept = (tensor, tensor._version, tensor.to(device))
+        state.device_copies[key] = kept
+    return kept[2]
 
 
 def _cached_ids(state: _PatchState, cache, past_len: int, batch: int) -> torch.Tensor:
@@ -209,7 +230,7 @@ def _groups_for_forward(
         valid = None
 
     if state.explicit_groups is not None:
-        groups = state.explicit_groups.to(device)  # [B, N]
+        groups = _on_device(state, state.explicit_groups, device)  # [B, N]
         if groups.shape[0] != batch:
             raise ValueError(
                 f"avar patch: groups set with set_key_groups have batch {groups.shape[0]}, the forward has {batch}"
@@ -310,11 +331,8 @@ def _avar_attention(
             "a forward of the patched model, or its cache was changed outside one"
         )
     layer = module.layer_idx
-    bias, logit_scale = state.bias[layer], state.logit_scale[layer]
-    if bias is not None:
-        bias = bias.to(device=query.device)
-    if logit_scale is not None:
-        logit_scale = logit_scale.to(device=query.device)
+    bias = _on_device(state, state.bias[layer], query.device)
+    logit_scale = _on_device(state, state.logit_scale[layer], query.device)
     want_mass = bool(state.collectors)
     res = attention(
         query.transpose(1, 2),  # [B, Lq, H, D] view
@@ -435,6 +453,7 @@ class PatchHandle:
         layers = select_indices(layers, s.num_layers, "avar patch: layers")
         s.bias = _layer_tables(bias, "bias", s.num_layers, s.num_heads, layers)
         s.logit_scale = _layer_tables(logit_scale, "logit_scale", s.num_layers, s.num_heads, layers)
+        s.device_copies.clear()
 
     def set_key_groups(self, key_group: Optional[torch.Tensor]) -> None:
         """Use these groups (int8 [B, N], -1..3) instead of computing them from input_ids; None to go back.
@@ -443,6 +462,7 @@ class PatchHandle:
         prompt of N) are group 0, and padding from the forward's attention_mask is -1 whatever is set here.
         """
         self._require_active()
+        self._state.device_copies.clear()
         if key_group is None:
             self._state.explicit_groups = None
             return
@@ -475,6 +495,7 @@ class PatchHandle:
         self._state.collectors.clear()
         self._state.captures.clear()
         self._state.histories.clear()
+        self._state.device_copies.clear()
 
     def _require_active(self) -> None:
         if self._hooks is None:
