@@ -4,25 +4,30 @@ Proven on the CPU: every operation that would make the host wait for the device 
 from tensor values, a host/device copy) is recorded during one decode step, with the Python line that issued it.
 The avar code (the forward hooks, the group history, the attention function) issues none; transformers'
 Qwen2.5-VL decode step issues none either, which is what lets a whole decode step be captured in a CUDA graph
-(tests/test_cuda.py does so on a GPU).
+(tests/test_cuda.py does so on a GPU; its comparison runs here too, with an eager step in place of the replay).
 """
 
 import os
 
 import pytest
 import torch
-from decode_steps import next_step_inputs, prefill
+from decode_steps import (
+    AVAR_ROOT,
+    BIAS,
+    check_replayed_step,
+    graph_model,
+    next_step_inputs,
+    prefill,
+    run_step,
+)
 from host_sync import HostSyncRecorder
 from test_patch import make_batch
 
-import avar_ops
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
 from avar_ops.core import testing
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, token_groups
 
-AVAR_ROOT = os.path.dirname(os.path.abspath(avar_ops.__file__))
 TESTS_ROOT = os.path.dirname(os.path.abspath(__file__))
-BIAS = [0.0, 2.0, -1.0, 1.0]  # per group: other, visual, system, user
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +117,14 @@ def test_decode_step_is_the_one_generate_runs(tiny):
         handle.revert()
     assert torch.equal(next_ids[:, 0], gen.sequences[:, batch["input_ids"].shape[1]])
     assert testing.rel_err(out.logits[:, -1], gen.logits[1]) <= testing.FP32_MODEL_REL
+
+
+def _eager_replay(model, step, warm_cache, cache, new_ids):
+    """The CPU counterpart of tests/test_cuda.py's graph replay: the new ids written in place, then one eager step."""
+    step["input_ids"].copy_(new_ids)
+    return run_step(model, step, cache)
+
+
+def test_replayed_step_check_on_cpu():
+    model, processor = graph_model()
+    check_replayed_step(model, processor, "cpu", _eager_replay)

@@ -29,7 +29,13 @@ How it hooks in (transformers >= 5.17, < 6):
   `token_groups` when a tokenizer is given, or from groups set with `handle.set_key_groups`; positions past
   the explicit groups (generated tokens) are group 0.
 - The attention function reads the groups, the layer's bias / logit scale and whether masses are being
-  collected from the patch state attached to each attention module.
+  collected from the patch state attached to each attention module. Tables (and groups set with
+  `set_key_groups`) given on the host are copied to the model's device once, and again only after an in-place
+  change; a table that requires grad is moved in every forward, so a trainable one belongs on the model's device.
+- A cached decode step reads no tensor value on the host (with the op's input checks off, their default on
+  CUDA), so on a GPU it can be captured in a CUDA graph: the hooks recompute the groups of the whole history
+  with tensor operations only. A graph replays the step of its capture (same cache position and objects):
+  the patch's history of a cache grows by concatenation, as transformers' dynamic cache does.
 
 Limitations, each raising a clear error: packed sequences (positions restarting inside a row without an
 attention mask), sliding-window layers, attention dropout, 4D custom masks, masks prepared in advance (static
