@@ -26,6 +26,7 @@ from test_patch import make_batch
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
 from avar_ops.core import testing
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, token_groups
+from avar_ops.hf.patch import _on_device, _PatchState
 
 TESTS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -128,3 +129,19 @@ def _eager_replay(model, step, warm_cache, cache, new_ids):
 def test_replayed_step_check_on_cpu():
     model, processor = graph_model()
     check_replayed_step(model, processor, "cpu", _eager_replay)
+
+
+def test_host_tables_are_copied_once_and_again_after_a_change():
+    # A copy from host memory waits for the GPU: tables given on the host are copied once per device. The meta
+    # device stands in for a GPU here (tests/test_cuda.py runs the real thing).
+    state = _PatchState(num_layers=1, num_heads=1, template=None, bias=[None], logit_scale=[None])
+    table = torch.tensor([0.0, 1.0, 2.0, 3.0])  # [4]
+    device = torch.device("meta")
+    first = _on_device(state, table, device)
+    assert first.device == device and _on_device(state, table, device) is first
+    table.add_(1.0)
+    assert _on_device(state, table, device) is not first, "an in-place change must be copied again"
+    trainable = table.clone().requires_grad_()  # [4]
+    moved = _on_device(state, trainable, device)
+    assert moved.grad_fn is not None and _on_device(state, trainable, device) is not moved
+    assert _on_device(state, table, torch.device("cpu")) is table

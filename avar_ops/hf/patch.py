@@ -30,8 +30,9 @@ How it hooks in (transformers >= 5.17, < 6):
   the explicit groups (generated tokens) are group 0.
 - The attention function reads the groups, the layer's bias / logit scale and whether masses are being
   collected from the patch state attached to each attention module. Tables (and groups set with
-  `set_key_groups`) given on the host are copied to the model's device once, and again only after an in-place
-  change; a table that requires grad is moved in every forward, so a trainable one belongs on the model's device.
+  `set_key_groups`) given on the host are copied to the model's device once (in the first forward there, so
+  a CUDA graph is captured after a warm-up forward), and again only after an in-place change; a table that
+  requires grad is moved in every forward, so a trainable one belongs on the model's device.
 - A cached decode step reads no tensor value on the host (with the op's input checks off, their default on
   CUDA), so on a GPU it can be captured in a CUDA graph: the hooks recompute the groups of the whole history
   with tensor operations only. A graph replays the step of its capture (same cache position and objects):
