@@ -5,6 +5,7 @@ from tensor values, a host/device copy) is recorded during one decode step, with
 The avar code (the forward hooks, the group history, the attention function) issues none; transformers'
 Qwen2.5-VL decode step issues none either, which is what lets a whole decode step be captured in a CUDA graph
 (tests/test_cuda.py does so on a GPU; its comparison runs here too, with an eager step in place of the replay).
+Copies from host memory, which a CPU run cannot show, are seen on the meta device standing in for the GPU.
 """
 
 import os
@@ -145,3 +146,47 @@ def test_host_tables_are_copied_once_and_again_after_a_change():
     moved = _on_device(state, trainable, device)
     assert moved.grad_fn is not None and _on_device(state, trainable, device) is not moved
     assert _on_device(state, table, torch.device("cpu")) is table
+
+
+@pytest.mark.parametrize("groups", ["tokenizer", "set_key_groups"])
+def test_decode_step_on_a_device_copies_nothing_from_the_host(groups):
+    # On a GPU a copy from host memory waits for it (and cannot be captured in a graph). The meta device stands
+    # in for the GPU, so such copies show: the host tables (and groups) are copied in the first forward only, and
+    # the decode step (the patch's and transformers' own) copies and reads nothing. Text only: the multimodal
+    # prefill reads image grids on the host, which the meta device cannot answer.
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    processor.tokenizer.padding_side = "left"
+    chats = [
+        [{"role": "user", "content": "What colour is the square?"}],
+        [
+            {"role": "system", "content": "You are a careful visual reasoning assistant."},
+            {"role": "user", "content": "How many circles are there? Answer with a single word."},
+        ],
+    ]
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    prompt = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    assert not prompt["attention_mask"].bool().all(), "the batch must contain padding"
+    model = model.to("meta")
+    handle = apply_to_qwen2_5_vl(model, tokenizer=processor if groups == "tokenizer" else None, bias=BIAS)
+    if groups == "set_key_groups":
+        handle.set_key_groups(token_groups(prompt["input_ids"], processor, prompt["attention_mask"]).key_group)
+    ids, mask = prompt["input_ids"].to("meta"), prompt["attention_mask"].to("meta")  # [B, L] each
+    next_ids = torch.zeros(ids.shape[0], 1, dtype=torch.long, device="meta")  # [B, 1]
+    try:
+        with torch.no_grad():
+            with HostSyncRecorder(AVAR_ROOT) as first:
+                cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            with collect_masses(model) as rec, HostSyncRecorder(AVAR_ROOT) as syncs:
+                out = model(
+                    input_ids=next_ids,
+                    attention_mask=torch.cat([mask, torch.ones_like(next_ids)], dim=1),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+    finally:
+        handle.revert()
+    copies = {site for (op, site) in first.hits if op.startswith("aten._to_copy")}
+    assert copies and all(site.startswith("avar_ops/hf/patch.py:") for site in copies), dict(first.hits)
+    assert sum(first.hits.values()) == (1 if groups == "tokenizer" else 2), "one copy per table / group tensor"
+    assert not syncs.hits, f"the decode step copies from or reads on the host: {dict(syncs.hits)}"
+    assert out.logits.shape[:2] == (ids.shape[0], 1) and len(rec.masses) == model.config.text_config.num_hidden_layers
