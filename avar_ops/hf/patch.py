@@ -469,21 +469,21 @@ class PatchHandle:
         prompt of N) are group 0, and padding from the forward's attention_mask is -1 whatever is set here.
         """
         self._require_active()
-        self._state.device_copies.clear()
-        if key_group is None:
-            self._state.explicit_groups = None
-            return
-        if not isinstance(key_group, torch.Tensor) or key_group.dim() != 2:
-            got = tuple(key_group.shape) if isinstance(key_group, torch.Tensor) else type(key_group).__name__
-            raise ValueError(f"set_key_groups: key_group must be a [B, N] tensor, got {got}")
-        if key_group.dtype.is_floating_point or key_group.dtype == torch.bool:
-            raise TypeError(f"set_key_groups: key_group must be an integer tensor, got {key_group.dtype}")
-        if key_group.numel() and (key_group.min() < -1 or key_group.max() >= NUM_GROUPS):
-            raise ValueError(
-                f"set_key_groups: key_group values must be in [-1, {NUM_GROUPS - 1}], got "
-                f"[{int(key_group.min())}, {int(key_group.max())}]"
-            )
-        self._state.explicit_groups = key_group.to(torch.int8)
+        if key_group is not None:
+            if not isinstance(key_group, torch.Tensor) or key_group.dim() != 2:
+                got = tuple(key_group.shape) if isinstance(key_group, torch.Tensor) else type(key_group).__name__
+                raise ValueError(f"set_key_groups: key_group must be a [B, N] tensor, got {got}")
+            if key_group.dtype.is_floating_point or key_group.dtype == torch.bool:
+                raise TypeError(f"set_key_groups: key_group must be an integer tensor, got {key_group.dtype}")
+            if key_group.numel() and (key_group.min() < -1 or key_group.max() >= NUM_GROUPS):
+                raise ValueError(
+                    f"set_key_groups: key_group values must be in [-1, {NUM_GROUPS - 1}], got "
+                    f"[{int(key_group.min())}, {int(key_group.max())}]"
+                )
+            key_group = key_group.to(torch.int8)
+        s = self._state
+        s.device_copies = {k: kept for k, kept in s.device_copies.items() if kept[0] is not s.explicit_groups}
+        s.explicit_groups = key_group
 
     def revert(self) -> None:
         """Restore the model's own attention; the handle is dead afterwards."""
