@@ -1,4 +1,5 @@
-"""The CUDA kernels against the float64 reference, over the whole shared case grid, in bf16 and fp16.
+"""The CUDA kernels against the float64 reference, over the whole shared case grid, in bf16 and fp16; the op
+and a decode step of the patched tiny Qwen2.5-VL captured in CUDA graphs.
 
 Tolerances come from avar_ops.core.testing: our error may be a small multiple of PyTorch's own error at the same
 precision (plain PyTorch ops on the same low-precision inputs, on the same device).
@@ -17,11 +18,13 @@ import os
 import pytest
 import torch
 from cases import CASES, Case, make_inputs
+from decode_steps import check_replayed_step, graph_model, run_step
 
 import avar_ops
 from avar_ops.core import NUM_GROUPS, attention_reference, key_mass_reference
 from avar_ops.core import extension as _extension
 from avar_ops.core.testing import (
+    BF16_REPLAY_ERR,
     LOWP_FWD_FACTOR,
     LOWP_GRAD_FACTOR,
     LOWP_LSE_ABS,
@@ -32,6 +35,7 @@ from avar_ops.core.testing import (
     torch_lowp_attention,
     torch_lowp_key_mass,
 )
+from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses
 
 EMULATED = os.environ.get("AVAR_EXTENSION") == "cuda_emulation"
 DEVICE = "cpu" if EMULATED else "cuda"
@@ -412,3 +416,52 @@ def test_reduce_overhead_compile(checks_off):
     eager_out, eager_mass = step(kw["q"], kw["k"], kw["v"])
     assert torch.equal(out, eager_out)
     assert torch.equal(mass, eager_mass)
+
+
+def _graph_replay(model, step, warm_cache, cache, new_ids):
+    """Capture the decode step in a CUDA graph, write the new ids into its input buffer and replay it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, on its own cache (a step grows its cache)
+        run_step(model, step, warm_cache)
+    torch.cuda.current_stream().wait_stream(side)
+    # The graph reads memory allocated before the capture: this cache's keys and values, which the captured step
+    # replaces by longer ones (kept here until the replay), and the patch's id history of the cache, the prompt's
+    # input_ids (kept by the caller's batch).
+    before = [(layer.keys, layer.values) for layer in cache.layers]
+    graph = torch.cuda.CUDAGraph()
+    with collect_masses(model) as rec, torch.cuda.graph(graph):
+        out = model(**step, past_key_values=cache)
+    step["input_ids"].copy_(new_ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    for (keys, values), layer in zip(before, cache.layers):
+        assert torch.equal(layer.keys[:, :, :-1], keys) and torch.equal(layer.values[:, :, :-1], values)
+    return out.logits.float(), [m.float() for m in rec.masses]
+
+
+def test_patched_decode_step_captures_in_a_cuda_graph(checks_off):
+    model, processor = graph_model()
+    check_replayed_step(model.cuda(), processor, "cuda", _graph_replay)
+
+
+def test_host_tables_follow_in_place_changes():
+    # Tables given on the host are copied to the GPU once; an in-place change must reach the next forward.
+    model, processor = graph_model()
+    model = model.cuda()
+    ids = processor.tokenizer("What colour is the square?", return_tensors="pt")["input_ids"].cuda()  # [1, L]
+    bias = torch.tensor([0.0, 2.0, -1.0, 1.0])  # [4], on the host
+    groups = (torch.arange(ids.shape[1], device="cuda") % 4).to(torch.int8)[None]  # [1, L]: every group
+    handle = apply_to_qwen2_5_vl(model, bias=bias)
+    try:
+        handle.set_key_groups(groups)
+        with torch.no_grad():
+            biased = model(input_ids=ids).logits.float()
+            bias.zero_()
+            zeroed = model(input_ids=ids).logits.float()
+            handle.set_bias(None)
+            plain = model(input_ids=ids).logits.float()
+    finally:
+        handle.revert()
+    assert rel_err(zeroed, plain) <= BF16_REPLAY_ERR
+    assert rel_err(biased, plain) > 10 * BF16_REPLAY_ERR

@@ -29,7 +29,14 @@ How it hooks in (transformers >= 5.17, < 6):
   `token_groups` when a tokenizer is given, or from groups set with `handle.set_key_groups`; positions past
   the explicit groups (generated tokens) are group 0.
 - The attention function reads the groups, the layer's bias / logit scale and whether masses are being
-  collected from the patch state attached to each attention module.
+  collected from the patch state attached to each attention module. Tables (and groups set with
+  `set_key_groups`) given on the host are copied to the model's device once (in the first forward there, so
+  a CUDA graph is captured after a warm-up forward), and again only after an in-place change; a table that
+  requires grad is moved in every forward, so a trainable one belongs on the model's device.
+- A cached decode step reads no tensor value on the host (with the op's input checks off, their default on
+  CUDA), so on a GPU it can be captured in a CUDA graph: the hooks recompute the groups of the whole history
+  with tensor operations only. A graph replays the step of its capture (same cache position and objects):
+  the patch's history of a cache grows by concatenation, as transformers' dynamic cache does.
 
 Limitations, each raising a clear error: packed sequences (positions restarting inside a row without an
 attention mask), sliding-window layers, attention dropout, 4D custom masks, masks prepared in advance (static
@@ -162,6 +169,27 @@ class _PatchState:
     key_group: Optional[torch.Tensor] = None  # int8 [B, P + L] groups of the current forward's keys
     collectors: List[_Collector] = field(default_factory=list)
     captures: List["AttentionCapture"] = field(default_factory=list)
+    # (id of a table or of explicit_groups, device) -> (that tensor, its version, its copy on the device)
+    device_copies: dict = field(default_factory=dict)
+
+
+def _on_device(state: _PatchState, tensor: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """`tensor` on `device`, copied there once rather than in every forward and layer.
+
+    A copy from host memory makes the host wait for the GPU (and cannot be captured in a CUDA graph), so the
+    copy is kept and made again only when the tensor changes in place (its version counter moves). A tensor
+    that requires grad is moved on every call, so that each forward gets its own autograd edge to it.
+    """
+    if tensor is None or tensor.device == device:
+        return tensor
+    if tensor.requires_grad or tensor.is_inference():
+        return tensor.to(device)
+    key = (id(tensor), device)
+    kept = state.device_copies.get(key)
+    if kept is None or kept[0] is not tensor or kept[1] != tensor._version:
+        kept = (tensor, tensor._version, tensor.to(device))
+        state.device_copies[key] = kept
+    return kept[2]
 
 
 def _cached_ids(state: _PatchState, cache, past_len: int, batch: int) -> torch.Tensor:
@@ -209,7 +237,7 @@ def _groups_for_forward(
         valid = None
 
     if state.explicit_groups is not None:
-        groups = state.explicit_groups.to(device)  # [B, N]
+        groups = _on_device(state, state.explicit_groups, device)  # [B, N]
         if groups.shape[0] != batch:
             raise ValueError(
                 f"avar patch: groups set with set_key_groups have batch {groups.shape[0]}, the forward has {batch}"
@@ -310,11 +338,8 @@ def _avar_attention(
             "a forward of the patched model, or its cache was changed outside one"
         )
     layer = module.layer_idx
-    bias, logit_scale = state.bias[layer], state.logit_scale[layer]
-    if bias is not None:
-        bias = bias.to(device=query.device)
-    if logit_scale is not None:
-        logit_scale = logit_scale.to(device=query.device)
+    bias = _on_device(state, state.bias[layer], query.device)
+    logit_scale = _on_device(state, state.logit_scale[layer], query.device)
     want_mass = bool(state.collectors)
     res = attention(
         query.transpose(1, 2),  # [B, Lq, H, D] view
@@ -435,6 +460,7 @@ class PatchHandle:
         layers = select_indices(layers, s.num_layers, "avar patch: layers")
         s.bias = _layer_tables(bias, "bias", s.num_layers, s.num_heads, layers)
         s.logit_scale = _layer_tables(logit_scale, "logit_scale", s.num_layers, s.num_heads, layers)
+        s.device_copies.clear()
 
     def set_key_groups(self, key_group: Optional[torch.Tensor]) -> None:
         """Use these groups (int8 [B, N], -1..3) instead of computing them from input_ids; None to go back.
@@ -443,20 +469,21 @@ class PatchHandle:
         prompt of N) are group 0, and padding from the forward's attention_mask is -1 whatever is set here.
         """
         self._require_active()
-        if key_group is None:
-            self._state.explicit_groups = None
-            return
-        if not isinstance(key_group, torch.Tensor) or key_group.dim() != 2:
-            got = tuple(key_group.shape) if isinstance(key_group, torch.Tensor) else type(key_group).__name__
-            raise ValueError(f"set_key_groups: key_group must be a [B, N] tensor, got {got}")
-        if key_group.dtype.is_floating_point or key_group.dtype == torch.bool:
-            raise TypeError(f"set_key_groups: key_group must be an integer tensor, got {key_group.dtype}")
-        if key_group.numel() and (key_group.min() < -1 or key_group.max() >= NUM_GROUPS):
-            raise ValueError(
-                f"set_key_groups: key_group values must be in [-1, {NUM_GROUPS - 1}], got "
-                f"[{int(key_group.min())}, {int(key_group.max())}]"
-            )
-        self._state.explicit_groups = key_group.to(torch.int8)
+        if key_group is not None:
+            if not isinstance(key_group, torch.Tensor) or key_group.dim() != 2:
+                got = tuple(key_group.shape) if isinstance(key_group, torch.Tensor) else type(key_group).__name__
+                raise ValueError(f"set_key_groups: key_group must be a [B, N] tensor, got {got}")
+            if key_group.dtype.is_floating_point or key_group.dtype == torch.bool:
+                raise TypeError(f"set_key_groups: key_group must be an integer tensor, got {key_group.dtype}")
+            if key_group.numel() and (key_group.min() < -1 or key_group.max() >= NUM_GROUPS):
+                raise ValueError(
+                    f"set_key_groups: key_group values must be in [-1, {NUM_GROUPS - 1}], got "
+                    f"[{int(key_group.min())}, {int(key_group.max())}]"
+                )
+            key_group = key_group.to(torch.int8)
+        s = self._state
+        s.device_copies = {k: kept for k, kept in s.device_copies.items() if kept[0] is not s.explicit_groups}
+        s.explicit_groups = key_group
 
     def revert(self) -> None:
         """Restore the model's own attention; the handle is dead afterwards."""
@@ -475,6 +502,7 @@ class PatchHandle:
         self._state.collectors.clear()
         self._state.captures.clear()
         self._state.histories.clear()
+        self._state.device_copies.clear()
 
     def _require_active(self) -> None:
         if self._hooks is None:
