@@ -113,3 +113,9 @@ def check_replayed_step(model, processor, device, replay: Callable) -> None:
     for layer, (got, want) in enumerate(zip(got_masses, want_masses)):
         err = testing.max_abs_err(got, want)
         assert err <= tol, f"layer {layer}: replayed masses max abs error {err:.3g} > {tol:.3g}"
+
+
+def eager_replay(model, step, warm_cache, cache, new_ids):
+    """The CPU counterpart of tests/test_cuda.py's graph replay: the new ids written in place, then one eager step."""
+    step["input_ids"].copy_(new_ids)
+    return run_step(model, step, cache)

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 from cases import CASES, Case, make_inputs
-from decode_steps import check_replayed_step, graph_model, run_step
+from decode_steps import check_replayed_step, eager_replay, graph_model, run_step
 
 import avar_ops
 from avar_ops.core import NUM_GROUPS, attention_reference, key_mass_reference
@@ -440,11 +440,20 @@ def _graph_replay(model, step, warm_cache, cache, new_ids):
     return out.logits.float(), [m.float() for m in rec.masses]
 
 
+@gpu_only
 def test_patched_decode_step_captures_in_a_cuda_graph(checks_off):
     model, processor = graph_model()
     check_replayed_step(model.cuda(), processor, "cuda", _graph_replay)
 
 
+@pytest.mark.skipif(not EMULATED, reason="on a GPU the step is captured and replayed (the test above)")
+def test_patched_decode_step_on_the_emulated_device():
+    # The patched bf16 model's attention runs on the emulated CUDA kernels here: prefill, then the decode step.
+    model, processor = graph_model()
+    check_replayed_step(model, processor, "cpu", eager_replay)
+
+
+@gpu_only
 def test_host_tables_follow_in_place_changes():
     # Tables given on the host are copied to the GPU once; an in-place change must reach the next forward.
     model, processor = graph_model()

@@ -16,10 +16,10 @@ from decode_steps import (
     AVAR_ROOT,
     BIAS,
     check_replayed_step,
+    eager_replay,
     graph_model,
     next_step_inputs,
     prefill,
-    run_step,
 )
 from host_sync import HostSyncRecorder
 from test_patch import make_batch
@@ -121,15 +121,9 @@ def test_decode_step_is_the_one_generate_runs(tiny):
     assert testing.rel_err(out.logits[:, -1], gen.logits[1]) <= testing.FP32_MODEL_REL
 
 
-def _eager_replay(model, step, warm_cache, cache, new_ids):
-    """The CPU counterpart of tests/test_cuda.py's graph replay: the new ids written in place, then one eager step."""
-    step["input_ids"].copy_(new_ids)
-    return run_step(model, step, cache)
-
-
 def test_replayed_step_check_on_cpu():
     model, processor = graph_model()
-    check_replayed_step(model, processor, "cpu", _eager_replay)
+    check_replayed_step(model, processor, "cpu", eager_replay)
 
 
 def test_host_tables_are_copied_once_and_again_after_a_change():
