@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from avar_ops import NUM_GROUPS
+from avar_ops.core import load_extension
 
 import harness
 from problems import GROUP_BIAS, key_groups
@@ -94,6 +95,9 @@ def parse_args(argv=None):
     return args, cfg
 
 
+SHORT_BWD_LEN = 1025
+
+
 def plan(cfg: Config):
     """(direction, method, batch, len_q, len_k) in priority order: the target comparisons first."""
     rows = []
@@ -101,6 +105,10 @@ def plan(cfg: Config):
         for L in cfg.lengths:
             for method in ("avar_mass", "avar", "sdpa_flash"):
                 rows.append((direction, method, cfg.tokens // L, L, L))
+    # One short sequence: the backward grid alone (key blocks × kv heads) leaves most SMs idle, so the backward
+    # splits each key block's steps over several CTAs; "avar_nosplit" is the same op with the split turned off.
+    for method in ("avar", "avar_nosplit", "sdpa_flash"):
+        rows.append(("bwd", method, 1, SHORT_BWD_LEN, SHORT_BWD_LEN))
     for L in cfg.lengths:
         for method in ("avar_mass", "avar", "sdpa_flash"):
             rows.append(("decode", method, cfg.tokens // L, cfg.decode_q, L))
@@ -155,7 +163,7 @@ def method_fn(method: str, pb: Problem, direction: str, notes: list) -> Callable
         inputs = (pb.q, pb.k, pb.v)
         return lambda: torch.autograd.grad(tensors, inputs, grads, retain_graph=True)
 
-    if method in ("avar", "avar_mass"):
+    if method in ("avar", "avar_mass", "avar_nosplit"):
         import avar_ops
 
         mass = method == "avar_mass"
@@ -167,7 +175,19 @@ def method_fn(method: str, pb: Problem, direction: str, notes: list) -> Callable
             return fwd
         if mass:
             return with_backward(fwd, lambda o: ((o.out, o.mass), (pb.d_out, pb.d_mass)))
-        return with_backward(fwd, lambda o: ((o.out,), (pb.d_out,)))
+        bwd = with_backward(fwd, lambda o: ((o.out,), (pb.d_out,)))
+        if method != "avar_nosplit":
+            return bwd
+        ext = load_extension()
+
+        def bwd_without_split():
+            ext.set_cuda_backward_splits(1)
+            try:
+                return bwd()
+            finally:
+                ext.set_cuda_backward_splits(0)
+
+        return bwd_without_split
 
     qh, kh, vh = pb.q.transpose(1, 2), pb.k.transpose(1, 2), pb.v.transpose(1, 2)  # [B, H(kv), L, D]
     d_out_h = pb.d_out.transpose(1, 2)
@@ -303,6 +323,8 @@ def ratios(results):
         if r.method == "avar_mass":
             plain = shape.get("avar")
             entry["mass_overhead"] = round(r.ms / plain - 1, 4) if plain else None
+        if r.method == "avar" and shape.get("avar_nosplit"):
+            entry["split_speedup"] = round(shape["avar_nosplit"] / r.ms, 3)
         out.append(entry)
     return out
 
@@ -375,14 +397,15 @@ def write_report(out_dir, cfg, results, notes, checks, env):
             "vs SDPA+mask",
             "vs eager",
             "mass overhead",
+            "split speedup",
         ]
         cells = [
             [e["direction"], e["method"], f"{e['len_q']}/{e['len_k']}"]
             + [fmt(e[f"vs_{b}"], ".2f") for b in ("sdpa_flash", "flex", "sdpa_mask", "eager")]
-            + [fmt(e.get("mass_overhead"), "+.1%")]
+            + [fmt(e.get("mass_overhead"), "+.1%"), fmt(e.get("split_speedup"), ".2f")]
             for e in speedups
         ]
-        lines += [*harness.markdown_table(headers, cells, "lll" + "r" * 5), ""]
+        lines += [*harness.markdown_table(headers, cells, "lll" + "r" * 6), ""]
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in sorted(set(notes))), ""]
     harness.write_report(out_dir, "gpu_report", report, "\n".join(lines))
