@@ -135,7 +135,8 @@ def emulation_extension():
             with open(path, "w") as f:
                 f.write(text)
         wrappers.append(path)
-    sources = cpu_sources() + ["csrc/attention/cuda_dispatch.cpp", "csrc/attention/cuda/emulation.cpp"] + wrappers
+    emulation = ["csrc/attention/cuda/emulation.cpp", "csrc/attention/cuda/emulation_selftest.cpp"]
+    sources = cpu_sources() + ["csrc/attention/cuda_dispatch.cpp"] + emulation + wrappers
     cxx = cpu_flags() + ["-DAVAR_CUDA_EMULATION", f"-I{include}", "-Wno-unknown-pragmas"]
     return CppExtension("avar_ops._C_emu", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 

@@ -10,6 +10,9 @@
 #include "attention/cuda_dispatch.h"
 #define AVAR_CUDA_HOST_CODE 1
 #endif
+#ifdef AVAR_CUDA_EMULATION
+#include "attention/cuda/emulation_selftest.h"
+#endif
 
 #ifndef AVAR_CPU_CAPABILITY_NAME
 #define AVAR_CPU_CAPABILITY_NAME "DEFAULT"
@@ -137,6 +140,15 @@ PyObject* py_set_cuda_backward_splits(PyObject*, PyObject* args) {
 }
 #endif
 
+#ifdef AVAR_CUDA_EMULATION
+PyObject* py_emulation_selftest(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s:emulation_selftest", &name)) return nullptr;
+  const std::string result = avar::cuda::emulation_selftest(name);
+  return PyUnicode_FromStringAndSize(result.data(), static_cast<Py_ssize_t>(result.size()));
+}
+#endif
+
 PyMethodDef kMethods[] = {
     {"set_poison_outputs", py_set_poison_outputs, METH_VARARGS,
      "set_poison_outputs(on): fill every output buffer with NaN before the kernel writes it (for tests)."},
@@ -156,6 +168,11 @@ PyMethodDef kMethods[] = {
     {"set_cuda_backward_splits", py_set_cuda_backward_splits, METH_VARARGS,
      "set_cuda_backward_splits(n): split every backward into n (n >= 2 forces the split path, for tests); 0 "
      "restores the heuristic."},
+#endif
+#ifdef AVAR_CUDA_EMULATION
+    {"emulation_selftest", py_emulation_selftest, METH_VARARGS,
+     "emulation_selftest(name): runs one self-test kernel of the emulated device; returns its error message, or "
+     "'' for a kernel that ran and computed what it should."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

@@ -20,5 +20,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 .venv/bin/python -m pytest -q -ra tests "$@"
 if [ $# -eq 0 ] && [ "$AVAR_BUILD_CUDA_EMULATION" = 1 ]; then
   echo "[avar] the CUDA tests again, on the emulated device"
-  AVAR_EXTENSION=cuda_emulation .venv/bin/python -m pytest -q -ra tests/test_cuda.py
+  AVAR_EXTENSION=cuda_emulation .venv/bin/python -m pytest -q -ra tests/test_cuda.py tests/test_cuda_emulation.py
 fi

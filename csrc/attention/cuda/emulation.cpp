@@ -259,15 +259,12 @@ void ldmatrix(Warp& w, bool trans) {
   }
 }
 
+// shfl.sync.bfly with the full member mask: lane l reads lane l ^ mask_l (its own value past the warp).
 void shfl_xor(Warp& w) {
-  const uint32_t mask = w.in[0][1];
   for (int lane = 0; lane < 32; ++lane) {
-    if (w.in[lane][1] != mask || mask >= 32) {
-      fail("shfl.xor: lanes of one warp gave different lane masks");
-      return;
-    }
+    const uint32_t src = static_cast<uint32_t>(lane) ^ w.in[lane][1];
+    w.out[lane][0] = src < 32 ? w.in[src][0] : w.in[lane][0];
   }
-  for (int lane = 0; lane < 32; ++lane) w.out[lane][0] = w.in[lane ^ mask][0];
 }
 
 void complete(Warp& w) {
