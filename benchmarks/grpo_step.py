@@ -122,14 +122,6 @@ def _step(model, processor, prompt, method: str, new_tokens: int, optimizer, tim
     return r_visual
 
 
-def _rss(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run(lengths, rollouts: int, new_tokens: int, repeat: int, methods=METHODS) -> list:
     from avar_ops.hf import apply_to_qwen2_5_vl
 
@@ -173,9 +165,9 @@ def run(lengths, rollouts: int, new_tokens: int, repeat: int, methods=METHODS) -
                 times = {p: 0.0 for p in PHASES}
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
-                base = _rss("VmRSS:")
+                base = harness.process_status_mb("VmRSS:")
                 r_visual = _step(model, processor, prompts[L], method, new_tokens, optimizer, times)
-                peak = max(peak, _rss("VmHWM:") - base)
+                peak = max(peak, harness.process_status_mb("VmHWM:") - base)
                 for p in PHASES:
                     per_phase[p].append(times[p])
             row["seconds"][method] = {p: statistics.median(v) for p, v in per_phase.items()}

@@ -142,6 +142,16 @@ def time_methods(
     return row
 
 
+def process_status_mb(key: str) -> float:
+    """A memory line of this process's /proc/self/status ("VmRSS:", "VmHWM:", ...) in MB (KiB / 1024); NaN where
+    there is no such line."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb(code: str, setup: str = "", env: dict | None = None, timeout_s: float = 900) -> float:
     """Peak resident memory (MB) that running `code` adds, in a fresh interpreter that can import the benchmarks.
 

@@ -33,6 +33,8 @@ import time
 
 import torch
 
+import harness
+
 METHODS = ("avar", "eager", "sdpa")
 LABELS = {"avar": "avar AGTO step", "eager": "eager maps AGTO step", "sdpa": "SDPA, L_LM only"}
 ALPHA = BETA = 0.15
@@ -86,14 +88,6 @@ def _masses_from_maps(attentions, key_group):
     kg = key_group.long()  # [B, L]
     onehot = torch.nn.functional.one_hot(kg.clamp(min=0), 4).to(attentions[0].dtype) * (kg >= 0)[..., None]
     return [a @ onehot[:, None] for a in attentions]  # per layer [B, H, L, 4]
-
-
-def _rss(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _stepper(method: str, model, processor, batch: dict, workdir: str):
@@ -150,7 +144,7 @@ def measure(method: str, L: int, repeat: int) -> dict:
         # Hand the warm-up's freed activations back to the system, or the timed step would reuse them unseen.
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         open("/proc/self/clear_refs", "w").write("5")
-        base = _rss("VmRSS:")
+        base = harness.process_status_mb("VmRSS:")
         times, cpu = [], []
         for _ in range(repeat):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -161,7 +155,7 @@ def measure(method: str, L: int, repeat: int) -> dict:
             "tokens": int(batch["input_ids"].shape[1]),
             "seconds": statistics.median(times),
             "cpu_seconds": statistics.median(cpu),
-            "peak_mb": _rss("VmHWM:") - base,
+            "peak_mb": harness.process_status_mb("VmHWM:") - base,
         }
 
 

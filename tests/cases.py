@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from avar_ops.core import NUM_GROUPS
+from avar_ops.core import NUM_GROUPS, attention_key_mass, key_mass_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,3 +133,65 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0, requires_
         causal=case.causal,
     )
     return kwargs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ops called with a make_inputs dict: the raw dispatcher arguments (opcheck) and the public key-mass calls.
+
+
+def fwd_op_args(kw, return_mass=True) -> tuple:
+    """Positional arguments of torch.ops.avar.attention_fwd."""
+    return (
+        kw["q"],
+        kw["k"],
+        kw["v"],
+        kw["key_group"],
+        kw["bias"],
+        kw["logit_scale"],
+        kw["q"].shape[-1] ** -0.5,
+        kw["causal"],
+        kw.get("cu_seqlens_q"),
+        kw.get("cu_seqlens_k"),
+        kw.get("max_seqlen_q", 0),
+        kw.get("max_seqlen_k", 0),
+        return_mass,
+    )
+
+
+def key_mass_op_args(kw, lse, w) -> tuple:
+    """Positional arguments of torch.ops.avar.attention_key_mass."""
+    q, k, _, group, bias, logit_scale, *rest = fwd_op_args(kw)
+    return (q, k, lse, w, group, bias, logit_scale, *rest[:-1])
+
+
+def key_mass_of(kw, lse, w):
+    """avar_ops.attention_key_mass with the options of kw."""
+    return attention_key_mass(
+        kw["q"],
+        kw["k"],
+        lse,
+        w,
+        kw["key_group"],
+        kw["bias"],
+        logit_scale=kw["logit_scale"],
+        causal=kw["causal"],
+        cu_seqlens_q=kw.get("cu_seqlens_q"),
+        cu_seqlens_k=kw.get("cu_seqlens_k"),
+        max_seqlen_q=kw.get("max_seqlen_q"),
+        max_seqlen_k=kw.get("max_seqlen_k"),
+    )
+
+
+def key_mass_reference_of(kw, w):
+    """The float64 key-mass reference with the options of kw."""
+    return key_mass_reference(
+        kw["q"],
+        kw["k"],
+        w,
+        kw["key_group"],
+        kw["bias"],
+        logit_scale=kw["logit_scale"],
+        causal=kw["causal"],
+        cu_seqlens_q=kw.get("cu_seqlens_q"),
+        cu_seqlens_k=kw.get("cu_seqlens_k"),
+    )

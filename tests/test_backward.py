@@ -4,7 +4,7 @@ optimisation check, and bad input to attention_bwd."""
 
 import pytest
 import torch
-from cases import CASES, Case, make_inputs
+from cases import CASES, Case, fwd_op_args, make_inputs
 
 import avar_ops
 from avar_ops.core import NUM_GROUPS, reference, testing
@@ -312,24 +312,6 @@ def test_dead_rows_get_zero_gradient():
     assert torch.equal(dq_dead, torch.zeros_like(dq_dead))
 
 
-def _fwd_args(kw, return_mass=True):
-    return (
-        kw["q"],
-        kw["k"],
-        kw["v"],
-        kw["key_group"],
-        kw["bias"],
-        kw["logit_scale"],
-        kw["q"].shape[-1] ** -0.5,
-        kw["causal"],
-        kw.get("cu_seqlens_q"),
-        kw.get("cu_seqlens_k"),
-        kw.get("max_seqlen_q", 0),
-        kw.get("max_seqlen_k", 0),
-        return_mass,
-    )
-
-
 OPCHECK_CASES = [
     Case("op_gqa", batch=2, len_q=9, heads=4, kv_heads=2, head_dim=16, logit_scale="random"),
     Case("op_varlen", varlen=(4, 7), heads=2, kv_heads=1, head_dim=16, causal=False),
@@ -339,15 +321,15 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
 def test_opcheck_forward_with_autograd(case):
     kw = make_inputs(case, torch.float32, requires_grad=True)
-    torch.library.opcheck(torch.ops.avar.attention_fwd, _fwd_args(kw))
+    torch.library.opcheck(torch.ops.avar.attention_fwd, fwd_op_args(kw))
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
 def test_opcheck_backward(case):
     kw = make_inputs(case, torch.float32)
-    out, lse, mass = torch.ops.avar.attention_fwd(*_fwd_args(kw))
+    out, lse, mass = torch.ops.avar.attention_fwd(*fwd_op_args(kw))
     dout, dmass, dlse = torch.randn_like(out), torch.randn_like(mass), torch.randn_like(lse)
-    fa = _fwd_args(kw)
+    fa = fwd_op_args(kw)
     args = (
         dout,
         dmass,
@@ -411,7 +393,7 @@ def test_adam_on_bias_raises_image_mass():
 
 
 def _bwd_call(kw, out, lse, mass, dmass=None, dlse=None):
-    fa = _fwd_args(kw)
+    fa = fwd_op_args(kw)
     return torch.ops.avar.attention_bwd(
         torch.ones_like(out),
         dmass,
@@ -433,7 +415,7 @@ def _bwd_call(kw, out, lse, mass, dmass=None, dlse=None):
 
 def test_bwd_rejects_bad_dmass_and_dlse():
     kw = make_inputs(Case("bad", batch=2, len_q=8, heads=2, kv_heads=1, head_dim=16), torch.float32)
-    out, lse, mass = torch.ops.avar.attention_fwd(*_fwd_args(kw))
+    out, lse, mass = torch.ops.avar.attention_fwd(*fwd_op_args(kw))
     with pytest.raises(ValueError, match=r"dmass must have shape \[2, 2, 8, 4\].*got \[2, 2, 8, 3\]"):
         _bwd_call(kw, out, lse, mass, dmass=torch.zeros(2, 2, 8, 3))
     with pytest.raises(ValueError, match="dmass was given without mass"):

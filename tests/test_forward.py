@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cases import CASES, SMALL_CASES, Case, make_inputs
+from cases import CASES, SMALL_CASES, Case, fwd_op_args, make_inputs
 
 import avar_ops
 from avar_ops.core import NUM_GROUPS, testing
@@ -175,21 +175,7 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 def test_opcheck_forward():
     for case in SMALL_CASES[:4]:
         kw = make_inputs(case)
-        args = (
-            kw["q"],
-            kw["k"],
-            kw["v"],
-            kw["key_group"],
-            kw["bias"],
-            kw["logit_scale"],
-            kw["q"].shape[-1] ** -0.5,
-            kw["causal"],
-            kw.get("cu_seqlens_q"),
-            kw.get("cu_seqlens_k"),
-            kw.get("max_seqlen_q", 0),
-            kw.get("max_seqlen_k", 0),
-            True,
-        )
+        args = fwd_op_args(kw)
         torch.library.opcheck(
             torch.ops.avar.attention_fwd.default,
             args,

@@ -22,6 +22,7 @@ from typing import Optional
 
 import pytest
 import torch
+from cases import key_mass_of, key_mass_reference_of
 
 import avar_ops
 from avar_ops.core import NUM_GROUPS, testing
@@ -330,31 +331,8 @@ def test_fuzz_against_reference(seed, monkeypatch):
     # Key mass: NaN exactly where the reference's is, close elsewhere.
     gen = torch.Generator().manual_seed(1000 + seed)
     wq = torch.rand(got.lse.shape, generator=gen) * (torch.rand(got.lse.shape, generator=gen) > 0.3)
-    km = avar_ops.attention_key_mass(
-        kw["q"],
-        kw["k"],
-        got.lse,
-        wq,
-        kw["key_group"],
-        kw["bias"],
-        logit_scale=kw["logit_scale"],
-        causal=kw["causal"],
-        cu_seqlens_q=kw.get("cu_seqlens_q"),
-        cu_seqlens_k=kw.get("cu_seqlens_k"),
-        max_seqlen_q=kw.get("max_seqlen_q"),
-        max_seqlen_k=kw.get("max_seqlen_k"),
-    )
-    km_ref = avar_ops.key_mass_reference(
-        kw["q"],
-        kw["k"],
-        wq,
-        kw["key_group"],
-        kw["bias"],
-        logit_scale=kw["logit_scale"],
-        causal=kw["causal"],
-        cu_seqlens_q=kw.get("cu_seqlens_q"),
-        cu_seqlens_k=kw.get("cu_seqlens_k"),
-    )
+    km = key_mass_of(kw, got.lse, wq)
+    km_ref = key_mass_reference_of(kw, wq)
     g_km, r_km = _pack_key_mass(prob, km), _pack_key_mass(prob, km_ref)  # [keys, H]
     assert torch.equal(torch.isnan(g_km), torch.isnan(r_km)), f"NaN key masses differ ({tag})"
     finite_km = ~torch.isnan(r_km)

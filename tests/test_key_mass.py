@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cases import CASES, Case, make_inputs
+from cases import CASES, Case, key_mass_of, key_mass_op_args, key_mass_reference_of, make_inputs
 
 import avar_ops
 from avar_ops.core import testing
@@ -21,37 +21,6 @@ def _weights(kw, per_head, seed):
     return w * (torch.rand(shape, generator=gen) > 0.3)
 
 
-def _key_mass(kw, w, lse):
-    return avar_ops.attention_key_mass(
-        kw["q"],
-        kw["k"],
-        lse,
-        w,
-        kw["key_group"],
-        kw["bias"],
-        logit_scale=kw["logit_scale"],
-        causal=kw["causal"],
-        cu_seqlens_q=kw.get("cu_seqlens_q"),
-        cu_seqlens_k=kw.get("cu_seqlens_k"),
-        max_seqlen_q=kw.get("max_seqlen_q"),
-        max_seqlen_k=kw.get("max_seqlen_k"),
-    )
-
-
-def _reference(kw, w):
-    return avar_ops.key_mass_reference(
-        kw["q"],
-        kw["k"],
-        w,
-        kw["key_group"],
-        kw["bias"],
-        logit_scale=kw["logit_scale"],
-        causal=kw["causal"],
-        cu_seqlens_q=kw.get("cu_seqlens_q"),
-        cu_seqlens_k=kw.get("cu_seqlens_k"),
-    )
-
-
 @pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -59,8 +28,8 @@ def test_key_mass_matches_reference(case, dtype, per_head):
     kw = make_inputs(case, dtype, seed=11)
     lse = avar_ops.attention(**kw).lse
     w = _weights(kw, per_head, seed=12)
-    got = _key_mass(kw, w, lse)
-    ref = _reference(kw, w)
+    got = key_mass_of(kw, lse, w)
+    ref = key_mass_reference_of(kw, w)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     # bf16 inputs are read exactly and everything after is fp32 (no bf16 output rounding), so both dtypes
     # are held to the fp32 bound; the reference reads the same bf16 values.
@@ -75,7 +44,7 @@ def test_key_mass_of_all_queries_sums_to_live_rows():
     )
     lse = avar_ops.attention(**kw).lse  # [B, H, Lq]
     w = torch.ones(2, 40)
-    got = _key_mass(kw, w, lse).double().sum(-1)  # [B, H]
+    got = key_mass_of(kw, lse, w).double().sum(-1)  # [B, H]
     live = torch.isfinite(lse).sum(-1).double()  # [B, H]
     assert torch.allclose(got, live, rtol=testing.FP32_OUT_REL, atol=0)
 
@@ -88,11 +57,11 @@ def test_key_mass_rejects_bad_query_weight():
         match=r"query_weight must be \[B, H, Lq\] = \[2, 2, 8\] or \[B, Lq\] = \[2, 8\], "
         r"got shape \[2, 3, 8\]",
     ):
-        _key_mass(kw, torch.ones(2, 3, 8), lse)
+        key_mass_of(kw, lse, torch.ones(2, 3, 8))
     with pytest.raises(TypeError, match="query_weight must be float32, got Double"):
-        _key_mass(kw, torch.ones(2, 8, dtype=torch.float64), lse)
+        key_mass_of(kw, lse, torch.ones(2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"lse must have shape \[2, 2, 8\]"):
-        _key_mass(kw, torch.ones(2, 8), lse[:, :1])
+        key_mass_of(kw, lse[:, :1], torch.ones(2, 8))
 
 
 def test_key_mass_rejects_bad_varlen_query_weight():
@@ -100,7 +69,7 @@ def test_key_mass_rejects_bad_varlen_query_weight():
     lse = avar_ops.attention(**kw).lse  # [H, Tq]
     tq = kw["q"].shape[0]
     with pytest.raises(ValueError, match=rf"query_weight must be \[H, Tq\] = \[2, {tq}\] or \[Tq\] = \[{tq}\]"):
-        _key_mass(kw, torch.ones(2, tq + 1), lse)
+        key_mass_of(kw, lse, torch.ones(2, tq + 1))
 
 
 @pytest.mark.parametrize(
@@ -115,21 +84,4 @@ def test_opcheck_key_mass(case):
     kw = make_inputs(case, torch.float32)
     lse = avar_ops.attention(**kw).lse
     w = _weights(kw, per_head=True, seed=13)
-    torch.library.opcheck(
-        torch.ops.avar.attention_key_mass,
-        (
-            kw["q"],
-            kw["k"],
-            lse,
-            w,
-            kw["key_group"],
-            kw["bias"],
-            kw["logit_scale"],
-            kw["q"].shape[-1] ** -0.5,
-            kw["causal"],
-            kw.get("cu_seqlens_q"),
-            kw.get("cu_seqlens_k"),
-            kw.get("max_seqlen_q", 0),
-            kw.get("max_seqlen_k", 0),
-        ),
-    )
+    torch.library.opcheck(torch.ops.avar.attention_key_mass, key_mass_op_args(kw, lse, w))

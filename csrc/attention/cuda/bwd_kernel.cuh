@@ -28,7 +28,7 @@ struct BwdConfig {
   static constexpr int kBlockN = kBwdBlockN;  // keys per CTA = 16 · kWarps
   // Query rows per step. Each thread holds dK and dV of its two keys (kD / 2 floats each) for the whole CTA, plus
   // the Sᵀ and dPᵀ accumulators of a step (kBlockM / 2 floats each): at kD = 128 a 64-row step needs more than
-  // 255 registers and spills, while 32 rows leave room and halve the shared memory (more CTAs per SM).
+  // 255 registers and spills, while 32 rows fit and cut the shared memory by a third (more CTAs per SM).
   static constexpr int kBlockM = kD >= 128 ? 32 : 64;
   // dQ of a step: warps split its rows in 16-row slices, and the head dim when there are fewer slices than warps.
   static constexpr int kWarpsM = kBlockM / 16;
