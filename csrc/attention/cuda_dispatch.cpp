@@ -46,7 +46,7 @@ c10::DeviceIndex current_device() {
 }
 
 cudaStream_t current_stream(c10::DeviceIndex device) {
-  return current_stream(device);
+  return c10::cuda::getCurrentCUDAStream(device).stream();
 }
 
 // ATen's CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which a bare nvcc toolkit lacks.
