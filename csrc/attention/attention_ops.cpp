@@ -72,7 +72,7 @@ struct Geometry {
 // the emulated device.
 bool cuda_rules(const Tensor& q) {
 #ifdef AVAR_CUDA_EMULATION
-  return q.is_cuda() || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  return q.is_cuda() || runs_on_emulated_device(q.scalar_type());
 #else
   return q.is_cuda();
 #endif

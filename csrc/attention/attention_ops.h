@@ -30,6 +30,14 @@ struct Backend {
 
 extern const Backend kCpuBackend;
 
+#ifdef AVAR_CUDA_EMULATION
+// In an emulation build (cuda/emulation.h): whether CPU inputs of this dtype run on the emulated CUDA device,
+// under the CUDA rules, rather than on the CPU kernels.
+inline bool runs_on_emulated_device(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_group, const std::optional<at::Tensor>& bias,

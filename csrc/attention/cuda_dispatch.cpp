@@ -251,20 +251,16 @@ const Backend kCudaBackend{&fwd, &bwd, &key_mass};
 #ifdef AVAR_CUDA_EMULATION
 namespace {
 
-bool emulated(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
 void emulation_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
-  (emulated(dtype) ? kCudaBackend : kCpuBackend).fwd(p, dtype);
+  (runs_on_emulated_device(dtype) ? kCudaBackend : kCpuBackend).fwd(p, dtype);
 }
 
 void emulation_bwd(const AttnBwdParams& p, at::ScalarType dtype) {
-  (emulated(dtype) ? kCudaBackend : kCpuBackend).bwd(p, dtype);
+  (runs_on_emulated_device(dtype) ? kCudaBackend : kCpuBackend).bwd(p, dtype);
 }
 
 void emulation_key_mass(const KeyMassParams& p, at::ScalarType dtype) {
-  (emulated(dtype) ? kCudaBackend : kCpuBackend).key_mass(p, dtype);
+  (runs_on_emulated_device(dtype) ? kCudaBackend : kCpuBackend).key_mass(p, dtype);
 }
 
 }  // namespace
