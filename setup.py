@@ -181,7 +181,7 @@ TRAIN_PACKAGES = ["avar_train"] + [f"avar_train.{p}" for p in find_packages("tra
 setup(
     packages=find_packages(include=["avar_ops", "avar_ops.*"]) + TRAIN_PACKAGES,
     package_dir={"avar_train": "training"},
-    package_data={"avar_train": ["configs/*.yaml", "configs/*.json", "templates/*"]},
+    package_data={"avar_train": ["configs/*.yaml", "configs/*.json"], "avar_train.data": ["templates/*"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -67,9 +67,9 @@ def _step(model, processor, prompt, method: str, new_tokens: int, optimizer, tim
     """One GRPO step; adds each phase's seconds to `times`. Returns r_visual [N] (None for sdpa)."""
     from avar_ops.hf import collect_masses, get_handle, token_groups
     from avar_ops.method import visual_reward
-    from avar_train.grpo import completion_logps
-    from avar_train.grpo_loss import group_advantages, policy_loss
-    from avar_train.rewards import VisualStats, visual_terms
+    from avar_train.grpo.loss import group_advantages, policy_loss
+    from avar_train.grpo.rewards import VisualStats, visual_terms
+    from avar_train.grpo.trainer import completion_logps
 
     ids, att = prompt["input_ids"], prompt["attention_mask"]  # [N, P]
     N, P = ids.shape

@@ -10,7 +10,7 @@
 The slice: hidden 3584, 28 query heads, 4 key/value heads (head_dim 128), 2 decoder layers, random weights; MLP
 width 2·hidden and the embedded tokenizer's small vocabulary, so attention is a larger share of the step than in
 the full model. Each sample is a system prompt, one image (about half the tokens), a question and a response,
-collated by `avar_train.collator.QwenVLCollator`; AdamW over the text decoder (vision tower frozen), fp32.
+collated by `avar_train.data.collator.QwenVLCollator`; AdamW over the text decoder (vision tower frozen), fp32.
 
 Each method runs in a fresh process. Times are the median of `--repeat` steps after one warm-up step (which also
 creates the optimizer state), as wall seconds and as the process's CPU seconds (user + system): on a shared
@@ -62,8 +62,8 @@ def make_batch(processor, L: int, folder: str) -> dict:
     response."""
     from PIL import Image
 
-    from avar_train.collator import QwenVLCollator
-    from avar_train.records import parse_record
+    from avar_ops.data import parse_record
+    from avar_train.data.collator import QwenVLCollator
 
     side = max(56, int(round((L / 2) ** 0.5)) * 28)  # (side / 28)² visual tokens ≈ L / 2
     Image.new("RGB", (side, side), (200, 120, 40)).save(os.path.join(folder, "img.png"))
@@ -94,8 +94,8 @@ def _stepper(method: str, model, processor, batch: dict, workdir: str):
     """A callable running one full training step (forward, backward, optimizer step) of `method`."""
     from avar_ops.hf import apply_to_qwen2_5_vl
     from avar_ops.method import agto_losses
-    from avar_train.collator import QwenVLCollator
-    from avar_train.sft import AGTOSettings, AGTOTrainer
+    from avar_train.data.collator import QwenVLCollator
+    from avar_train.sft.trainer import AGTOSettings, AGTOTrainer
 
     for p in model.model.visual.parameters():
         p.requires_grad_(False)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from avar_ops.analysis.answers import (
+from avar_ops.grading.answers import (
     AnswerChecker,
     AnswerSpec,
     extract_answer,
@@ -16,7 +16,7 @@ from avar_ops.analysis.answers import (
     last_boxed,
     parse_number,
 )
-from avar_ops.analysis.latex_checker import LatexChecker
+from avar_ops.grading.latex_checker import LatexChecker
 
 # sympy works on this tower of powers for minutes; math-verify's SIGALRM timeout is off in the workers
 HANGING = "$9^{9^{9^{9}}}$"

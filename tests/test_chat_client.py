@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from avar_ops.analysis.chat_client import ChatClient, ChatClientError
+from avar_ops.grading.chat_client import ChatClient, ChatClientError
 
 
 class FakeServer:
@@ -134,8 +134,8 @@ def test_bad_arguments():
 
 
 def test_judge_extracts_answers_for_the_checker():
-    from avar_ops.analysis.answers import AnswerChecker, AnswerSpec
-    from avar_ops.analysis.evaluation.judge import Judge
+    from avar_ops.eval.judge import Judge
+    from avar_ops.grading.answers import AnswerChecker, AnswerSpec
 
     with FakeServer([("ok", " B "), ("ok", "NONE")]) as server:
         judge = Judge(ChatClient(server.url, "judge", concurrency=1))

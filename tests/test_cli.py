@@ -9,7 +9,7 @@ import pytest
 from tiny_eager import write_jsonl
 
 from avar_ops.analysis import vas
-from avar_ops.analysis.cli import main
+from avar_ops.cli import main
 from avar_ops.core import testing
 
 

@@ -2,7 +2,7 @@
 the model loads; and nothing written outside --out.
 
 Most cases call `main` in this process (what the `avar` entry point returns is the exit status); a few run
-`python -m avar_ops.analysis.cli` as a real process, to check the status, stderr and that no traceback escapes.
+`python -m avar_ops.cli` as a real process, to check the status, stderr and that no traceback escapes.
 """
 
 import json
@@ -16,7 +16,7 @@ from PIL import Image
 from tiny_eager import write_jsonl
 
 import avar_ops
-from avar_ops.analysis.cli import MAX_NEW_TOKENS, main
+from avar_ops.cli import MAX_NEW_TOKENS, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(avar_ops.__file__)))
 
@@ -133,7 +133,7 @@ CASES = [
 
 @pytest.mark.parametrize("argv, code, message", CASES, ids=[f"{i}-{c[2][:30]}" for i, c in enumerate(CASES)])
 def test_bad_input_is_one_line_before_loading(argv, code, message, files, tmp_path, capsys, monkeypatch):
-    import avar_ops.analysis.cli as cli
+    import avar_ops.cli.loading as cli
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
@@ -161,7 +161,7 @@ def test_overwriting_a_report_is_announced(files, tmp_path, capsys):
 def _run(argv, cwd):
     env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run(
-        [sys.executable, "-m", "avar_ops.analysis.cli", *argv],
+        [sys.executable, "-m", "avar_ops.cli", *argv],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -245,7 +245,7 @@ def test_checkpoint_config_is_checked_before_loading(
     config, extra, code, message, files, tmp_path, capsys, monkeypatch
 ):
     """Layer and head counts and the dtype come from config.json alone; no weights are needed to refuse."""
-    import avar_ops.analysis.cli as cli
+    import avar_ops.cli.loading as cli
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     ckpt = tmp_path / "ckpt"

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from avar_ops.analysis.answers import CheckResult
-from avar_ops.analysis.evaluation import BENCHMARKS, BenchmarkDataError, get_benchmark, hallusion_scores
+from avar_ops.eval import BENCHMARKS, BenchmarkDataError, get_benchmark, hallusion_scores
+from avar_ops.grading.answers import CheckResult
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import eval_fixtures
 import pytest
 from test_eval_correlate import known_r_pair, write_run
 
-from avar_ops.analysis import cli
-from avar_ops.analysis.evaluation import get_benchmark, runner
-from avar_ops.analysis.evaluation.runner import _sample_dict
+import avar_ops.cli as cli
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
 from avar_ops.analysis.vas import measure
+from avar_ops.eval import get_benchmark, runner
+from avar_ops.eval.runner import _sample_dict
 
 ARGS = ["--max-new-tokens", "4", "--no-progress", "--checker-timeout", "3"]
 
@@ -142,7 +142,7 @@ def _no_model(*args, **kwargs):
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_loading(argv, code, message, data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_model", _no_model)
+    monkeypatch.setattr(cli.loading, "load_model", _no_model)
     argv = [a.replace("DATA", data["mmstar"]) for a in argv]
     assert cli.main(["eval", *argv, "--out", str(tmp_path / "o"), *ARGS]) == code
     err = capsys.readouterr().err.strip()
@@ -150,11 +150,11 @@ def test_bad_arguments_fail_in_one_line_before_loading(argv, code, message, data
 
 
 def test_output_location_errors(full_run, data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_model", _no_model)
+    monkeypatch.setattr(cli.loading, "load_model", _no_model)
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert cli.main(["eval", *_bench(data), "--out", str(a_file), *ARGS]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "is a file; expected a folder" in capsys.readouterr().err
     assert cli.main(["eval", *_bench(data), "--out", str(tmp_path / "no" / "such" / "run"), *ARGS]) == 2
     assert "does not exist" in capsys.readouterr().err
     # a run folder made with other settings is not continued

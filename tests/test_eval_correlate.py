@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from avar_ops.analysis.evaluation.correlate import (
+from avar_ops.eval.correlate import (
     correlate_runs,
     load_run,
     markdown_table,

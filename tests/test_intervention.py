@@ -183,7 +183,7 @@ def sample():
 
 
 def _layer_masses(model, processor, sample, iv):
-    from avar_ops.analysis.samples import build_inputs
+    from avar_ops.data.samples import build_inputs
     from avar_ops.hf import collect_masses
     from avar_ops.method import intervened
 
@@ -226,7 +226,7 @@ def test_model_layer0_is_reweighted_eager_map(tiny, sample, iv, img_factor, sys_
 def test_model_logits_reading_matches_reference_on_layer_inputs(tiny, sample):
     """The logits reading inside the model: layer 1's masses equal the float64 reference run on the q and k that
     layer's attention received (captured through the patch) with the logit-scale table."""
-    from avar_ops.analysis.samples import build_inputs
+    from avar_ops.data.samples import build_inputs
     from avar_ops.hf import capture_attention, collect_masses
     from avar_ops.method import intervened
 
@@ -249,7 +249,7 @@ def test_model_logits_reading_matches_reference_on_layer_inputs(tiny, sample):
 def test_every_decode_step_gets_the_intervention(tiny, sample):
     """Masses of each generated token, taken during generate() (KV cache, one query per step), equal those of
     one full forward over the final sequence under the same intervention, and differ from the plain ones."""
-    from avar_ops.analysis.samples import build_inputs
+    from avar_ops.data.samples import build_inputs
     from avar_ops.hf import collect_masses
     from avar_ops.method import intervened
 
@@ -282,7 +282,8 @@ def test_every_decode_step_gets_the_intervention(tiny, sample):
 
 
 def test_generate_without_intervention_is_stock_generate(tiny, sample):
-    from avar_ops.analysis.samples import build_inputs, generate_answers
+    from avar_ops.analysis import generate_answers
+    from avar_ops.data import build_inputs
 
     model, processor = tiny
     inputs = build_inputs(processor, [sample])

@@ -11,8 +11,8 @@ from PIL import Image
 
 from avar_ops.analysis import plots
 from avar_ops.analysis.image_attention import ImageAttention, save_overlays
-from avar_ops.analysis.paths import inside, safe_name, unique_safe_names
-from avar_ops.analysis.samples import MAX_ASPECT_RATIO, check_unique_ids, load_images, load_samples, normalize_sample
+from avar_ops.data.paths import inside, safe_name, unique_safe_names
+from avar_ops.data.samples import MAX_ASPECT_RATIO, check_unique_ids, load_images, load_samples, normalize_sample
 from avar_ops.method import Intervention, agto_losses, vas, visual_reward
 from avar_ops.method.intervention import MAX_TABLE_VALUE
 

@@ -10,8 +10,8 @@ import torch
 from sft_fixtures import tiny_processor
 
 from avar_ops.analysis import synthetic_images
-from avar_train.collator import CollateError, QwenVLCollator
-from avar_train.records import RecordError, load_records
+from avar_ops.data.records import RecordError, load_records
+from avar_train.data.collator import CollateError, QwenVLCollator
 
 # ----------------------------------------------------------------------------------------------------- loader
 

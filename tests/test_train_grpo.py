@@ -12,9 +12,9 @@ from grpo_fixtures import hash_checker, initial_checker, write_colour_task
 from avar_ops.analysis import build_tiny_qwen2_5_vl
 from avar_ops.core import testing
 from avar_ops.method import visual_reward
-from avar_train.grpo import GRPOTrainer, completion_mask
-from avar_train.grpo_config import ConfigError, load_grpo_config
-from avar_train.rewards import VisualStats, accuracy_reward, visual_terms
+from avar_train.grpo.config import ConfigError, load_grpo_config
+from avar_train.grpo.rewards import VisualStats, accuracy_reward, visual_terms
+from avar_train.grpo.trainer import GRPOTrainer, completion_mask
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 from grpo_fixtures import initial_checker, write_colour_task
 
 from avar_ops.analysis import build_tiny_qwen2_5_vl
-from avar_train.grpo import GRPOTrainer
-from avar_train.grpo_config import load_grpo_config
-from avar_train.rewards import accuracy_reward
+from avar_train.grpo.config import load_grpo_config
+from avar_train.grpo.rewards import accuracy_reward
+from avar_train.grpo.trainer import GRPOTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "training", "configs", "grpo_tiny.yaml")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from avar_train.grpo_loss import group_advantages, policy_loss
+from avar_train.grpo.loss import group_advantages, policy_loss
 
 
 def test_group_advantages_group_scaling():

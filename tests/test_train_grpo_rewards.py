@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from avar_ops.method import visual_reward
-from avar_train.rewards import (
+from avar_train.grpo.rewards import (
     AccuracyReward,
     VisualStats,
     call_reward_function,
@@ -171,7 +171,7 @@ def test_reward_function_checks():
         call_reward_function("n", lambda p, c, ids, **k: [0.0], ["a", "b"], ["x", "y"], [[1], [2]], {})
     with pytest.raises(ValueError, match="non-finite"):
         call_reward_function("n", lambda p, c, ids, **k: [float("nan")], ["a"], ["x"], [[1]], {})
-    assert load_reward_function("avar_train.rewards:format_reward") is format_reward
+    assert load_reward_function("avar_train.grpo.rewards:format_reward") is format_reward
     with pytest.raises(ValueError, match="module:function"):
         load_reward_function("format_reward")
 

@@ -10,12 +10,12 @@ import torch
 from sft_fixtures import tiny_pair, write_sft_records
 
 from avar_ops.analysis import synthetic_images
+from avar_ops.data.records import load_records
 from avar_ops.hf import apply_to_qwen2_5_vl, revert
 from avar_train.cli import main
-from avar_train.collator import QwenVLCollator
-from avar_train.config import SFTConfig
-from avar_train.records import load_records
-from avar_train.sft import LOG_KEYS, AGTOSettings, AGTOTrainer, train_sft, training_arguments
+from avar_train.data.collator import QwenVLCollator
+from avar_train.sft.config import SFTConfig
+from avar_train.sft.trainer import LOG_KEYS, AGTOSettings, AGTOTrainer, train_sft, training_arguments
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_cli_answers_bad_input_in_one_line(tiny_dir, train_file, tmp_path, capsy
 def test_per_sample_reduction_equals_the_full_agto_losses():
     """The [B, H, 1, 4] means the step keeps give the losses and gradients of agto_losses on the full masses."""
     from avar_ops.method import agto_losses
-    from avar_train.sft import _LayerReduction
+    from avar_train.sft.trainer import _LayerReduction
 
     B, H, L = 3, 2, 7
     masses = [torch.softmax(torch.randn(B, H, L, 4, dtype=torch.float64), -1).requires_grad_() for _ in range(2)]

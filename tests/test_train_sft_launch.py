@@ -11,8 +11,8 @@ import pytest
 import yaml
 from sft_fixtures import tiny_pair, write_sft_records
 
-from avar_train.config import SFTConfig
-from avar_train.sft import train_sft
+from avar_train.sft.config import SFTConfig
+from avar_train.sft.trainer import train_sft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3

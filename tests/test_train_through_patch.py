@@ -7,9 +7,9 @@ a few optimizer steps move the user tokens' attention onto the image where L_LM 
 import pytest
 import torch
 
-from avar_ops.analysis.samples import build_inputs
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
 from avar_ops.core import testing
+from avar_ops.data.samples import build_inputs
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, revert, token_groups
 from avar_ops.method import agto_losses, vas
 

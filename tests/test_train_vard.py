@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from avar_ops.analysis import synthetic_images
+from avar_ops.data.records import load_records
 from avar_train.cli import main
-from avar_train.config import VARDConfig, load_config
-from avar_train.records import load_records
-from avar_train.vard import load_templates, run_vard, validate_output
+from avar_train.config import load_config
+from avar_train.data.vard import load_templates, run_vard, validate_output
+from avar_train.data.vard_config import VARDConfig
 
 TEMPLATES = {
     "describe.txt": "DESCRIBE {question}",
@@ -291,7 +292,7 @@ def test_vard_local_hf_generator(tmp_path):
     the rejection says so."""
     from sft_fixtures import tiny_pair
 
-    from avar_train.vard import HFGenerator
+    from avar_train.data.vard import HFGenerator
 
     model, processor = tiny_pair()
     generator = HFGenerator(model, processor, max_new_tokens=4, temperature=0.0)

@@ -12,8 +12,8 @@ from tiny_eager import eager_maps, masses_from_maps, tiny_eager, tiny_samples, w
 
 from avar_ops.analysis import vas
 from avar_ops.analysis.image_attention import image_attention, save_overlays
-from avar_ops.analysis.samples import build_inputs, load_samples
 from avar_ops.core import testing
+from avar_ops.data.samples import build_inputs, load_samples
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, is_patched, revert, token_groups
 from avar_ops.method import Intervention
 

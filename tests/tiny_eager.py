@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from avar_ops.analysis.samples import build_inputs
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.data.samples import build_inputs
 from avar_ops.hf import token_groups
 
 QUESTIONS = [

@@ -17,7 +17,9 @@ import os
 import sys
 from typing import List, Optional
 
-from avar_train.config import ConfigError, SFTConfig, VARDConfig, load_config, parse_overrides
+from .config import ConfigError, load_config, parse_overrides
+from .data.vard_config import VARDConfig
+from .sft.config import SFTConfig
 
 __all__ = ["main"]
 
@@ -45,15 +47,16 @@ def _prepare_output_dir(path: str) -> None:
 
 
 def _run_sft(args) -> int:
-    from avar_train.collator import CollateError
-    from avar_train.records import RecordError
+    from avar_ops.data import RecordError
+
+    from .data.collator import CollateError
 
     try:
         cfg = load_config(SFTConfig, args.config, parse_overrides(args.overrides))
         _prepare_output_dir(cfg.output_dir)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from avar_train.sft import LaunchError, train_sft
+    from .sft.trainer import LaunchError, train_sft
 
     try:
         train_sft(cfg)
@@ -65,14 +68,14 @@ def _run_sft(args) -> int:
 
 
 def _run_vard(args) -> int:
-    from avar_train.records import RecordError
+    from avar_ops.data import RecordError
 
     try:
         cfg = load_config(VARDConfig, args.config, parse_overrides(args.overrides))
         _prepare_output_dir(cfg.output_dir)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from avar_train.vard import VARDError, run_vard
+    from .data.vard import VARDError, run_vard
 
     try:
         summary = run_vard(cfg)
@@ -81,6 +84,30 @@ def _run_vard(args) -> int:
     except KeyboardInterrupt:
         return _fail(f"interrupted; finished records are in {cfg.output_dir}, run again to resume", 130)
     print(summary.line())
+    return 0
+
+
+def _run_grpo(args) -> int:
+    from avar_ops.data import RecordError
+
+    from .data.collator import CollateError
+    from .grpo.config import load_grpo_config
+
+    try:
+        cfg = load_grpo_config(args.config, parse_overrides(args.overrides))
+        if not os.path.isfile(cfg.train_file):
+            raise ConfigError(f"train_file: no such file {cfg.train_file!r}")
+        if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
+            raise ConfigError(f"resume_from_checkpoint: no such folder {cfg.resume_from_checkpoint!r}")
+        _prepare_output_dir(cfg.output_dir)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    from .grpo.trainer import train_grpo
+
+    try:
+        train_grpo(cfg)
+    except (RecordError, CollateError, FileNotFoundError) as exc:
+        return _fail(str(exc), 1)
     return 0
 
 
@@ -96,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_command(sub, "sft", "cold-start SFT with the AGTO attention losses", _run_sft)
     _add_command(sub, "vard", "synthesise VARD data (describe, reason with reflection, anchor)", _run_vard)
-    from avar_train.grpo_cli import run_grpo
-
-    _add_command(sub, "grpo", "GRPO with the visual-anchored reward (r_acc + λ_v·r_visual + λ_f·r_format)", run_grpo)
+    _add_command(sub, "grpo", "GRPO with the visual-anchored reward (r_acc + λ_v·r_visual + λ_f·r_format)", _run_grpo)
     return parser
 
 

@@ -1,9 +1,18 @@
-"""Analysis and tools: VAS measurement and reports, per-patch image heatmaps, plots, sample files, the tiny
-offline Qwen2.5-VL, the demo and the `avar` command line; answer extraction and checking shared by the
-evaluation suite and the training rewards, and an OpenAI-compatible chat client. Needs the `analysis` extra
-(matplotlib, pillow, tqdm, torchvision); answer checking and benchmark files need the `eval` extra."""
+"""Analysis: VAS measurement and reports, per-patch image heatmaps, plots, greedy answers under an
+intervention, the tiny offline Qwen2.5-VL and the demo. Needs the `analysis` extra (matplotlib, pillow, tqdm,
+torchvision).
 
-from avar_ops.analysis.answers import (
+Moved: answer extraction and checking now live in `avar_ops.grading`; `check_answer`, `check_answers`,
+`extract_answer`, `AnswerChecker`, `AnswerSpec`, `CheckResult` and `Extraction` are re-exported here so that
+code written against `avar_ops.analysis` keeps working. Samples and image loading moved to `avar_ops.data`,
+the `avar` command to `avar_ops.cli`, the evaluation suite to `avar_ops.eval`."""
+
+from avar_ops.analysis.demo import run_demo
+from avar_ops.analysis.generation import generate_answers
+from avar_ops.analysis.image_attention import ImageAttention, image_attention, save_overlays
+from avar_ops.analysis.tiny_qwen import build_tiny_processor, build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.analysis.vas import VASReport, compare, measure
+from avar_ops.grading import (
     AnswerChecker,
     AnswerSpec,
     CheckResult,
@@ -12,21 +21,20 @@ from avar_ops.analysis.answers import (
     check_answers,
     extract_answer,
 )
-from avar_ops.analysis.chat_client import ChatClient, ChatClientError
-from avar_ops.analysis.image_attention import ImageAttention, image_attention, save_overlays
-from avar_ops.analysis.latex_checker import LatexChecker
-from avar_ops.analysis.samples import (
-    build_inputs,
-    chat_messages,
-    generate_answers,
-    load_images,
-    load_samples,
-    normalize_sample,
-)
-from avar_ops.analysis.tiny_qwen import build_tiny_processor, build_tiny_qwen2_5_vl, synthetic_images
-from avar_ops.analysis.vas import VASReport, compare, measure
 
 __all__ = [
+    "ImageAttention",
+    "image_attention",
+    "save_overlays",
+    "generate_answers",
+    "run_demo",
+    "build_tiny_processor",
+    "build_tiny_qwen2_5_vl",
+    "synthetic_images",
+    "VASReport",
+    "compare",
+    "measure",
+    # moved to avar_ops.grading, re-exported
     "AnswerChecker",
     "AnswerSpec",
     "CheckResult",
@@ -34,22 +42,4 @@ __all__ = [
     "check_answer",
     "check_answers",
     "extract_answer",
-    "LatexChecker",
-    "ChatClient",
-    "ChatClientError",
-    "ImageAttention",
-    "image_attention",
-    "save_overlays",
-    "build_inputs",
-    "chat_messages",
-    "generate_answers",
-    "load_images",
-    "load_samples",
-    "normalize_sample",
-    "build_tiny_processor",
-    "build_tiny_qwen2_5_vl",
-    "synthetic_images",
-    "VASReport",
-    "compare",
-    "measure",
 ]

@@ -44,8 +44,8 @@ def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
     import torch
 
     from avar_ops.analysis import vas
+    from avar_ops.analysis.generation import generate_answers
     from avar_ops.analysis.image_attention import image_attention, save_overlays
-    from avar_ops.analysis.samples import generate_answers
     from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
     from avar_ops.method import Intervention
 

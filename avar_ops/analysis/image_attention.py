@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from avar_ops.analysis import plots
-from avar_ops.analysis.paths import inside, safe_name
-from avar_ops.analysis.samples import build_inputs, load_images, normalize_sample
 from avar_ops.core import attention_key_mass, select_indices
+from avar_ops.data import build_inputs, inside, load_images, normalize_sample, safe_name
 from avar_ops.hf import capture_attention, token_groups
 from avar_ops.method import intervened
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from avar_ops.analysis import plots
-from avar_ops.analysis.samples import build_inputs, check_unique_ids, load_samples, normalize_sample
 from avar_ops.core import GROUP_NAMES, select_indices
+from avar_ops.data import build_inputs, check_unique_ids, load_samples, normalize_sample
 from avar_ops.hf import collect_masses, token_groups
 from avar_ops.method import VASResult, intervened
 from avar_ops.method import vas as vas_metric
@@ -190,7 +190,7 @@ def measure(
         model: Qwen2_5_VLForConditionalGeneration (patched here unless already patched, see
             `avar_ops.hf.patched`).
         processor: its processor (chat template, tokenizer, image processor).
-        samples: dicts / JSONL records (see `avar_ops.analysis.samples`), or a path to a JSONL file.
+        samples: dicts / JSONL records (see `avar_ops.data.samples`), or a path to a JSONL file.
         limit: use the first `limit` samples.
         layers: decoder layers to average over (default all; negative indices count from the end).
         batch_size: samples per forward (left-padded); the result does not depend on it.

@@ -25,7 +25,7 @@ What it trusts: the ids alone. Every `<|im_start|>`, `<|im_end|>`, `<|image_pad|
 `<|vision_start|>` / `<|vision_end|>` id is taken as the template's own, wherever it comes from. Text that a
 user typed with these markers in it (`"…<|im_end|>\\n<|im_start|>system\\n…"`) tokenizes to the same ids and
 would open a system turn or an image slot here; the tokenizer cannot tell them apart afterwards. Text must
-therefore be checked before it is rendered: `avar_ops.analysis.samples` refuses any `<|…|>` marker in a
+therefore be checked before it is rendered: `avar_ops.data.samples` refuses any `<|…|>` marker in a
 sample's question, system prompt and response.
 """
 

@@ -1,4 +1,4 @@
-"""Worker process for `avar_ops.analysis.latex_checker`: runs math-verify on one pair at a time.
+"""Worker process for `avar_ops.grading.latex_checker`: runs math-verify on one pair at a time.
 
 It is started as a script (``python math_verify_worker.py``), not imported through the package, so that a
 fresh worker only pays for importing math-verify, not torch. Protocol, one JSON object per line:

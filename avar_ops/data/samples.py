@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from avar_ops.method import Intervention, generate
+from avar_ops.data.text import check_text
 
 __all__ = [
     "load_samples",
@@ -39,14 +38,11 @@ __all__ = [
     "check_images",
     "chat_messages",
     "build_inputs",
-    "generate_answers",
     "MAX_ASPECT_RATIO",
 ]
 
 # Qwen2-VL's image processor refuses images whose long side is more than 200 times the short one.
 MAX_ASPECT_RATIO = 200.0
-# Qwen's special tokens are all written <|name|>; the tokenizer matches them anywhere in text.
-_TEMPLATE_MARKER = re.compile(r"<\|[^\s<>|]{1,64}\|>")
 # PIL modes holding one integer channel wider than 8 bits (16-bit PNG / TIFF greyscale).
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -91,12 +87,7 @@ def normalize_sample(record, index: int, base_dir: Optional[str] = None, where: 
     if response is not None and not isinstance(response, str):
         raise ValueError(f"{where}[{index}]: 'response' must be a string when given, got {type(response).__name__}")
     for field, text in (("question", question), ("system", system), ("response", response)):
-        marker = _TEMPLATE_MARKER.search(text) if text is not None else None
-        if marker is not None:
-            raise ValueError(
-                f"{where}[{index}]: {field!r} contains {marker.group(0)!r}, a chat-template marker; typed in text it "
-                "becomes a special token that changes the turns and token groups (remove it or write it differently)"
-            )
+        check_text(text, where=f"{where}[{index}]", field=field)
     sample_id = record.get("id", index)
     if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
         raise ValueError(f"{where}[{index}]: 'id' must be a string or an integer, got {sample_id!r}")
@@ -243,69 +234,3 @@ def build_inputs(
     if device is not None:
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     return dict(inputs)
-
-
-class _TokenProgress:
-    """A `generate` streamer that only counts: one tqdm bar over the decoding steps of a batch."""
-
-    def __init__(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="token", leave=False)
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        self.bar.update(1)
-
-    def end(self) -> None:
-        self.bar.close()
-
-
-def generate_answers(
-    model,
-    processor,
-    samples,
-    *,
-    intervention: Optional[Intervention] = None,
-    max_new_tokens: int = 32,
-    batch_size: int = 1,
-    progress: bool = False,
-) -> List[dict]:
-    """Greedy answers to `samples` (dicts / JSONL records) under the intervention, `batch_size` at a time.
-
-    Returns one {"id", "answer", "tokens"} per sample; tokens are the generated ids up to and including the
-    end-of-turn token. progress=True shows a bar over the samples and one over each batch's decoding steps.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"generate: batch_size must be a positive int, got {batch_size!r}")
-    samples = [normalize_sample(s, i) for i, s in enumerate(samples)]
-    device = next(model.parameters()).device
-    results = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(samples), desc="answers", unit="sample")
-    for i in range(0, len(samples), batch_size):
-        batch = samples[i : i + batch_size]
-        inputs = build_inputs(processor, batch, device=device)
-        streamer = _TokenProgress(max_new_tokens, f"tokens of {batch[0]['id']}") if progress else None
-        rows = generate(
-            model, processor, inputs, intervention=intervention, max_new_tokens=max_new_tokens, streamer=streamer
-        )
-        for s, tokens in zip(batch, rows):
-            results.append(
-                {
-                    "id": s["id"],
-                    "answer": processor.tokenizer.decode(tokens, skip_special_tokens=True),
-                    "tokens": tokens,
-                }
-            )
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return results

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from avar_train.config import ConfigError, load_config
+from ..config import ConfigError, load_config
 
 __all__ = ["GRPOConfig", "load_grpo_config"]
 
@@ -23,7 +23,7 @@ __all__ = ["GRPOConfig", "load_grpo_config"]
 class GRPOConfig:
     # model and data
     model_name_or_path: str = "tiny"  # a Qwen2.5-VL checkpoint folder, or "tiny" for the embedded random model
-    train_file: str = ""  # JSONL records (avar_train.records, use "rl"): prompt, images and the reference answer
+    train_file: str = ""  # JSONL records (avar_ops.data.records, use "rl"): prompt, images and the reference answer
     output_dir: str = ""
     skip_bad_records: bool = False
     min_pixels: Optional[int] = None

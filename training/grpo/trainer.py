@@ -34,12 +34,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from avar_ops.data import Record, load_records
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, token_groups
-from avar_train.collator import QwenVLCollator
-from avar_train.grpo_config import GRPOConfig
-from avar_train.grpo_loss import group_advantages, policy_loss
-from avar_train.records import Record, load_records
-from avar_train.rewards import (
+
+from ..data.collator import QwenVLCollator
+from .config import GRPOConfig
+from .loss import group_advantages, policy_loss
+from .rewards import (
     DEFAULT_FORMAT_PATTERN,
     AccuracyReward,
     VisualStats,

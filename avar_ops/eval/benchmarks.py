@@ -25,8 +25,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from avar_ops.analysis.answers import MAX_OPTIONS, AnswerSpec, CheckResult
-from avar_ops.analysis.evaluation.parquet_files import BenchmarkDataError, LazyImage, find_files, read_rows
+from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage, find_files, read_rows
+from avar_ops.grading import MAX_OPTIONS, AnswerSpec, CheckResult
 
 LETTERS = string.ascii_uppercase
 

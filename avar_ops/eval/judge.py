@@ -1,12 +1,12 @@
 """Optional answer extraction by a judge model behind an OpenAI-compatible endpoint, as the harnesses that use
 GPT-based extraction do. The judge only reads the final answer out of a response; checking it against the
-reference stays rule-based (`avar_ops.analysis.answers`), so the two modes differ in extraction alone."""
+reference stays rule-based (`avar_ops.grading.answers`), so the two modes differ in extraction alone."""
 
 from __future__ import annotations
 
 from typing import List, Sequence
 
-from avar_ops.analysis.chat_client import ChatClient, ChatClientError
+from avar_ops.grading import ChatClient, ChatClientError
 
 _INSTRUCTION = (
     "You read a model's response to a question and copy out its final answer, nothing else. For a "

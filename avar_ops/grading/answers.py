@@ -11,7 +11,7 @@ Checking by kind of reference:
 - ``number``: numbers with commas, units, ``%`` and simple LaTeX (``\\frac{1}{2}``) removed, compared with a
   relative/absolute tolerance or, when a precision is given, after rounding both to that many decimals;
 - ``latex``: expressions through math-verify in worker processes with a hard deadline
-  (`avar_ops.analysis.latex_checker`);
+  (`avar_ops.grading.latex_checker`);
 - ``text``: case- and punctuation-insensitive string equality (yes/no and short phrases).
 
 A result is one of correct / incorrect / timeout / error: a checker that timed out or failed is never scored
@@ -26,7 +26,7 @@ import string
 from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from avar_ops.analysis.latex_checker import (
+from avar_ops.grading.latex_checker import (
     CORRECT,
     ERROR,
     INCORRECT,

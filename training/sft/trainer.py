@@ -93,7 +93,7 @@ class AGTOTrainer(Trainer):
     """`Trainer` whose loss adds the AGTO attention terms, computed from the patch's fused masses.
 
     `model` must be patched (`avar_ops.hf.apply_to_qwen2_5_vl`) and the batches must come from
-    `avar_train.collator.QwenVLCollator` in "sft" mode (they carry the token groups and masks).
+    `avar_train.data.collator.QwenVLCollator` in "sft" mode (they carry the token groups and masks).
     `log_file`: a JSONL file that gets every log entry (main process only).
     """
 
@@ -328,9 +328,10 @@ def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
 
 def train_sft(cfg) -> AGTOTrainer:
     """Run SFT with AGTO as `cfg` (an `avar_train.config.SFTConfig`) says; returns the finished trainer."""
+    from avar_ops.data import load_records
     from avar_ops.hf import apply_to_qwen2_5_vl
-    from avar_train.collator import QwenVLCollator
-    from avar_train.records import load_records
+
+    from ..data.collator import QwenVLCollator
 
     resume = cfg.resume_from_checkpoint
     if resume == "latest":

@@ -1,4 +1,4 @@
-"""The `avar eval` and `avar correlate` subcommands (the `avar` CLI registers them from here).
+"""`avar eval` and `avar correlate`: accuracy and VAS on the paper's benchmarks, and their correlation across runs.
 
     avar eval --model DIR|tiny --bench mathvista=PATH mmstar=PATH … [--intervention-flags] [--limit N]
               [--batch-size B] [--max-new-tokens T] --out RUN
@@ -13,19 +13,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from avar_ops.analysis.evaluation.benchmarks import BENCHMARKS, PAPER_ORDER, get_benchmark
-from avar_ops.analysis.evaluation.parquet_files import BenchmarkDataError
+from avar_ops.cli import loading
+from avar_ops.cli.args import (
+    add_intervention_args,
+    add_model_args,
+    check_device,
+    check_selection,
+    intervention_from_flags,
+)
+from avar_ops.cli.errors import CLIError, DataError
+from avar_ops.cli.out import prepare_out
+from avar_ops.eval import BENCHMARKS, PAPER_ORDER, BenchmarkDataError, get_benchmark
 
-
-class UsageError(Exception):
-    """Exit 2."""
-
-
-class DataError(Exception):
-    """Exit 1."""
+__all__ = ["add_parser"]
 
 
 def _bench_specs(tokens: List[str]) -> List[Tuple[str, Optional[str], str]]:
@@ -34,30 +36,28 @@ def _bench_specs(tokens: List[str]) -> List[Tuple[str, Optional[str], str]]:
     for token in tokens:
         key, sep, path = token.partition("=")
         if not sep or not key or not path:
-            raise UsageError("--bench: expected NAME=PATH or NAME:SPLIT=PATH, got %r" % token)
+            raise CLIError("--bench: expected NAME=PATH or NAME:SPLIT=PATH, got %r" % token)
         name, _, split = key.partition(":")
         try:
             bench = get_benchmark(name)
         except ValueError as exc:
-            raise UsageError("--bench: %s" % exc) from exc
+            raise CLIError("--bench: %s" % exc) from exc
         if split and split not in bench.files:
-            raise UsageError(
+            raise CLIError(
                 "--bench: %s has no split %r (expected one of %s)" % (bench.name, split, ", ".join(sorted(bench.files)))
             )
         if bench.name in specs:
-            raise UsageError("--bench: %s given twice" % bench.name)
+            raise CLIError("--bench: %s given twice" % bench.name)
         specs[bench.name] = (bench.name, split or None, path)
     return [specs[n] for n in PAPER_ORDER if n in specs]
 
 
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     """Add `eval` and `correlate` to the `avar` subparsers; each sets `run_command` (args -> exit code)."""
-    from avar_ops.analysis.cli import _add_intervention_args, _add_model_args
-
     p = eval_parser = sub.add_parser(
         "eval", help="accuracy and VAS on the paper's benchmarks, from local parquet files"
     )
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument(
         "--bench",
         nargs="+",
@@ -84,81 +84,47 @@ def add_parsers(sub) -> None:
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     p.add_argument("--checker-timeout", type=float, default=5.0, help="seconds per LaTeX answer check")
     p.add_argument("--no-progress", action="store_true")
-    _add_intervention_args(p)
+    add_intervention_args(p)
 
     p = sub.add_parser("correlate", help="accuracy against VAS across `avar eval` runs: Pearson r, Spearman, plot")
     p.add_argument("runs", nargs="+", help="run folders written by `avar eval` (at least 3)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval on r")
-    eval_parser.set_defaults(run_command=_guarded("eval", _cmd_eval))
-    p.set_defaults(run_command=_guarded("correlate", _cmd_correlate))
-
-
-def _guarded(name: str, fn: Callable) -> Callable:
-    def run(args) -> int:
-        from avar_ops.analysis.cli import CLIError
-
-        try:
-            return fn(args)
-        except (UsageError, CLIError) as exc:
-            print("avar %s: error: %s" % (name, exc), file=sys.stderr)
-            return 2
-        except DataError as exc:
-            print("avar %s: error: %s" % (name, exc), file=sys.stderr)
-            return 1
-
-    return run
-
-
-def _check_out(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError("--out: %s exists and is not a folder" % path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError("--out: the parent folder %s does not exist" % parent)
-    if not os.access(parent if not os.path.exists(path) else path, os.W_OK):
-        raise UsageError("--out: %s is not writable" % path)
+    eval_parser.set_defaults(run_command=_cmd_eval)
+    p.set_defaults(run_command=_cmd_correlate)
 
 
 def _cmd_eval(args) -> int:
     import torch
 
-    from avar_ops.analysis.answers import AnswerChecker
-    from avar_ops.analysis.cli import (
-        _check_device,
-        _check_selection,
-        _intervention_from_flags,
-        load_model,
-        model_shape,
-    )
-    from avar_ops.analysis.evaluation import runner
-    from avar_ops.analysis.latex_checker import LatexChecker
+    from avar_ops.eval import runner
+    from avar_ops.grading import AnswerChecker, LatexChecker
 
     specs = _bench_specs(args.bench)
-    _check_out(args.out)
+    prepare_out(args.out, args.command, create=False)
     for module, package in (("math_verify", "math-verify"), ("pyarrow", "pyarrow")):
         if importlib.util.find_spec(module) is None:
-            raise UsageError("%s is needed to read benchmarks and check answers: pip install 'avar[eval]'" % package)
+            raise CLIError("%s is needed to read benchmarks and check answers: pip install 'avar[eval]'" % package)
     if (args.judge_url is None) != (args.judge_model is None):
-        raise UsageError("--judge-url and --judge-model go together")
+        raise CLIError("--judge-url and --judge-model go together")
     for flag in ("min_pixels", "max_pixels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise UsageError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), getattr(args, flag)))
+            raise CLIError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), getattr(args, flag)))
     if not args.checker_timeout > 0:
-        raise UsageError("--checker-timeout: expected seconds > 0, got %g" % args.checker_timeout)
-    iv = _intervention_from_flags(args)
-    shape = model_shape(args.model)
-    _check_selection(args, [iv], shape)
-    _check_device(args, shape)
+        raise CLIError("--checker-timeout: expected seconds > 0, got %g" % args.checker_timeout)
+    iv = intervention_from_flags(args)
+    shape = loading.model_shape(args.model)
+    check_selection(args, [iv], shape)
+    check_device(args, shape)
     judge = None
     if args.judge_url is not None:
-        from avar_ops.analysis.chat_client import ChatClient
-        from avar_ops.analysis.evaluation.judge import Judge
+        from avar_ops.eval import Judge
+        from avar_ops.grading import ChatClient
 
         try:
             judge = Judge(ChatClient(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_key_env)))
         except ValueError as exc:
-            raise UsageError("--judge-url / --judge-model: %s" % exc) from exc
+            raise CLIError("--judge-url / --judge-model: %s" % exc) from exc
 
     loaded = {}
     for name, split, path in specs:
@@ -192,9 +158,9 @@ def _cmd_eval(args) -> int:
     try:
         runner.prepare_run_folder(args.out, settings)
     except runner.RunConflictError as exc:
-        raise UsageError(str(exc)) from exc
+        raise CLIError(str(exc)) from exc
 
-    model, processor, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, processor, _ = loading.load_model(args.model, dtype=args.dtype, device=args.device)
     image_processor = processor.image_processor
     for flag in ("min_pixels", "max_pixels"):
         if getattr(args, flag) is not None:
@@ -236,13 +202,13 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_correlate(args) -> int:
-    from avar_ops.analysis.evaluation import correlate
+    from avar_ops.eval import correlate
 
     if not 0 < args.confidence < 1:
-        raise UsageError("--confidence: expected a value in (0, 1), got %g" % args.confidence)
+        raise CLIError("--confidence: expected a value in (0, 1), got %g" % args.confidence)
     if len(args.runs) < 3:
-        raise UsageError("runs: a correlation needs at least 3 run folders, got %d" % len(args.runs))
-    _check_out(args.out)
+        raise CLIError("runs: a correlation needs at least 3 run folders, got %d" % len(args.runs))
+    prepare_out(args.out, args.command, create=False)
     runs = []
     for run_dir in args.runs:
         try:

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import torch
 
+from avar_ops.data import Record
 from avar_ops.hf import template_tokens, token_groups
-from avar_train.records import Record
 
 __all__ = ["QwenVLCollator", "CollateError", "MODES"]
 

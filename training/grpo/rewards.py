@@ -74,21 +74,21 @@ Checker = Callable[[Sequence[str], Sequence[str]], Sequence[str]]
 
 
 def _answers_checker() -> Checker:
-    """The shared answer checker of `avar_ops.analysis` (AnswerChecker): extraction from <answer>…</answer> or a
+    """The shared answer checker of `avar_ops.grading` (AnswerChecker): extraction from <answer>…</answer> or a
     final \\boxed{}, letters, numbers with tolerance, LaTeX through math-verify in a subprocess pool with a hard
     timeout; each result is correct / incorrect / timeout / error."""
-    import avar_ops.analysis as analysis
+    import avar_ops.grading as grading
 
-    if not hasattr(analysis, "AnswerChecker"):
+    if not hasattr(grading, "AnswerChecker"):
         raise ImportError(
-            "accuracy_reward: this avar_ops has no shared answer checker (avar_ops.analysis.AnswerChecker); pass "
+            "accuracy_reward: this avar_ops has no shared answer checker (avar_ops.grading.AnswerChecker); pass "
             "checker= (a function (completions, references) -> statuses) or accuracy_checker: module:function"
         )
-    checker = analysis.AnswerChecker()
+    checker = grading.AnswerChecker()
 
     def check(completions: Sequence[str], references: Sequence[str]) -> List[str]:
-        specs = [analysis.AnswerSpec(str(r)) for r in references]
-        return [r.status for r in analysis.check_answers(list(completions), specs, checker)]
+        specs = [grading.AnswerSpec(str(r)) for r in references]
+        return [r.status for r in grading.check_answers(list(completions), specs, checker)]
 
     return check
 

@@ -1,18 +1,18 @@
 """VARD synthesis: visual-anchored reflective reasoning data from question records, in three generator calls.
 
-Per record (an image question from `avar_train.records`):
+Per record (an image question from `avar_ops.data.records`):
 1. describe: a structured description of the image (global scan → elements → relations → synthesis);
 2. reason: step-by-step reasoning with self-reflection, conditioned on the description and the question;
 3. anchor: the reasoning rewritten with explicit visual anchors ("looking back at the image, …") into
    `<think>…</think><answer>…</answer>`, the SFT target.
 Each stage's prompt is a template file (`describe.txt`, `reason.txt`, `anchor.txt`, shipped in
-`training/templates/`; `templates_dir` points at the user's own), with `{question}`, `{description}` and
+`training/data/templates/`; `templates_dir` points at the user's own), with `{question}`, `{description}` and
 `{reasoning}` filled in.
 
 Generators are callables `(messages, images) -> str`: messages are chat turns whose content is a list of
 `{"type": "image"}` / `{"type": "text", "text": ...}` parts, images the PIL images in the order of the image
 parts. Shipped: `HTTPGenerator` (an OpenAI-compatible chat-completions endpoint such as vLLM or SGLang, through
-`avar_ops.analysis.ChatClient`: concurrency limit, timeout, retries with backoff), `HFGenerator`
+`avar_ops.grading.ChatClient`: concurrency limit, timeout, retries with backoff), `HFGenerator`
 (a local Hugging Face Qwen2.5-VL) and any "module:function".
 
 Outputs in `output_dir` (nothing is written elsewhere):
@@ -43,7 +43,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Dict, List, Optional, Sequence
 
-from avar_train.records import Record, load_records
+from avar_ops.data import Record, load_records
 
 __all__ = [
     "VARDError",
@@ -110,13 +110,13 @@ def load_templates(folder: Optional[str] = None) -> Templates:
 # ------------------------------------------------------------------------------------------------ generators
 
 
-def _analysis_name(name: str, needed_by: str):
-    """A public name of avar_ops.analysis (the shared chat client and answer checker), or a clear error."""
-    import avar_ops.analysis as analysis
+def _grading_name(name: str, needed_by: str):
+    """A public name of avar_ops.grading (the shared chat client and answer checker), or a clear error."""
+    import avar_ops.grading as grading
 
-    value = getattr(analysis, name, None)
+    value = getattr(grading, name, None)
     if value is None:
-        raise VARDError(f"{needed_by} needs avar_ops.analysis.{name}, which this installation does not have")
+        raise VARDError(f"{needed_by} needs avar_ops.grading.{name}, which this installation does not have")
     return value
 
 
@@ -137,7 +137,7 @@ class HTTPGenerator:
 
     @classmethod
     def from_config(cls, cfg) -> "HTTPGenerator":
-        ChatClient = _analysis_name("ChatClient", "generator 'http'")
+        ChatClient = _grading_name("ChatClient", "generator 'http'")
         api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if cfg.api_key_env and not api_key:
             raise VARDError(f"api_key_env: the environment variable {cfg.api_key_env} is not set")
@@ -178,7 +178,7 @@ class HFGenerator:
 
     @classmethod
     def from_config(cls, cfg) -> "HFGenerator":
-        from avar_train.sft import load_model_and_processor
+        from ..sft.trainer import load_model_and_processor
 
         if cfg.model != "tiny" and not os.path.isdir(cfg.model):
             raise VARDError(f"model: generator 'hf' needs 'tiny' or a local checkpoint folder, got {cfg.model!r}")
@@ -226,7 +226,7 @@ def build_generator(cfg) -> Generator:
 
 
 def _default_checker():
-    return _analysis_name("check_answer", "answer_check (set answer_check: false to keep outputs unchecked)")
+    return _grading_name("check_answer", "answer_check (set answer_check: false to keep outputs unchecked)")
 
 
 def validate_output(

@@ -20,10 +20,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from avar_ops.analysis.answers import AnswerChecker, CheckResult
-from avar_ops.analysis.evaluation.benchmarks import PAPER_ORDER, Benchmark, Sample
-from avar_ops.analysis.samples import build_inputs
 from avar_ops.core import GROUP_NAMES
+from avar_ops.data import build_inputs
+from avar_ops.eval.benchmarks import PAPER_ORDER, Benchmark, Sample
+from avar_ops.grading import AnswerChecker, CheckResult
 from avar_ops.hf import collect_masses, token_groups
 from avar_ops.method import generate, intervened
 from avar_ops.method import vas as vas_metric

@@ -1,0 +1,41 @@
+"""Input data for every entry point: evaluation samples (`avar vas/generate/sweep`), training records (SFT,
+VARD, GRPO), image loading, the one text check (chat-template markers, length) and path sanitising.
+Images need pillow (the `analysis` extra)."""
+
+from avar_ops.data.paths import inside, safe_name, unique_safe_names
+from avar_ops.data.records import USES, LoadedRecords, Record, RecordError, load_records, parse_record
+from avar_ops.data.samples import (
+    MAX_ASPECT_RATIO,
+    build_inputs,
+    chat_messages,
+    check_images,
+    check_unique_ids,
+    load_images,
+    load_samples,
+    normalize_sample,
+)
+from avar_ops.data.text import MAX_TEXT_CHARS, TEMPLATE_MARKER, TextError, check_text
+
+__all__ = [
+    "MAX_ASPECT_RATIO",
+    "MAX_TEXT_CHARS",
+    "TEMPLATE_MARKER",
+    "USES",
+    "LoadedRecords",
+    "Record",
+    "RecordError",
+    "TextError",
+    "build_inputs",
+    "chat_messages",
+    "check_images",
+    "check_text",
+    "check_unique_ids",
+    "inside",
+    "load_images",
+    "load_records",
+    "load_samples",
+    "normalize_sample",
+    "parse_record",
+    "safe_name",
+    "unique_safe_names",
+]

@@ -1,0 +1,31 @@
+"""Benchmark evaluation: the paper's seven benchmarks from local parquet releases (`benchmarks`,
+`parquet_files`), the run itself with scoring by the shared answer checker and its report (`runner`), an
+optional LLM judge for answer extraction (`judge`), and the VAS-accuracy correlation across runs (`correlate`)."""
+
+from avar_ops.eval import correlate, runner
+from avar_ops.eval.benchmarks import (
+    BENCHMARKS,
+    PAPER_ORDER,
+    Benchmark,
+    Sample,
+    accuracy,
+    get_benchmark,
+    hallusion_scores,
+)
+from avar_ops.eval.judge import Judge
+from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage
+
+__all__ = [
+    "BENCHMARKS",
+    "PAPER_ORDER",
+    "Benchmark",
+    "BenchmarkDataError",
+    "LazyImage",
+    "Sample",
+    "accuracy",
+    "get_benchmark",
+    "hallusion_scores",
+    "Judge",
+    "correlate",
+    "runner",
+]

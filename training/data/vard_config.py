@@ -1,0 +1,76 @@
+"""`VARDConfig`: the recipe of `avar-train vard` (VARD data synthesis)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..config import ConfigError, existing_file, non_negative, positive, positive_float, require
+
+__all__ = ["VARDConfig"]
+
+
+@dataclass
+class VARDConfig:
+    input_file: str = ""  # JSONL records with question (+ answer) and image(s)
+    output_dir: str = ""  # gets vard.jsonl (kept), rejects.jsonl, summary.json
+    templates_dir: Optional[str] = None  # folder with describe.txt, reason.txt, anchor.txt (default: shipped)
+    generator: str = "http"  # http | hf | "module:function" (a callable (messages, images) -> str)
+    base_url: Optional[str] = None  # http: the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
+    model: Optional[str] = None  # http: the served model name; hf: a local checkpoint folder or "tiny"
+    api_key_env: Optional[str] = None  # http: name of the environment variable holding the API key
+    timeout: float = 120.0
+    max_retries: int = 3
+    retry_backoff: float = 1.0  # seconds before the first retry, doubling after each
+    concurrency: int = 8
+    temperature: float = 0.7
+    max_new_tokens: int = 2048
+    min_anchors: int = 1
+    anchor_phrases: List[str] = field(
+        default_factory=lambda: [
+            "look back at",
+            "looking back at",
+            "look at the image",
+            "looking at the image",
+            "in the image",
+            "the image shows",
+            "check the image",
+            "from the image",
+            "in the figure",
+            "the figure shows",
+        ]
+    )
+    answer_check: bool = True  # keep an output only if its answer agrees with the record's reference
+    skip_bad_records: bool = False
+    limit: Optional[int] = None
+
+    def validate(self) -> "VARDConfig":
+        require(self.input_file, "input_file", "the JSONL file of question records")
+        require(self.output_dir, "output_dir", "the folder the synthesised data goes to")
+        existing_file(self.input_file, "input_file")
+        if self.templates_dir is not None and not os.path.isdir(self.templates_dir):
+            raise ConfigError(f"templates_dir: no such folder {self.templates_dir!r}")
+        if self.generator == "http":
+            if not self.base_url or not self.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"base_url must be an http(s) URL for generator 'http', got {self.base_url!r}")
+            if not self.model:
+                raise ConfigError("model (the served model's name) is required for generator 'http'")
+        elif self.generator == "hf":
+            if not self.model:
+                raise ConfigError("model (a local checkpoint folder or 'tiny') is required for generator 'hf'")
+        elif ":" not in self.generator:
+            raise ConfigError(f"generator must be 'http', 'hf' or 'module:function', got {self.generator!r}")
+        for name in ("max_retries", "min_anchors"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("concurrency", "max_new_tokens"):
+            positive(self, name)
+        positive_float(self, "timeout")
+        non_negative(self, "retry_backoff")
+        non_negative(self, "temperature")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"limit must be a positive int or null, got {self.limit}")
+        if self.min_anchors and not self.anchor_phrases:
+            raise ConfigError("anchor_phrases must not be empty when min_anchors > 0")
+        return self
