@@ -25,6 +25,7 @@ from avar_ops.cli.args import (
 )
 from avar_ops.cli.errors import CLIError, DataError
 from avar_ops.cli.out import prepare_out
+from avar_ops.data import TextError, check_text
 from avar_ops.eval import BENCHMARKS, PAPER_ORDER, BenchmarkDataError, get_benchmark
 
 __all__ = ["add_parser"]
@@ -100,6 +101,10 @@ def _cmd_eval(args) -> int:
     from avar_ops.eval import runner
     from avar_ops.grading import AnswerChecker, LatexChecker
 
+    try:
+        check_text(args.system, where="the command line", field="--system")
+    except TextError as exc:
+        raise CLIError(str(exc)) from None
     specs = _bench_specs(args.bench)
     prepare_out(args.out, args.command, create=False)
     for module, package in (("math_verify", "math-verify"), ("pyarrow", "pyarrow")):

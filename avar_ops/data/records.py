@@ -20,7 +20,8 @@ but a final assistant turn, and `answer` is required.
 
 `load_records` checks every record (JSON syntax, missing/unknown/mistyped keys, empty turns, duplicate ids,
 image paths that are absolute or escape the data folder, missing, unreadable or non-image files, what the use
-needs) and reports file, line and reason. A bad record is an error by default; `on_error="skip"` skips bad
+needs, chat-template markers or over-long text in any field the template renders: `avar_ops.data.check_text`)
+and reports file, line and reason. A bad record is an error by default; `on_error="skip"` skips bad
 records, logs how many, and writes each one with its reason to a rejects file. Nothing is dropped silently.
 """
 
@@ -31,6 +32,8 @@ import json
 import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from avar_ops.data.text import check_text
 
 __all__ = ["Record", "RecordError", "LoadedRecords", "load_records", "parse_record", "USES"]
 
@@ -193,6 +196,21 @@ def _conversation(raw: dict, n_images: int) -> List[dict]:
     return out
 
 
+def _texts(raw: dict):
+    """(field, text) of every text of a record that the chat template renders."""
+    for key in ("system", "question", "response"):
+        if isinstance(raw.get(key), str):
+            yield key, raw[key]
+    for i, turn in enumerate(raw.get("messages") or ()):
+        content = turn["content"]
+        if isinstance(content, str):
+            yield f"messages[{i}].content", content
+        else:
+            for j, part in enumerate(content):
+                if part.get("type") == "text":
+                    yield f"messages[{i}].content[{j}].text", part["text"]
+
+
 def parse_record(raw, base_dir: str, use: str = "any", check_images: bool = True) -> Record:
     """Validate one decoded JSON record against the format; ValueError with the reason when it is bad."""
     if use not in USES:
@@ -219,6 +237,8 @@ def parse_record(raw, base_dir: str, use: str = "any", check_images: bool = True
             _check_image(path, entry)
         images.append(path)
     messages = _conversation(raw, len(images))
+    for name, text in _texts(raw):
+        check_text(text, where=f"record {str(rid)!r}", field=name)
     answer = raw.get("answer")
     if answer is not None and (
         not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip()

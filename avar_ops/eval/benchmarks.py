@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from avar_ops.data import TextError, check_text
 from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage, find_files, read_rows
 from avar_ops.grading import MAX_OPTIONS, AnswerSpec, CheckResult
 
@@ -74,6 +75,10 @@ class Benchmark:
         for index, row in enumerate(rows):
             sample = self.build(row, index, "%s row %d" % (self.name, index))
             if sample is not None:
+                try:  # the question goes to the tokenizer as typed: no template markers in it
+                    check_text(sample.prompt, where="%s: %s sample %r" % (path, self.name, sample.id), field="question")
+                except TextError as exc:
+                    raise BenchmarkDataError(str(exc)) from None
                 samples.append(sample)
                 if limit is not None and len(samples) >= limit:
                     break

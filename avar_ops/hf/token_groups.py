@@ -25,8 +25,8 @@ What it trusts: the ids alone. Every `<|im_start|>`, `<|im_end|>`, `<|image_pad|
 `<|vision_start|>` / `<|vision_end|>` id is taken as the template's own, wherever it comes from. Text that a
 user typed with these markers in it (`"…<|im_end|>\\n<|im_start|>system\\n…"`) tokenizes to the same ids and
 would open a system turn or an image slot here; the tokenizer cannot tell them apart afterwards. Text must
-therefore be checked before it is rendered: `avar_ops.data.samples` refuses any `<|…|>` marker in a
-sample's question, system prompt and response.
+therefore be checked before it is rendered: `avar_ops.data.check_text` refuses any `<|…|>` marker, and every
+entry point (samples, records, benchmark questions, system prompts, VARD outputs) passes its text through it.
 """
 
 from __future__ import annotations

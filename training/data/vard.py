@@ -18,7 +18,7 @@ parts. Shipped: `HTTPGenerator` (an OpenAI-compatible chat-completions endpoint 
 Outputs in `output_dir` (nothing is written elsewhere):
 - `vard.jsonl`: kept records, SFT format (`response` is the anchored target; the image is copied into
   `images/` under a content hash, so the file is a self-contained data folder for `avar-train sft`);
-- `rejects.jsonl`: each rejected record with its stage and reason (format, anchors, answer, duplicate,
+- `rejects.jsonl`: each rejected record with its stage and reason (marker, format, anchors, answer, duplicate,
   checker timeout/error, generator error);
 - `summary.json`: kept / rejected counts by reason.
 Both JSONL files are append-only and flushed per record: a restart skips every id already kept or rejected
@@ -43,7 +43,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Dict, List, Optional, Sequence
 
-from avar_ops.data import Record, load_records
+from avar_ops.data import Record, TextError, check_text, load_records
 
 __all__ = [
     "VARDError",
@@ -100,6 +100,10 @@ def load_templates(folder: Optional[str] = None) -> Templates:
             )
         with open(path, encoding="utf-8") as f:
             text = f.read()
+        try:  # a prompt the HF generator tokenises as typed
+            check_text(text, where=f"templates: {path}", field=stage)
+        except TextError as exc:
+            raise VARDError(str(exc)) from None
         missing = [p for p in _REQUIRED[stage] if p not in text]
         if missing or not text.strip():
             raise VARDError(f"templates: {path} must contain {list(_REQUIRED[stage])}; missing {missing}")
@@ -230,13 +234,25 @@ def _default_checker():
 
 
 def validate_output(
-    text: str, reference: Optional[str], *, anchor_phrases: Sequence[str], min_anchors: int, checker=None
+    text: str,
+    reference: Optional[str],
+    *,
+    anchor_phrases: Sequence[str],
+    min_anchors: int,
+    checker=None,
+    where: str = "generated text",
 ) -> Optional[str]:
-    """None when `text` is a usable target, else the reason (one of format / anchors / answer / checker_*).
+    """None when `text` is a usable target, else the reason (one of marker / format / anchors / answer /
+    checker_*). A chat-template marker or over-long text (`avar_ops.data.check_text`) is refused first: the
+    target is trained on as typed, so a `<|im_end|>` in it would end the turn early; `where` names the record.
 
     checker: `check_answer(response, gold)` -> a result whose `.status` is correct / incorrect / timeout / error
     (the shared answer checker, whose LaTeX comparisons run under a hard deadline), or None to skip the check.
     """
+    try:
+        check_text(text, where=where, field="response")
+    except TextError as exc:
+        return f"marker: {exc}"
     match = _TARGET.match(text or "")
     if match is None:
         return "format: not <think>…</think><answer>…</answer>"
@@ -413,6 +429,7 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
                         anchor_phrases=cfg.anchor_phrases,
                         min_anchors=cfg.min_anchors,
                         checker=checker,
+                        where=f"record {record.id!r}",
                     )
                     key = _normalise(outputs["response"])
                     if reason is None and key in seen_responses:
