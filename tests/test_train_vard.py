@@ -229,9 +229,9 @@ class FakeGenerator:
         return _reply(rid, stage)
 
 
-def test_vard_fake_callable_interrupt_and_resume(tmp_path):
-    ids = ["a", "b", "c", "malformed", "d"]
-    cfg = VARDConfig(
+def callable_config(tmp_path, ids) -> VARDConfig:
+    """A run over records `ids` with the test templates, one at a time, for a generator passed to run_vard."""
+    return VARDConfig(
         input_file=str(_inputs(tmp_path / "in", ids)),
         output_dir=str(tmp_path / "out"),
         templates_dir=str(_templates(tmp_path / "tpl")),
@@ -239,6 +239,10 @@ def test_vard_fake_callable_interrupt_and_resume(tmp_path):
         concurrency=1,
         answer_check=False,
     ).validate()
+
+
+def test_vard_fake_callable_interrupt_and_resume(tmp_path):
+    cfg = callable_config(tmp_path, ["a", "b", "c", "malformed", "d"])
     first = FakeGenerator(interrupt_on="c")
     with pytest.raises(KeyboardInterrupt):
         run_vard(cfg, generator=first)

@@ -64,19 +64,7 @@ def run(args) -> int:
         raise DataError(str(exc)) from None
     compares = _compare_sources(args.compare or [], args)
 
-    model, processor, label = loading.load_model(args.model, dtype=args.dtype, device=args.device)
-    label = args.label or label
-    report = analysis.measure(
-        model,
-        processor,
-        samples,
-        layers=args.vas_layers,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        label=label,
-        intervention=iv,
-    )
-    paths = report.save(out)
+    model, processor, report, paths = _measure(args.model, args, samples, out, label=args.label, intervention=iv)
     print(report.summary())
     for sample, name in zip(drawn, heatmap_names):
         res = analysis.image_attention(
@@ -95,7 +83,7 @@ def run(args) -> int:
         if kind == "report":
             reports.append(value)
         else:
-            reports.append(_measure_other(value, args, samples, inside(out, "compare", folder)))
+            reports.append(_measure(value, args, samples, inside(out, "compare", folder))[2])
         print(reports[-1].summary())
     if len(reports) > 1:
         paths["compare"] = analysis.compare(reports, inside(out, "compare.png"))
@@ -131,10 +119,12 @@ def _compare_sources(specs: Sequence[str], args) -> list:
     return sources
 
 
-def _measure_other(spec: str, args, samples, folder: str):
+def _measure(spec: str, args, samples, folder: str, *, label=None, intervention=None):
+    """Load the model of `spec`, measure VAS over the samples and save the report in `folder`: (model,
+    processor, report, {name: path of each file written})."""
     import avar_ops.analysis as analysis
 
-    model, processor, label = loading.load_model(spec, dtype=args.dtype, device=args.device)
+    model, processor, name = loading.load_model(spec, dtype=args.dtype, device=args.device)
     report = analysis.measure(
         model,
         processor,
@@ -142,7 +132,7 @@ def _measure_other(spec: str, args, samples, folder: str):
         layers=args.vas_layers,
         batch_size=args.batch_size,
         progress=not args.no_progress,
-        label=label,
+        label=label or name,
+        intervention=intervention,
     )
-    report.save(folder)
-    return report
+    return model, processor, report, report.save(folder)
