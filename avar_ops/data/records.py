@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from avar_ops.data.text import check_text
 
-__all__ = ["Record", "RecordError", "LoadedRecords", "load_records", "parse_record", "USES"]
+__all__ = ["Record", "RecordError", "LoadedRecords", "load_records", "parse_record", "conversation", "USES"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _check_image(path: str, entry: str) -> None:
         raise ValueError(f"image {entry!r} is not a readable image ({type(exc).__name__}: {exc})") from None
 
 
-def _conversation(raw: dict, n_images: int) -> List[dict]:
+def conversation(raw: dict, n_images: int) -> List[dict]:
     """The normalised message list of a record (see `Record`); ValueError on any problem."""
     if "messages" in raw:
         for key in ("question", "response"):
@@ -236,7 +236,7 @@ def parse_record(raw, base_dir: str, use: str = "any", check_images: bool = True
         if check_images:
             _check_image(path, entry)
         images.append(path)
-    messages = _conversation(raw, len(images))
+    messages = conversation(raw, len(images))
     for name, text in _texts(raw):
         check_text(text, where=f"record {str(rid)!r}", field=name)
     answer = raw.get("answer")

@@ -5,6 +5,11 @@ A sample is a dict, or one JSONL record:
     {"images": ["a.png", "b.png"] | "image": "a.png", "question": "...", "system": "...",   (optional)
      "id": "...", "response": "..."}                                                          (optional)
 
+This is the record format of `avar_ops.data.records` (the trainers' files) with fewer requirements, so a
+training file is also a sample file: `answer` and `meta` are carried along unread, and a conversation written
+as `messages` (an optional system turn, one user turn with its images first, an optional final assistant turn)
+gives the system prompt, the question and the response.
+
 Relative image paths in a JSONL file are relative to the file's folder. Images may also be PIL images when
 samples are built in Python. A sample without "system" gets the chat template's default system prompt.
 
@@ -28,6 +33,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from avar_ops.data.records import conversation
 from avar_ops.data.text import check_text
 
 __all__ = [
@@ -77,6 +83,8 @@ def normalize_sample(record, index: int, base_dir: Optional[str] = None, where: 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{where}[{index}]: image file not found: {path}")
         resolved.append(path)
+    if "messages" in record:
+        record = _from_messages(record, len(resolved), f"{where}[{index}]")
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}[{index}]: 'question' must be a non-empty string, got {question!r}")
@@ -98,6 +106,27 @@ def normalize_sample(record, index: int, base_dir: Optional[str] = None, where: 
         "system": system,
         "response": response,
     }
+
+
+def _from_messages(record: dict, n_images: int, where: str) -> dict:
+    """A training record written as `messages` (avar_ops.data.records) as a sample: its system turn, its one user
+    turn (images first, then text) and an optional final assistant turn become system, question and response."""
+    try:
+        turns = conversation(record, n_images)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    roles = [t["role"] for t in turns]
+    if roles not in (["user"], ["system", "user"], ["user", "assistant"], ["system", "user", "assistant"]):
+        raise ValueError(
+            f"{where}: 'messages' with turns {roles}; a sample is one question: an optional system turn, one user "
+            "turn and an optional final assistant turn"
+        )
+    text = {t["role"]: "".join(p["text"] for p in t["content"] if p["type"] == "text") for t in turns}
+    user = next(t["content"] for t in turns if t["role"] == "user")
+    kinds = [p["type"] for p in user]
+    if kinds != ["image"] * n_images + ["text"] * (len(kinds) - n_images):
+        raise ValueError(f"{where}: 'messages': a sample's images come before its question's text")
+    return {**record, "question": text["user"], "system": text.get("system"), "response": text.get("assistant")}
 
 
 def load_samples(path: str, limit: Optional[int] = None) -> List[dict]:
