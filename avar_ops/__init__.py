@@ -3,11 +3,15 @@
 `attention` is fused causal GQA attention with a per-(head, token-group) logit scale and bias that also
 returns the attention mass each query puts on each token group (other text, visual, system, user text).
 
-Layers (each imports only the public names of those below it; docs/contributing.md):
+Rooms, in layers (each imports only the public names of rooms below it; docs/design.md, section 7):
     avar_ops.core      groups, the op, its reference, index selection
     avar_ops.hf        Hugging Face integration: token groups, the Qwen2.5-VL patch, mass and q/k capture
     avar_ops.method    metrics (VAS, AGTO, VARS) and the intervention
-    avar_ops.analysis  VAS measurement, heatmaps, plots, samples, the demo, the tiny model, the CLI
+    avar_ops.data      samples and training records, image loading, the text check, path sanitising
+    avar_ops.grading   answer extraction and checking, the chat client
+    avar_ops.analysis  VAS measurement, heatmaps, plots, the demo, the tiny model
+    avar_ops.eval      the benchmark suite
+    avar_ops.cli       the `avar` command
 """
 
 from importlib.metadata import PackageNotFoundError, version

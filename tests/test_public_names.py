@@ -62,10 +62,17 @@ def test_top_level_hf_and_method_names():
 
 def test_answer_checking_is_still_reachable_from_analysis():
     import avar_ops.analysis as analysis
+    import avar_ops.data as data
     import avar_ops.grading as grading
 
     for name in ("check_answer", "check_answers", "extract_answer", "AnswerChecker", "AnswerSpec", "CheckResult"):
         assert getattr(analysis, name) is getattr(grading, name), name
+    for name in ("ChatClient", "ChatClientError", "LatexChecker"):
+        assert getattr(analysis, name) is getattr(grading, name), name
+    for name in ("load_samples", "normalize_sample", "load_images", "chat_messages", "build_inputs"):
+        assert getattr(analysis, name) is getattr(data, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        analysis.__getattr__("nothing_here")
     from avar_ops.analysis import AnswerChecker, AnswerSpec, check_answer
 
     assert check_answer("<answer>12</answer>", "12").status == "correct"

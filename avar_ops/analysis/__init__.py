@@ -2,10 +2,12 @@
 intervention, the tiny offline Qwen2.5-VL and the demo. Needs the `analysis` extra (matplotlib, pillow, tqdm,
 torchvision).
 
-Moved: answer extraction and checking now live in `avar_ops.grading`; `check_answer`, `check_answers`,
-`extract_answer`, `AnswerChecker`, `AnswerSpec`, `CheckResult` and `Extraction` are re-exported here so that
-code written against `avar_ops.analysis` keeps working. Samples and image loading moved to `avar_ops.data`,
-the `avar` command to `avar_ops.cli`, the evaluation suite to `avar_ops.eval`."""
+Moved: answer extraction and checking (`check_answer`, `check_answers`, `extract_answer`, `AnswerChecker`,
+`AnswerSpec`, `CheckResult`, `Extraction`), the LaTeX checker and the chat client now live in
+`avar_ops.grading`; samples and image loading (`load_samples`, `normalize_sample`, `load_images`,
+`chat_messages`, `build_inputs`) in `avar_ops.data`. These names still resolve here, so code written against
+`avar_ops.analysis` keeps working. The `avar` command moved to `avar_ops.cli`, the evaluation suite to
+`avar_ops.eval`."""
 
 from avar_ops.analysis.demo import run_demo
 from avar_ops.analysis.generation import generate_answers
@@ -13,10 +15,10 @@ from avar_ops.analysis.image_attention import ImageAttention, image_attention, s
 from avar_ops.analysis.tiny_qwen import build_tiny_processor, build_tiny_qwen2_5_vl, synthetic_images
 from avar_ops.analysis.vas import VASReport, compare, measure
 
-# Moved to avar_ops.grading; still answered here, looked up there when first asked for (PEP 562).
-_MOVED_TO_GRADING = tuple(
-    "AnswerChecker AnswerSpec CheckResult Extraction check_answer check_answers extract_answer".split()
-)
+# Moved out of analysis; still answered here, looked up in their new room when first asked for (PEP 562).
+_TO_GRADING = "AnswerChecker AnswerSpec CheckResult Extraction check_answer check_answers extract_answer".split()
+_TO_GRADING += "ChatClient ChatClientError LatexChecker".split()
+_TO_DATA = "build_inputs chat_messages load_images load_samples normalize_sample".split()
 
 __all__ = [
     "ImageAttention",
@@ -31,12 +33,16 @@ __all__ = [
     "compare",
     "measure",
 ]
-__all__ += _MOVED_TO_GRADING
+__all__ += _TO_GRADING + _TO_DATA
 
 
 def __getattr__(name: str):
-    if name in _MOVED_TO_GRADING:
+    if name in _TO_GRADING:
         import avar_ops.grading as grading
 
         return getattr(grading, name)
+    if name in _TO_DATA:
+        import avar_ops.data as data
+
+        return getattr(data, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -362,7 +362,7 @@ def _synthesise(record: Record, generator: Generator, templates: Templates) -> d
 
 
 def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
-    """Synthesise VARD data as `cfg` (an `avar_train.config.VARDConfig`) says; `generator` overrides cfg's."""
+    """Synthesise VARD data as `cfg` (an `avar_train.data.vard_config.VARDConfig`) says; `generator` overrides cfg's."""
     from tqdm.auto import tqdm
 
     templates = load_templates(cfg.templates_dir)

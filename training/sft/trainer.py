@@ -327,7 +327,7 @@ def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
 
 
 def train_sft(cfg) -> AGTOTrainer:
-    """Run SFT with AGTO as `cfg` (an `avar_train.config.SFTConfig`) says; returns the finished trainer."""
+    """Run SFT with AGTO as `cfg` (an `avar_train.sft.config.SFTConfig`) says; returns the finished trainer."""
     from avar_ops.data import load_records
     from avar_ops.hf import apply_to_qwen2_5_vl
 
