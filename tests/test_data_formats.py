@@ -350,3 +350,16 @@ def test_samples_for_vas_from_every_layout(folder):
     late = {"images": ["im0.png"], "conversations": _turns(("human", "Look: <image>"))}
     with pytest.raises(ValueError, match="an image stands after text"):
         load_samples(_write(folder / "l.jsonl", [late]), format="sharegpt")
+
+
+def test_avar_vas_data_flag_reads_layouts_in_one_line_errors(folder):
+    from avar_ops.cli.args import load_data
+    from avar_ops.cli.errors import DataError
+
+    one_turn = {"images": ["im0.png"], "conversations": _turns(("human", "<image>How many?"))}
+    path = _write(folder / "v.jsonl", [one_turn])
+    assert load_data(path, None, "auto")[0]["question"] == "How many?"
+    mixed = _write(folder / "m.jsonl", [one_turn, _openai()])
+    with pytest.raises(DataError, match=r"^--data: .*m.jsonl: mixed layouts: line 1 reads as sharegpt") as info:
+        load_data(mixed, None, "auto")
+    assert "\n" not in str(info.value)

@@ -354,3 +354,40 @@ def test_eval_settings_are_checked(train_file, tmp_path):
         _config("tiny", train_file, tmp_path, eval_file=str(tmp_path / "none.jsonl"))
     with pytest.raises(ConfigError, match="data_format must be one of"):
         _config("tiny", train_file, tmp_path, data_format="csv")
+
+
+def test_sft_reads_sharegpt_files(tiny_dir, train_file, tmp_path):
+    """The same records in LLaMA-Factory's ShareGPT layout (no ids) train through `avar-train sft` with
+    data_format auto, to the same first-step loss as avar's layout."""
+    rows = [json.loads(line) for line in open(train_file)]
+    folder = os.path.dirname(train_file)
+    shared = os.path.join(folder, "sharegpt.jsonl")
+    with open(shared, "w") as f:
+        for r in rows:
+            turns = [{"from": "system", "value": r["system"]}, {"from": "human", "value": "<image>" + r["question"]}]
+            turns.append({"from": "gpt", "value": r["response"]})
+            f.write(json.dumps({"conversations": turns, "images": [r["image"]]}) + "\n")
+    first = {}
+    for name, path in (("avar", train_file), ("sharegpt", shared)):
+        out = tmp_path / name
+        assert main(["sft", "--config", _recipe(tmp_path, tiny_dir, path, out), "max_steps=1"]) == 0
+        first[name] = _history(str(out))[0]["loss"]
+    assert first["sharegpt"] == pytest.approx(first["avar"], rel=1e-6)
+
+
+def _recipe(tmp_path, tiny_dir, data, out):
+    import yaml
+
+    path = tmp_path / f"recipe_{os.path.basename(str(out))}.yaml"
+    values = dict(
+        model_name_or_path=tiny_dir,
+        train_file=data,
+        output_dir=str(out),
+        max_length=256,
+        min_pixels=56 * 56,
+        max_pixels=112 * 112,
+        per_device_train_batch_size=2,
+        learning_rate=1.0e-3,
+    )
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
