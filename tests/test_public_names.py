@@ -21,13 +21,15 @@ AVAR_FLAGS = {
     "vas": _MODEL
     + _INTERVENTION
     + ["--data", "--limit", "--out", "--label", "--compare", "--batch-size", "--vas-layers", "--heatmaps"]
-    + ["--heatmap-layers", "--heatmap-queries", "--max-new-tokens", "--no-progress"],
+    + ["--heatmap-layers", "--heatmap-queries", "--max-new-tokens", "--no-progress"]
+    + ["--data-format"],  # added since: the layout of --data
     "generate": _MODEL
     + _INTERVENTION
     + ["--image", "--question", "--system", "--max-new-tokens", "--baseline", "--no-progress"],
     "sweep": _MODEL
     + ["--mode", "--layers", "--heads"]
-    + ["--data", "--alphas", "--alpha-sys", "--limit", "--out", "--batch-size", "--max-new-tokens", "--no-progress"],
+    + ["--data", "--alphas", "--alpha-sys", "--limit", "--out", "--batch-size", "--max-new-tokens", "--no-progress"]
+    + ["--data-format"],
     "demo": ["--out"],
     "eval": _MODEL
     + _INTERVENTION

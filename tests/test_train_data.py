@@ -35,7 +35,6 @@ BAD = [
     ("not json", "{not json", "not valid JSON"),
     ("not an object", "[1, 2]", "must be a JSON object"),
     ("unknown key", {**GOOD, "extra": 1}, "unknown keys ['extra']"),
-    ("missing id", {k: v for k, v in GOOD.items() if k != "id"}, "missing key 'id'"),
     ("bad id", {**GOOD, "id": ""}, "'id' must be a non-empty string"),
     ("bool id", {**GOOD, "id": True}, "'id' must be a non-empty string"),
     ("image and images", {**GOOD, "images": ["ok.png"]}, "either 'image'"),

@@ -1,6 +1,7 @@
 """The GRPO loop on the tiny Qwen2.5-VL (CPU): r_visual from the fused forward equals the same quantity from
 eager attention maps; steps run end to end and log every term; resume reproduces the next step's rollouts and
-loss; with λ_v > 0 the response tokens' image mass rises relative to λ_v = 0 on a task the image decides."""
+loss; with λ_v > 0 the advantages rank right rollouts by each kind of r_visual; held-out evaluation; data in
+the OpenAI chat layout."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from grpo_fixtures import hash_checker, initial_checker, write_colour_task
 
 from avar_ops.analysis import build_tiny_qwen2_5_vl
 from avar_ops.core import testing
+from avar_ops.hf import get_handle, token_groups
 from avar_ops.method import visual_reward
 from avar_train.grpo.config import ConfigError, load_grpo_config
 from avar_train.grpo.rewards import VisualStats, accuracy_reward, visual_terms
@@ -52,8 +54,40 @@ def test_completion_mask_stops_after_first_eos():
     ]
 
 
-def test_r_visual_fused_equals_eager_maps(data, tmp_path):
-    trainer = _trainer(_cfg(data, tmp_path, max_completion_length=8))
+def _eager_reference(per_layer_maps, key_group, response_mask, kind, cap, eps):
+    """Every r_visual kind written out in float64 from eager attention maps, one rollout, token and layer at a
+    time: m_g(l, t) = Σ_{j: group(j) = g} P_tj averaged over heads. Returns (r_visual [N], the per-token
+    Eq. 5 terms [T] in batch-major order)."""
+    rewards, token_ratios = [], []
+    for n in range(response_mask.shape[0]):
+        image_keys, system_keys = key_group[n] == 1, key_group[n] == 2
+        terms, images, systems = [], [], []
+        for t in torch.nonzero(response_mask[n]).flatten().tolist():
+            ratios = []
+            for maps in per_layer_maps:
+                row = maps[n, :, t].double()  # [H, L]
+                image = float(row[:, image_keys].sum(-1).mean())
+                system = float(row[:, system_keys].sum(-1).mean())
+                ratios.append(image / (system + eps))
+                images.append(image)
+                systems.append(system)
+            token_ratios.append(sum(ratios) / len(ratios))
+            capped = [min(r, cap) for r in ratios] if kind == "capped_ratio" else ratios
+            terms.append(sum(capped) / len(capped))
+        if kind in ("ratio", "capped_ratio"):
+            rewards.append(sum(terms) / len(terms))
+        elif kind == "ratio_of_sums":
+            rewards.append(sum(images) / (sum(systems) + eps))
+        else:
+            rewards.append(sum(images) / len(images))
+    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(token_ratios, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def eager_rollouts(data, tmp_path_factory):
+    """Rollouts with left and right padding, their fused per-layer VisualStats and the eager attention maps of
+    the same weights (the published way of getting the masses)."""
+    trainer = _trainer(_cfg(data, tmp_path_factory.mktemp("eager"), max_completion_length=8))
     records = trainer.records[:2]  # with and without their own system prompt: two lengths, left padding
     sampled = trainer.generate(records)
     # End two completions early, so that the batch has right padding after an end-of-sequence token as well as
@@ -67,22 +101,36 @@ def test_r_visual_fused_equals_eager_maps(data, tmp_path):
     stats = VisualStats(ro.response_mask, ro.user_mask, eps=1e-6)
     with torch.no_grad():
         _, per_layer = trainer._forward_logps(trainer.model, ro, stats)
-    fused = visual_terms(per_layer, ro.response_mask, ro.user_mask).ratio  # [N]
-
-    # The published way: eager attention maps of the same weights, summed over each group's key columns.
     eager, _ = build_tiny_qwen2_5_vl(seed=0, attn_implementation="eager")
     eager.load_state_dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
     with torch.no_grad():
         out = eager(**ro.inputs, use_cache=False, output_attentions=True)
-    P = ro.prompt_len
     key_group = torch.nn.functional.pad(ro.key_group.long(), (0, ro.completion_ids.shape[1]), value=0)  # [N, L]
     key_group = key_group.masked_fill(ro.inputs["attention_mask"] == 0, -1)
+    return ro, per_layer, out.attentions, key_group
+
+
+@pytest.mark.parametrize(
+    "kind,cap", [("ratio", None), ("capped_ratio", 0.5), ("ratio_of_sums", None), ("image_mass", None)]
+)
+def test_r_visual_fused_equals_eager_maps(eager_rollouts, kind, cap):
+    """Each recipe's r_visual from the fused forward (trainer path: VisualStats + visual_terms) equals the same
+    quantity written out in float64 from eager attention maps; so do the logged per-token Eq. 5 terms."""
+    ro, per_layer, maps, key_group = eager_rollouts
+    fused = visual_terms(per_layer, ro.response_mask, ro.user_mask, eps=1e-6, kind=kind, cap=cap)
+    want, want_tokens = _eager_reference(maps, key_group, ro.response_mask, kind, cap, 1e-6)
+    assert fused.ratio.abs().min() > 0
+    # Each value is built from fp32 model-level masses, each within FP32_MODEL_REL of the other path.
+    assert testing.rel_err(fused.ratio, want) <= 2 * testing.FP32_MODEL_REL
+    assert testing.rel_err(fused.token_ratios, want_tokens) <= 2 * testing.FP32_MODEL_REL
+    if kind == "capped_ratio":
+        plain = visual_terms(per_layer, ro.response_mask, eps=1e-6).ratio
+        assert bool((fused.ratio < plain).any()), "the cap should bind on some terms of this batch"
+    # The library's own function on the eager masses agrees too (it is what the trainer calls).
     onehot = torch.nn.functional.one_hot(key_group.clamp(min=0), 4).double() * (key_group >= 0)[..., None]
-    masses = [a.double() @ onehot[:, None] for a in out.attentions]  # per layer [N, H, L, 4]
-    eager_ratio = visual_reward(masses, ro.response_mask, eps=1e-6)
-    assert P > 0 and fused.abs().min() > 0
-    # Each ratio is a quotient of two fp32 model-level masses, each within FP32_MODEL_REL of the other path.
-    assert testing.rel_err(fused, eager_ratio) <= 2 * testing.FP32_MODEL_REL
+    masses = [a.double() @ onehot[:, None] for a in maps]  # per layer [N, H, L, 4]
+    lib = visual_reward(masses, ro.response_mask, eps=1e-6, kind=kind, cap=cap)
+    assert testing.rel_err(lib.double(), want) <= 1e-9
 
 
 def test_steps_end_to_end(data, tmp_path):
@@ -115,11 +163,15 @@ def test_steps_end_to_end(data, tmp_path):
         "checker_timeouts",
         "checker_errors",
         "grad_norm",
+        "r_visual_token_p50",
+        "r_visual_token_p90",
+        "r_visual_token_max",
     }
     for rec in history:
         assert keys <= set(rec)
         assert all(isinstance(rec[k], (int, float)) and rec[k] == rec[k] for k in keys)
         assert rec["r_visual_raw"] > 0 and rec["r_visual"] <= rec["r_visual_raw"]
+        assert 0 < rec["r_visual_token_p50"] <= rec["r_visual_token_p90"] <= rec["r_visual_token_max"]
         assert rec["reward/short"] == pytest.approx(-rec["completion_length"] / 10)
         assert rec["reward"] == pytest.approx(
             rec["r_acc"] + 0.3 * rec["r_visual"] + 0.1 * rec["r_format"] + 0.5 * rec["reward/short"]
@@ -169,33 +221,41 @@ def test_resume_reproduces_next_step(data, tmp_path, num_iterations):
         assert resumed[0][key] == pytest.approx(straight[1][key], rel=1e-6, abs=1e-9)
 
 
-def test_visual_reward_raises_image_mass(data, tmp_path):
-    """Same seed, data and steps, λ_v = 0.3 (the paper's) against λ_v = 0, on the colour task: the response
-    tokens' image mass, as logged from each step's rollouts, ends higher with the visual reward."""
+@pytest.mark.parametrize(
+    "kind,cap", [("ratio", None), ("capped_ratio", 0.5), ("ratio_of_sums", None), ("image_mass", None)]
+)
+def test_visual_reward_orders_the_advantages(data, tmp_path, kind, cap):
+    """A deterministic construction in place of a run-to-run comparison (which, on the tiny model over 8 steps,
+    goes either way with the seed): rollouts whose answers the checker marks right by a hash of the text, the
+    format reward off. Within each group, among the rollouts with the same r_acc, the advantage orders them
+    exactly as the chosen r_visual does (λ_v pays for the visual term), the wrong ones get no visual credit,
+    and r_total is r_acc + λ_v·r_visual."""
+    from avar_train.grpo.loss import group_advantages
 
-    def run(lam):
-        cfg = _cfg(
-            data,
-            tmp_path / f"lam{lam}",
-            max_steps=8,
-            per_device_train_batch_size=8,
-            num_generations=4,
-            learning_rate=1e-2,
-            lambda_visual=lam,
-            lambda_format=0.0,
-        )
-        model, processor = build_tiny_qwen2_5_vl(seed=0)
-        return GRPOTrainer(cfg, model, processor, accuracy=accuracy_reward(initial_checker)).train()
-
-    plain, visual = run(0.0), run(0.3)
-    assert plain[0]["response_image_mass"] == visual[0]["response_image_mass"]  # one starting point
-    assert any(r["r_visual"] > 0 for r in visual), "the gate let no visual reward through"
-
-    def late(history, key):  # the mean of the last three steps
-        return sum(r[key] for r in history[-3:]) / 3
-
-    assert late(visual, "response_image_mass") > 1.3 * late(plain, "response_image_mass")
-    assert late(visual, "r_visual_raw") > 1.3 * late(plain, "r_visual_raw")
+    trainer = _trainer(
+        _cfg(data, tmp_path, lambda_format=0.0, visual_reward=kind, visual_reward_cap=cap, max_completion_length=8)
+    )
+    ro = trainer.generate(trainer.records[:2])
+    stats = VisualStats(ro.response_mask, ro.user_mask, eps=1e-6)
+    with torch.no_grad():
+        _, per_layer = trainer._forward_logps(trainer.model, ro, stats)
+    br, terms = trainer._rewards(ro, per_layer)
+    adv = group_advantages(br.total, 4, "group")
+    right = br.correct
+    assert bool(right.any()) and bool((~right).any()), "want right and wrong rollouts in the batch"
+    assert torch.equal(br.visual, torch.where(right, terms.ratio, torch.zeros_like(terms.ratio)))
+    assert torch.allclose(br.total, br.accuracy + 0.3 * br.visual, rtol=1e-12, atol=0)
+    pairs = 0
+    for g in range(adv.numel() // 4):
+        idx = range(4 * g, 4 * g + 4)
+        for i in idx:
+            for j in idx:
+                if right[i] and right[j] and terms.ratio[i] > terms.ratio[j]:
+                    assert adv[i] > adv[j]
+                    pairs += 1
+                if not right[i] and not right[j]:
+                    assert adv[i] == adv[j]  # no visual credit: equal, whatever their attention
+    assert pairs > 0, "want two right rollouts with different r_visual in one group"
 
 
 def test_bad_config_values():
@@ -203,5 +263,89 @@ def test_bad_config_values():
         load_grpo_config(None, dict(train_file="x", output_dir="y", per_device_train_batch_size=6, num_generations=4))
     with pytest.raises(ConfigError, match="unknown keys"):
         load_grpo_config(None, dict(train_file="x", output_dir="y", lamda_visual=0.3))
+    base = dict(train_file="x", output_dir="y")
+    with pytest.raises(ConfigError, match="visual_reward must be one of ratio, capped_ratio"):
+        load_grpo_config(None, dict(base, visual_reward="log_ratio"))
+    with pytest.raises(ConfigError, match="visual_reward_cap must be a number > 0 with visual_reward = capped"):
+        load_grpo_config(None, dict(base, visual_reward="capped_ratio"))
+    with pytest.raises(ConfigError, match="visual_reward_cap must be null unless"):
+        load_grpo_config(None, dict(base, visual_reward_cap=2.0))
+    assert (
+        load_grpo_config(None, dict(base, visual_reward="capped_ratio", visual_reward_cap=3)).visual_reward_cap == 3.0
+    )
+    with pytest.raises(ConfigError, match="data_format must be one of avar, sharegpt, openai, auto"):
+        load_grpo_config(None, dict(base, data_format="llava"))
+    with pytest.raises(ConfigError, match="eval_steps must be 0 without eval_file"):
+        load_grpo_config(None, dict(base, eval_steps=2))
     with pytest.raises(ConfigError, match="loss_type"):
         load_grpo_config(None, dict(train_file="x", output_dir="y", loss_type="bnpo"))
+
+
+def test_eval_file_logs_greedy_accuracy_and_vas_without_changing_training(data, tmp_path):
+    """eval_file + eval_steps=1 over 2 steps: eval entries after step 1 and at the end; the training steps are
+    the same as without evaluation (greedy decoding draws nothing from the RNG); eval_accuracy is the share of
+    held-out records whose greedy completion, generated here record by record, the checker accepts."""
+    from grpo_fixtures import write_colour_task
+
+    held_out = write_colour_task(str(tmp_path / "held_out"), n=3, seed=5)
+
+    def run(out, **kw):
+        cfg = _cfg(data, out, max_steps=2, **kw)
+        model, processor = build_tiny_qwen2_5_vl(seed=0)
+        trainer = GRPOTrainer(cfg, model, processor, accuracy=accuracy_reward(initial_checker))
+        return trainer, trainer.train()
+
+    plain_trainer, plain = run(tmp_path / "plain")
+    trainer, history = run(tmp_path / "eval", eval_file=held_out, eval_steps=1)
+    assert history == [{**r, **{k: history[i][k] for k in r if k.startswith("time_")}} for i, r in enumerate(plain)]
+    logged = [json.loads(line) for line in open(tmp_path / "eval" / "log.jsonl")]
+    evals = [r for r in logged if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [1, 2] and evals == trainer.eval_history
+    for r in evals:
+        assert r["eval_samples"] == 3 and 0.0 <= r["eval_accuracy"] <= 1.0
+        assert r["eval_prompt_vas"] > 0 and 0 < r["eval_response_image_mass"] < 1 and r["eval_r_visual_raw"] > 0
+
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    handle = get_handle(policy)
+    correct = 0
+    for record in trainer.eval_records:
+        prompt = trainer.prompt_inputs([record])
+        handle.set_key_groups(token_groups(prompt["input_ids"], trainer.processor, prompt["attention_mask"]).key_group)
+        try:
+            with torch.no_grad():
+                ids = policy.generate(
+                    **prompt,
+                    do_sample=False,
+                    max_new_tokens=6,
+                    eos_token_id=trainer.eos_ids,
+                    pad_token_id=trainer.pad_id,
+                    suppress_tokens=trainer.vision_ids,
+                )[0, prompt["input_ids"].shape[1] :]
+        finally:
+            handle.set_key_groups(None)
+        cut = completion_mask(ids[None], trainer.eos_ids)[0]
+        text = trainer.processor.tokenizer.decode(ids[cut], skip_special_tokens=True)
+        correct += initial_checker([text], [record.answer])[0] == "correct"
+    assert evals[-1]["eval_accuracy"] == pytest.approx(correct / 3)
+
+
+def test_grpo_reads_openai_files(data, tmp_path):
+    """The colour task written as OpenAI chat messages with image_url parts (file:// URLs, no ids) gives the
+    same prompts and the same first step as avar's layout."""
+    folder = os.path.dirname(data)
+    path = os.path.join(folder, "openai.jsonl")
+    with open(path, "w") as f:
+        for line in open(data):
+            r = json.loads(line)
+            turns = [{"role": "system", "content": r["system"]}] if "system" in r else []
+            url = "file://" + os.path.join(folder, r["image"])
+            parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": r["question"]}]
+            turns.append({"role": "user", "content": parts})
+            f.write(json.dumps({"messages": turns, "answer": r["answer"]}) + "\n")
+    plain = _trainer(_cfg(data, tmp_path / "avar", max_steps=1))
+    a = plain.train()[0]
+    chat = _trainer(_cfg(path, tmp_path / "openai", max_steps=1, data_format="auto"))  # seeds the RNG again
+    assert [r.messages for r in chat.records] == [r.messages for r in plain.records]
+    assert [r.id for r in chat.records][:2] == ["openai.jsonl:1", "openai.jsonl:2"]
+    b = chat.train()[0]
+    assert (a["loss"], a["reward"], a["r_visual_raw"]) == (b["loss"], b["reward"], b["r_visual_raw"])

@@ -86,6 +86,43 @@ def test_visual_ratio_response_tokens_only_left_and_right_padding():
     assert terms.response_image_mass[0].item() == pytest.approx(img0, rel=1e-6)
 
 
+def test_visual_reward_kinds_by_hand():
+    """capped_ratio, ratio_of_sums and image_mass on the hand masses, worked out term by term (sequence 0)."""
+    masses, response, vals = _hand_masses()
+    layers = [m for m in masses.unbind(0)]
+    # Sequence 0, head-averaged (image, system) per (layer, position): (0.3, 0.2), (0.3, 0.1), (0.3, 0.3),
+    # (0.4, 0.2); ratios 1.5, 3, 1, 2.
+    capped = visual_reward(layers, response, eps=EPS, kind="capped_ratio", cap=1.8)
+    assert capped[0].item() == pytest.approx(((1.5 + 1.0) / 2 + (1.8 + 1.8) / 2) / 2, rel=1e-5)
+    sums = visual_reward(layers, response, eps=EPS, kind="ratio_of_sums")
+    assert sums[0].item() == pytest.approx((0.3 + 0.3 + 0.3 + 0.4) / (0.2 + 0.1 + 0.3 + 0.2 + EPS), rel=1e-12)
+    image = visual_reward(layers, response, eps=EPS, kind="image_mass")
+    assert image[0].item() == pytest.approx((0.3 + 0.3 + 0.3 + 0.4) / 4, rel=1e-12)
+    # A cap above every term changes nothing; the trainer's path gives the library's numbers for every kind.
+    plain = visual_reward(layers, response, eps=EPS)
+    assert visual_reward(layers, response, eps=EPS, kind="capped_ratio", cap=1e9).tolist() == plain.tolist()
+    for kind, cap in (("capped_ratio", 1.8), ("ratio_of_sums", None), ("image_mass", None)):
+        terms = visual_terms(_reduce(masses, response), response, eps=EPS, kind=kind, cap=cap)
+        lib = visual_reward([m.float().double() for m in layers], response, eps=EPS, kind=kind, cap=cap)
+        assert terms.ratio.tolist() == pytest.approx(lib.tolist(), rel=1e-12), kind
+    # The logged per-token terms: sequence 0 has (1.5 + 1) / 2 and (3 + 2) / 2, then sequence 1's three.
+    tokens = visual_terms(_reduce(masses, response), response).token_ratios
+    assert tokens.shape == (5,) and tokens[:2].tolist() == pytest.approx([1.25, 2.5], rel=1e-5)
+    assert tokens.mean().item() != pytest.approx(plain.mean().item())  # a token mean, not a sequence mean
+
+
+def test_visual_reward_kind_arguments():
+    masses, response, _ = _hand_masses()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        visual_reward(masses, response, kind="log")
+    with pytest.raises(ValueError, match="'capped_ratio' needs cap, a finite number > 0"):
+        visual_reward(masses, response, kind="capped_ratio")
+    with pytest.raises(ValueError, match="'capped_ratio' needs cap"):
+        visual_reward(masses, response, kind="capped_ratio", cap=float("inf"))
+    with pytest.raises(ValueError, match="cap is only used with kind 'capped_ratio'"):
+        visual_reward(masses, response, kind="ratio", cap=2.0)
+
+
 def test_visual_ratio_chosen_layers():
     masses, response, vals = _hand_masses()
     terms = visual_terms(_reduce(masses, response), response, layers=[1])

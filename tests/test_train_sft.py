@@ -303,3 +303,91 @@ def test_text_only_samples_are_an_error_or_explicitly_skipped(trainer_and_batch,
     loss = trainer.training_step(model, dict(batch))
     assert torch.isfinite(loss)
     assert trainer._sums[LOG_KEYS.index("agto_samples")].item() == pytest.approx(0.5)
+
+
+def test_eval_file_logs_held_out_terms_equal_to_a_direct_computation(tiny_dir, train_file, tmp_path):
+    """With eval_file and eval_steps=2, steps 2 and 4 log eval_loss_lm, the AGTO terms, VAS and image mass of
+    the held-out records; the last ones equal those computed directly from the saved final model (full
+    masses, the library's agto_losses and vas, the model's own LM loss), batch by batch (2 + 1 records)."""
+    from avar_ops.hf import collect_masses
+    from avar_ops.method import agto_losses, vas
+
+    eval_file = write_sft_records(str(tmp_path / "held_out"), n=3, seed=7)
+    out = tmp_path / "run"
+    train_sft(_config(tiny_dir, train_file, out, max_steps=4, eval_file=eval_file, eval_steps=2))
+    with open(out / "log.jsonl") as f:
+        evals = [row for row in map(json.loads, f) if "eval_loss_lm" in row]
+    assert [row["step"] for row in evals] == [2, 4]
+    keys = [f"eval_{k}" for k in LOG_KEYS]
+    assert all(isinstance(row[k], float) and row[k] == row[k] for row in evals for k in keys)
+    assert evals[0]["eval_loss_lm"] != evals[1]["eval_loss_lm"]  # the model moved between the two
+
+    model, processor = type(tiny_pair()[0]).from_pretrained(str(out)), tiny_pair()[1]
+    apply_to_qwen2_5_vl(model, tokenizer=processor)
+    model.eval()
+    collator = QwenVLCollator(processor, max_length=256, min_pixels=56 * 56, max_pixels=112 * 112, mode="sft")
+    records = load_records(eval_file, use="sft").records
+    sums = torch.zeros(5, dtype=torch.float64)
+    batches = [records[i : i + 2] for i in range(0, len(records), 2)]
+    for chunk in batches:
+        batch = collator(chunk)
+        with torch.no_grad(), collect_masses(model) as record:
+            lm = model(**QwenVLCollator.model_inputs(batch), use_cache=False).loss
+        masses = record.masses  # per layer [B, H, L, 4]
+        enhance, suppress = agto_losses(masses, batch["user_mask"], batch["image_mask"], batch["system_mask"])
+        stats = vas(masses, batch["user_mask"])
+        values = [lm, enhance, suppress, stats.vas.overall, stats.image_mass.overall]
+        sums += len(chunk) * torch.tensor([float(v) for v in values], dtype=torch.float64)
+    want = (sums / len(records)).tolist()  # each batch weighted by its records, as Trainer's eval_loss
+    names = ["eval_loss_lm", "eval_loss_enhance_img", "eval_loss_suppress_sys", "eval_vas", "eval_image_mass"]
+    for name, value in zip(names, want):
+        assert evals[-1][name] == pytest.approx(value, rel=1e-4), name
+    assert evals[-1]["eval_loss"] == pytest.approx(want[0] + 0.15 * want[1] + 0.15 * want[2], rel=1e-4)
+
+
+def test_eval_settings_are_checked(train_file, tmp_path):
+    from avar_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_steps=2 needs eval_file"):
+        _config("tiny", train_file, tmp_path, eval_steps=2)
+    with pytest.raises(ConfigError, match="eval_file: no such file"):
+        _config("tiny", train_file, tmp_path, eval_file=str(tmp_path / "none.jsonl"))
+    with pytest.raises(ConfigError, match="data_format must be one of"):
+        _config("tiny", train_file, tmp_path, data_format="csv")
+
+
+def test_sft_reads_sharegpt_files(tiny_dir, train_file, tmp_path):
+    """The same records in LLaMA-Factory's ShareGPT layout (no ids) train through `avar-train sft` with
+    data_format auto, to the same first-step loss as avar's layout."""
+    rows = [json.loads(line) for line in open(train_file)]
+    folder = os.path.dirname(train_file)
+    shared = os.path.join(folder, "sharegpt.jsonl")
+    with open(shared, "w") as f:
+        for r in rows:
+            turns = [{"from": "system", "value": r["system"]}, {"from": "human", "value": "<image>" + r["question"]}]
+            turns.append({"from": "gpt", "value": r["response"]})
+            f.write(json.dumps({"conversations": turns, "images": [r["image"]]}) + "\n")
+    first = {}
+    for name, path in (("avar", train_file), ("sharegpt", shared)):
+        out = tmp_path / name
+        assert main(["sft", "--config", _recipe(tmp_path, tiny_dir, path, out), "max_steps=1"]) == 0
+        first[name] = _history(str(out))[0]["loss"]
+    assert first["sharegpt"] == pytest.approx(first["avar"], rel=1e-6)
+
+
+def _recipe(tmp_path, tiny_dir, data, out):
+    import yaml
+
+    path = tmp_path / f"recipe_{os.path.basename(str(out))}.yaml"
+    values = dict(
+        model_name_or_path=tiny_dir,
+        train_file=data,
+        output_dir=str(out),
+        max_length=256,
+        min_pixels=56 * 56,
+        max_pixels=112 * 112,
+        per_device_train_batch_size=2,
+        learning_rate=1.0e-3,
+    )
+    path.write_text(yaml.safe_dump(values))
+    return str(path)

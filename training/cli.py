@@ -97,6 +97,8 @@ def _run_grpo(args) -> int:
         cfg = load_grpo_config(args.config, parse_overrides(args.overrides))
         if not os.path.isfile(cfg.train_file):
             raise ConfigError(f"train_file: no such file {cfg.train_file!r}")
+        if cfg.eval_file is not None and not os.path.isfile(cfg.eval_file):
+            raise ConfigError(f"eval_file: no such file {cfg.eval_file!r}")
         if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
             raise ConfigError(f"resume_from_checkpoint: no such folder {cfg.resume_from_checkpoint!r}")
         _prepare_output_dir(cfg.output_dir)

@@ -26,6 +26,7 @@ __all__ = [
     "positive",
     "positive_float",
     "non_negative",
+    "data_format",
 ]
 
 C = TypeVar("C")
@@ -39,6 +40,7 @@ class ConfigError(ValueError):
 PATH_FIELDS = (
     "model_name_or_path",
     "train_file",
+    "eval_file",
     "output_dir",
     "deepspeed",
     "resume_from_checkpoint",
@@ -73,6 +75,14 @@ def non_negative(cfg, name: str) -> None:
     value = getattr(cfg, name)
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def data_format(value, name: str = "data_format") -> None:
+    """The layout of the data files: avar, sharegpt, openai or auto (`avar_ops.data.formats`)."""
+    from avar_ops.data import FORMATS
+
+    if value not in FORMATS:
+        raise ConfigError(f"{name} must be one of {', '.join(FORMATS)}, got {value!r}")
 
 
 def _coerce(name: str, value: Any, tp) -> Any:

@@ -20,6 +20,7 @@ __all__ = [
     "check_device",
     "check_batches",
     "check_counts",
+    "add_data_format_arg",
     "load_data",
 ]
 
@@ -160,7 +161,19 @@ def check_counts(args) -> None:
         raise CLIError(f"--max-new-tokens: at most {MAX_NEW_TOKENS}, got {args.max_new_tokens}")
 
 
-def load_data(path: str, limit: Optional[int]):
+def add_data_format_arg(p) -> None:
+    from avar_ops.data import FORMATS
+
+    p.add_argument(
+        "--data-format",
+        choices=FORMATS,
+        default="auto",
+        help="layout of --data: avar samples, LLaMA-Factory sharegpt, OpenAI chat messages, or auto (recognised "
+        "per file)",
+    )
+
+
+def load_data(path: str, limit: Optional[int], data_format: str = "avar"):
     """The samples of --data, their images decoded once: a missing path is exit 2, bad content exit 1."""
     from avar_ops.data import check_images, load_samples
 
@@ -169,7 +182,7 @@ def load_data(path: str, limit: Optional[int]):
     if not os.path.isfile(path):
         raise CLIError(f"--data: {path!r} is a folder; expected a JSONL file")
     try:
-        samples = load_samples(path, limit)
+        samples = load_samples(path, limit, data_format)
         check_images(samples)
     except (OSError, ValueError) as exc:
         raise DataError(f"--data: {exc}") from None

@@ -9,6 +9,7 @@ from typing import List, Sequence
 
 from avar_ops.cli import loading
 from avar_ops.cli.args import (
+    add_data_format_arg,
     add_intervention_args,
     add_model_args,
     check_batches,
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="VAS and answers for several intervention strengths; writes a table")
     add_model_args(p)
     p.add_argument("--data", required=True)
+    add_data_format_arg(p)
     p.add_argument(
         "--alphas",
         nargs="+",
@@ -62,7 +64,7 @@ def run(args) -> int:
     out = prepare_out(args.out, "sweep", ["sweep.md", "sweep.csv", "sweep.json"])
     settings = [_parse_alpha(t, args.alpha_sys) for t in args.alphas]
     ivs = [intervention(args, img, sys_) for img, sys_ in settings]  # checks every value before loading
-    samples = load_data(args.data, args.limit)
+    samples = load_data(args.data, args.limit, args.data_format)
     check_batches(samples, args.batch_size)
     shape = loading.model_shape(args.model)
     check_selection(args, ivs, shape)

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from avar_ops.cli import loading
 from avar_ops.cli.args import (
+    add_data_format_arg,
     add_intervention_args,
     add_model_args,
     check_batches,
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("vas", help="measure VAS and the lazy-attention split; write JSON and figures")
     add_model_args(p)
     p.add_argument("--data", required=True, help="JSONL: {images|image, question, system?} per line")
+    add_data_format_arg(p)
     p.add_argument("--limit", type=int, default=None, help="use the first N samples")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--label", default=None, help="name of the model in reports (default: folder name)")
@@ -51,7 +53,7 @@ def run(args) -> int:
     import avar_ops.analysis as analysis
 
     out = prepare_out(args.out, "vas", ["vas.json", "vas_heatmap.png", "lazy_attention.png", "compare.png"])
-    samples = load_data(args.data, args.limit)
+    samples = load_data(args.data, args.limit, args.data_format)
     check_batches(samples, args.batch_size)
     iv = intervention_from_flags(args)
     shape = loading.model_shape(args.model)

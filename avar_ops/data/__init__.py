@@ -2,6 +2,7 @@
 VARD, GRPO), image loading, the one text check (chat-template markers, length) and path sanitising.
 Images need pillow (the `analysis` extra)."""
 
+from avar_ops.data.formats import FORMATS, IMAGE_PLACEHOLDER, detect_format, file_format
 from avar_ops.data.paths import inside, safe_name, unique_safe_names
 from avar_ops.data.records import USES, LoadedRecords, Record, RecordError, load_records, parse_record
 from avar_ops.data.samples import (
@@ -13,10 +14,13 @@ from avar_ops.data.samples import (
     load_images,
     load_samples,
     normalize_sample,
+    sample_from_record,
 )
 from avar_ops.data.text import MAX_TEXT_CHARS, TEMPLATE_MARKER, TextError, check_text
 
 __all__ = [
+    "FORMATS",
+    "IMAGE_PLACEHOLDER",
     "MAX_ASPECT_RATIO",
     "MAX_TEXT_CHARS",
     "TEMPLATE_MARKER",
@@ -30,6 +34,8 @@ __all__ = [
     "check_images",
     "check_text",
     "check_unique_ids",
+    "detect_format",
+    "file_format",
     "inside",
     "load_images",
     "load_records",
@@ -37,5 +43,6 @@ __all__ = [
     "normalize_sample",
     "parse_record",
     "safe_name",
+    "sample_from_record",
     "unique_safe_names",
 ]

@@ -2,7 +2,8 @@
 
 One JSON object per line:
 
-    {"id": "geo-17",                                  required: a non-empty string or an int, unique in the file
+    {"id": "geo-17",                                  optional: a non-empty string or an int, unique in the file
+                                                      (default: the file name and line, "train.jsonl:12")
      "image": "img/17.png" | "images": ["a.png", ...] optional: paths relative to the file's folder
      "system": "...",                                 optional: the system prompt (else the chat template's)
      "question": "...", "answer": "...",              a question and its reference answer ...
@@ -21,7 +22,8 @@ but a final assistant turn, and `answer` is required.
 `load_records` checks every record (JSON syntax, missing/unknown/mistyped keys, empty turns, duplicate ids,
 image paths that are absolute or escape the data folder, missing, unreadable or non-image files, what the use
 needs, chat-template markers or over-long text in any field the template renders: `avar_ops.data.check_text`)
-and reports file, line and reason. A bad record is an error by default; `on_error="skip"` skips bad
+and reports file, line and reason. Files in LLaMA-Factory's ShareGPT layout or OpenAI chat `messages` are
+read too (`format=`, see `avar_ops.data.formats`). A bad record is an error by default; `on_error="skip"` skips bad
 records, logs how many, and writes each one with its reason to a rejects file. Nothing is dropped silently.
 """
 
@@ -33,6 +35,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from avar_ops.data.formats import file_format, resolve_format, to_avar_record
 from avar_ops.data.text import check_text
 
 __all__ = ["Record", "RecordError", "LoadedRecords", "load_records", "parse_record", "conversation", "USES"]
@@ -211,8 +214,12 @@ def _texts(raw: dict):
                     yield f"messages[{i}].content[{j}].text", part["text"]
 
 
-def parse_record(raw, base_dir: str, use: str = "any", check_images: bool = True) -> Record:
-    """Validate one decoded JSON record against the format; ValueError with the reason when it is bad."""
+def parse_record(
+    raw, base_dir: str, use: str = "any", check_images: bool = True, *, default_id: Optional[str] = None
+) -> Record:
+    """Validate one decoded JSON record against the format; ValueError with the reason when it is bad.
+
+    default_id: the id of a record without one (load_records gives "FILE:LINE"); None makes `id` required."""
     if use not in USES:
         raise ValueError(f"parse_record: use must be one of {USES}, got {use!r}")
     if not isinstance(raw, dict):
@@ -220,9 +227,9 @@ def parse_record(raw, base_dir: str, use: str = "any", check_images: bool = True
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise ValueError(f"unknown keys {unknown} (allowed: {sorted(_KEYS)})")
-    if "id" not in raw:
+    if "id" not in raw and default_id is None:
         raise ValueError("missing key 'id'")
-    rid = raw["id"]
+    rid = raw.get("id", default_id)
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
         raise ValueError(f"'id' must be a non-empty string or an int, got {rid!r:.80}")
     if "image" in raw and "images" in raw:
@@ -269,6 +276,7 @@ def load_records(
     rejects_path: Optional[str] = None,
     check_images: bool = True,
     limit: Optional[int] = None,
+    format: str = "avar",
 ) -> LoadedRecords:
     """Read and validate a JSONL file of records (blank lines are skipped).
 
@@ -276,6 +284,8 @@ def load_records(
     on_error: "raise" (default) raises a `RecordError` at the first bad record; "skip" keeps going, logs how
     many were skipped and appends each bad line with its file, line and reason to `rejects_path` (required).
     check_images: open every image to check it is one (off only for data already checked).
+    format: the file's layout, "avar", "sharegpt", "openai" or "auto" (`avar_ops.data.formats`); a record
+    without an id is named "FILE_NAME:LINE".
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"load_records: on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -285,32 +295,45 @@ def load_records(
         raise ValueError(f"load_records: limit must be a positive int or None, got {limit!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_records: data file not found: {path}")
+    layout = resolve_format(format)
     base_dir = os.path.dirname(os.path.abspath(path))
-    records: List[Record] = []
-    seen: Dict[str, int] = {}
-    rejects: List[dict] = []
+    name = os.path.basename(path)
+    lines = []  # (line number, text, decoded value or the JSON error)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-                record = parse_record(raw, base_dir, use=use, check_images=check_images)
-                if record.id in seen:
-                    raise ValueError(f"duplicate id {record.id!r} (first on line {seen[record.id]})")
-            except ValueError as exc:
-                if on_error == "raise":
-                    raise RecordError(where, str(exc)) from None
-                rejects.append({"file": path, "line": lineno, "reason": str(exc), "record": line.rstrip("\n")})
-                continue
-            seen[record.id] = lineno
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                value = ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})")
+            lines.append((lineno, line, value))
+    if layout == "auto":
+        try:
+            layout = file_format([(n, v) for n, _, v in lines if not isinstance(v, ValueError)])
+        except ValueError as exc:
+            raise RecordError(path, str(exc)) from None
+    records: List[Record] = []
+    seen: Dict[str, int] = {}
+    rejects: List[dict] = []
+    for lineno, line, value in lines:
+        where = f"{path}:{lineno}"
+        try:
+            if isinstance(value, ValueError):
+                raise value
+            raw = to_avar_record(value, layout, base_dir)
+            record = parse_record(raw, base_dir, use=use, check_images=check_images, default_id=f"{name}:{lineno}")
+            if record.id in seen:
+                raise ValueError(f"duplicate id {record.id!r} (first on line {seen[record.id]})")
+        except ValueError as exc:
+            if on_error == "raise":
+                raise RecordError(where, str(exc)) from None
+            rejects.append({"file": path, "line": lineno, "reason": str(exc), "record": line.rstrip("\n")})
+            continue
+        seen[record.id] = lineno
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
     if rejects:
         _append_jsonl(rejects_path, rejects)
         logger.warning(

@@ -39,6 +39,7 @@ from avar_ops.data.text import check_text
 __all__ = [
     "load_samples",
     "normalize_sample",
+    "sample_from_record",
     "check_unique_ids",
     "load_images",
     "check_images",
@@ -129,8 +130,51 @@ def _from_messages(record: dict, n_images: int, where: str) -> dict:
     return {**record, "question": text["user"], "system": text.get("system"), "response": text.get("assistant")}
 
 
-def load_samples(path: str, limit: Optional[int] = None) -> List[dict]:
-    """Read up to `limit` samples from a JSONL file (blank lines are skipped)."""
+def sample_from_record(record) -> dict:
+    """A training `Record` (read from any layout) as a sample: one user turn whose images come before its text
+    (how `chat_messages` renders a sample), an optional system turn and an optional final assistant turn.
+    ValueError when the conversation does not fit that shape (a measurement would see another prompt)."""
+    turns = list(record.messages)
+    system = None
+    if turns and turns[0]["role"] == "system":
+        system = "".join(p["text"] for p in turns.pop(0)["content"] if p["type"] == "text")
+    response = record.target
+    if record.has_target:
+        turns.pop()
+    if len(turns) != 1 or turns[0]["role"] != "user":
+        raise ValueError(
+            f"record {record.id!r}: a sample is one user turn (plus an optional system turn and answer), this "
+            f"conversation has {len(turns)} turns before its answer"
+        )
+    content = turns[0]["content"]
+    first_text = next((i for i, p in enumerate(content) if p["type"] == "text"), len(content))
+    if any(p["type"] == "image" for p in content[first_text:]):
+        raise ValueError(
+            f"record {record.id!r}: an image stands after text in the user turn; samples put every image before "
+            "the question (move its placeholder to the front)"
+        )
+    question = "".join(p["text"] for p in content if p["type"] == "text")
+    return {
+        "id": record.id,
+        "images": list(record.images),
+        "question": question,
+        "system": system,
+        "response": response,
+    }
+
+
+def load_samples(path: str, limit: Optional[int] = None, format: str = "avar") -> List[dict]:
+    """Read up to `limit` samples from a JSONL file (blank lines are skipped).
+
+    format "avar" reads the sample layout of this module; "sharegpt", "openai" and "auto" read the file as
+    training records (`avar_ops.data.formats`) and turn each into a sample (`sample_from_record`); "auto"
+    also takes avar samples."""
+    from avar_ops.data.formats import resolve_format
+
+    if resolve_format(format) == "auto" and os.path.isfile(path):
+        format = _file_layout(path)
+    if format != "avar":
+        return _samples_from_records(path, limit, format)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ValueError(f"load_samples: limit must be a positive int or None, got {limit!r}")
     if not os.path.isfile(path):
@@ -160,6 +204,30 @@ def load_samples(path: str, limit: Optional[int] = None) -> List[dict]:
         raise ValueError(f"load_samples: {path} holds no samples")
     check_unique_ids(samples, wheres)
     return samples
+
+
+def _file_layout(path: str) -> str:
+    """The layout of a file for format "auto" (undecodable lines are left to the reader that reports them)."""
+    from avar_ops.data.formats import file_format
+
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                lines.append((lineno, json.loads(raw.decode("utf-8"))))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+    try:
+        return file_format(lines)
+    except ValueError as exc:
+        raise ValueError(f"load_samples: {path}: {exc}") from None
+
+
+def _samples_from_records(path: str, limit: Optional[int], format: str) -> List[dict]:
+    from avar_ops.data.records import load_records
+
+    loaded = load_records(path, format=format, limit=limit, check_images=False)
+    return [sample_from_record(r) for r in loaded.records]
 
 
 def check_unique_ids(samples: Sequence[dict], wheres: Optional[Sequence[str]] = None) -> None:

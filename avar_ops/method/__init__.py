@@ -11,7 +11,16 @@ from avar_ops.method.intervention import (
     patch_tables,
     reweight_probabilities,
 )
-from avar_ops.method.metrics import AGTOLosses, Reduction, VASResult, agto_losses, vas, visual_reward
+from avar_ops.method.metrics import (
+    VISUAL_REWARDS,
+    AGTOLosses,
+    Reduction,
+    VASResult,
+    agto_losses,
+    vas,
+    visual_reward,
+    visual_token_ratios,
+)
 
 __all__ = [
     "MODES",
@@ -28,4 +37,6 @@ __all__ = [
     "agto_losses",
     "vas",
     "visual_reward",
+    "visual_token_ratios",
+    "VISUAL_REWARDS",
 ]

@@ -24,13 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from avar_ops.core import NUM_GROUPS, Group
 
-__all__ = ["Reduction", "VASResult", "AGTOLosses", "vas", "agto_losses", "visual_reward"]
+__all__ = [
+    "Reduction",
+    "VASResult",
+    "AGTOLosses",
+    "VISUAL_REWARDS",
+    "vas",
+    "agto_losses",
+    "visual_reward",
+    "visual_token_ratios",
+]
 
 Masses = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -344,20 +353,37 @@ def agto_losses(
 # ---------------------------------------------------------------------------------------------------- reward
 
 
+VISUAL_REWARDS = ("ratio", "capped_ratio", "ratio_of_sums", "image_mass")
+
+
 def visual_reward(
     masses_per_layer: Masses,
     response_mask: torch.Tensor,
     eps: float = 1e-6,
     *,
     empty: str = "error",
+    kind: str = "ratio",
+    cap: Optional[float] = None,
 ) -> torch.Tensor:
     """VARS's visual reward r_visual, one number per sequence: float [B] in the masses' dtype, float32 for
     float16 / bfloat16 masses.
 
-        r_visual = mean over response tokens t of mean over layers l of  m_vis(l, t) / (m_sys(l, t) + eps)
+    With m_g(l, t) the mass of response token t on group g averaged over the heads of layer l (heads are
+    averaged inside a layer before the ratio, as an attention map averaged over heads would give):
 
-    where m_g(l, t) is the mass of token t on group g averaged over the heads of layer l (heads are averaged
-    inside a layer before the ratio, as an attention map averaged over heads would give).
+        "ratio" (the paper's Eq. 5, the default):
+            mean_t mean_l  m_vis(l, t) / (m_sys(l, t) + eps)
+        "capped_ratio": the same with every term capped,
+            mean_t mean_l  min(m_vis(l, t) / (m_sys(l, t) + eps), cap)
+        "ratio_of_sums":
+            Σ_{t,l} m_vis(l, t) / (Σ_{t,l} m_sys(l, t) + eps)
+        "image_mass": the absolute image share,
+            mean_t mean_l  m_vis(l, t)
+
+    Why the alternatives: a response token's system mass can be close to 0 (late tokens attend to the recent
+    text), and its one term m_vis / (m_sys + eps) then outweighs every other token's, so the mean of ratios
+    follows single tokens. A cap bounds each term; the ratio of sums weighs tokens by their system mass, so a
+    token with almost none adds almost nothing; the image mass has no denominator at all (bounded by 1).
 
     This is the raw term. The paper's reward is 0 for a wrong answer; that gating on correctness, λ_v and the
     GRPO group normalisation belong to the trainer, which knows the answers.
@@ -365,18 +391,21 @@ def visual_reward(
     empty: a sequence with no response token has no reward. "error" (default) raises a ValueError naming it;
     "zero" returns 0 for it, the flag being `~response_mask.any(-1)` (the caller's own mask).
 
-    Range: a token with no system mass has ratio m_vis / eps (up to 1e6 with the default eps), beyond
-    float16's largest value (65504); the reward therefore comes back in float32 at least. A reward beyond
-    float32's range (only reachable with eps below ~1e-38) saturates at the largest float32 instead of
+    Range: with "ratio", a token with no system mass has ratio m_vis / eps (up to 1e6 with the default eps),
+    beyond float16's largest value (65504); the reward therefore comes back in float32 at least. A reward
+    beyond float32's range (only reachable with eps below ~1e-38) saturates at the largest float32 instead of
     becoming inf.
 
     Args:
         masses_per_layer: list of [B, H, L, 4] tensors (one per layer) or [NL, B, H, L, 4].
         response_mask: bool [B, L], the generated tokens.
+        kind: one of VISUAL_REWARDS. cap: the per-term cap of "capped_ratio" (a finite number > 0), required
+            there and refused with the other kinds.
     """
     fn = "visual_reward"
     eps = _check_eps(fn, eps, allow_zero=False)
     empty = _check_empty(fn, empty, ("error", "zero"))
+    cap = _check_kind(fn, kind, cap)
     visual, system, dtype = _group_channels(fn, "masses_per_layer", masses_per_layer)  # [NL, B, H, L] each
     NL, B, H, L = visual.shape
     response_mask = _check_mask(fn, "response_mask", response_mask, B, L, visual.device)
@@ -387,11 +416,43 @@ def visual_reward(
     if empty == "error":
         _raise_for_missing(fn, {"have no response token": ~has_response}, "zero")
 
-    ratio = visual.mean(2) / (system.mean(2) + eps)  # [NL, B, L]
-    per_token = ratio.mean(0)  # [B, L]
-    total = (per_token * rw).sum(-1)  # [B]
-    reward = total / torch.where(has_response, n_response, torch.ones_like(n_response))  # [B]
+    vis, sys_ = visual.mean(2), system.mean(2)  # [NL, B, L] each
+    safe_n = torch.where(has_response, n_response, torch.ones_like(n_response))  # [B]
+    if kind in ("ratio", "capped_ratio"):
+        ratio = vis / (sys_ + eps)  # [NL, B, L]
+        if cap is not None:
+            ratio = ratio.clamp(max=cap)
+        reward = (ratio.mean(0) * rw).sum(-1) / safe_n  # [B]
+    elif kind == "ratio_of_sums":
+        reward = (vis * rw).sum(dim=(0, 2)) / ((sys_ * rw).sum(dim=(0, 2)) + eps)  # [B]
+    else:
+        reward = (vis.mean(0) * rw).sum(-1) / safe_n  # [B]
     reward = torch.where(has_response, reward, torch.zeros_like(reward))  # [B]
     out_dtype = torch.promote_types(dtype, torch.float32)
     top = torch.finfo(out_dtype).max
     return reward.clamp(max=top).to(out_dtype)
+
+
+def visual_token_ratios(masses_per_layer: Masses, response_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The per-token terms of Eq. 5, mean_l m_vis(l, t) / (m_sys(l, t) + eps), of every response token of the
+    batch: float64 [T] (T = response_mask.sum()), in batch-major token order. Their spread (e.g. p50 / p90 /
+    max) shows whether a few tokens with almost no system mass decide the "ratio" reward."""
+    fn = "visual_token_ratios"
+    eps = _check_eps(fn, eps, allow_zero=False)
+    visual, system, _ = _group_channels(fn, "masses_per_layer", masses_per_layer)  # [NL, B, H, L] each
+    NL, B, H, L = visual.shape
+    response_mask = _check_mask(fn, "response_mask", response_mask, B, L, visual.device)
+    per_token = (visual.mean(2) / (system.mean(2) + eps)).mean(0)  # [B, L]
+    return per_token[response_mask]  # [T]
+
+
+def _check_kind(fn: str, kind, cap) -> Optional[float]:
+    if kind not in VISUAL_REWARDS:
+        raise ValueError(f"{fn}: kind must be one of {VISUAL_REWARDS}, got {kind!r}")
+    if kind == "capped_ratio":
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"{fn}: kind 'capped_ratio' needs cap, a finite number > 0, got {cap!r}")
+        return float(cap)
+    if cap is not None:
+        raise ValueError(f"{fn}: cap is only used with kind 'capped_ratio', got cap={cap!r} with kind {kind!r}")
+    return None

@@ -379,6 +379,7 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
         on_error="skip" if cfg.skip_bad_records else "raise",
         rejects_path=os.path.join(cfg.output_dir, "input_rejects.jsonl"),
         limit=cfg.limit,
+        format=cfg.data_format,
     )
     kept_rows = _read_finished(out_path, lambda row: True)
     final_rejects = _read_finished(rejects_path, lambda row: not row.get("reason", "").startswith(GENERATOR_ERROR))

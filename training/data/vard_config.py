@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import ConfigError, existing_file, non_negative, positive, positive_float, require
+from ..config import ConfigError, data_format, existing_file, non_negative, positive, positive_float, require
 
 __all__ = ["VARDConfig"]
 
@@ -14,6 +14,7 @@ __all__ = ["VARDConfig"]
 @dataclass
 class VARDConfig:
     input_file: str = ""  # JSONL records with question (+ answer) and image(s)
+    data_format: str = "auto"  # layout of input_file: avar | sharegpt | openai | auto
     output_dir: str = ""  # gets vard.jsonl (kept), rejects.jsonl, summary.json
     templates_dir: Optional[str] = None  # folder with describe.txt, reason.txt, anchor.txt (default: shipped)
     generator: str = "http"  # http | hf | "module:function" (a callable (messages, images) -> str)
@@ -49,6 +50,7 @@ class VARDConfig:
         require(self.input_file, "input_file", "the JSONL file of question records")
         require(self.output_dir, "output_dir", "the folder the synthesised data goes to")
         existing_file(self.input_file, "input_file")
+        data_format(self.data_format)
         if self.templates_dir is not None and not os.path.isdir(self.templates_dir):
             raise ConfigError(f"templates_dir: no such folder {self.templates_dir!r}")
         if self.generator == "http":

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, data_format, load_config
 
 __all__ = ["GRPOConfig", "load_grpo_config"]
 
@@ -24,6 +24,9 @@ class GRPOConfig:
     # model and data
     model_name_or_path: str = "tiny"  # a Qwen2.5-VL checkpoint folder, or "tiny" for the embedded random model
     train_file: str = ""  # JSONL records (avar_ops.data.records, use "rl"): prompt, images and the reference answer
+    data_format: str = "auto"  # layout of train_file / eval_file: avar | sharegpt | openai | auto
+    eval_file: Optional[str] = None  # held-out records: greedy accuracy and VAS, logged as eval_*
+    eval_steps: int = 0  # evaluate every N steps (0: only at the end, when eval_file is set)
     output_dir: str = ""
     skip_bad_records: bool = False
     min_pixels: Optional[int] = None
@@ -59,7 +62,11 @@ class GRPOConfig:
     # rewards
     lambda_visual: float = 0.3
     lambda_format: float = 0.1
-    visual_reward_max: Optional[float] = None
+    visual_reward_max: Optional[float] = None  # cap on each rollout's r_visual (after the kind below)
+    # r_visual's definition (avar_ops.method.visual_reward): ratio (the paper's Eq. 5) | capped_ratio (each
+    # per-token, per-layer term capped at visual_reward_cap) | ratio_of_sums | image_mass
+    visual_reward: str = "ratio"
+    visual_reward_cap: Optional[float] = None
     visual_layers: Optional[List[int]] = None  # decoder layers r_visual averages over (default all)
     visual_eps: float = 1e-6
     format_pattern: Optional[str] = None  # default: <think>…</think><answer>…</answer>
@@ -95,7 +102,12 @@ class GRPOConfig:
         ):
             if not is_int(getattr(self, key)) or getattr(self, key) < 1:
                 fail(key, "an int >= 1")
-        for key in ("save_steps", "seed"):
+        data_format(self.data_format)
+        if self.eval_file is not None and (not isinstance(self.eval_file, str) or not self.eval_file):
+            fail("eval_file", "null or a path")
+        if self.eval_steps and self.eval_file is None:
+            fail("eval_steps", "0 without eval_file (the held-out records to evaluate on)")
+        for key in ("save_steps", "seed", "eval_steps"):
             if not is_int(getattr(self, key)) or getattr(self, key) < 0:
                 fail(key, "an int >= 0")
         for key in ("min_pixels", "max_pixels", "max_prompt_length", "top_k"):
@@ -128,6 +140,16 @@ class GRPOConfig:
             v = getattr(self, key)
             if v is not None and (not is_num(v) or v <= 0):
                 fail(key, "null or a number > 0")
+        from avar_ops.method import VISUAL_REWARDS
+
+        if self.visual_reward not in VISUAL_REWARDS:
+            fail("visual_reward", f"one of {', '.join(VISUAL_REWARDS)}")
+        if self.visual_reward == "capped_ratio":
+            if not is_num(self.visual_reward_cap) or self.visual_reward_cap <= 0:
+                fail("visual_reward_cap", "a number > 0 with visual_reward = capped_ratio")
+            self.visual_reward_cap = float(self.visual_reward_cap)
+        elif self.visual_reward_cap is not None:
+            fail("visual_reward_cap", f"null unless visual_reward = capped_ratio (it is {self.visual_reward!r})")
         if not is_num(self.visual_eps) or self.visual_eps <= 0:
             fail("visual_eps", "a number > 0")
         self.visual_eps = float(self.visual_eps)

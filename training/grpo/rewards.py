@@ -13,9 +13,12 @@ response tokens t only (prompt and padding excluded) and the chosen layers l:
     r_visual = mean_t mean_l  m̄_img(l, t) / (m̄_sys(l, t) + ε)          m̄ = mass averaged over the heads of l
 
 one number per sequence, then gated: 0 for a rollout whose answer is wrong, optionally capped at
-`visual_reward_max` (the ratio can reach 10–20 and swamp r_acc; the paper has no cap). `VisualStats` is the
-per-layer reduction handed to `collect_masses`, so a forward keeps [B] sums per layer and never the
-[B, H, L, 4] masses of all layers.
+`visual_reward_max` (the ratio can reach 10–20 and swamp r_acc; the paper has no cap). The recipe key
+`visual_reward` swaps Eq. 5 for one of the alternatives of `avar_ops.method.visual_reward` (capped_ratio with
+`visual_reward_cap` per term, ratio_of_sums, image_mass); the spread of the per-token Eq. 5 terms is logged
+every step (r_visual_token_p50 / p90 / max). `VisualStats` is the
+per-layer reduction handed to `collect_masses`, so a forward keeps the head-averaged response masses per
+layer ([B, R]) and never the [B, H, L, 4] masses of all layers.
 """
 
 from __future__ import annotations
@@ -182,16 +185,21 @@ def call_reward_function(
 
 @dataclass
 class VisualTerms:
-    """Per-rollout attention statistics of one scoring forward, float64 [N] each."""
+    """Per-rollout attention statistics of one scoring forward, float64 [N] each (token_ratios: [T])."""
 
-    ratio: torch.Tensor  # r_visual before gating: mean over response tokens and chosen layers of img/(sys+ε)
+    ratio: torch.Tensor  # r_visual before gating, as the recipe's `visual_reward` defines it (Eq. 5 by default)
     response_image_mass: torch.Tensor  # mean over response tokens, chosen layers and heads of the image mass
     response_system_mass: torch.Tensor  # the same for the system mass
     prompt_vas: torch.Tensor  # VAS of the prompt (user-turn tokens, all layers, mean of per-head ratios + ε)
+    token_ratios: torch.Tensor  # [T]: each response token's Eq. 5 term (mean over the chosen layers), batch-major
 
 
 class VisualStats:
-    """A `collect_masses(reduce=...)` reduction: each layer's mass [B, H, L, 4] -> a few [B] sums (detached).
+    """A `collect_masses(reduce=...)` reduction: each layer's mass [B, H, L, 4] -> the head-averaged image and
+    system masses of the response tokens (detached, float64) and, with a user mask, a [B] VAS sum.
+
+    What is kept per layer is [B, R] twice (R: from the first response column to the end), never the
+    [B, H, L, 4] masses, so every `visual_reward` kind is computed afterwards from the same numbers.
 
     response_mask: bool [B, L], the response tokens (the query positions r_visual averages over).
     user_mask: bool [B, L] or None, the user-turn tokens (for the prompts' VAS in the logs).
@@ -207,26 +215,25 @@ class VisualStats:
             )
         if not (isinstance(eps, float) and eps > 0 and math.isfinite(eps)):
             raise ValueError(f"VisualStats: eps must be a float > 0, got {eps!r}")
-        self.response = response_mask.to(torch.float64)  # [B, L]
+        columns = torch.nonzero(response_mask.any(0)).flatten()
+        self.start = int(columns.min()) if columns.numel() else response_mask.shape[1]
+        self.shape = tuple(response_mask.shape)
+        self.response = response_mask[:, self.start :].to(torch.float64)  # [B, R]
         self.user = None if user_mask is None else user_mask.to(torch.float64)  # [B, L]
         self.eps = eps
 
     def __call__(self, mass: torch.Tensor) -> Dict[str, torch.Tensor]:
         B, H, L, G = mass.shape
-        if (B, L) != tuple(self.response.shape):
-            raise ValueError(
-                f"VisualStats: masses of {B} sequences × {L} queries, response mask {tuple(self.response.shape)}"
-            )
-        m = mass.detach().to(torch.float64)  # [B, H, L, G]
-        resp = self.response.to(m.device)  # [B, L]
-        head_mean = m.mean(1)  # [B, L, G]
-        ratio = head_mean[..., _VISUAL] / (head_mean[..., _SYSTEM] + self.eps)  # [B, L]
+        if (B, L) != self.shape:
+            raise ValueError(f"VisualStats: masses of {B} sequences × {L} queries, response mask {self.shape}")
+        head_mean = mass[:, :, self.start :].detach().to(torch.float64).mean(1)  # [B, R, G]
+        resp = self.response.to(head_mean.device)  # [B, R]
         out = {
-            "ratio": (ratio * resp).sum(-1),  # [B]
-            "image": (head_mean[..., _VISUAL] * resp).sum(-1),  # [B]
-            "system": (head_mean[..., _SYSTEM] * resp).sum(-1),  # [B]
+            "image": head_mean[..., _VISUAL] * resp,  # [B, R]
+            "system": head_mean[..., _SYSTEM] * resp,  # [B, R]
         }
         if self.user is not None:
+            m = mass.detach().to(torch.float64)  # [B, H, L, G]
             per_head = m[..., _VISUAL] / (m[..., _SYSTEM] + self.eps)  # [B, H, L]
             out["vas"] = (per_head.mean(1) * self.user.to(m.device)).sum(-1)  # [B]
         return out
@@ -237,32 +244,43 @@ def visual_terms(
     response_mask: torch.Tensor,
     user_mask: Optional[torch.Tensor] = None,
     layers: Optional[Sequence[int]] = None,
+    *,
+    eps: float = 1e-6,
+    kind: str = "ratio",
+    cap: Optional[float] = None,
 ) -> VisualTerms:
-    """Combine the per-layer `VisualStats` sums (in layer order) into the per-rollout terms, over `layers`
+    """Combine the per-layer `VisualStats` values (in layer order) into the per-rollout terms, over `layers`
     (default all) for the response statistics; the prompts' VAS always spans all layers.
 
-    A rollout with no response token gets r_visual = 0 (it has nothing to average)."""
+    r_visual is `avar_ops.method.visual_reward(kind=kind, cap=cap)` of the head-averaged masses: "ratio"
+    (Eq. 5), "capped_ratio", "ratio_of_sums" or "image_mass". A rollout with no response token gets 0."""
+    from avar_ops.core import NUM_GROUPS
+    from avar_ops.method import visual_reward, visual_token_ratios
+
     n_layers = len(per_layer)
     chosen = list(range(n_layers)) if layers is None else list(layers)
     if not chosen or any(not 0 <= i < n_layers for i in chosen):
         raise ValueError(f"visual_terms: layers must be a non-empty subset of [0, {n_layers}), got {layers}")
-    n_resp = response_mask.sum(-1).to(torch.float64).cpu()  # [N]
-    safe = n_resp.clamp(min=1.0)
-
-    def mean_over(key: str, idx: Sequence[int], count: torch.Tensor) -> torch.Tensor:  # -> [N]
-        total = torch.stack([per_layer[i][key].cpu() for i in idx]).mean(0)  # [N]
-        return total / count
-
-    ratio = mean_over("ratio", chosen, safe)
+    image = torch.stack([per_layer[i]["image"].cpu() for i in chosen])  # [NL, B, R]
+    system = torch.stack([per_layer[i]["system"].cpu() for i in chosen])  # [NL, B, R]
+    NL, B, R = image.shape
+    masses = torch.zeros(NL, B, 1, R, NUM_GROUPS, dtype=torch.float64)  # [NL, B, 1, R, 4]: one "head", the mean
+    masses[..., _VISUAL] = image[:, :, None]
+    masses[..., _SYSTEM] = system[:, :, None]
+    resp = response_mask[:, response_mask.shape[1] - R :].cpu()  # [B, R]
+    ratio = visual_reward(masses, resp, eps, empty="zero", kind=kind, cap=cap).to(torch.float64)  # [N]
+    n_resp = resp.sum(-1).to(torch.float64).clamp(min=1.0)  # [N]
     if user_mask is not None:
-        vas = mean_over("vas", range(n_layers), user_mask.sum(-1).to(torch.float64).cpu().clamp(min=1.0))
+        total = torch.stack([per_layer[i]["vas"].cpu() for i in range(n_layers)]).mean(0)  # [N]
+        vas = total / user_mask.sum(-1).to(torch.float64).cpu().clamp(min=1.0)
     else:
         vas = torch.full_like(ratio, float("nan"))
     return VisualTerms(
-        ratio=torch.where(n_resp > 0, ratio, torch.zeros_like(ratio)),
-        response_image_mass=mean_over("image", chosen, safe),
-        response_system_mass=mean_over("system", chosen, safe),
+        ratio=ratio,
+        response_image_mass=image.mean(0).sum(-1) / n_resp,
+        response_system_mass=system.mean(0).sum(-1) / n_resp,
         prompt_vas=vas,
+        token_ratios=visual_token_ratios(masses, resp, eps),
     )
 
 

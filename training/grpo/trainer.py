@@ -6,8 +6,9 @@ One step, on every process:
    times, sampled with HF `generate` under the avar patch (under ZeRO-3 inside a parameter gather);
 2. text rewards (r_acc, r_format, the user's reward functions) from the decoded completions;
 3. scoring: one forward over prompt + completion with `collect_masses(reduce=VisualStats)`, which gives the
-   completion tokens' log-probs and, per rollout, r_visual (mean over its response tokens and the chosen layers
-   of the head-averaged image / (system + ε) mass ratio) and the prompt's VAS. With `num_iterations = 1` this
+   completion tokens' log-probs and, per rollout, r_visual (by default Eq. 5: the mean over its response tokens
+   and the chosen layers of the head-averaged image / (system + ε) mass ratio; `visual_reward` picks an
+   alternative) and the prompt's VAS. With `num_iterations = 1` this
    is the forward the loss back-propagates through (the masses are detached for the reward, so no extra forward
    is spent on it); with `num_iterations > 1` it runs without grad and gives the old log-probs;
 4. r_total = r_acc + λ_v·gate(r_visual) + λ_f·r_format (+ weighted extras), group-normalised advantages, the
@@ -140,8 +141,19 @@ class GRPOTrainer:
                 use="rl",
                 on_error="skip" if cfg.skip_bad_records else "raise",
                 rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"),
+                format=cfg.data_format,
             ).records
         self.records: List[Record] = list(records)
+        self.eval_records: List[Record] = []
+        self.eval_history: List[dict] = []  # the evaluate() logs of this run
+        if cfg.eval_file is not None:
+            self.eval_records = load_records(
+                cfg.eval_file,
+                use="rl",
+                on_error="skip" if cfg.skip_bad_records else "raise",
+                rejects_path=os.path.join(cfg.output_dir, "eval_rejects.jsonl"),
+                format=cfg.data_format,
+            ).records
         prompts_per_step = acc.num_processes * cfg.per_device_train_batch_size // cfg.num_generations
         if prompts_per_step > len(self.records):
             raise ValueError(f"a step takes {prompts_per_step} prompts but the data holds {len(self.records)} records")
@@ -243,20 +255,20 @@ class GRPOTrainer:
             yield unwrapped
 
     @torch.no_grad()
-    def generate(self, records: List[Record]) -> Rollouts:
+    def generate(self, records: List[Record], *, greedy: bool = False) -> Rollouts:
+        """`num_generations` sampled rollouts per record; greedy: one greedy completion per record (for the
+        held-out evaluation; it draws nothing from the RNG, so evaluating does not change the training run)."""
         cfg = self.cfg
-        expanded = [r for r in records for _ in range(cfg.num_generations)]
+        expanded = list(records) if greedy else [r for r in records for _ in range(cfg.num_generations)]
         prompt = self.prompt_inputs(expanded)
         prompt_ids, prompt_att = prompt["input_ids"], prompt["attention_mask"]  # [N, P] each
         P = prompt_ids.shape[1]
         groups = token_groups(prompt_ids, self.processor, prompt_att)
         # top_k 0 switches top-k off (a checkpoint's generation config may set 50). Vision placeholders are never
         # sampled: an image token in a completion has no image features behind it and breaks the scoring forward.
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0)
         kwargs = dict(
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k or 0,
+            **(dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else sampling),
             max_new_tokens=cfg.max_completion_length,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
@@ -356,7 +368,15 @@ class GRPOTrainer:
 
     def _rewards(self, ro: Rollouts, per_layer) -> tuple:
         cfg = self.cfg
-        terms = visual_terms(per_layer, ro.response_mask, ro.user_mask, cfg.visual_layers)
+        terms = visual_terms(
+            per_layer,
+            ro.response_mask,
+            ro.user_mask,
+            cfg.visual_layers,
+            eps=cfg.visual_eps,
+            kind=cfg.visual_reward,
+            cap=cfg.visual_reward_cap,
+        )
         ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask)]
         acc = call_reward_function("accuracy", self.accuracy, ro.prompts, ro.completions, ids, ro.columns)
         fmt = call_reward_function("format", self.format, ro.prompts, ro.completions, ids, ro.columns)
@@ -482,6 +502,7 @@ class GRPOTrainer:
             "time_scoring": times["scoring"],
             "time_update": times["update"],
         }
+        record.update(self._token_ratio_quantiles(terms.token_ratios))
         for name, values in br.extras.items():
             record[f"reward/{name}"] = mean(values)
         if updates[-1]["kl"] is not None:
@@ -498,6 +519,72 @@ class GRPOTrainer:
             if self.cfg.report_to:
                 acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
         return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy completions of the held-out records (eval_file): accuracy (the run's r_acc counting a rollout
+        correct at >= 1), the prompts' VAS and the response tokens' image mass and r_visual (ungated), each the
+        mean over the records; written to log.jsonl with the keys prefixed eval_. Every process runs the same
+        number of batches (ZeRO-3 gathers parameters collectively); padding rows do not count."""
+        acc, cfg = self.accelerator, self.cfg
+        if not self.eval_records:
+            raise ValueError("evaluate: the run has no eval_file")
+        mine = self.eval_records[acc.process_index :: acc.num_processes]
+        per_batch = max(1, cfg.per_device_train_batch_size // cfg.num_generations)
+        n_batches = -(-math.ceil(len(self.eval_records) / acc.num_processes) // per_batch)
+        sums = torch.zeros(5, dtype=torch.float64)  # correct, prompt VAS, image mass, r_visual, count
+        for b in range(n_batches):
+            chunk = mine[b * per_batch : (b + 1) * per_batch]
+            weight = torch.ones(per_batch, dtype=torch.float64)
+            weight[len(chunk) :] = 0.0
+            chunk = chunk + [self.eval_records[0]] * (per_batch - len(chunk))
+            ro = self.generate(chunk, greedy=True)
+            stats = VisualStats(ro.response_mask, ro.user_mask, eps=cfg.visual_eps)
+            _, per_layer = self._forward_logps(self.model, ro, stats)
+            terms = visual_terms(
+                per_layer,
+                ro.response_mask,
+                ro.user_mask,
+                cfg.visual_layers,
+                eps=cfg.visual_eps,
+                kind=cfg.visual_reward,
+                cap=cfg.visual_reward_cap,
+            )
+            ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask)]
+            r_acc = call_reward_function("accuracy", self.accuracy, ro.prompts, ro.completions, ids, ro.columns)
+            values = torch.stack(
+                [(r_acc >= 1.0).double(), terms.prompt_vas, terms.response_image_mass, terms.ratio, weight]
+            )  # [5, per_batch]
+            sums += (values * weight).sum(-1)
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+        n = float(sums[4])
+        record = {
+            "step": self.step,
+            "eval_accuracy": float(sums[0]) / n,
+            "eval_prompt_vas": float(sums[1]) / n,
+            "eval_response_image_mass": float(sums[2]) / n,
+            "eval_r_visual_raw": float(sums[3]) / n,
+            "eval_samples": int(n),
+        }
+        if acc.is_main_process:
+            with open(self._log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.report_to:
+                acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        return record
+
+    def _token_ratio_quantiles(self, ratios: torch.Tensor) -> Dict[str, float]:
+        """p50 / p90 / max of the per-token Eq. 5 terms of every response token of every process."""
+        acc = self.accelerator
+        local = ratios.to(acc.device, torch.float64).reshape(-1)  # [T]
+        if acc.num_processes > 1:
+            local = acc.gather(acc.pad_across_processes(local, pad_index=float("nan")))  # [P·T_max]
+        if not bool(torch.isfinite(local).any()):
+            return {}
+        q = torch.nanquantile(local.cpu(), torch.tensor([0.5, 0.9], dtype=torch.float64))
+        top = float(local[torch.isfinite(local)].max())
+        return {"r_visual_token_p50": float(q[0]), "r_visual_token_p90": float(q[1]), "r_visual_token_max": top}
 
     # ------------------------------------------------------------------------------------- checkpointing
 
@@ -550,9 +637,13 @@ class GRPOTrainer:
             history.append(record)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+            if self.eval_records and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < cfg.max_steps:
+                self.eval_history.append(self.evaluate())
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
         bar.close()
+        if self.eval_records:
+            self.eval_history.append(self.evaluate())
         self.save_checkpoint()
         if cfg.report_to:
             self.accelerator.end_training()

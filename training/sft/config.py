@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import ConfigError, existing_file, non_negative, positive, positive_float, require
+from ..config import ConfigError, data_format, existing_file, non_negative, positive, positive_float, require
 
 __all__ = ["SFTConfig"]
 
@@ -17,6 +17,9 @@ class SFTConfig:
     # model and data
     model_name_or_path: str = "tiny"  # a local Qwen2.5-VL checkpoint folder, or "tiny" (the embedded random model)
     train_file: str = ""  # JSONL records with a target (see avar_ops.data.records)
+    data_format: str = "auto"  # layout of train_file / eval_file: avar | sharegpt | openai | auto
+    eval_file: Optional[str] = None  # held-out records: L_LM, AGTO terms, VAS and image mass, logged as eval_*
+    eval_steps: int = 0  # evaluate every N optimizer steps (0: only at the end, when eval_file is set)
     output_dir: str = ""
     skip_bad_records: bool = False  # False: a bad record stops the run; True: skipped into output_dir/rejects.jsonl
     max_length: int = 8192  # token budget per sample; never cuts image tokens
@@ -97,6 +100,13 @@ class SFTConfig:
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "ccl", "hccl", "cncl", "mccl"):
             raise ConfigError(f"ddp_backend must be null or a torch.distributed backend, got {self.ddp_backend!r}")
         existing_file(self.train_file, "train_file")
+        data_format(self.data_format)
+        if self.eval_steps < 0:
+            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
+        if self.eval_steps and not self.eval_file:
+            raise ConfigError(f"eval_steps={self.eval_steps} needs eval_file, the held-out records to evaluate on")
+        if self.eval_file is not None:
+            existing_file(self.eval_file, "eval_file")
         if self.deepspeed is not None:
             existing_file(self.deepspeed, "deepspeed")
         if self.model_name_or_path != "tiny" and not os.path.isdir(self.model_name_or_path):

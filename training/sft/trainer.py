@@ -16,7 +16,9 @@ Guarantees:
   recomputed ones);
 - logged per optimizer step (averaged over the micro-batches and processes since the last log): loss_lm,
   loss_enhance_img, loss_suppress_sys, vas (paper's Eq. 1 over all layers, heads and user tokens) and
-  image_mass (the user tokens' mean attention on image tokens).
+  image_mass (the user tokens' mean attention on image tokens);
+- with `eval_file`, the same terms on the held-out records every `eval_steps` steps and after the last one,
+  logged as eval_loss (L_LM + the weighted AGTO terms), eval_loss_lm, eval_loss_enhance_img, … .
 
 Gradient accumulation: each micro-batch's loss is its own token mean (L_LM) and sample means (AGTO terms), and
 Trainer divides it by the number of accumulation steps (`model_accepts_loss_kwargs` is off).
@@ -127,6 +129,8 @@ class AGTOTrainer(Trainer):
         self._record = None
         self._sums = torch.zeros(len(LOG_KEYS), dtype=torch.float64)
         self._count = 0
+        self._eval_sums = torch.zeros(len(LOG_KEYS), dtype=torch.float64)
+        self._eval_count = 0
 
     # ---------------------------------------------------------------------------------------------- the step
 
@@ -189,20 +193,44 @@ class AGTOTrainer(Trainer):
             score, image = vas_b[valid].mean(), img_b[valid].mean()
         else:
             score = image = torch.tensor(float("nan"), dtype=torch.float64)
+        values = torch.stack(
+            [
+                lm.detach().double().cpu(),
+                enhance.detach().double().cpu(),
+                suppress.detach().double().cpu(),
+                score.double().cpu(),
+                image.double().cpu(),
+                terms.included.double().mean().cpu(),
+            ]
+        )
         if model.training:
-            values = torch.stack(
-                [
-                    lm.detach().double().cpu(),
-                    enhance.detach().double().cpu(),
-                    suppress.detach().double().cpu(),
-                    score.double().cpu(),
-                    image.double().cpu(),
-                    terms.included.double().mean().cpu(),
-                ]
-            )
             self._sums += values
             self._count += 1
+        else:
+            # Weighted by the batch's records, as Trainer weighs each batch's loss in eval_loss.
+            n = masks["user_mask"].shape[0]
+            self._eval_sums += values * n
+            self._eval_count += n
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Trainer's loop over the held-out records, with the AGTO terms, VAS and image mass of every batch
+        averaged into the metrics (eval_loss_lm, eval_vas, …), each batch weighted by its number of records
+        as Trainer weighs eval_loss, so that eval_loss = eval_loss_lm + α·eval_loss_enhance_img + β·…"""
+        self._eval_sums.zero_()
+        self._eval_count = 0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        totals = torch.cat([self._eval_sums, torch.tensor([float(self._eval_count)], dtype=torch.float64)])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+        if totals[-1] > 0:
+            for key, value in zip(LOG_KEYS, (totals[:-1] / totals[-1]).tolist()):
+                output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output
 
     # ---------------------------------------------------------------------------------------------- resuming
 
@@ -296,6 +324,10 @@ def training_arguments(cfg):
         data_seed=cfg.data_seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
         logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_file and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        prediction_loss_only=True,  # the logits of every held-out batch are not kept (the metrics need none)
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
         save_total_limit=cfg.save_total_limit,
@@ -352,7 +384,17 @@ def train_sft(cfg) -> AGTOTrainer:
         use="sft",
         on_error="skip" if cfg.skip_bad_records else "raise",
         rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"),
+        format=cfg.data_format,
     )
+    eval_records = None
+    if cfg.eval_file:
+        eval_records = load_records(
+            cfg.eval_file,
+            use="sft",
+            on_error="skip" if cfg.skip_bad_records else "raise",
+            rejects_path=os.path.join(cfg.output_dir, "eval_rejects.jsonl"),
+            format=cfg.data_format,
+        ).records
     model, processor = load_model_and_processor(cfg.model_name_or_path, cfg.bf16, cfg.seed)
     if cfg.freeze_vision_tower:
         for p in model.model.visual.parameters():
@@ -366,6 +408,7 @@ def train_sft(cfg) -> AGTOTrainer:
         model=model,
         args=args,
         train_dataset=RecordDataset(loaded.records),
+        eval_dataset=None if eval_records is None else RecordDataset(eval_records),
         data_collator=collator,
         processing_class=processor,
         agto=AGTOSettings(
@@ -375,6 +418,8 @@ def train_sft(cfg) -> AGTOTrainer:
     )
     _write_run_info(trainer, cfg.output_dir)
     trainer.train(resume_from_checkpoint=resume)
+    if eval_records is not None and not (cfg.eval_steps and trainer.state.global_step % cfg.eval_steps == 0):
+        trainer.evaluate()  # the final model, unless the last step was just evaluated
     if cfg.save_steps == 0:
         trainer.save_model(cfg.output_dir)
     trainer.save_state()
