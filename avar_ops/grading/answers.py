@@ -40,7 +40,6 @@ from avar_ops.grading.extraction import (
     value_from_candidates,
     yes_no_from_candidates,
 )
-from avar_ops.grading.values import parse_number
 from avar_ops.grading.latex_checker import (
     CORRECT,
     ERROR,
@@ -49,6 +48,7 @@ from avar_ops.grading.latex_checker import (
     LatexChecker,
     default_latex_checker,
 )
+from avar_ops.grading.values import parse_number
 
 STATUSES = (CORRECT, INCORRECT, TIMEOUT, ERROR)
 KINDS = ("auto", "choice", "number", "latex", "text")

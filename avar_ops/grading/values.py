@@ -277,7 +277,11 @@ def leading_value(text: str) -> Optional[float]:
     if parsed is None or parsed[1] != len(tokens):
         return None  # nothing read, or the formula goes on with more math than could be read
     rest = s[tokens[-1][2] :]
-    rest = re.sub(r"^\s*%s(?![A-Za-z])" % _COMPOUND, "", rest) if re.match(r"^\s*%s(?![A-Za-z])" % _COMPOUND, rest) else rest
+    rest = (
+        re.sub(r"^\s*%s(?![A-Za-z])" % _COMPOUND, "", rest)
+        if re.match(r"^\s*%s(?![A-Za-z])" % _COMPOUND, rest)
+        else rest
+    )
     # what follows must be words or the end of a clause, not more of the formula (2x, 3y, x_1)
     if rest.strip() and not re.match(r"^(?:\s*[,;:.!?)]|\s+[A-Za-z]{2,}|\s+\()", rest):
         return None
