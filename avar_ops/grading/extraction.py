@@ -51,6 +51,10 @@ _ANSWER_IS = re.compile(
     r"\s*(?:is\s*:?|:|：|=|should\s+be|would\s+be|will\s+be|must\s+be)\s*\**",
     re.IGNORECASE,
 )
+_SEEKING = re.compile(
+    r"\b(?:find|get|determine|reach|obtain|compute|calculate|know|check|verify|justify)\s+(?:the\s+|an\s+|our\s+)?$",
+    re.IGNORECASE,
+)
 _BOLD = re.compile(r"\*\*(.+?)\*\*", re.DOTALL)
 _THEREFORE = re.compile(r"(?:^|[.!?]\s+|\n)\s*(?:therefore|thus|hence|so)\s*,?\s+(.+?)(?:\.(?:\s|$)|\n|$)", re.I)
 
@@ -119,6 +123,8 @@ def clean_span(text: str) -> str:
 def _answer_is_spans(text: str) -> List[str]:
     spans = []
     for m in _ANSWER_IS.finditer(text):
+        if _SEEKING.search(text[max(0, m.start() - 30) : m.start()]):
+            continue  # "To find the answer: we count …" announces work, not the answer
         rest = text[m.end() :]
         line = rest.split("\n", 1)[0]
         if not line.strip() and "\n" in rest:  # "The answer is:\n\n**B**": the next non-empty line
@@ -206,7 +212,7 @@ def _negated(text: str, start: int, end: int) -> bool:
     return bool(
         re.match(
             r"^[\)\]]?\s*(?:is|are|was|seems|would\s+be)?\s*(?:not\s+correct|incorrect|wrong|false|"
-            r"eliminated|ruled\s+out|excluded|not\s+the\s+(?:correct\s+)?answer|can\s+be\s+ruled|cannot\s+be)",
+            r"eliminated|ruled\s+out|excluded|impossible|not\s+possible|unlikely|too\s+(?:small|large|big)|not\s+the\s+(?:correct\s+)?answer|can\s+be\s+ruled|cannot\s+be)",
             after,
         )
     )
@@ -340,7 +346,7 @@ def value_from_candidates(spans: Sequence[Candidate]) -> Tuple[Optional[float], 
     A marked span (tag, box, answer phrase, bold, conclusion) is read whole or from its start ("12 because …");
     the full response, read only when no marked span holds a number, gives the last whole expression of its
     last sentence that has one, parsed in full (``2\\sqrt{3}`` stays 3.46)."""
-    from avar_ops.grading.values import evaluate, leading_value, values_in
+    from avar_ops.grading.values import evaluate, leading_value, values_in  # noqa: F401
 
     for c in spans:
         if c.rule == "full":
@@ -357,9 +363,10 @@ def value_from_candidates(spans: Sequence[Candidate]) -> Tuple[Optional[float], 
         if value is not None:
             return value, "%s/leading_value" % c.rule, c
         if c.rule == "answer_is":  # "the answer is the length of AB, which is 5"
-            found = values_in(c.text)
-            if found:
-                return found[-1][1], "answer_is/last_value", c
+            tail = re.split(r"\s(?:is|are|equals|be)\s", c.text)[-1]
+            value = leading_value(tail) if tail != c.text else None
+            if value is not None:
+                return value, "answer_is/tail_value", c
         if c.rule in DECISIVE:
             return None, "%s/not_a_number" % c.rule, c  # a stated answer that is not a number is not one
     return None, "none", spans[0] if spans else None

@@ -292,7 +292,8 @@ def values_in(text: str) -> List[Tuple[int, float]]:
     """(position, value) of every whole arithmetic expression in a text, left to right, each read in full."""
     out = []
     pos = 0
-    starts = re.compile(r"(?<![\w.])(?:-\s*)?(?:\d|\.\d|\\frac|\\dfrac|\\tfrac|\\sqrt|\\pi|π|√)")
+    # an exponent (cm^2, ^{2}) or an index (x_1) is part of what precedes it, not a value of its own
+    starts = re.compile(r"(?<![\w.^_])(?<!\^\{)(?:-\s*)?(?:\d|\.\d|\\frac|\\dfrac|\\tfrac|\\sqrt|\\pi|π|√)")
     while True:
         m = starts.search(text, pos)
         if m is None:
