@@ -29,7 +29,7 @@ _POWER = r"(?:\s*\^\s*\{?\s*-?\d\s*\}?|[²³])?"
 _SIMPLE_UNIT = r"(?:%s%s)" % (_UNIT, _POWER)
 # cm, cm^2, m/s^2, kg*m/s^2, N·m
 _COMPOUND = r"%s(?:\s*(?:/|\*|·|\\cdot)\s*%s)*" % (_SIMPLE_UNIT, _SIMPLE_UNIT)
-_LATEX_UNIT = r"\\(?:text|mathrm|mbox|rm|textrm)\s*\{\s*[^{}]*\}%s" % _POWER
+_LATEX_UNIT = r"\\(?:text|mathrm|mbox|rm|textrm)\s*\{(?:[^{}]|\{[^{}]*\})*\}%s" % _POWER
 _UNIT_TAIL = re.compile(
     r"(?:\s|\\,|\\;|\\ |~)*(?:%s|(?<![A-Za-z\\])%s|(?<=\d)\s*[A-Za-z][a-z]{2,}(?:\s+[a-z]{3,}){0,2})\s*$"
     % (_LATEX_UNIT, _COMPOUND)
