@@ -350,6 +350,10 @@ def value_from_candidates(spans: Sequence[Candidate]) -> Tuple[Optional[float], 
 
     for c in spans:
         if c.rule == "full":
+            terse = re.match(r"^\s*([^\n]{1,40}?)\s*,?\s+(?:because|since|as)\b", c.text, re.IGNORECASE)
+            value = evaluate(terse.group(1)) if terse else None
+            if value is not None:  # "5 because 2 + 3 = 5, not 6": the value stated first, then the reasons
+                return value, "full/stated_value", c
             sentences = [x for x in re.split(r"(?<=[.!?])\s+|\n", c.text) if x.strip()]
             for sentence in reversed(sentences):
                 found = values_in(sentence)
