@@ -126,6 +126,24 @@ def test_bad_arguments_are_named():
     assert missing.status == "error" and "answer" in missing.detail and not missing.scored
     not_letter = score("mmmu_pro", "A", {"answer": "Q", "options": ["1", "2", "3"]})
     assert not_letter.status == "error" and "option letters" in not_letter.detail
+    bad_options = score("mmmu", "A", {"answer": "A", "options": "['x', 'y'", "id": "v"})
+    assert bad_options.status == "error" and "options" in bad_options.detail
+    bad_gold = score("mmmu", "24", {"answer": "[24, ", "question_type": "open", "options": []})
+    assert bad_gold.status == "error" and "answer" in bad_gold.detail
+    bad_gt = score("hallusionbench", "yes", {"gt_answer": "2"})
+    assert bad_gt.status == "error" and "gt_answer" in bad_gt.detail
+
+
+def test_empty_or_missing_answers_are_wrong_not_errors():
+    for name, fields in (
+        ("mathvision", {"answer": "3", "options": []}),
+        ("mmstar", {"answer": "A", "question": "Options: A: x, B: y"}),
+        ("hallusionbench", {"gt_answer": "1"}),
+        ("mathvista", {"answer": "3", "question_type": "free_form", "answer_type": "integer"}),
+    ):
+        for response in ("", "<answer></answer>", "<think>yes, 3, A</think>"):
+            result = score(name, response, fields, "strict")
+            assert result.scored and not result.correct, (name, response, result)
 
 
 # --- the official reference implementations, re-implemented minimally from reading them -------------------

@@ -156,7 +156,7 @@ def candidates(response: str) -> List[Candidate]:
         if span:
             out.append(Candidate(span, "answer_tag"))
             break
-    body = strip_think(response)
+    body = re.sub(r"</?answer>", " ", strip_think(response), flags=re.IGNORECASE).strip()
     boxed = last_boxed(body)
     if boxed is not None and clean_span(boxed):
         out.append(Candidate(clean_span(boxed), "boxed"))

@@ -69,7 +69,12 @@ def _options(fields: Mapping, key: str) -> List[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        value = ast.literal_eval(value) if value.strip() else []
+        try:
+            value = ast.literal_eval(value) if value.strip() else []
+        except (ValueError, SyntaxError):
+            raise ValueError("fields: %s %r is not a list" % (key, value[:80])) from None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("fields: %s must be a list, got %s" % (key, type(value).__name__))
     return [str(v) for v in value]
 
 
@@ -301,7 +306,7 @@ def mmmu_open_predictions(text: str) -> list:
 
 def _mmmu_open(response: str, fields: Mapping, mode: str) -> ScoreResult:
     raw = _gold(fields)
-    golds = [str(g) for g in ast.literal_eval(raw)] if raw.startswith("[") else [raw]
+    golds = _options({"answer": raw}, "answer") if raw.startswith("[") else [raw]
     spans = candidates(response)
     if not spans:
         return _result(False, None, "none", mode, detail="no answer in the response")
@@ -338,7 +343,8 @@ def score_mmmu(response: str, fields: Mapping, mode: str, latex=None) -> ScoreRe
     stronger `extraction.read_choice` over the candidate spans, with the official random pick when no letter
     is found (official: seeded per sample and flagged; strict: wrong); open questions by parse_open_response
     and eval_open (official: a number equal to a reference after rounding to 2 decimals, or a reference
-    string inside a parsed answer; strict: the stated answer equals a reference)."""
+    string inside a parsed answer, read from the <answer> tag or the box when there is one, else from the
+    response without its <think> block; strict: the stated answer equals a reference)."""
     if fields.get("question_type") == "open" or not _options(fields, "options"):
         return _mmmu_open(response, fields, mode)
     return _mmmu_choice(response, fields, mode, "mmmu")
@@ -439,7 +445,7 @@ def score(
         raise TypeError("fields: expected a mapping of the sample's columns, got %s" % type(fields).__name__)
     try:
         return SCORERS[key](response, fields, mode, latex)
-    except (SyntaxError, ValueError) as exc:
+    except ValueError as exc:
         if str(exc).startswith("fields:"):
             return ScoreResult(False, None, "none", mode, False, ERROR, str(exc))
         raise
