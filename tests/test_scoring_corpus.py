@@ -178,6 +178,40 @@ def ref_mmmu_choice(response, all_choices, index2ans):
     return found[positions.index(max(positions))]
 
 
+def ref_mmmu_pro_choice(response, all_choices, index2ans):
+    """MMMU-Benchmark/MMMU mmmu-pro/evaluate.py, parse_multi_choice_response: a unique letter after the last
+    "Answer:" first; then "(X)", "X ", "X." anywhere; then option texts; None where it would guess."""
+    pos = response.rfind("Answer:")
+    if pos != -1:
+        tail = response[pos + len("Answer:") :].strip()
+        matching = [c for c in all_choices if c in tail]
+        if len(matching) == 1:
+            return matching[0]
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = " " + response + " "
+    found, by_text, bracketed = [c for c in all_choices if "(%s)" % c in response], False, False
+    bracketed = bool(found)
+    if not found:
+        found = [c for c in all_choices if "%s " % c in response]
+    if not found:
+        found = [c for c in all_choices if "%s." % c in response]
+    if not found and len(response.split()) > 5:
+        found = [c for c, text in index2ans.items() if text.lower() in response.lower()]
+        by_text = True
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    if by_text:
+        positions = [response.lower().rfind(index2ans[c].lower()) for c in found]
+    elif bracketed:
+        positions = [response.rfind("(%s)" % c) for c in found]
+    else:
+        positions = [response.rfind(" %s " % c) for c in found]
+    return found[positions.index(max(positions))]
+
+
 def _ref_mmmu_norm(s):
     s = s.strip()
     try:
@@ -395,7 +429,8 @@ def reference_verdict(case):
             golds = ast.literal_eval(f["answer"]) if f["answer"].startswith("[") else [f["answer"]]
             return ref_mmmu_open(response, golds)
         letters = [chr(ord("A") + i) for i in range(len(f["options"]))]
-        pick = ref_mmmu_choice(response, letters, dict(zip(letters, f["options"])))
+        parse = ref_mmmu_pro_choice if name == "mmmu_pro" else ref_mmmu_choice
+        pick = parse(response, letters, dict(zip(letters, f["options"])))
         return None if pick is None else pick == f["answer"]
     if name == "mathvision":
         return ref_mathvision(response, f)
@@ -431,6 +466,9 @@ INTENDED_DISAGREEMENTS = {
     "mathvision-032": "the same response: the inner box alone (3) is right for MathVision, wrong for avar",
     "mmmu-011": _TAG + " (MMMU takes the last bracketed letter of the reasoning, (D))",
     "mmmu-016": "MMMU takes the last bracketed letter, (C), though the answer phrase names (B)",
+    "mmmu-031": "options discussed in turn, then 'Answer: B': MMMU's parser takes the last bracketed letter of "
+    "the discussion, (C) (MMMU-Pro's evaluate.py reads the text after the last 'Answer:' first, as avar does)",
+    "mmmu-032": "the same response: (C) is right for MMMU's parser, wrong for avar",
     "mmmu_pro-007": _TAG + " (MMMU takes (B) from the reasoning)",
     "mmmu_pro-009": "'F is correct, not E': MMMU takes the last standalone letter, the negated E",
     "mmstar-004": "VLMEvalKit's can_infer_text finds two option texts (red, white) and gives up; avar skips the "
