@@ -124,3 +124,44 @@ def test_strip_units():
     assert strip_units("12\\,\\text{cm}^{2}") == "12"
     assert strip_units("$30") == "30"
     assert strip_units("2\\pi") == "2\\pi"  # a constant, not a unit
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_text_always_gets_a_scored_verdict(seed):
+    """Whatever a model writes (tags and boxes left open, stray braces, huge powers), every scorer that needs
+    no math-verify answers correct or incorrect, never raises."""
+    import random
+
+    from avar_ops.grading import score
+
+    rng = random.Random(seed)
+    pieces = list("abcdeABCDE0123456789.,;:()[]{}\\^_=+-*/$\n ") + [
+        "\\boxed{",
+        "\\frac",
+        "\\sqrt",
+        "answer is ",
+        "Therefore, ",
+        "**",
+        "<answer>",
+        "</answer>",
+        "<think>",
+        "</think>",
+        " cm^2",
+        " yes",
+        " no",
+        "\\text{",
+        "9^{9^{9^{9}}}",
+    ]
+    fields = [
+        ("mathvista", {"answer": "3", "question_type": "free_form", "answer_type": "integer"}),
+        ("mathvista", {"answer": "45°", "question_type": "multi_choice", "choices": ["30°", "45°"]}),
+        ("mmmu", {"answer": "A", "options": ["x", "y", "z"], "id": "q"}),
+        ("mmmu", {"answer": "24", "question_type": "open", "options": []}),
+        ("mmstar", {"answer": "B", "question": "Options: A: x, B: y"}),
+        ("hallusionbench", {"gt_answer": "1", "category": "VS", "figure_id": "0"}),
+    ]
+    for _ in range(20):
+        text = "".join(rng.choice(pieces) for _ in range(rng.choice([5, 50, 500])))
+        for name, f in fields:
+            for mode in ("official", "strict"):
+                assert score(name, text, f, mode).scored
