@@ -52,6 +52,9 @@ def test_outermost_last_box():
         ("(A) is wrong, (B) is wrong, so (D).", "D", "mention"),
         ("I choose C, not D", "C", "explicit"),
         ("A cat sits on the mat", None, "none"),
+        ("I think A is correct.", "A", "explicit"),
+        ("A is correct.", "A", "leading"),
+        ("In triangle ABC, a cat would say A and then C.", "C", "mention"),
     ],
 )
 def test_read_choice(text, letter, rule):

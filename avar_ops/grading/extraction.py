@@ -218,6 +218,17 @@ def _negated(text: str, start: int, end: int) -> bool:
     )
 
 
+_LETTER_VERBS = re.compile(
+    r"^\s+(?:is|was|would|seems|should|must|could|and|or|nor|because|since|as|then|fits|matches|looks|appears|"
+    r"gives|shows|has|best|correctly)\b"
+)
+
+
+def _is_word(letter: str, after: str) -> bool:
+    """ "A cat", "I think": the article or the pronoun, not an option ("A is correct", "I and J" are options)."""
+    return letter in "AI" and re.match(r"^\s+[a-z]", after) is not None and not _LETTER_VERBS.match(after)
+
+
 def _letter_mentions(text: str, letters: str) -> List[Tuple[int, str, int]]:
     """(position, letter, strength) of every standalone option letter; strength 2 for an explicit pick
     ("B is correct", "choose B", "option B"), 1 for a bracketed or listed letter, 0 for a bare capital."""
@@ -227,8 +238,8 @@ def _letter_mentions(text: str, letters: str) -> List[Tuple[int, str, int]]:
         bracketed = m.group(0)[0] in "([" and m.group(0)[-1] in ")]"
         after = text[m.end() : m.end() + 40]
         before = text[max(0, m.start() - 40) : m.start()]
-        if letter in "AI" and not bracketed and re.match(r"^\s+[a-z]", after):
-            continue  # the article or the pronoun: "A cat sits on the mat", "I think"
+        if not bracketed and _is_word(letter, after):
+            continue
         if _negated(text, m.start(), m.end()):
             continue
         strength = 0
@@ -259,7 +270,7 @@ def read_choice(text: str, num_options: int, options: Optional[Sequence[str]] = 
     if whole and (s.isupper() or len(s) > 1 or s in letters.lower()):
         return whole.group(1).upper(), "whole"
     lead = re.match(r"[\(\[]?([%s])(?:[\)\]][.:]?|[.:])?(?=\s|$)" % letters, s)
-    if lead and not re.match(r"[AI]\s+[a-z]", s) and not _negated(s, 0, lead.end()):
+    if lead and not _is_word(lead.group(1), s[lead.end() :]) and not _negated(s, 0, lead.end()):
         return lead.group(1), "leading"
     mentions = _letter_mentions(s, letters)
     for strength, rule in ((2, "explicit"), (1, "mention"), (0, "mention")):
