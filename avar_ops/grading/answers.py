@@ -1,31 +1,45 @@
-"""Final-answer extraction and checking, shared by the evaluation suite and the training rewards.
+"""Final-answer checking against one reference, shared by the evaluation suite and the training rewards.
 
-Extraction takes, in this order: the content of the last ``<answer>…</answer>``; else the last ``\\boxed{…}``;
-else rule-based patterns ("The answer is …", "Answer: …"); else the whole response. The method used is
-recorded with every result so that reports can say how each answer was read.
+The answer is read by `avar_ops.grading.extraction` (answer tag, outermost last box, a word-bounded "answer is",
+markdown bold, a "Therefore, …" conclusion, the whole response; an empty span falls through to the next rule).
+The rule used is recorded with every result so that reports can say how each answer was read.
 
 Checking by kind of reference:
 
-- ``choice``: option letters (A… up to J), read from "(B)", "B.", "B)", "B", "The answer is B", or from the
-  option's text when the options are given;
-- ``number``: numbers with commas, units, ``%`` and simple LaTeX (``\\frac{1}{2}``) removed, compared with a
-  relative/absolute tolerance or, when a precision is given, after rounding both to that many decimals;
+- ``choice``: option letters (A… up to J) read by `extraction.read_choice` (boxed letters, "B is correct",
+  the final choice after discarded ones, negations, an option's text when the options are given);
+- ``number``: the value of the whole answer (`avar_ops.grading.values`: radicals, fractions, powers, scientific
+  notation, units with exponents), compared with a relative/absolute tolerance or, when a precision is given,
+  after rounding both to that many decimals; an answer that is an expression the parser cannot read goes to
+  math-verify;
 - ``latex``: expressions through math-verify in worker processes with a hard deadline
   (`avar_ops.grading.latex_checker`);
-- ``text``: case- and punctuation-insensitive string equality (yes/no and short phrases).
+- ``text``: yes/no references by VLMEvalKit's rule (the word anywhere, unknown when both or neither), other
+  text by case- and punctuation-insensitive string equality.
 
 A result is one of correct / incorrect / timeout / error: a checker that timed out or failed is never scored
-as a wrong (or right) answer; callers count those separately.
+as a wrong (or right) answer; callers count those separately. Per-benchmark official rules are in
+`avar_ops.grading.scorers`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import string
 from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from avar_ops.grading.extraction import (
+    MAX_OPTIONS,
+    OPTION_LETTERS,
+    candidates,
+    choice_from_candidates,
+    last_boxed,
+    normalise_text,
+    read_choice,
+    value_from_candidates,
+    yes_no_from_candidates,
+)
 from avar_ops.grading.latex_checker import (
     CORRECT,
     ERROR,
@@ -34,17 +48,17 @@ from avar_ops.grading.latex_checker import (
     LatexChecker,
     default_latex_checker,
 )
+from avar_ops.grading.values import parse_number
 
 STATUSES = (CORRECT, INCORRECT, TIMEOUT, ERROR)
 KINDS = ("auto", "choice", "number", "latex", "text")
-MAX_OPTIONS = 10
-OPTION_LETTERS = string.ascii_uppercase[:MAX_OPTIONS]
+__all__ = ["MAX_OPTIONS", "OPTION_LETTERS", "last_boxed", "parse_number"]
 
 
 @dataclass(frozen=True)
 class Extraction:
     text: Optional[str]  # None when nothing could be read
-    method: str  # answer_tag | boxed | answer_is | full | none
+    method: str  # answer_tag | boxed | answer_is | bold | therefore | full | none
 
 
 @dataclass(frozen=True)
@@ -67,169 +81,18 @@ class CheckResult:
 
 # --- extraction -------------------------------------------------------------------------------------------
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_ANSWER_IS = re.compile(
-    r"(?:final answer|the answer|answer)\s*(?:is|:|=)?\s*[:：]?\s*(.+)",
-    re.IGNORECASE,
-)
-
-
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{…}`` (or ``\\fbox{…}``) with balanced braces, else None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    if text[start:i].strip() not in ("\\boxed", "\\fbox"):
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
-
-
-def _strip_wrappers(text: str) -> str:
-    text = text.strip()
-    boxed = last_boxed(text)
-    if boxed is not None:
-        text = boxed
-    text = text.strip().strip("*").strip()
-    if len(text) >= 2 and text[0] == text[-1] == "$":
-        text = text.strip("$").strip()
-    return text.rstrip(".").strip()
-
 
 def extract_answer(response: str) -> Extraction:
-    """The final answer of a response: answer tag, else last boxed, else "the answer is …", else all of it."""
-    if not isinstance(response, str):
-        raise TypeError("response: expected a str, got %s" % type(response).__name__)
-    tags = _ANSWER_TAG.findall(response)
-    if tags:
-        return Extraction(_strip_wrappers(tags[-1]), "answer_tag")
-    boxed = last_boxed(response)
-    if boxed is not None:
-        return Extraction(_strip_wrappers(boxed), "boxed")
-    matches = list(_ANSWER_IS.finditer(response))
-    if matches:
-        line = matches[-1].group(1).split("\n")[0]
-        return Extraction(_strip_wrappers(line), "answer_is")
-    text = response.strip()
-    if not text:
+    """The final answer of a response: the first candidate of `extraction.candidates` (rule as method)."""
+    spans = candidates(response)
+    if not spans:
         return Extraction(None, "none")
-    return Extraction(_strip_wrappers(text), "full")
-
-
-# --- multiple choice --------------------------------------------------------------------------------------
-
-
-def _letters(num_options: int) -> str:
-    if not 2 <= num_options <= MAX_OPTIONS:
-        raise ValueError("num_options: expected 2..%d, got %r" % (MAX_OPTIONS, num_options))
-    return OPTION_LETTERS[:num_options]
-
-
-def _normalise_text(text: str) -> str:
-    text = text.lower().strip()
-    text = re.sub(r"[\s]+", " ", text)
-    text = re.sub(r" ?, ?", ",", text)  # "[1, 2]" and "[1,2]" are the same list
-    return text.strip(" .,:;!?\"'`*()[]")
+    return Extraction(spans[0].text, spans[0].rule)
 
 
 def extract_choice(text: str, num_options: int, options: Optional[Sequence[str]] = None) -> Optional[str]:
-    """The option letter a response (or an extracted answer) names, or None.
-
-    Tried in order: the whole text is a letter ("B", "(B)", "B.", "B)"); it starts with one followed by its
-    option ("B. 42", "(B) 42"); "answer is (B)"; the last parenthesised letter; the option text itself when
-    exactly one option's text appears (the latest one wins when several do).
-    """
-    letters = _letters(num_options)
-    stripped = text.strip().strip("*").strip()
-    cls = "[%s]" % letters
-    whole = re.fullmatch(r"[\(\[]?(%s)[\)\]]?[.:]?" % cls, stripped, re.IGNORECASE)
-    if whole and (stripped.isupper() or len(stripped) > 1 or stripped in letters.lower()):
-        return whole.group(1).upper()
-    lead = re.match(r"[\(\[]?(%s)(?:[\)\]][.:]?|[.:])\s" % cls, stripped)
-    if lead:
-        return lead.group(1)
-    said = re.findall(
-        r"(?:answer|option|choice)\s*(?:is|:)?\s*(?:option\s*)?[\(\[]?(%s)(?:[\)\]]|\b)" % cls,
-        stripped,
-        re.IGNORECASE,
-    )
-    said = [s for s in said if s.isupper()]
-    if said:
-        return said[-1]
-    parenthesised = re.findall(r"\((%s)\)" % cls, stripped)
-    if parenthesised:
-        return parenthesised[-1]
-    if options:
-        if len(options) != num_options:
-            raise ValueError("options: expected %d option texts, got %d" % (num_options, len(options)))
-        haystack = _normalise_text(stripped)
-        found = []
-        for letter, option in zip(letters, options):
-            needle = _normalise_text(str(option))
-            mentions = (
-                [m.start() for m in re.finditer(r"(?<!\w)%s(?!\w)" % re.escape(needle), haystack)] if needle else []
-            )
-            if mentions:
-                found.append((mentions[-1], letter))
-        if found:
-            return max(found)[1]
-    return None
-
-
-# --- numbers ----------------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|[-−]?\.\d+")
-_FRACTION = re.compile(r"^(-?)\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}$")
-_SLASH = re.compile(r"^(-?[\d.]+)\s*/\s*(-?[\d.]+)$")
-
-
-def _plain_number(token: str) -> Optional[float]:
-    token = token.replace("−", "-").replace(",", "")
-    try:
-        return float(token)
-    except ValueError:
-        return None
-
-
-def parse_number(text: str) -> Optional[float]:
-    """A number written alone, possibly with units, %, $, thousands commas or a simple fraction; else None."""
-    s = text.strip()
-    s = re.sub(r"\\text\{([^}]*)\}|\\mathrm\{([^}]*)\}", lambda m: " " + (m.group(1) or m.group(2) or ""), s)
-    s = s.replace("\\%", "%").replace("\\$", "$").replace("\\,", "").replace("\\!", "").replace("^\\circ", "")
-    s = s.replace("°", " ").strip().strip("$").strip()
-    fraction = _FRACTION.match(s) or _SLASH.match(s)
-    if fraction:
-        groups = fraction.groups()
-        sign = -1.0 if len(groups) == 3 and groups[0] == "-" else 1.0
-        num, den = (_plain_number(groups[-2]), _plain_number(groups[-1]))
-        if num is None or den is None or den == 0:
-            return None
-        return sign * num / den
-    numbers = _NUMBER.findall(s)
-    if len(numbers) != 1:
-        return None
-    before, _, after = s.partition(numbers[0])
-    # a unit may follow (letters, %, ^2) and a currency sign may precede; anything else is not a lone number
-    if before.strip() not in ("", "$", "€", "£", "¥", "=", "≈", "x =", "x="):
-        return None
-    if after.strip() and not re.fullmatch(r"\s*(?:%|[A-Za-zµ°/\^\d\s\.²³]+)\s*", after):
-        return None
-    return _plain_number(numbers[0])
-
-
-def last_number(text: str) -> Optional[float]:
-    numbers = _NUMBER.findall(text)
-    return _plain_number(numbers[-1]) if numbers else None
+    """The option letter a response (or an extracted answer) names, or None (`extraction.read_choice`)."""
+    return read_choice(text, num_options, options)[0]
 
 
 def numbers_match(
@@ -337,48 +200,44 @@ class AnswerChecker:
 
     def _check_local(self, response: str, spec: AnswerSpec):
         """A result now, or (extraction, prediction, gold) to send to the LaTeX pool."""
-        extraction = extract_answer(response)
+        spans = candidates(response)
         gold = str(spec.gold).strip()
         kind = infer_kind(gold) if spec.kind == "auto" else spec.kind
-        if not extraction.text:
-            return CheckResult(INCORRECT, None, extraction.method, kind, "no answer in the response"), None
+        if not spans:
+            return CheckResult(INCORRECT, None, "none", kind, "no answer in the response"), None
+        first = Extraction(spans[0].text, spans[0].rule)
         if kind == "choice":
             num_options = spec.num_options or (len(spec.options) if spec.options else MAX_OPTIONS)
-            gold_letter = extract_choice(gold, num_options)
+            gold_letter = read_choice(gold, num_options)[0]
             if gold_letter is None:
-                return CheckResult(
-                    ERROR, None, extraction.method, kind, "reference %r is not an option letter" % gold
-                ), None
-            letter = None
-            if extraction.method == "answer_is":
-                # "The answer is B because (C) …": the letter right after "the answer is" decides
-                first = re.match(r"\(?([%s])\)?(?!\w)" % _letters(num_options), extraction.text)
-                letter = first.group(1) if first else None
-            letter = letter or extract_choice(extraction.text, num_options, spec.options)
-            if letter is None and extraction.method != "full":
-                letter = extract_choice(response, num_options, spec.options)
+                return CheckResult(ERROR, None, first.method, kind, "reference %r is not an option letter" % gold), None
+            if spec.options and len(spec.options) != num_options:
+                raise ValueError("options: expected %d option texts, got %d" % (num_options, len(spec.options)))
+            letter, rule, _ = choice_from_candidates(spans, num_options, spec.options)
             status = CORRECT if letter == gold_letter else INCORRECT
-            return CheckResult(status, letter, extraction.method, kind), None
+            return CheckResult(status, letter, rule.split("/")[0], kind, rule), None
         if kind == "number":
             gold_value = parse_number(gold)
             if gold_value is None:
-                return CheckResult(ERROR, None, extraction.method, kind, "reference %r is not a number" % gold), None
-            value = parse_number(extraction.text)
-            if value is None and extraction.method in ("answer_is", "full"):
-                value = last_number(extraction.text)
-            if value is None and extraction.method == "full":
-                return CheckResult(INCORRECT, None, extraction.method, kind, "no number in the response"), None
+                return CheckResult(ERROR, None, first.method, kind, "reference %r is not a number" % gold), None
+            value, rule, span = value_from_candidates(spans)
             if value is None:
-                # e.g. "\sqrt{4}" or "2^{-1}": let math-verify decide
-                return None, (extraction, extraction.text, gold)
+                if span is not None and re.search(r"[\\^_{}=+*/]|\d", span.text):
+                    return None, (Extraction(span.text, span.rule), span.text, gold)  # an expression: math-verify
+                return CheckResult(INCORRECT, None, first.method, kind, "no number in the response"), None
             ok = numbers_match(value, gold_value, precision=spec.precision, rel_tol=spec.rel_tol, abs_tol=spec.abs_tol)
-            return CheckResult(CORRECT if ok else INCORRECT, _format_number(value), extraction.method, kind), None
+            status = CORRECT if ok else INCORRECT
+            return CheckResult(status, _format_number(value), rule.split("/")[0], kind, rule), None
         if kind == "latex":
-            return None, (extraction, extraction.text, gold)
-        ok = _normalise_text(extraction.text) == _normalise_text(gold)
-        if not ok and extraction.method == "full":
-            ok = re.split(r"[\s,.;:!?]+", _normalise_text(extraction.text))[0] == _normalise_text(gold)
-        return CheckResult(CORRECT if ok else INCORRECT, extraction.text, extraction.method, kind), None
+            return None, (first, first.text, gold)
+        if normalise_text(gold) in ("yes", "no"):
+            said, rule, _ = yes_no_from_candidates(spans)
+            status = CORRECT if said == normalise_text(gold) else INCORRECT
+            return CheckResult(status, said, rule, kind, "yes/no"), None
+        for span in spans:
+            if normalise_text(span.text) == normalise_text(gold):
+                return CheckResult(CORRECT, span.text, span.rule, kind), None
+        return CheckResult(INCORRECT, first.text, first.method, kind), None
 
 
 def _best(results: List[CheckResult]) -> CheckResult:
