@@ -295,7 +295,7 @@ def test_text_only_samples_are_an_error_or_explicitly_skipped(trainer_and_batch,
     collator = QwenVLCollator(tiny_pair()[1], max_length=256, min_pixels=56 * 56, max_pixels=112 * 112)
     batch = collator(load_records(str(data), use="sft").records)
     trainer = make()
-    with pytest.raises(ValueError, match=r"samples \[1\] have no image token.*empty='skip'"):
+    with pytest.raises(ValueError, match=r"records \['text'\] lack image.*set agto_empty: skip"):
         trainer.training_step(model, dict(batch))
     trainer.agto = AGTOSettings(empty="skip")
     trainer._sums.zero_()

@@ -38,6 +38,7 @@ __all__ = [
     "check_images",
     "chat_messages",
     "build_inputs",
+    "check_image_size",
     "MAX_ASPECT_RATIO",
 ]
 
@@ -148,6 +149,16 @@ def check_unique_ids(samples: Sequence[dict], wheres: Optional[Sequence[str]] = 
         first[s["id"]] = i
 
 
+def check_image_size(size, what: str) -> None:
+    """ValueError "WHAT is W×H pixels; …" for an image Qwen2.5-VL's image processor cannot take (an empty side, or
+    an aspect ratio beyond `MAX_ASPECT_RATIO`): the one check `avar vas` and the training records share."""
+    w, h = size
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"{what} is {w}×{h} pixels; Qwen2.5-VL's image processor takes aspect ratios up to {MAX_ASPECT_RATIO:g}:1"
+        )
+
+
 def _to_rgb(img):
     """PIL image -> 8-bit RGB; 16-bit greyscale is scaled (convert("RGB") alone clips it to 0..255)."""
     from PIL import Image
@@ -173,12 +184,7 @@ def load_images(sample: dict) -> list:
                     img = opened.copy()
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 raise ValueError(f"sample {sample.get('id')!r}: cannot read image {name}: {exc}") from None
-        w, h = img.size
-        if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-            raise ValueError(
-                f"sample {sample.get('id')!r}: image {name} is {w}×{h} pixels; Qwen2.5-VL's image processor takes "
-                f"aspect ratios up to {MAX_ASPECT_RATIO:g}:1"
-            )
+        check_image_size(img.size, f"sample {sample.get('id')!r}: image {name}")
         out.append(_to_rgb(img))
     return out
 

@@ -32,6 +32,7 @@ from typing import List, Optional
 import torch
 from transformers import Trainer
 
+from avar_ops.core import select_indices
 from avar_ops.hf import collect_masses, get_handle
 from avar_ops.method import agto_losses, vas
 
@@ -108,11 +109,8 @@ class AGTOTrainer(Trainer):
         if handle is None:
             raise RuntimeError("AGTOTrainer: the model is not patched; call apply_to_qwen2_5_vl(model, ...) first")
         num_layers = len(self._patched.model.language_model.layers)
-        if agto.layers is not None:
-            bad = [i for i in agto.layers if not 0 <= i < num_layers]
-            if bad or not agto.layers:
-                raise ValueError(f"AGTOTrainer: agto layers must be indices in [0, {num_layers}), got {agto.layers}")
-        self._layers = list(range(num_layers)) if agto.layers is None else sorted(set(agto.layers))
+        chosen = select_indices(agto.layers, num_layers, "agto_layers")  # −n ≤ i < n, negative from the end
+        self._layers = list(range(num_layers)) if chosen is None else chosen
         if self.args.gradient_checkpointing:
             kw = self.args.gradient_checkpointing_kwargs or {}
             if kw.get("use_reentrant", True) is not False:
@@ -144,7 +142,7 @@ class AGTOTrainer(Trainer):
         if missing:
             raise KeyError(f"AGTOTrainer: the batch lacks {missing}; use QwenVLCollator(mode='sft') as the collator")
         masks = {k: inputs.pop(k) for k in _GROUP_MASKS}
-        inputs.pop("record_ids", None)
+        record_ids = inputs.pop("record_ids", None)
         self._reduction.user_mask = masks["user_mask"]
         if self._record is None:  # evaluation or prediction: no backward follows
             with collect_masses(self._patched, reduce=self._reduction) as record:
@@ -171,6 +169,15 @@ class AGTOTrainer(Trainer):
             )
         user = masks["user_mask"].to(lm.device)  # [B, L]
         has_query = user.any(-1, keepdim=True)  # [B, 1]: the [B, H, 1, 4] means stand for all user tokens
+        if self.agto.empty == "error":
+            image_b, system_b = masks["image_mask"].any(-1), masks["system_mask"].any(-1)  # [B] each
+            bad = torch.nonzero(~(image_b & system_b & has_query[:, 0].cpu())).flatten().tolist()
+            if bad:
+                names = [record_ids[b] if record_ids else b for b in bad]
+                raise ValueError(
+                    f"records {names} lack image, system or user tokens, which the AGTO attention terms measure: "
+                    "give them an image, or set agto_empty: skip to train them on L_LM alone"
+                )
         terms = agto_losses(
             mean_mass,
             has_query,
@@ -326,8 +333,9 @@ def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
             json.dump(info, f, indent=1)
 
 
-def train_sft(cfg) -> AGTOTrainer:
-    """Run SFT with AGTO as `cfg` (an `avar_train.config.SFTConfig`) says; returns the finished trainer."""
+def train_sft(cfg, records=None) -> AGTOTrainer:
+    """Run SFT with AGTO as `cfg` (an `avar_train.config.SFTConfig`) says; returns the finished trainer.
+    records: the records to train on, already checked (`avar_train.preflight`); default: read cfg.train_file."""
     from avar_ops.data import load_records
     from avar_ops.hf import apply_to_qwen2_5_vl
 
@@ -347,12 +355,13 @@ def train_sft(cfg) -> AGTOTrainer:
             f"launched as {launched} processes but the run would train {args.world_size}-way (each process on its "
             "own); on CPU set use_cpu=true (and ddp_backend=gloo) for data parallelism"
         )
-    loaded = load_records(
-        cfg.train_file,
-        use="sft",
-        on_error="skip" if cfg.skip_bad_records else "raise",
-        rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"),
-    )
+    if records is None:
+        records = load_records(
+            cfg.train_file,
+            use="sft",
+            on_error="skip" if cfg.skip_bad_records else "raise",
+            rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"),
+        ).records
     model, processor = load_model_and_processor(cfg.model_name_or_path, cfg.bf16, cfg.seed)
     if cfg.freeze_vision_tower:
         for p in model.model.visual.parameters():
@@ -365,7 +374,7 @@ def train_sft(cfg) -> AGTOTrainer:
     trainer = AGTOTrainer(
         model=model,
         args=args,
-        train_dataset=RecordDataset(loaded.records),
+        train_dataset=RecordDataset(records),
         data_collator=collator,
         processing_class=processor,
         agto=AGTOSettings(
