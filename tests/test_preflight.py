@@ -352,3 +352,12 @@ def test_check_needs_the_trainer_when_the_keys_do_not_tell(capsys, tmp_path, sft
     assert code == 2 and len(lines) == 1 and "--command" in lines[0]
     code, lines = _run(capsys, "check", "--config", path, "--command", "sft")
     assert code == 0 and not lines
+
+
+def test_a_reward_function_that_raises_is_one_line(capsys, grpo_recipe):
+    code, lines = _run(capsys, "grpo", "--config", grpo_recipe, "reward_funcs=[grpo_fixtures:raising_reward]")
+    errors = [line for line in lines if "error:" in line]  # the others are the progress bar's
+    assert code == 1 and len(errors) == 1 and not any("Traceback" in line for line in lines), lines
+    assert errors[0].endswith(
+        "avar-train grpo: error: reward function 'grpo_fixtures:raising_reward' raised KeyError: 'score'"
+    )
