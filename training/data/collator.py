@@ -123,7 +123,7 @@ class QwenVLCollator:
             with Image.open(path) as img:
                 counts.append(self.image_tokens(*img.size))
         expanded = pieces[0] + "".join(pad * n + piece for n, piece in zip(counts, pieces[1:]))
-        ids = torch.tensor(self.processor.tokenizer(expanded)["input_ids"], dtype=torch.long)  # [n]
+        ids = torch.tensor(self.processor.tokenizer(expanded, verbose=False)["input_ids"], dtype=torch.long)  # [n]
         t = self.template
         vision = (ids == t.image_pad) | (ids == t.video_pad) | (ids == t.vision_start) | (ids == t.vision_end)
         groups = token_groups(ids[None], self.template)
