@@ -361,3 +361,17 @@ def test_a_reward_function_that_raises_is_one_line(capsys, grpo_recipe):
     assert errors[0].endswith(
         "avar-train grpo: error: reward function 'grpo_fixtures:raising_reward' raised KeyError: 'score'"
     )
+
+
+def test_vard_recipe_and_input_are_checked(capsys, tmp_path, sft_data):
+    bad = _with_images(sft_data, tmp_path, _sft_rows(sft_data)[:2], "vard_in.jsonl")
+    with open(bad, "ab") as f:
+        f.write(b'{"id": "x", "question": "caf\xe9?"}\n')
+    path = _recipe(
+        str(tmp_path), "vard.yaml", input_file=bad, output_dir=str(tmp_path / "v"), generator="http", model="m"
+    )
+    code, lines = _run(capsys, "check", "--config", path, "base_url=localhost:8000")
+    assert code == 2 and len(lines) == 2, lines  # the setting and the record, each in its line
+    assert "command line: base_url: must be an http(s) URL" in lines[0] and f"{bad}:3: record: not UTF-8" in lines[1]
+    code, lines = _run(capsys, "vard", "--config", path, "base_url=http://127.0.0.1:9/v1", "max_retries=-1")
+    assert code == 2 and len(lines) == 2 and "max_retries" in lines[0], lines

@@ -221,11 +221,12 @@ def _layers(where: _Where, key: str, value, count: int) -> List[Problem]:
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def _records(result: CheckResult, path: str, use: str, skip: bool):
-    """Read every record; the bad ones become problems, or (skip) skipped problems with their rejects rows."""
+def _records(result: CheckResult, path: str, use: str, skip: bool, limit: Optional[int] = None):
+    """Read every record (the first `limit`); the bad ones become problems, or (skip) skipped problems with their
+    rejects rows."""
     from avar_ops.data import load_records
 
-    loaded = load_records(path, use=use, on_error="report")
+    loaded = load_records(path, use=use, on_error="report", limit=limit)
     problems = [Problem(f"{r['file']}:{r['line']}", "record", r["reason"], "data") for r in loaded.rejects]
     if skip:
         result.skipped += problems
@@ -454,5 +455,6 @@ def check_vard(cfg, config_path: Optional[str], overrides=None, *, settings=()) 
     """Check a VARD recipe and open every input record and image (the generator is reached only by the run)."""
     result = CheckResult(problems=list(settings))
     if cfg.input_file and os.path.isfile(cfg.input_file):
-        _records(result, cfg.input_file, "any", cfg.skip_bad_records)
+        _records(result, cfg.input_file, "any", cfg.skip_bad_records, cfg.limit if (cfg.limit or 0) > 0 else None)
+        result.rejects = []  # the run reads the file itself and writes its own rejects
     return result
