@@ -190,7 +190,7 @@ def read_config(
     holds each one found, located at the key's line in the file ("FILE:LINE"), on the command line, or at the
     file alone for a key left at its default."""
     if not os.path.isfile(path):
-        return None, [Problem(path, "config", "no such file")]
+        return None, [Problem(path, "config", "config file not found")]
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
