@@ -375,3 +375,25 @@ def test_vard_recipe_and_input_are_checked(capsys, tmp_path, sft_data):
     assert "command line: base_url: must be an http(s) URL" in lines[0] and f"{bad}:3: record: not UTF-8" in lines[1]
     code, lines = _run(capsys, "vard", "--config", path, "base_url=http://127.0.0.1:9/v1", "max_retries=-1")
     assert code == 2 and len(lines) == 2 and "max_retries" in lines[0], lines
+
+
+def test_negative_visual_layers_train(grpo_data, tmp_path):
+    """visual_layers=[-1] is the last layer (−n ≤ i < n): a GRPO step runs and r_visual averages that layer only."""
+    from grpo_fixtures import contains_checker
+
+    from avar_ops.analysis import build_tiny_qwen2_5_vl
+    from avar_train.grpo.config import load_grpo_config
+    from avar_train.grpo.rewards import accuracy_reward
+
+    values = dict(train_file=grpo_data, output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2)
+    values.update(max_completion_length=4, max_steps=1)
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    trainer = grpo_trainer.GRPOTrainer(
+        load_grpo_config(None, {**values, "visual_layers": [-1, 0]}),
+        model,
+        processor,
+        accuracy=accuracy_reward(contains_checker),
+    )
+    assert trainer.visual_layers == [0, 2]
+    record = trainer.train_step()
+    assert record["step"] == 1 and record["r_visual_raw"] == record["r_visual_raw"]  # a number, not NaN
