@@ -22,6 +22,7 @@ BAD_VALUES = ["abc", [1, "x"], {"a": 1}, True, None, -1, 0, 1e30, float("nan"), 
 # is merely large, e.g. max_steps=10**9, is a long run, not a bad input).
 BOUNDED = {
     "max_steps": [-1, 0, 2, "abc", None, 1.5],
+    "num_train_epochs": [0, -1, 2, float("nan"), float("inf"), "x"],
     "per_device_train_batch_size": [0, -2, 3, "abc", 1.5],
     "gradient_accumulation_steps": [0, 2, "x", None],
     "num_generations": [0, 1, 3, "x"],

@@ -66,9 +66,6 @@ class CheckResult:
             return 2
         return 1 if self.problems else 0
 
-    def lines(self) -> List[str]:
-        return [str(p) for p in self.problems]
-
 
 class _Where:
     """Where a config key is written: FILE:LINE in the recipe, "command line", or the recipe file."""

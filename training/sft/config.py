@@ -96,8 +96,12 @@ class SFTConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_SEED:
                 p.add(name, f"must be in [0, {MAX_SEED}] (2**32 - 1), got {value}")
-        if self.dataloader_num_workers < 0:
-            p.add("dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        cpus = os.cpu_count() or 1
+        if not 0 <= self.dataloader_num_workers <= cpus:
+            # Each worker is a process; more of them than CPUs only adds processes.
+            p.add(
+                "dataloader_num_workers", f"must be in [0, {cpus}] (the CPUs here), got {self.dataloader_num_workers}"
+            )
         if self.lr_scheduler_type not in ("constant", "constant_with_warmup", "linear", "cosine"):
             p.add(
                 "lr_scheduler_type",
