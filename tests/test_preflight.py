@@ -398,3 +398,14 @@ def test_negative_visual_layers_train(grpo_data, tmp_path):
     assert trainer.visual_layers == [0, 2]
     record = trainer.train_step()
     assert record["step"] == 1 and record["r_visual_raw"] == record["r_visual_raw"]  # a number, not NaN
+
+
+def test_max_steps_zero_trains_the_epochs(capsys, sft_recipe, tmp_path):
+    """max_steps <= 0 means "by num_train_epochs" (found by the fuzz test: 0 used to stop after one step at
+    epoch 0.5 with exit status 0)."""
+    out = tmp_path / "epochs"
+    code, lines = _run(capsys, "sft", "--config", sft_recipe, "max_steps=0", f"output_dir={out}")
+    assert code == 0, lines
+    with open(out / "trainer_state.json", encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["global_step"] == state["max_steps"] == 2  # 4 records, 2 per step, 1 epoch

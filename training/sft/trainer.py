@@ -290,7 +290,8 @@ def training_arguments(cfg):
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
+        # The recipe's max_steps <= 0 means "by epochs"; Trainer reads only -1 so (0 would stop after one step).
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         bf16=cfg.bf16,
