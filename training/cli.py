@@ -157,9 +157,9 @@ def _run_sft(args) -> int:
 def _run_vard(args) -> int:
     from avar_ops.data import RecordError
 
-    cfg, _ = _start("vard", args)
+    cfg, code = _start("vard", args)
     if cfg is None:
-        return _
+        return code
     from .data.vard import VARDError, run_vard
 
     try:
