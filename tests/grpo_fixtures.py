@@ -55,3 +55,8 @@ def initial_checker(completions, references):
     initial letter. Which rollouts count as correct then depends on the image (through the reference), and a
     random policy is right often enough for the gated r_visual to be non-zero."""
     return ["correct" if ref[0].lower() in c.lower() else "incorrect" for c, ref in zip(completions, references)]
+
+
+def raising_reward(prompts, completions, completion_ids, **columns):
+    """A user reward function with a bug: the trainer must report it by name, in one line."""
+    raise KeyError("score")

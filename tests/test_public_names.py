@@ -38,7 +38,7 @@ AVAR_FLAGS = {
     + ["--no-progress"],
     "correlate": ["--out", "--confidence"],
 }
-TRAIN_FLAGS = {"sft": ["--config"], "vard": ["--config"], "grpo": ["--config"]}
+TRAIN_FLAGS = {"sft": ["--config"], "vard": ["--config"], "grpo": ["--config"], "check": ["--command", "--config"]}
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict:

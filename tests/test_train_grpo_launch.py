@@ -79,7 +79,7 @@ def test_accelerate_launch_deepspeed(stage, data, tmp_path, plain_first_step):
     "args, code, needle",
     [
         (["--config", "missing.yaml"], 2, "config file not found"),
-        (["--config", RECIPE, "lambda_visula=0.3"], 2, "unknown keys"),
+        (["--config", RECIPE, "train_file=DATA", "output_dir=OUT", "lambda_visula=0.3"], 2, "unknown key"),
         (["--config", RECIPE, "train_file=/nonexistent.jsonl", "output_dir=OUT"], 2, "train_file"),
         (
             ["--config", RECIPE, "train_file=DATA", "output_dir=OUT", "num_generations=3"],

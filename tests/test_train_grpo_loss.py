@@ -179,3 +179,27 @@ def test_policy_loss_bad_input():
         policy_loss(logps, old, adv, mask.long())
     with pytest.raises(ValueError, match="max_completion_length"):
         policy_loss(logps, old, adv, mask, max_completion_length=2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_scaling_divides_by_the_std_of_every_process(seed):
+    """scale_rewards="batch" is TRL's: the std over the rewards of all processes. Each process here holds
+    2 prompts × 4 rollouts of a 2-process step; with a gather that returns both processes' rewards (what
+    `Accelerator.gather` does), each process's advantages equal its slice of the single-process computation over
+    all 16 rewards, and they differ from the std of its own 8 alone."""
+    g = torch.Generator().manual_seed(seed)
+    everyone = torch.rand(2, 8, generator=g, dtype=torch.float64) * (1 + torch.arange(2.0)[:, None])  # [procs, N]
+    whole = group_advantages(everyone.reshape(-1), 4, "batch")  # [16]
+    for rank in range(2):
+
+        def gather(t, rank=rank):
+            return torch.cat([t if i == rank else everyone[i] for i in range(2)])
+
+        got = group_advantages(everyone[rank], 4, "batch", gather=gather)
+        torch.testing.assert_close(got, whole[rank * 8 : (rank + 1) * 8], rtol=1e-12, atol=1e-12)
+        alone = group_advantages(everyone[rank], 4, "batch")
+        assert not torch.allclose(alone, got), "the per-process std would give the same advantages"
+    # "group" needs no other process: a gather is never called.
+    torch.testing.assert_close(
+        group_advantages(everyone[0], 4, "group", gather=lambda t: 1 / 0), group_advantages(everyone[0], 4, "group")
+    )

@@ -224,3 +224,12 @@ def test_default_accuracy_uses_the_shared_checker():
     got = r([""] * 4, completions, [[1]] * 4, answer=["B", "3.5", "B", "0.5"])
     assert got == [1.0, 1.0, 0.0, 1.0]
     assert r.counts["correct"] == 3 and r.counts["incorrect"] == 1
+
+
+def test_a_reward_function_that_raises_is_named():
+    from grpo_fixtures import raising_reward
+
+    from avar_train.grpo.rewards import RewardError, call_reward_function
+
+    with pytest.raises(RewardError, match=r"^reward function 'my_reward' raised KeyError: 'score'$"):
+        call_reward_function("my_reward", raising_reward, ["p"], ["c"], [[1]], {"answer": ["a"]})

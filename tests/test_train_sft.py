@@ -219,12 +219,12 @@ def test_cli_answers_bad_input_in_one_line(tiny_dir, train_file, tmp_path, capsy
     good = dict(model_name_or_path=tiny_dir, train_file=train_file, output_dir=str(tmp_path / "out"), max_steps=1)
     cfg = _write_yaml(tmp_path / "bad_key.yaml", **good, alpah=0.1)
     code, err = run("sft", "--config", cfg)
-    assert code == 2 and "unknown keys ['alpah']" in err and err.count("\n") == 1
+    assert code == 2 and "bad_key.yaml:1: alpah: unknown key" in err and err.count("\n") == 1
     cfg = _write_yaml(tmp_path / "good.yaml", **good)
     code, err = run("sft", "--config", cfg, "alpha=-1")
-    assert code == 2 and "alpha must be a finite number >= 0" in err
+    assert code == 2 and "command line: alpha: must be a finite number >= 0" in err
     code, err = run("sft", "--config", cfg, "max_steps=two")
-    assert code == 2 and "max_steps must be an integer" in err
+    assert code == 2 and "command line: max_steps: must be an integer" in err
     code, err = run("sft", "--config", cfg, "model_name_or_path=/nowhere/model")
     assert code == 2 and "nothing is downloaded" in err
     (tmp_path / "file").write_text("x")
@@ -233,7 +233,7 @@ def test_cli_answers_bad_input_in_one_line(tiny_dir, train_file, tmp_path, capsy
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text('{"id": "x", "question": "q"}\n')
     code, err = run("sft", "--config", cfg, f"train_file={bad_data}")
-    assert code == 1 and err.count("\n") == 1 and f"{bad_data}:1: an SFT record needs a target" in err
+    assert code == 1 and err.count("\n") == 1 and f"{bad_data}:1: record: an SFT record needs a target" in err
 
 
 def test_per_sample_reduction_equals_the_full_agto_losses():
@@ -295,7 +295,7 @@ def test_text_only_samples_are_an_error_or_explicitly_skipped(trainer_and_batch,
     collator = QwenVLCollator(tiny_pair()[1], max_length=256, min_pixels=56 * 56, max_pixels=112 * 112)
     batch = collator(load_records(str(data), use="sft").records)
     trainer = make()
-    with pytest.raises(ValueError, match=r"samples \[1\] have no image token.*empty='skip'"):
+    with pytest.raises(ValueError, match=r"records \['text'\] lack image.*set agto_empty: skip"):
         trainer.training_step(model, dict(batch))
     trainer.agto = AGTOSettings(empty="skip")
     trainer._sums.zero_()

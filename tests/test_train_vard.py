@@ -272,7 +272,7 @@ def test_vard_templates_and_validation(tmp_path):
     assert validate_output(
         "<think>Let me look back at it.</think><answer>3</answer>", None, anchor_phrases=phrases, min_anchors=2
     ).startswith("anchors: 1")
-    with pytest.raises(ValueError, match="base_url must be an http"):
+    with pytest.raises(ValueError, match="base_url: must be an http"):
         load_config(
             VARDConfig,
             str(

@@ -1,27 +1,35 @@
 """`avar-train`: the training command line.
 
-    avar-train sft  --config FILE [key=value ...]     cold-start SFT with AGTO (run under `accelerate launch` or
+    avar-train sft   --config FILE [key=value ...]    cold-start SFT with AGTO (run under `accelerate launch` or
                                                      `torchrun` for several processes)
-    avar-train vard --config FILE [key=value ...]     VARD data synthesis
-    avar-train grpo --config FILE [key=value ...]     GRPO with the visual-anchored reward (VARS); same launchers
+    avar-train vard  --config FILE [key=value ...]    VARD data synthesis
+    avar-train grpo  --config FILE [key=value ...]    GRPO with the visual-anchored reward (VARS); same launchers
+    avar-train check --config FILE [key=value ...]    everything `sft` / `grpo` / `vard` check before a model loads,
+                                                     and nothing else (`--command` names the trainer when the
+                                                     recipe's keys do not tell)
 
-Overrides are config keys with YAML values (`max_steps=10`, `agto_layers=[0,1]`). Arguments, the config and the
-output folder are checked before any model is loaded; a problem with them is one line on stderr and exit
-status 2, a problem with the data one line and exit status 1.
+Overrides are config keys with YAML values (`max_steps=10`, `agto_layers=[0,1]`). Every command first runs the
+checks of `avar_train.preflight` (each setting, the machine, the model's config and processor, every record and
+image, every prompt's length): each problem is one line on stderr, `WHERE: FIELD: REASON`, and the exit status is
+2 when a setting is wrong, else 1 when the data is; no model weights have been loaded by then.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
 
-from .config import ConfigError, load_config, parse_overrides
+from .config import ConfigError, Problem, parse_overrides, read_config
 from .data.vard_config import VARDConfig
+from .grpo.config import GRPOConfig
 from .sft.config import SFTConfig
 
 __all__ = ["main"]
+
+RECIPES = {"sft": SFTConfig, "grpo": GRPOConfig, "vard": VARDConfig}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,8 +38,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"avar-train: error: {message}\n")
+def _fail(message: str, code: int, command: str = "") -> int:
+    prog = f"avar-train {command}".strip()
+    sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
     return code
 
 
@@ -46,43 +55,119 @@ def _prepare_output_dir(path: str) -> None:
         raise ConfigError(f"output_dir {path!r} is not writable")
 
 
+def _detect(path: str, overrides: dict) -> Optional[str]:
+    """The trainer a recipe is for, from its keys: the one recipe that knows them all (None when several do)."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return "sft"  # read_config reports what is wrong with the file
+    keys = set(raw if isinstance(raw, dict) else ()) | set(overrides)
+    unknown = {name: len(keys - {f.name for f in dataclasses.fields(cls)}) for name, cls in RECIPES.items()}
+    fits = [name for name, n in unknown.items() if n == 0]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        return min(unknown, key=unknown.get)
+    return None
+
+
+def preflight(command: str, config: str, overrides_text: List[str]):
+    """(config or None, CheckResult) of `command` on the recipe `config` with the `key=value` overrides."""
+    from . import preflight as checks
+
+    try:
+        overrides = parse_overrides(overrides_text)
+    except ConfigError as exc:
+        return None, checks.CheckResult(problems=[Problem("command line", "override", str(exc))])
+    cfg, settings = read_config(RECIPES[command], config, overrides)
+    if cfg is None:
+        return None, checks.CheckResult(problems=settings)
+    run = {"sft": checks.check_sft, "grpo": checks.check_grpo, "vard": checks.check_vard}[command]
+    return cfg, run(cfg, config, overrides, settings=settings)
+
+
+def _report(command: str, result) -> None:
+    for p in result.skipped:
+        sys.stderr.write(f"avar-train {command}: skipped (skip_bad_records): {p}\n")
+    for p in result.problems:
+        sys.stderr.write(f"avar-train {command}: error: {' '.join(str(p).split())}\n")
+
+
+def _start(command: str, args):
+    """The checks, then the output folder and the skipped records' rejects: (cfg, records) or (None, exit code)."""
+    cfg, result = preflight(command, args.config, args.overrides)
+    _report(command, result)
+    if result.code:
+        return None, result.code
+    try:
+        _prepare_output_dir(cfg.output_dir)
+    except ConfigError as exc:
+        return None, _fail(f"output_dir: {exc}", 2, command)
+    if result.rejects:
+        with open(os.path.join(cfg.output_dir, "rejects.jsonl"), "a", encoding="utf-8") as f:
+            for row in result.rejects:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return cfg, result.records
+
+
+def _run_check(args) -> int:
+    command = args.command_name
+    if command is None:
+        try:
+            overrides = parse_overrides(args.overrides)
+        except ConfigError as exc:
+            return _fail(str(exc), 2, "check")
+        command = _detect(args.config, overrides)
+        if command is None:
+            return _fail(
+                f"{args.config}: its keys fit more than one trainer; say which with --command sft|grpo|vard", 2, "check"
+            )
+    cfg, result = preflight(command, args.config, args.overrides)
+    _report(f"check ({command})", result)
+    if not result.code:
+        n = len(result.records or ())
+        print(f"avar-train check: {command} recipe {args.config}: no problem found ({n} records usable)")
+    return result.code
+
+
 def _run_sft(args) -> int:
     from avar_ops.data import RecordError
 
     from .data.collator import CollateError
 
-    try:
-        cfg = load_config(SFTConfig, args.config, parse_overrides(args.overrides))
-        _prepare_output_dir(cfg.output_dir)
-    except ConfigError as exc:
-        return _fail(str(exc), 2)
+    cfg, records = _start("sft", args)
+    if cfg is None:
+        return records
     from .sft.trainer import LaunchError, train_sft
 
     try:
-        train_sft(cfg)
+        train_sft(cfg, records=records)
     except LaunchError as exc:
-        return _fail(str(exc), 2)
+        return _fail(str(exc), 2, "sft")
     except (RecordError, CollateError, FileNotFoundError) as exc:
-        return _fail(str(exc), 1)
+        return _fail(str(exc), 1, "sft")
     return 0
 
 
 def _run_vard(args) -> int:
     from avar_ops.data import RecordError
 
-    try:
-        cfg = load_config(VARDConfig, args.config, parse_overrides(args.overrides))
-        _prepare_output_dir(cfg.output_dir)
-    except ConfigError as exc:
-        return _fail(str(exc), 2)
+    cfg, code = _start("vard", args)
+    if cfg is None:
+        return code
     from .data.vard import VARDError, run_vard
 
     try:
         summary = run_vard(cfg)
     except (RecordError, VARDError, FileNotFoundError) as exc:
-        return _fail(str(exc), 1)
+        return _fail(str(exc), 1, "vard")
     except KeyboardInterrupt:
-        return _fail(f"interrupted; finished records are in {cfg.output_dir}, run again to resume", 130)
+        return _fail(f"interrupted; finished records are in {cfg.output_dir}, run again to resume", 130, "vard")
     print(summary.line())
     return 0
 
@@ -91,25 +176,21 @@ def _run_grpo(args) -> int:
     from avar_ops.data import RecordError
 
     from .data.collator import CollateError
-    from .grpo.config import load_grpo_config
+    from .grpo.rewards import RewardError
 
-    try:
-        cfg = load_grpo_config(args.config, parse_overrides(args.overrides))
-        if not os.path.isfile(cfg.train_file):
-            raise ConfigError(f"train_file: no such file {cfg.train_file!r}")
-        if cfg.eval_file is not None and not os.path.isfile(cfg.eval_file):
-            raise ConfigError(f"eval_file: no such file {cfg.eval_file!r}")
-        if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
-            raise ConfigError(f"resume_from_checkpoint: no such folder {cfg.resume_from_checkpoint!r}")
-        _prepare_output_dir(cfg.output_dir)
-    except ConfigError as exc:
-        return _fail(str(exc), 2)
+    cfg, records = _start("grpo", args)
+    if cfg is None:
+        return records
+    if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
+        return _fail(f"resume_from_checkpoint: no such folder {cfg.resume_from_checkpoint!r}", 2, "grpo")
+    if cfg.eval_file is not None and not os.path.isfile(cfg.eval_file):
+        return _fail(f"eval_file: no such file {cfg.eval_file!r}", 2, "grpo")
     from .grpo.trainer import train_grpo
 
     try:
-        train_grpo(cfg)
-    except (RecordError, CollateError, FileNotFoundError) as exc:
-        return _fail(str(exc), 1)
+        train_grpo(cfg, records=records)
+    except (RecordError, CollateError, FileNotFoundError, RewardError) as exc:
+        return _fail(str(exc), 1, "grpo")
     return 0
 
 
@@ -126,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(sub, "sft", "cold-start SFT with the AGTO attention losses", _run_sft)
     _add_command(sub, "vard", "synthesise VARD data (describe, reason with reflection, anchor)", _run_vard)
     _add_command(sub, "grpo", "GRPO with the visual-anchored reward (r_acc + λ_v·r_visual + λ_f·r_format)", _run_grpo)
+    p = sub.add_parser("check", help="check a recipe, its model and its data without training (exit 0, 1 or 2)")
+    p.add_argument("--config", required=True, help="YAML recipe of sft, grpo or vard")
+    p.add_argument(
+        "--command", dest="command_name", choices=sorted(RECIPES), default=None, help="the trainer the recipe is for"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    p.set_defaults(run=_run_check)
     return parser
 
 

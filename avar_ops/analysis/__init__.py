@@ -12,7 +12,12 @@ Moved: answer extraction and checking (`check_answer`, `check_answers`, `extract
 from avar_ops.analysis.demo import run_demo
 from avar_ops.analysis.generation import generate_answers
 from avar_ops.analysis.image_attention import ImageAttention, image_attention, save_overlays
-from avar_ops.analysis.tiny_qwen import build_tiny_processor, build_tiny_qwen2_5_vl, synthetic_images
+from avar_ops.analysis.tiny_qwen import (
+    TINY_MAX_POSITIONS,
+    build_tiny_processor,
+    build_tiny_qwen2_5_vl,
+    synthetic_images,
+)
 from avar_ops.analysis.vas import VASReport, compare, measure
 
 # Moved out of analysis; still answered here, looked up in their new room when first asked for (PEP 562).
@@ -27,6 +32,7 @@ __all__ = [
     "generate_answers",
     "run_demo",
     "build_tiny_processor",
+    "TINY_MAX_POSITIONS",
     "build_tiny_qwen2_5_vl",
     "synthetic_images",
     "VASReport",

@@ -20,7 +20,14 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["build_tiny_qwen2_5_vl", "build_tiny_processor", "synthetic_images", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
+__all__ = [
+    "build_tiny_qwen2_5_vl",
+    "build_tiny_processor",
+    "synthetic_images",
+    "SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
+    "TINY_MAX_POSITIONS",
+]
 
 # Qwen2.5-VL's special tokens, in the order the real vocabulary numbers them (151643 onwards).
 SPECIAL_TOKENS = [
@@ -40,6 +47,8 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
+# The tiny model's context length (max_position_embeddings), known without building it.
+TINY_MAX_POSITIONS = 4096
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Qwen2.5-VL's chat format. Content is a string or a list of {"type": "image"|"video"|"text", ...} parts.
@@ -216,7 +225,7 @@ def build_tiny_qwen2_5_vl(
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
-            max_position_embeddings=4096,
+            max_position_embeddings=TINY_MAX_POSITIONS,
             initializer_range=init_std,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             bos_token_id=ids["<|endoftext|>"],

@@ -53,6 +53,32 @@ def _bench_specs(tokens: List[str]) -> List[Tuple[str, Optional[str], str]]:
     return [specs[n] for n in PAPER_ORDER if n in specs]
 
 
+# torch.manual_seed takes seeds up to 2**64 - 1.
+MAX_SEED = 2**64 - 1
+
+
+def _check_prompt_lengths(args, specs, loaded) -> None:
+    """Every prompt's text, rendered by the chat template, tokenized and measured against the model's context with
+    room for --max-new-tokens, before the model loads (image tokens come on top of the count)."""
+    context = loading.context_length(args.model)
+    processor = loading.load_processor(args.model)
+    tokenizer = processor.tokenizer
+    for name, _, _ in specs:
+        for sample in loaded[name]:
+            messages = (
+                [] if args.system is None else [{"role": "system", "content": [{"type": "text", "text": args.system}]}]
+            )
+            content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.prompt}]
+            messages.append({"role": "user", "content": content})
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            n = len(tokenizer(text, verbose=False)["input_ids"])
+            if n + args.max_new_tokens > context:
+                raise DataError(
+                    "%s sample %r: the prompt is %d tokens without its images and --max-new-tokens is %d; the model's "
+                    "context holds %d" % (name, sample.id, n, args.max_new_tokens, context)
+                )
+
+
 def add_parser(sub) -> None:
     """Add `eval` and `correlate` to the `avar` subparsers; each sets `run_command` (args -> exit code)."""
     p = eval_parser = sub.add_parser(
@@ -115,6 +141,10 @@ def _cmd_eval(args) -> int:
     for flag in ("min_pixels", "max_pixels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise CLIError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), getattr(args, flag)))
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise CLIError("--min-pixels (%d) must not exceed --max-pixels (%d)" % (args.min_pixels, args.max_pixels))
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CLIError("--seed: expected an integer in [0, 2**64 - 1], got %d" % args.seed)
     if not args.checker_timeout > 0:
         raise CLIError("--checker-timeout: expected seconds > 0, got %g" % args.checker_timeout)
     iv = intervention_from_flags(args)
@@ -124,12 +154,15 @@ def _cmd_eval(args) -> int:
     judge = None
     if args.judge_url is not None:
         from avar_ops.eval import Judge
-        from avar_ops.grading import ChatClient
+        from avar_ops.grading import ChatClient, ChatClientError
 
         try:
             judge = Judge(ChatClient(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_key_env)))
+            judge.client.check_reachable()
         except ValueError as exc:
             raise CLIError("--judge-url / --judge-model: %s" % exc) from exc
+        except ChatClientError as exc:
+            raise CLIError("--judge-url: %s; start the judge server or leave --judge-url out" % exc) from None
 
     loaded = {}
     for name, split, path in specs:
@@ -137,6 +170,7 @@ def _cmd_eval(args) -> int:
             loaded[name] = BENCHMARKS[name].load(path, split=split, limit=args.limit)
         except BenchmarkDataError as exc:
             raise DataError(str(exc)) from exc
+    _check_prompt_lengths(args, specs, loaded)
     settings = runner.EvalSettings(
         checkpoint=args.model if args.model == "tiny" else os.path.abspath(args.model),
         label=args.label or (args.model if args.model == "tiny" else os.path.basename(os.path.normpath(args.model))),
@@ -174,24 +208,31 @@ def _cmd_eval(args) -> int:
                 image_processor.size["shortest_edge" if flag == "min_pixels" else "longest_edge"] = getattr(args, flag)
     torch.manual_seed(args.seed)
     rows = {}
+    from avar_ops.grading import ChatClientError
+
     with LatexChecker(timeout=args.checker_timeout) as latex:
         checker = AnswerChecker(latex)
         for name, _, _ in specs:
             bench = BENCHMARKS[name]
-            records = runner.evaluate_benchmark(
-                model,
-                processor,
-                bench,
-                loaded[name],
-                os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
-                intervention=iv,
-                system_prompt=args.system,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                checker=checker,
-                judge=judge,
-                progress=not args.no_progress,
-            )
+            try:
+                records = runner.evaluate_benchmark(
+                    model,
+                    processor,
+                    bench,
+                    loaded[name],
+                    os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
+                    intervention=iv,
+                    system_prompt=args.system,
+                    max_new_tokens=args.max_new_tokens,
+                    batch_size=args.batch_size,
+                    checker=checker,
+                    judge=judge,
+                    progress=not args.no_progress,
+                )
+            except ChatClientError as exc:
+                raise DataError(
+                    "the judge failed (%s); the samples answered so far are in %s, rerun to continue" % (exc, args.out)
+                ) from None
             rows[name] = runner.benchmark_row(bench, loaded[name], records)
     size = getattr(image_processor, "size", None) or {}
     settings.effective_pixels = {

@@ -3,6 +3,7 @@ weights load (so indices and dtypes are checked first), and the loading itself."
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -10,7 +11,7 @@ from typing import Optional, Tuple
 
 from avar_ops.cli.errors import CLIError, DataError
 
-__all__ = ["model_shape", "load_model"]
+__all__ = ["model_shape", "context_length", "load_processor", "load_model"]
 
 
 def _dtype(name: str):
@@ -53,6 +54,41 @@ def model_shape(spec: Optional[str], arg: str = "--model") -> Tuple[int, int, st
         raise DataError(f"{arg}: {config_path} has no positive num_hidden_layers / num_attention_heads")
     dtype = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
     return layers, heads, str(dtype or "float32")
+
+
+def context_length(spec: Optional[str], arg: str = "--model") -> int:
+    """The text model's context length (max_position_embeddings) from config.json, without loading weights."""
+    if spec in (None, "tiny"):
+        from avar_ops.analysis import TINY_MAX_POSITIONS
+
+        return TINY_MAX_POSITIONS
+    model_shape(spec, arg)
+    with open(os.path.join(spec, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    value = text.get("max_position_embeddings", config.get("max_position_embeddings"))
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DataError(f"{arg}: {spec}/config.json has no positive max_position_embeddings")
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_processor():
+    from avar_ops.analysis import build_tiny_processor
+
+    return build_tiny_processor()
+
+
+def load_processor(spec: Optional[str]):
+    """The processor of "tiny" / None or a local checkpoint directory, without the model's weights."""
+    if spec in (None, "tiny"):
+        return _tiny_processor()
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(spec, local_files_only=True)
+    except OSError as exc:
+        raise CLIError(f"--model: cannot read the processor of {spec!r}: {exc}") from exc
 
 
 def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu"):

@@ -36,6 +36,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from avar_ops.data.formats import file_format, resolve_format, to_avar_record
+from avar_ops.data.images import check_image_size
 from avar_ops.data.text import check_text
 
 __all__ = ["Record", "RecordError", "LoadedRecords", "load_records", "parse_record", "conversation", "USES"]
@@ -95,8 +96,10 @@ class Record:
 @dataclasses.dataclass
 class LoadedRecords:
     records: List[Record]
-    rejected: int  # bad records skipped (0 unless on_error="skip")
+    rejected: int  # bad records skipped (0 unless on_error is "skip" or "report")
     rejects_path: Optional[str]  # where they were written, when some were
+    lines: List[int] = dataclasses.field(default_factory=list)  # the file line of each record
+    rejects: List[dict] = dataclasses.field(default_factory=list)  # {"file", "line", "reason", "record"} per bad one
 
 
 def _text_part(text: str) -> dict:
@@ -122,9 +125,11 @@ def _check_image(path: str, entry: str) -> None:
 
     try:
         with Image.open(path) as img:
+            size = img.size
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"image {entry!r} is not a readable image ({type(exc).__name__}: {exc})") from None
+    check_image_size(size, f"image {entry!r}")
 
 
 def conversation(raw: dict, n_images: int) -> List[dict]:
@@ -282,13 +287,15 @@ def load_records(
 
     use: "sft" (each record needs a target), "rl" (each needs an answer) or "any".
     on_error: "raise" (default) raises a `RecordError` at the first bad record; "skip" keeps going, logs how
-    many were skipped and appends each bad line with its file, line and reason to `rejects_path` (required).
+    many were skipped and appends each bad line with its file, line and reason to `rejects_path` (required);
+    "report" keeps going and writes nothing: every bad record is in the result's `rejects`, and a file without
+    a good record is no error (for checks that list every problem at once).
     check_images: open every image to check it is one (off only for data already checked).
     format: the file's layout, "avar", "sharegpt", "openai" or "auto" (`avar_ops.data.formats`); a record
     without an id is named "FILE_NAME:LINE".
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"load_records: on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error not in ("raise", "skip", "report"):
+        raise ValueError(f"load_records: on_error must be 'raise', 'skip' or 'report', got {on_error!r}")
     if on_error == "skip" and not rejects_path:
         raise ValueError("load_records: on_error='skip' needs rejects_path, the file the bad records go to")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
@@ -298,25 +305,37 @@ def load_records(
     layout = resolve_format(format)
     base_dir = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    lines = []  # (line number, text, decoded value or the JSON error)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    raw_lines = []  # (line number, text, decoded value or the error that line has)
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            line = data.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                value = ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})")
-            lines.append((lineno, line, value))
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(
+                        f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {exc.start + 1}); save the file as "
+                        "UTF-8"
+                    ) from None
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except ValueError as exc:
+                value = exc
+            raw_lines.append((lineno, line, value))
     if layout == "auto":
         try:
-            layout = file_format([(n, v) for n, _, v in lines if not isinstance(v, ValueError)])
+            layout = file_format([(n, v) for n, _, v in raw_lines if not isinstance(v, ValueError)])
         except ValueError as exc:
             raise RecordError(path, str(exc)) from None
     records: List[Record] = []
+    lines: List[int] = []
     seen: Dict[str, int] = {}
     rejects: List[dict] = []
-    for lineno, line, value in lines:
+    for lineno, line, value in raw_lines:
         where = f"{path}:{lineno}"
         try:
             if isinstance(value, ValueError):
@@ -332,8 +351,11 @@ def load_records(
             continue
         seen[record.id] = lineno
         records.append(record)
+        lines.append(lineno)
         if limit is not None and len(records) >= limit:
             break
+    if on_error == "report":
+        return LoadedRecords(records, len(rejects), None, lines, rejects)
     if rejects:
         _append_jsonl(rejects_path, rejects)
         logger.warning(
@@ -341,7 +363,13 @@ def load_records(
         )
     if not records:
         raise RecordError(path, "no valid records" + (f" ({len(rejects)} rejected)" if rejects else ""))
-    return LoadedRecords(records=records, rejected=len(rejects), rejects_path=rejects_path if rejects else None)
+    return LoadedRecords(
+        records=records,
+        rejected=len(rejects),
+        rejects_path=rejects_path if rejects else None,
+        lines=lines,
+        rejects=rejects,
+    )
 
 
 def _append_jsonl(path: str, rows: Sequence[dict]) -> None:

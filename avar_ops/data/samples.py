@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from avar_ops.data.images import MAX_ASPECT_RATIO, check_image_size
 from avar_ops.data.records import conversation
 from avar_ops.data.text import check_text
 
@@ -45,11 +46,11 @@ __all__ = [
     "check_images",
     "chat_messages",
     "build_inputs",
+    "check_image_size",
     "MAX_ASPECT_RATIO",
 ]
 
 # Qwen2-VL's image processor refuses images whose long side is more than 200 times the short one.
-MAX_ASPECT_RATIO = 200.0
 # PIL modes holding one integer channel wider than 8 bits (16-bit PNG / TIFF greyscale).
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -270,12 +271,7 @@ def load_images(sample: dict) -> list:
                     img = opened.copy()
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 raise ValueError(f"sample {sample.get('id')!r}: cannot read image {name}: {exc}") from None
-        w, h = img.size
-        if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-            raise ValueError(
-                f"sample {sample.get('id')!r}: image {name} is {w}×{h} pixels; Qwen2.5-VL's image processor takes "
-                f"aspect ratios up to {MAX_ASPECT_RATIO:g}:1"
-            )
+        check_image_size(img.size, f"sample {sample.get('id')!r}: image {name}")
         out.append(_to_rgb(img))
     return out
 

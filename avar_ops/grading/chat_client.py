@@ -79,6 +79,19 @@ class ChatClient:
             time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")  # the loop either returns or raises
 
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """ChatClientError when nothing answers at the server's address (refused, unknown host, timeout); any HTTP
+        answer, even an error status, counts as reachable. Costs one GET of `{base_url}/models`."""
+        url = self.url[: -len("/chat/completions")] + "/models"
+        headers = {"Authorization": "Bearer " + self.api_key} if self.api_key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            raise ChatClientError("%s does not answer (%s)" % (url, getattr(exc, "reason", exc))) from None
+
     def complete_many(self, conversations: Sequence[Sequence[Dict]], **params) -> List[str]:
         """`complete` for many conversations, `concurrency` at a time; results in input order."""
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:

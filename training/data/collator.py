@@ -21,14 +21,15 @@ record left with no target token. Cuts that are allowed are counted in `truncate
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
 from avar_ops.data import Record
 from avar_ops.hf import template_tokens, token_groups
 
-__all__ = ["QwenVLCollator", "CollateError", "MODES"]
+__all__ = ["QwenVLCollator", "CollateError", "Measure", "MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,18 @@ _MASKS = ("user_mask", "image_mask", "system_mask", "response_mask")
 
 class CollateError(ValueError):
     """A record that cannot be turned into model inputs under the collator's settings."""
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One record's token counts as the collator would encode it, found without processing its pixels."""
+
+    length: int  # tokens of the whole rendered record, image tokens included (before any cut to max_length)
+    last_vision: int  # position of its last vision token (image pad or marker), -1 without images
+    first_response: Optional[int]  # position of its first assistant-turn token (SFT), None when there is none
+    has_image: bool
+    has_system: bool
+    has_user: bool
 
 
 def _positive_int(name: str, value) -> int:
@@ -82,6 +95,47 @@ class QwenVLCollator:
                 list(record.messages), tokenize=False, add_generation_prompt=False
             )
         return self.processor.apply_chat_template(record.prompt_messages, tokenize=False, add_generation_prompt=True)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """The number of image-pad tokens an image of width × height pixels becomes under this pixel budget."""
+        ip = self.processor.image_processor
+        patches = ip.get_number_of_image_patches(
+            height, width, {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        )
+        return patches // (ip.merge_size**2)
+
+    def measure(self, record: Record) -> Measure:
+        """The record's token counts and which token groups it has, from its rendered text and its images' sizes
+        (read from the file headers): the tokenizer's work without the image processor's, so that a whole data
+        file is measured before a run. Equals what `__call__` encodes (tests/test_preflight.py checks it)."""
+        from PIL import Image
+
+        text = self.render(record)
+        pad = self.processor.image_token
+        pieces = text.split(pad)
+        if len(pieces) - 1 != len(record.images):
+            raise CollateError(
+                f"record {record.id!r}: the rendered prompt has {len(pieces) - 1} image slots for "
+                f"{len(record.images)} images"
+            )
+        counts = []
+        for path in record.images:
+            with Image.open(path) as img:
+                counts.append(self.image_tokens(*img.size))
+        expanded = pieces[0] + "".join(pad * n + piece for n, piece in zip(counts, pieces[1:]))
+        ids = torch.tensor(self.processor.tokenizer(expanded, verbose=False)["input_ids"], dtype=torch.long)  # [n]
+        t = self.template
+        vision = (ids == t.image_pad) | (ids == t.video_pad) | (ids == t.vision_start) | (ids == t.vision_end)
+        groups = token_groups(ids[None], self.template)
+        response = torch.nonzero(groups.response_mask[0])
+        return Measure(
+            length=len(ids),
+            last_vision=int(torch.nonzero(vision).max()) if bool(vision.any()) else -1,
+            first_response=int(response.min()) if len(response) else None,
+            has_image=bool(groups.image_mask.any()),
+            has_system=bool(groups.system_mask.any()),
+            has_user=bool(groups.user_mask.any()),
+        )
 
     def _encode(self, record: Record) -> dict:
         from PIL import Image

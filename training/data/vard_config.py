@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import ConfigError, data_format, existing_file, non_negative, positive, positive_float, require
+from ..config import Problems, data_format, existing_file, non_negative, positive, positive_float, require
 
 __all__ = ["VARDConfig"]
 
@@ -47,32 +47,34 @@ class VARDConfig:
     limit: Optional[int] = None
 
     def validate(self) -> "VARDConfig":
-        require(self.input_file, "input_file", "the JSONL file of question records")
-        require(self.output_dir, "output_dir", "the folder the synthesised data goes to")
-        existing_file(self.input_file, "input_file")
-        data_format(self.data_format)
+        p = Problems()
+        require(p, self.input_file, "input_file", "the JSONL file of question records")
+        require(p, self.output_dir, "output_dir", "the folder the synthesised data goes to")
+        existing_file(p, self.input_file, "input_file")
+        data_format(p, self.data_format)
         if self.templates_dir is not None and not os.path.isdir(self.templates_dir):
-            raise ConfigError(f"templates_dir: no such folder {self.templates_dir!r}")
+            p.add("templates_dir", f"no such folder {self.templates_dir!r}")
         if self.generator == "http":
             if not self.base_url or not self.base_url.startswith(("http://", "https://")):
-                raise ConfigError(f"base_url must be an http(s) URL for generator 'http', got {self.base_url!r}")
+                p.add("base_url", f"must be an http(s) URL for generator 'http', got {self.base_url!r}")
             if not self.model:
-                raise ConfigError("model (the served model's name) is required for generator 'http'")
+                p.add("model", "required for generator 'http' (the served model's name)")
         elif self.generator == "hf":
             if not self.model:
-                raise ConfigError("model (a local checkpoint folder or 'tiny') is required for generator 'hf'")
+                p.add("model", "required for generator 'hf' (a local checkpoint folder or 'tiny')")
         elif ":" not in self.generator:
-            raise ConfigError(f"generator must be 'http', 'hf' or 'module:function', got {self.generator!r}")
+            p.add("generator", f"must be 'http', 'hf' or 'module:function', got {self.generator!r}")
         for name in ("max_retries", "min_anchors"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+                p.add(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("concurrency", "max_new_tokens"):
-            positive(self, name)
-        positive_float(self, "timeout")
-        non_negative(self, "retry_backoff")
-        non_negative(self, "temperature")
+            positive(p, self, name)
+        positive_float(p, self, "timeout")
+        non_negative(p, self, "retry_backoff")
+        non_negative(p, self, "temperature")
         if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"limit must be a positive int or null, got {self.limit}")
+            p.add("limit", f"must be a positive int or null, got {self.limit}")
         if self.min_anchors and not self.anchor_phrases:
-            raise ConfigError("anchor_phrases must not be empty when min_anchors > 0")
+            p.add("anchor_phrases", "must not be empty when min_anchors > 0")
+        p.raise_any()
         return self

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..config import ConfigError, data_format, load_config
+from ..config import MAX_SEED, ConfigError, Problems, data_format, load_config
 
 __all__ = ["GRPOConfig", "load_grpo_config"]
 
@@ -80,8 +80,10 @@ class GRPOConfig:
     report_to: List[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
 
     def validate(self) -> "GRPOConfig":
+        p = Problems()
+
         def fail(key, want):
-            raise ConfigError(f"config: {key} must be {want}, got {getattr(self, key)!r}")
+            p.add(key, f"must be {want}, got {getattr(self, key)!r:.80}")
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
@@ -102,19 +104,27 @@ class GRPOConfig:
         ):
             if not is_int(getattr(self, key)) or getattr(self, key) < 1:
                 fail(key, "an int >= 1")
-        data_format(self.data_format)
-        if self.eval_file is not None and (not isinstance(self.eval_file, str) or not self.eval_file):
-            fail("eval_file", "null or a path")
-        if self.eval_steps and self.eval_file is None:
-            fail("eval_steps", "0 without eval_file (the held-out records to evaluate on)")
-        for key in ("save_steps", "seed", "eval_steps"):
+        for key in ("save_steps", "eval_steps"):
             if not is_int(getattr(self, key)) or getattr(self, key) < 0:
                 fail(key, "an int >= 0")
+        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            fail("seed", f"an int in [0, {MAX_SEED}] (2**32 - 1)")
+        data_format(p, self.data_format)
+        if self.eval_file is not None and (not isinstance(self.eval_file, str) or not self.eval_file):
+            fail("eval_file", "null or a path")
+        if is_int(self.eval_steps) and self.eval_steps and self.eval_file is None:
+            fail("eval_steps", "0 without eval_file (the held-out records to evaluate on)")
         for key in ("min_pixels", "max_pixels", "max_prompt_length", "top_k"):
             v = getattr(self, key)
             if v is not None and (not is_int(v) or v < 1):
                 fail(key, "null or an int >= 1")
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+        if (
+            not p.has("min_pixels")
+            and not p.has("max_pixels")
+            and self.min_pixels
+            and self.max_pixels
+            and self.min_pixels > self.max_pixels
+        ):
             fail("min_pixels", f"<= max_pixels ({self.max_pixels})")
         for key in ("learning_rate", "temperature"):
             if not is_num(getattr(self, key)) or getattr(self, key) <= 0:
@@ -134,7 +144,7 @@ class GRPOConfig:
             v = getattr(self, key)
             if not is_num(v) or not 0 < v <= 1 or (key != "top_p" and v == 1):
                 fail(key, "a number in (0, 1)" if key != "top_p" else "a number in (0, 1]")
-        if self.warmup_ratio > 1:
+        if not p.has("warmup_ratio") and self.warmup_ratio > 1:
             fail("warmup_ratio", "in [0, 1]")
         for key in ("epsilon_high", "visual_reward_max"):
             v = getattr(self, key)
@@ -152,31 +162,38 @@ class GRPOConfig:
             fail("visual_reward_cap", f"null unless visual_reward = capped_ratio (it is {self.visual_reward!r})")
         if not is_num(self.visual_eps) or self.visual_eps <= 0:
             fail("visual_eps", "a number > 0")
-        self.visual_eps = float(self.visual_eps)
+        else:
+            self.visual_eps = float(self.visual_eps)
         if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
             fail("lr_scheduler_type", "one of constant, linear, cosine")
         if self.loss_type not in ("grpo", "dr_grpo", "dapo"):
             fail("loss_type", "one of grpo, dr_grpo, dapo")
         if self.scale_rewards not in ("group", "batch", "none"):
             fail("scale_rewards", "one of group, batch, none")
-        if self.num_generations < 2 and self.scale_rewards == "group":
-            fail("num_generations", ">= 2 with scale_rewards = group (a std over one rollout)")
-        if self.per_device_train_batch_size % self.num_generations:
+        if not p.has("num_generations") and self.num_generations < 2:
+            # One rollout per prompt has a zero advantage whatever the scaling: the run would train nothing.
+            fail("num_generations", ">= 2 (GRPO learns from the differences within a group of rollouts)")
+        elif not p.has("per_device_train_batch_size") and self.per_device_train_batch_size % self.num_generations:
             fail("per_device_train_batch_size", f"a multiple of num_generations ({self.num_generations})")
+        # The range (−n ≤ i < n) is checked against the model's layer count before the run.
         if self.visual_layers is not None and (
             not isinstance(self.visual_layers, list)
             or not self.visual_layers
-            or not all(is_int(i) and i >= 0 for i in self.visual_layers)
+            or not all(map(is_int, self.visual_layers))
         ):
             fail("visual_layers", "null (all layers) or a non-empty list of layer indices")
         for key in ("reward_funcs", "report_to"):
             v = getattr(self, key)
             if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
                 fail(key, "a list of strings")
-        if self.reward_weights is not None and (
-            not isinstance(self.reward_weights, list)
-            or len(self.reward_weights) != len(self.reward_funcs)
-            or not all(is_num(w) for w in self.reward_weights)
+        if (
+            not p.has("reward_funcs")
+            and self.reward_weights is not None
+            and (
+                not isinstance(self.reward_weights, list)
+                or len(self.reward_weights) != len(self.reward_funcs)
+                or not all(is_num(w) for w in self.reward_weights)
+            )
         ):
             fail("reward_weights", f"null or a list of {len(self.reward_funcs)} numbers (one per reward_funcs)")
         for key in ("format_pattern", "accuracy_checker", "resume_from_checkpoint"):
@@ -186,6 +203,7 @@ class GRPOConfig:
         for key in ("skip_bad_records", "freeze_vision_tower", "bf16", "gradient_checkpointing"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "true or false")
+        p.raise_any()
         return self
 
 

@@ -5,7 +5,9 @@ Rollouts come in groups: `num_generations` consecutive rows share one prompt. Gi
     advantage_i = r_i − mean(group of i)                        then, by `scale_rewards`:
         "group":  / (std(group of i) + 1e-4)     "batch": / (std(all rewards) + 1e-4)     "none": as is
 
-(std unbiased, as TRL's). The per-token loss of rollout i at completion token t is
+(std unbiased, as TRL's). "all rewards" are those of every process: pass `gather` (e.g. accelerate's
+`Accelerator.gather`), which concatenates a tensor across processes; the group means need none, since each
+process holds whole groups. The per-token loss of rollout i at completion token t is
 
     ρ = exp(logp − old_logp),   ℓ = −min(ρ·A_i, clip(ρ, 1 − epsilon, 1 + epsilon_high)·A_i) + beta·KL_t
     KL_t = exp(ref_logp − logp) − (ref_logp − logp) − 1          (the k3 estimator; only when beta > 0)
@@ -24,7 +26,7 @@ the loss of the whole batch for every loss_type.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,8 +37,15 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4  # TRL's guard against a group whose rewards are all equal
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
-    """Advantages float [N] of N = prompts × num_generations rewards [N] (rows of one prompt are consecutive)."""
+def group_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Advantages float [N] of N = prompts × num_generations rewards [N] (rows of one prompt are consecutive).
+
+    gather: tensor [N] -> the tensors of every process concatenated (for "batch"); None: this process is alone."""
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
         got = f"{tuple(rewards.shape)} {rewards.dtype}" if isinstance(rewards, torch.Tensor) else type(rewards).__name__
         raise ValueError(f"group_advantages: rewards must be a 1D floating-point tensor, got {got}")
@@ -59,9 +68,10 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     if scale_rewards == "group":
         std = groups.std(dim=1).repeat_interleave(num_generations)  # [N]
     else:
-        if rewards.numel() < 2:
+        everyone = rewards if gather is None else gather(rewards).to(rewards.device, rewards.dtype)  # [N·procs]
+        if everyone.numel() < 2:
             raise ValueError("group_advantages: scale_rewards='batch' needs at least 2 rewards")
-        std = rewards.std().expand_as(rewards)  # [N]
+        std = everyone.std().expand_as(rewards)  # [N]
     return centred / (std + STD_EPS)
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "combine_rewards",
     "call_reward_function",
     "load_reward_function",
+    "RewardError",
 ]
 
 # <think>…</think><answer>…</answer>, nothing else around them but white space.
@@ -52,6 +53,12 @@ DEFAULT_FORMAT_PATTERN = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
 CHECK_STATUSES = ("correct", "incorrect", "timeout", "error")
 
 RewardFn = Callable[..., List[float]]
+
+
+class RewardError(ValueError):
+    """A reward function that raised or returned something unusable; the message names the function."""
+
+
 _VISUAL, _SYSTEM = 1, 2
 
 
@@ -166,17 +173,22 @@ def call_reward_function(
     completion_ids: List[List[int]],
     columns: Dict[str, list],
 ) -> torch.Tensor:
-    """Run one TRL-style reward function and check what it returns: float64 [N]."""
-    values = fn(prompts, completions, completion_ids, **columns)
+    """Run one TRL-style reward function and check what it returns: float64 [N]. Whatever goes wrong is a
+    `RewardError` naming the function."""
+    try:
+        values = fn(prompts, completions, completion_ids, **columns)
+    except Exception as exc:  # noqa: BLE001 - user code: anything it raises is reported under its name
+        detail = " ".join(str(exc).split())[:300]
+        raise RewardError(f"reward function {name!r} raised {type(exc).__name__}: {detail}") from exc
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"reward function {name!r} must return a list of numbers, one per rollout ({exc})") from exc
+        raise RewardError(f"reward function {name!r} must return a list of numbers, one per rollout ({exc})") from exc
     if len(values) != len(completions):
-        raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} rollouts")
+        raise RewardError(f"reward function {name!r} returned {len(values)} values for {len(completions)} rollouts")
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"reward function {name!r} returned non-finite values for rollouts {bad}")
+        raise RewardError(f"reward function {name!r} returned non-finite values for rollouts {bad}")
     return torch.tensor(values, dtype=torch.float64)
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from avar_ops.core import select_indices
 from avar_ops.data import Record, load_records
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, token_groups
 
@@ -176,8 +177,8 @@ class GRPOTrainer:
         t = self.collator.template
         self.vision_ids = [t.image_pad, t.video_pad, t.vision_start, t.vision_end]
         n_layers = model.config.text_config.num_hidden_layers
-        if cfg.visual_layers is not None and max(cfg.visual_layers) >= n_layers:
-            raise ValueError(f"config: visual_layers must be in [0, {n_layers}), got {cfg.visual_layers}")
+        # −n ≤ i < n, negative from the end (the rule of every layer selection in avar).
+        self.visual_layers = select_indices(cfg.visual_layers, n_layers, "visual_layers")
         self.ref_model = None
         if cfg.beta > 0:
             # A frozen copy taken before the patch (the reference needs no masses) and before any update.
@@ -372,7 +373,7 @@ class GRPOTrainer:
             per_layer,
             ro.response_mask,
             ro.user_mask,
-            cfg.visual_layers,
+            self.visual_layers,
             eps=cfg.visual_eps,
             kind=cfg.visual_reward,
             cap=cfg.visual_reward_cap,
@@ -426,7 +427,7 @@ class GRPOTrainer:
             # The scoring forward is the loss's forward: rewards from its detached masses.
             logps, per_layer = self._forward_logps(self.model, ro, stats)
             breakdown, terms = self._rewards(ro, per_layer)
-            adv = group_advantages(breakdown.total, cfg.num_generations, cfg.scale_rewards).to(logps.device)
+            adv = self._advantages(breakdown.total).to(logps.device)
             t_score = time.perf_counter() - t1
             t2 = time.perf_counter()
             updates.append(self._update(logps, logps.detach(), adv, ro, loss_kwargs))
@@ -434,7 +435,7 @@ class GRPOTrainer:
             with torch.no_grad():
                 old, per_layer = self._forward_logps(self.model, ro, stats)
             breakdown, terms = self._rewards(ro, per_layer)
-            adv = group_advantages(breakdown.total, cfg.num_generations, cfg.scale_rewards).to(old.device)
+            adv = self._advantages(breakdown.total).to(old.device)
             t_score = time.perf_counter() - t1
             t2 = time.perf_counter()
             for _ in range(cfg.num_iterations):
@@ -443,6 +444,15 @@ class GRPOTrainer:
         t_update = time.perf_counter() - t2
         self.step += 1
         return self._log(ro, breakdown, terms, updates, {"generation": t_gen, "scoring": t_score, "update": t_update})
+
+    def _advantages(self, total: torch.Tensor) -> torch.Tensor:
+        """Group advantages of this process's rewards [N]; "batch" scaling divides by the std of every process's."""
+        acc = self.accelerator
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return acc.gather(t.to(acc.device)).cpu()
+
+        return group_advantages(total, self.cfg.num_generations, self.cfg.scale_rewards, gather=gather)
 
     def _update(self, logps, old, adv, ro: Rollouts, loss_kwargs) -> dict:
         acc = self.accelerator

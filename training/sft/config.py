@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import ConfigError, data_format, existing_file, non_negative, positive, positive_float, require
+from ..config import MAX_SEED, Problems, data_format, existing_file, non_negative, positive, positive_float, require
 
 __all__ = ["SFTConfig"]
 
@@ -60,8 +61,11 @@ class SFTConfig:
     report_to: List[str] = field(default_factory=list)  # trackers as TrainingArguments takes them
 
     def validate(self) -> "SFTConfig":
-        require(self.train_file, "train_file", "the JSONL file of SFT records")
-        require(self.output_dir, "output_dir", "the folder checkpoints and logs go to")
+        """Every value checked on its own and against the others; ConfigError listing all problems found. What
+        needs the model, the data or the machine is checked by `avar_train.preflight` before a run."""
+        p = Problems()
+        require(p, self.train_file, "train_file", "the JSONL file of SFT records")
+        require(p, self.output_dir, "output_dir", "the folder checkpoints and logs go to")
         for name in (
             "max_length",
             "min_pixels",
@@ -70,48 +74,66 @@ class SFTConfig:
             "gradient_accumulation_steps",
             "logging_steps",
         ):
-            positive(self, name)
-        if self.min_pixels > self.max_pixels:
-            raise ConfigError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+            positive(p, self, name)
+        if not p.has("min_pixels") and not p.has("max_pixels") and self.min_pixels > self.max_pixels:
+            p.add("min_pixels", f"{self.min_pixels} must not exceed max_pixels ({self.max_pixels})")
         for name in ("alpha", "beta", "weight_decay", "warmup_ratio", "max_grad_norm"):
-            non_negative(self, name)
-        positive_float(self, "agto_eps")
-        positive_float(self, "learning_rate")
-        if self.warmup_ratio >= 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+            non_negative(p, self, name)
+        positive_float(p, self, "agto_eps")
+        positive_float(p, self, "learning_rate")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value < 1):
+                p.add(name, f"must be in [0, 1), got {value!r}")
+        if not p.has("warmup_ratio") and self.warmup_ratio >= 1:
+            p.add("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if not math.isfinite(self.num_train_epochs):
+            p.add("num_train_epochs", f"must be a finite number, got {self.num_train_epochs}")
+        elif self.max_steps <= 0 and self.num_train_epochs <= 0:
+            p.add("max_steps", "set max_steps > 0 or num_train_epochs > 0")
         if self.save_steps < 0:
-            raise ConfigError(f"save_steps must be >= 0, got {self.save_steps}")
+            p.add("save_steps", f"must be >= 0, got {self.save_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            p.add("save_total_limit", f"must be null or >= 1, got {self.save_total_limit}")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_SEED:
+                p.add(name, f"must be in [0, {MAX_SEED}] (2**32 - 1), got {value}")
+        cpus = os.cpu_count() or 1
+        if not 0 <= self.dataloader_num_workers <= cpus:
+            # Each worker is a process; more of them than CPUs only adds processes.
+            p.add(
+                "dataloader_num_workers", f"must be in [0, {cpus}] (the CPUs here), got {self.dataloader_num_workers}"
+            )
         if self.lr_scheduler_type not in ("constant", "constant_with_warmup", "linear", "cosine"):
-            raise ConfigError(
-                f"lr_scheduler_type must be constant, constant_with_warmup, linear or cosine, "
-                f"got {self.lr_scheduler_type!r}"
+            p.add(
+                "lr_scheduler_type",
+                f"must be constant, constant_with_warmup, linear or cosine, got {self.lr_scheduler_type!r}",
             )
         if self.agto_empty not in ("error", "skip"):
-            raise ConfigError(f"agto_empty must be 'error' or 'skip', got {self.agto_empty!r}")
-        if self.agto_layers is not None and (not self.agto_layers or any(i < 0 for i in self.agto_layers)):
-            raise ConfigError(
-                f"agto_layers must be null (all layers) or a non-empty list of layer indices >= 0, "
-                f"got {self.agto_layers}"
-            )
+            p.add("agto_empty", f"must be 'error' or 'skip', got {self.agto_empty!r}")
+        if self.agto_layers is not None and not self.agto_layers:
+            # The range (−n ≤ i < n) is checked against the model's layer count before the run.
+            p.add("agto_layers", "must be null (all layers) or a non-empty list of layer indices, got []")
         if self.use_cpu and self.deepspeed:
-            raise ConfigError("use_cpu disables DeepSpeed; leave it false with a deepspeed config")
+            p.add("use_cpu", "use_cpu disables DeepSpeed; leave it false with a deepspeed config")
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "ccl", "hccl", "cncl", "mccl"):
-            raise ConfigError(f"ddp_backend must be null or a torch.distributed backend, got {self.ddp_backend!r}")
-        existing_file(self.train_file, "train_file")
-        data_format(self.data_format)
+            p.add("ddp_backend", f"must be null or a torch.distributed backend, got {self.ddp_backend!r}")
+        existing_file(p, self.train_file, "train_file")
+        data_format(p, self.data_format)
         if self.eval_steps < 0:
-            raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}")
+            p.add("eval_steps", f"must be >= 0, got {self.eval_steps}")
         if self.eval_steps and not self.eval_file:
-            raise ConfigError(f"eval_steps={self.eval_steps} needs eval_file, the held-out records to evaluate on")
+            p.add("eval_steps", f"{self.eval_steps} needs eval_file, the held-out records to evaluate on")
         if self.eval_file is not None:
-            existing_file(self.eval_file, "eval_file")
+            existing_file(p, self.eval_file, "eval_file")
         if self.deepspeed is not None:
-            existing_file(self.deepspeed, "deepspeed")
+            existing_file(p, self.deepspeed, "deepspeed")
         if self.model_name_or_path != "tiny" and not os.path.isdir(self.model_name_or_path):
-            raise ConfigError(
-                f"model_name_or_path must be 'tiny' or a local checkpoint folder, got {self.model_name_or_path!r} "
-                "(no such folder; nothing is downloaded)"
+            p.add(
+                "model_name_or_path",
+                f"must be 'tiny' or a local checkpoint folder, got {self.model_name_or_path!r} "
+                "(no such folder; nothing is downloaded)",
             )
+        p.raise_any()
         return self

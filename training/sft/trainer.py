@@ -34,6 +34,7 @@ from typing import List, Optional
 import torch
 from transformers import Trainer
 
+from avar_ops.core import select_indices
 from avar_ops.hf import collect_masses, get_handle
 from avar_ops.method import agto_losses, vas
 
@@ -110,11 +111,8 @@ class AGTOTrainer(Trainer):
         if handle is None:
             raise RuntimeError("AGTOTrainer: the model is not patched; call apply_to_qwen2_5_vl(model, ...) first")
         num_layers = len(self._patched.model.language_model.layers)
-        if agto.layers is not None:
-            bad = [i for i in agto.layers if not 0 <= i < num_layers]
-            if bad or not agto.layers:
-                raise ValueError(f"AGTOTrainer: agto layers must be indices in [0, {num_layers}), got {agto.layers}")
-        self._layers = list(range(num_layers)) if agto.layers is None else sorted(set(agto.layers))
+        chosen = select_indices(agto.layers, num_layers, "agto_layers")  # −n ≤ i < n, negative from the end
+        self._layers = list(range(num_layers)) if chosen is None else chosen
         if self.args.gradient_checkpointing:
             kw = self.args.gradient_checkpointing_kwargs or {}
             if kw.get("use_reentrant", True) is not False:
@@ -148,7 +146,7 @@ class AGTOTrainer(Trainer):
         if missing:
             raise KeyError(f"AGTOTrainer: the batch lacks {missing}; use QwenVLCollator(mode='sft') as the collator")
         masks = {k: inputs.pop(k) for k in _GROUP_MASKS}
-        inputs.pop("record_ids", None)
+        record_ids = inputs.pop("record_ids", None)
         self._reduction.user_mask = masks["user_mask"]
         if self._record is None:  # evaluation or prediction: no backward follows
             with collect_masses(self._patched, reduce=self._reduction) as record:
@@ -175,6 +173,15 @@ class AGTOTrainer(Trainer):
             )
         user = masks["user_mask"].to(lm.device)  # [B, L]
         has_query = user.any(-1, keepdim=True)  # [B, 1]: the [B, H, 1, 4] means stand for all user tokens
+        if self.agto.empty == "error":
+            image_b, system_b = masks["image_mask"].any(-1), masks["system_mask"].any(-1)  # [B] each
+            bad = torch.nonzero(~(image_b & system_b & has_query[:, 0].cpu())).flatten().tolist()
+            if bad:
+                names = [record_ids[b] if record_ids else b for b in bad]
+                raise ValueError(
+                    f"records {names} lack image, system or user tokens, which the AGTO attention terms measure: "
+                    "give them an image, or set agto_empty: skip to train them on L_LM alone"
+                )
         terms = agto_losses(
             mean_mass,
             has_query,
@@ -311,7 +318,8 @@ def training_arguments(cfg):
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
+        # The recipe's max_steps <= 0 means "by epochs"; Trainer reads only -1 so (0 would stop after one step).
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         bf16=cfg.bf16,
@@ -358,8 +366,9 @@ def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
             json.dump(info, f, indent=1)
 
 
-def train_sft(cfg) -> AGTOTrainer:
-    """Run SFT with AGTO as `cfg` (an `avar_train.sft.config.SFTConfig`) says; returns the finished trainer."""
+def train_sft(cfg, records=None) -> AGTOTrainer:
+    """Run SFT with AGTO as `cfg` (an `avar_train.sft.config.SFTConfig`) says; returns the finished trainer.
+    records: the records to train on, already checked (`avar_train.preflight`); default: read cfg.train_file."""
     from avar_ops.data import load_records
     from avar_ops.hf import apply_to_qwen2_5_vl
 
@@ -379,13 +388,14 @@ def train_sft(cfg) -> AGTOTrainer:
             f"launched as {launched} processes but the run would train {args.world_size}-way (each process on its "
             "own); on CPU set use_cpu=true (and ddp_backend=gloo) for data parallelism"
         )
-    loaded = load_records(
-        cfg.train_file,
-        use="sft",
-        on_error="skip" if cfg.skip_bad_records else "raise",
-        rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"),
-        format=cfg.data_format,
-    )
+    if records is None:
+        records = load_records(
+            cfg.train_file,
+            use="sft",
+            on_error="skip" if cfg.skip_bad_records else "raise",
+            rejects_path=os.path.join(cfg.output_dir, "rejects.jsonl"),
+            format=cfg.data_format,
+        ).records
     eval_records = None
     if cfg.eval_file:
         eval_records = load_records(
@@ -407,7 +417,7 @@ def train_sft(cfg) -> AGTOTrainer:
     trainer = AGTOTrainer(
         model=model,
         args=args,
-        train_dataset=RecordDataset(loaded.records),
+        train_dataset=RecordDataset(records),
         eval_dataset=None if eval_records is None else RecordDataset(eval_records),
         data_collator=collator,
         processing_class=processor,
