@@ -79,7 +79,7 @@ def test_vas_from_generation_equals_prefill_measurement(full_run, data):
         assert record["vas"] == pytest.approx(measured[record["id"]], rel=1e-5)
 
 
-def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
+def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "resumed")
     calls = {"n": 0}
     real_generate = runner.generate
@@ -91,14 +91,24 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(runner, "generate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "1", "--out", out, *ARGS])
+    capsys.readouterr()
+    code = cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "1", "--out", out, *ARGS])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "avar eval: interrupted at sample 1 of 5 (every answered sample is saved); rerun the same command with "
+        "--resume to resume"
+    )
     first = _records(out, "mmstar")
     assert len(first) == 1
     with open(os.path.join(out, "samples", "mmstar.jsonl"), "a", encoding="utf-8") as f:
         f.write('{"id": "1", "respo')  # a record cut short by the interruption
     calls["n"] = -100  # no more interruptions
-    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *ARGS]) == 0
+    # the same command again is refused: continuing a run is asked for with --resume
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *ARGS]) == 2
+    assert "--resume" in capsys.readouterr().err and calls["n"] == -100
+    resume = ["--resume", *ARGS]
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *resume]) == 0
     assert calls["n"] == -100 + 1 + 3  # only what was missing: one mmstar batch, three hallusionbench batches
     for name in ("mmstar", "hallusionbench"):
         resumed, clean = _records(out, name), _records(full_run, name)
@@ -111,7 +121,7 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
         clean_report = json.load(f)
     # a rerun with a smaller --limit reports on fewer samples without generating anything
     calls["n"] = 0
-    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--limit", "1", "--out", out, *ARGS]) == 0
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--limit", "1", "--out", out, *resume]) == 0
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         assert json.load(f)["benchmarks"]["mmstar"]["n"] == 1
     assert calls["n"] == 0

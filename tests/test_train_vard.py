@@ -193,7 +193,7 @@ def test_vard_over_http_end_to_end(tmp_path, capsys):
         with open(out / "vard.jsonl", "a") as f:
             f.write('{"id": "torn", "resp')
         _inputs(tmp_path / "in", ["dup"])
-        assert main(["vard", "--config", str(config)]) == 0
+        assert main(["vard", "--config", str(config), "resume=true"]) == 0
         assert "1 kept, 2 rejected" in capsys.readouterr().out  # fail kept; garbage again, dup
         for rid in ids:
             if rid not in ("garbage", "fail"):

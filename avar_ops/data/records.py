@@ -274,7 +274,8 @@ def load_records(
 
     use: "sft" (each record needs a target), "rl" (each needs an answer) or "any".
     on_error: "raise" (default) raises a `RecordError` at the first bad record; "skip" keeps going, logs how
-    many were skipped and appends each bad line with its file, line and reason to `rejects_path` (required).
+    many were skipped and appends each bad line with its file, line and reason to `rejects_path` (required; a row
+    the file already holds is not written again).
     check_images: open every image to check it is one (off only for data already checked).
     """
     if on_error not in ("raise", "skip"):
@@ -322,8 +323,20 @@ def load_records(
 
 
 def _append_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """Append the rows the file does not hold yet: a rerun over the same data adds no duplicate rejects."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    seen = set()
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    seen.add(json.dumps(json.loads(line), ensure_ascii=False, sort_keys=True))
+                except ValueError:
+                    continue
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            key = json.dumps(row, ensure_ascii=False, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -44,6 +44,8 @@ class VARDConfig:
     answer_check: bool = True  # keep an output only if its answer agrees with the record's reference
     skip_bad_records: bool = False
     limit: Optional[int] = None
+    resume: bool = False  # continue the run in output_dir: records already kept or rejected are not asked again
+    overwrite: bool = False  # remove the run in output_dir and start again
 
     def validate(self) -> "VARDConfig":
         require(self.input_file, "input_file", "the JSONL file of question records")
@@ -71,6 +73,8 @@ class VARDConfig:
         non_negative(self, "temperature")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"limit must be a positive int or null, got {self.limit}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other; choose one")
         if self.min_anchors and not self.anchor_phrases:
             raise ConfigError("anchor_phrases must not be empty when min_anchors > 0")
         return self
