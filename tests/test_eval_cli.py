@@ -96,7 +96,7 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert code == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (
-        "avar eval: interrupted at sample 1 of 5 (every answered sample is saved); rerun the same command with "
+        "avar eval: interrupted at sample 1 of 7 (every answered sample is saved); rerun the same command with "
         "--resume to resume"
     )
     first = _records(out, "mmstar")
@@ -167,11 +167,20 @@ def test_output_location_errors(full_run, data, tmp_path, monkeypatch, capsys):
     assert "is a file; expected a folder" in capsys.readouterr().err
     assert cli.main(["eval", *_bench(data), "--out", str(tmp_path / "no" / "such" / "run"), *ARGS]) == 2
     assert "does not exist" in capsys.readouterr().err
-    # a run folder made with other settings is not continued
+    # a run folder is not written into as a new run, nor continued with other settings
     argv = ["eval", *_bench(data), "--out", full_run, "--max-new-tokens", "5", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "holds a run with other settings (max_new_tokens)" in err and len(err.strip().splitlines()) == 1
+    assert "already holds a run" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert cli.main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (max_new_tokens: 4 -> 5)" in err and len(err.strip().splitlines()) == 1
+    # an empty --out is refused like every other command's, nothing written in the current folder
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(["eval", *_bench(data), "--out", "", *ARGS]) == 2
+    assert "--out: expected a folder path, got an empty string" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_correlate_command(tmp_path, capsys):

@@ -43,7 +43,8 @@ def _fail(message: str, code: int) -> int:
 
 # Settings a resumed run may change: where it logs and saves, how often, and how it reaches its generator.
 _RESUMABLE = {
-    "sft": ("logging_steps", "save_steps", "save_total_limit", "report_to", "dataloader_num_workers"),
+    # (Trainer takes logging_steps and save_steps from the checkpoint's state: a change would be ignored.)
+    "sft": ("save_total_limit", "report_to", "dataloader_num_workers"),
     "grpo": ("logging_steps", "save_steps", "report_to"),
     "vard": ("base_url", "api_key_env", "timeout", "max_retries", "retry_backoff", "concurrency", "limit"),
 }
@@ -77,7 +78,8 @@ def _open_output_dir(cfg, command: str):
 
 
 def _stopped(message: str) -> int:
-    sys.stderr.write(f"avar-train: {message}\n")
+    # On a line of its own: a progress bar may have left the cursor at the end of its line.
+    sys.stderr.write(f"\navar-train: {message}\n")
     return 130
 
 
@@ -85,6 +87,7 @@ def _abandoned(run, message: str, code: int) -> int:
     """A run that failed: its folder is handed back as new when it wrote nothing (see RunFolder.abandon)."""
     if run is not None:
         run.abandon()
+    sys.stderr.write("\n")  # a progress bar may have left the cursor at the end of its line
     return _fail(message, code)
 
 

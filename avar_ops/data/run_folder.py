@@ -252,7 +252,7 @@ def open_run_folder(
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise RunFolderError(f"{what}: {path!r} cannot be created ({exc.strerror or exc})") from None
+        raise RunFolderError(f"{what}: cannot write in {path!r} ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunFolderError(f"{what}: cannot write in {path!r}")
     held = RunLock(path, command, note).acquire() if lock else None
