@@ -4,6 +4,7 @@ to a prefill-only measurement, resume after an interruption, argument errors bef
 
 import json
 import os
+import socket
 
 import eval_fixtures
 import pytest
@@ -175,6 +176,15 @@ def test_output_location_errors(full_run, data, tmp_path, monkeypatch, capsys):
     assert cli.main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings (max_new_tokens: 4 -> 5)" in err and len(err.strip().splitlines()) == 1
+    # a second writer of one run folder is refused, naming the one that holds it
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "command": "avar eval"}
+    (busy / ".avar.lock").write_text(json.dumps(holder))
+    assert cli.main(["eval", *_bench(data), "--out", str(busy), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by avar eval (pid %d on host %s" % (os.getppid(), socket.gethostname()) in err
+    assert sorted(os.listdir(busy)) == [".avar.lock"]
     # an empty --out is refused like every other command's, nothing written in the current folder
     monkeypatch.chdir(tmp_path)
     before = sorted(os.listdir(tmp_path))

@@ -331,6 +331,27 @@ def test_grpo_interrupt_resume_and_final_model(tmp_path, monkeypatch, capsys):
     AutoProcessor.from_pretrained(out, local_files_only=True)
 
 
+def test_grpo_stops_on_a_record_that_fails_in_the_collator(tmp_path, monkeypatch, capsys):
+    from grpo_fixtures import write_colour_task
+
+    data = write_colour_task(str(tmp_path / "data"), n=4)
+    real = QwenVLCollator._encode
+
+    def encode(self, record):
+        if record.id == "c2":
+            raise StopIteration
+        return real(self, record)
+
+    monkeypatch.setattr(QwenVLCollator, "_encode", encode)
+    out = tmp_path / "out"
+    recipe = os.path.join(ROOT, "training", "configs", "grpo_tiny.yaml")
+    argv = ["grpo", "--config", recipe, f"train_file={data}", f"output_dir={out}", "max_steps=8", "save_steps=0"]
+    assert main(argv) == 1
+    lines = _error_lines(capsys.readouterr().err)
+    assert lines == ["avar-train: error: record 'c2': cannot be processed (StopIteration: no message)"]
+    assert not (out / "config.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- VARD
 
 

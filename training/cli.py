@@ -78,8 +78,7 @@ def _open_output_dir(cfg, command: str):
 
 
 def _stopped(message: str) -> int:
-    # On a line of its own: a progress bar may have left the cursor at the end of its line.
-    sys.stderr.write(f"\navar-train: {message}\n")
+    sys.stderr.write(f"avar-train: {message}\n")
     return 130
 
 
@@ -87,7 +86,6 @@ def _abandoned(run, message: str, code: int) -> int:
     """A run that failed: its folder is handed back as new when it wrote nothing (see RunFolder.abandon)."""
     if run is not None:
         run.abandon()
-    sys.stderr.write("\n")  # a progress bar may have left the cursor at the end of its line
     return _fail(message, code)
 
 

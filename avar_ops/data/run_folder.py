@@ -247,7 +247,7 @@ def open_run_folder(
     if resume and overwrite:
         raise RunFolderError(f"{resume_flag} and {overwrite_flag} exclude each other; choose one")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise RunFolderError(f"{what}: {path!r} is a file; expected a folder")
+        raise RunFolderError(f"{what}: {path!r} exists and is not a folder")
     created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)

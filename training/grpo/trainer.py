@@ -561,7 +561,7 @@ class GRPOTrainer:
         cfg = self.cfg
         history = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", disable=not self.accelerator.is_main_process)
-        with StopRequest("avar-train grpo") as request:
+        with StopRequest("avar-train grpo") as request, bar:  # the bar closes on an error too
             while self.step < cfg.max_steps:
                 record = self.train_step()
                 history.append(record)
@@ -569,11 +569,9 @@ class GRPOTrainer:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
                 if request.agreed(self.accelerator) and self.step < cfg.max_steps:
                     self.save_checkpoint()
-                    bar.close()
                     raise Interrupted(self.step)
                 if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
-        bar.close()
         self.save_checkpoint()
         if cfg.report_to:
             self.accelerator.end_training()

@@ -356,6 +356,14 @@ class _StopOnInterrupt(TrainerCallback):
         return control
 
 
+def _close_progress_bars(trainer: Trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
+
+
 def _checkpoint_step(path: str) -> int:
     """The global step a Trainer checkpoint was saved at."""
     try:
@@ -437,7 +445,11 @@ def train_sft(cfg) -> AGTOTrainer:
     stop = _StopOnInterrupt(trainer, request)
     trainer.add_callback(stop)
     with request:
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except BaseException:
+            _close_progress_bars(trainer)  # so that the one-line error starts on a line of its own
+            raise
     if stop.stopped_at is not None:
         raise Interrupted(stop.stopped_at)
     # The final model and processor in output_dir itself, whatever save_steps is: from_pretrained(output_dir).
