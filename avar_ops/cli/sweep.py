@@ -69,7 +69,7 @@ def run(args) -> int:
     check_selection(args, ivs, shape)
     check_device(args, shape)
     # Every check passed: take the folder (the policy may remove an old run with --overwrite) and run.
-    with open_out(args, "sweep") as folder:
+    with open_out(args, "sweep") as run_folder:
         model, processor, label = loading.load_model(args.model, dtype=args.dtype, device=args.device)
         rows, answers = [], {}
         for (img, sys_), iv in zip(settings, ivs):
@@ -116,7 +116,7 @@ def run(args) -> int:
         print(open(paths["markdown"], encoding="utf-8").read())
         for name, p in paths.items():
             print(f"  {name}: {p}")
-        folder.finish()
+        run_folder.finish()
     return 0
 
 

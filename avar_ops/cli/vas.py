@@ -66,7 +66,7 @@ def run(args) -> int:
     compares = _compare_sources(args.compare or [], args)
 
     # Every check passed: take the folder (the policy may remove an old run with --overwrite) and measure.
-    with open_out(args, "vas") as folder:
+    with open_out(args, "vas") as run_folder:
         model, processor, report, paths = _measure(args.model, args, samples, out, label=args.label, intervention=iv)
         print(report.summary())
         for sample, name in zip(drawn, heatmap_names):
@@ -92,7 +92,7 @@ def run(args) -> int:
             paths["compare"] = analysis.compare(reports, inside(out, "compare.png"))
         for name, p in paths.items():
             print(f"  {name}: {p}")
-        folder.finish()
+        run_folder.finish()
     return 0
 
 

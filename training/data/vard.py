@@ -398,7 +398,9 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
         limit=cfg.limit,
     )
     kept_rows = _read_finished(out_path, lambda row: True)
-    final_rejects = _read_finished(rejects_path, lambda row: not row.get("reason", "").startswith(GENERATOR_ERROR))
+    all_rejects = _read_finished(rejects_path, lambda row: True)
+    final_rejects = [row for row in all_rejects if not row.get("reason", "").startswith(GENERATOR_ERROR)]
+    written_rejects = {json.dumps(row, ensure_ascii=False, sort_keys=True) for row in all_rejects}
     done = {str(r["id"]) for r in kept_rows} | {str(r["id"]) for r in final_rejects}
     seen_responses = {_normalise(r["response"]) for r in kept_rows}
     todo = [r for r in loaded.records if r.id not in done]
@@ -414,6 +416,10 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
         kind = reason.split(":", 1)[0]
         summary.rejected[kind] = summary.rejected.get(kind, 0) + 1
         row = {"id": record.id, "stage": stage, "reason": reason, **(outputs or {})}
+        key = json.dumps(row, ensure_ascii=False, sort_keys=True)
+        if key in written_rejects:  # a retried request that failed the same way again: one row is enough
+            return
+        written_rejects.add(key)
         f_rejects.write(json.dumps(row, ensure_ascii=False) + "\n")
         f_rejects.flush()
 
