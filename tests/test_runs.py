@@ -279,14 +279,29 @@ def test_agto_skip_logs_the_image_mass_of_the_samples_it_trains_on(tiny_dir, tmp
     assert logs["mixed"]["vas"] == pytest.approx(logs["alone"]["vas"], rel=1e-4)
 
 
-def test_a_second_writer_is_refused_in_one_line(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["sft", "grpo", "vard"])
+def test_a_second_writer_is_refused_in_one_line(command, tiny_dir, tmp_path, capsys):
+    """A folder another live process holds: refused before any model loads or request goes out, naming the
+    holder; two runs never write one folder (no duplicate ids in vard.jsonl, no shared temporary files)."""
     data = write_sft_records(str(tmp_path / "data"), n=2)
     out = tmp_path / "out"
     out.mkdir()
     (out / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "command": "x"}))
-    assert main(["sft", "--config", _recipe(tmp_path, tiny_dir, data), f"output_dir={out}"]) == 2
+    if command == "sft":
+        argv = ["--config", _recipe(tmp_path, tiny_dir, data)]
+    elif command == "grpo":
+        with open(data) as f:
+            rows = [dict(json.loads(line), answer="red") for line in f]
+        with open(data, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        argv = ["--config", os.path.join(ROOT, "training", "configs", "grpo_tiny.yaml"), f"train_file={data}"]
+    else:
+        recipe = tmp_path / "vard.yaml"
+        recipe.write_text(yaml.safe_dump({"input_file": data, "base_url": "http://127.0.0.1:9/v1", "model": "m"}))
+        argv = ["--config", str(recipe)]
+    assert main([command, *argv, f"output_dir={out}"]) == 2
     lines = _error_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and f"pid {os.getppid()} on host {socket.gethostname()}" in lines[0]
+    assert len(lines) == 1 and f"pid {os.getppid()} on host {socket.gethostname()}" in lines[0], lines
     assert sorted(os.listdir(out)) == [LOCK_FILE]
 
 

@@ -97,7 +97,6 @@ def add_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-
     from avar_ops.eval import runner
 
     try:
