@@ -148,14 +148,26 @@ def test_bad_input_is_one_line_before_loading(argv, code, message, files, tmp_pa
     assert lines[0].startswith(f"avar {argv[0]}: error: ") and message in lines[0], lines[0]
 
 
-def test_overwriting_a_report_is_announced(files, tmp_path, capsys):
+def test_a_used_out_folder_needs_overwrite(files, tmp_path, capsys):
+    """A folder holding someone's files is never written into; one holding an avar vas run only with
+    --overwrite, and the old run is removed only once every other check passed."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "vas.json").write_text("{}")
+    assert main(["vas", "--data", files["data"], "--out", str(foreign), "--overwrite"]) == 2
+    assert "holds no avar run" in capsys.readouterr().err
+    assert (foreign / "vas.json").read_text() == "{}"
+
     out = tmp_path / "out"
     out.mkdir()
+    (out / "avar_run.json").write_text(json.dumps({"command": "avar vas", "settings": {}, "started": "t"}))
     (out / "vas.json").write_text("{}")
-    assert main(["vas", "--data", files["data"], "--out", str(out), "--device", "foo"]) == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == f"avar vas: note: overwriting vas.json in {out}"
-    assert lines[1].startswith("avar vas: error: --device")
+    assert main(["vas", "--data", files["data"], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("avar vas: error: ") and "--overwrite" in err and "\n" not in err, err
+    assert main(["vas", "--data", files["data"], "--out", str(out), "--overwrite", "--device", "foo"]) == 2
+    assert capsys.readouterr().err.startswith("avar vas: error: --device")
+    assert (out / "vas.json").is_file()  # a bad command removes nothing
 
 
 def _run(argv, cwd):

@@ -4,6 +4,7 @@ to a prefill-only measurement, resume after an interruption, argument errors bef
 
 import json
 import os
+import socket
 
 import eval_fixtures
 import pytest
@@ -79,7 +80,7 @@ def test_vas_from_generation_equals_prefill_measurement(full_run, data):
         assert record["vas"] == pytest.approx(measured[record["id"]], rel=1e-5)
 
 
-def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
+def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "resumed")
     calls = {"n": 0}
     real_generate = runner.generate
@@ -91,14 +92,24 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(runner, "generate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "1", "--out", out, *ARGS])
+    capsys.readouterr()
+    code = cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "1", "--out", out, *ARGS])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "avar eval: interrupted at sample 1 of 7 (every answered sample is saved); rerun the same command with "
+        "--resume to resume"
+    )
     first = _records(out, "mmstar")
     assert len(first) == 1
     with open(os.path.join(out, "samples", "mmstar.jsonl"), "a", encoding="utf-8") as f:
         f.write('{"id": "1", "respo')  # a record cut short by the interruption
     calls["n"] = -100  # no more interruptions
-    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *ARGS]) == 0
+    # the same command again is refused: continuing a run is asked for with --resume
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *ARGS]) == 2
+    assert "--resume" in capsys.readouterr().err and calls["n"] == -100
+    resume = ["--resume", *ARGS]
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *resume]) == 0
     assert calls["n"] == -100 + 1 + 3  # only what was missing: one mmstar batch, three hallusionbench batches
     for name in ("mmstar", "hallusionbench"):
         resumed, clean = _records(out, name), _records(full_run, name)
@@ -111,7 +122,7 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch):
         clean_report = json.load(f)
     # a rerun with a smaller --limit reports on fewer samples without generating anything
     calls["n"] = 0
-    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--limit", "1", "--out", out, *ARGS]) == 0
+    assert cli.main(["eval", "--model", "tiny", *_bench(data), "--limit", "1", "--out", out, *resume]) == 0
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         assert json.load(f)["benchmarks"]["mmstar"]["n"] == 1
     assert calls["n"] == 0
@@ -157,11 +168,29 @@ def test_output_location_errors(full_run, data, tmp_path, monkeypatch, capsys):
     assert "is a file; expected a folder" in capsys.readouterr().err
     assert cli.main(["eval", *_bench(data), "--out", str(tmp_path / "no" / "such" / "run"), *ARGS]) == 2
     assert "does not exist" in capsys.readouterr().err
-    # a run folder made with other settings is not continued
+    # a run folder is not written into as a new run, nor continued with other settings
     argv = ["eval", *_bench(data), "--out", full_run, "--max-new-tokens", "5", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "holds a run with other settings (max_new_tokens)" in err and len(err.strip().splitlines()) == 1
+    assert "already holds a run" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert cli.main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (max_new_tokens: 4 -> 5)" in err and len(err.strip().splitlines()) == 1
+    # a second writer of one run folder is refused, naming the one that holds it
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "command": "avar eval"}
+    (busy / ".avar.lock").write_text(json.dumps(holder))
+    assert cli.main(["eval", *_bench(data), "--out", str(busy), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by avar eval (pid %d on host %s" % (os.getppid(), socket.gethostname()) in err
+    assert sorted(os.listdir(busy)) == [".avar.lock"]
+    # an empty --out is refused like every other command's, nothing written in the current folder
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(["eval", *_bench(data), "--out", "", *ARGS]) == 2
+    assert "--out: expected a folder path, got an empty string" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_correlate_command(tmp_path, capsys):

@@ -21,7 +21,7 @@ AVAR_FLAGS = {
     "vas": _MODEL
     + _INTERVENTION
     + ["--data", "--limit", "--out", "--label", "--compare", "--batch-size", "--vas-layers", "--heatmaps"]
-    + ["--heatmap-layers", "--heatmap-queries", "--max-new-tokens", "--no-progress"]
+    + ["--heatmap-layers", "--heatmap-queries", "--max-new-tokens", "--no-progress", "--overwrite"]
     + ["--data-format"],  # added since: the layout of --data
     "generate": _MODEL
     + _INTERVENTION
@@ -29,13 +29,13 @@ AVAR_FLAGS = {
     "sweep": _MODEL
     + ["--mode", "--layers", "--heads"]
     + ["--data", "--alphas", "--alpha-sys", "--limit", "--out", "--batch-size", "--max-new-tokens", "--no-progress"]
-    + ["--data-format"],
+    + ["--data-format", "--overwrite"],
     "demo": ["--out"],
     "eval": _MODEL
     + _INTERVENTION
     + ["--bench", "--out", "--label", "--limit", "--batch-size", "--max-new-tokens", "--system", "--min-pixels"]
     + ["--max-pixels", "--seed", "--judge-url", "--judge-model", "--judge-key-env", "--checker-timeout"]
-    + ["--no-progress"],
+    + ["--no-progress", "--resume", "--overwrite"],
     "correlate": ["--out", "--confidence"],
 }
 TRAIN_FLAGS = {"sft": ["--config"], "vard": ["--config"], "grpo": ["--config"], "check": ["--command", "--config"]}

@@ -193,7 +193,7 @@ def test_vard_over_http_end_to_end(tmp_path, capsys):
         with open(out / "vard.jsonl", "a") as f:
             f.write('{"id": "torn", "resp')
         _inputs(tmp_path / "in", ["dup"])
-        assert main(["vard", "--config", str(config)]) == 0
+        assert main(["vard", "--config", str(config), "resume=true"]) == 0
         assert "1 kept, 2 rejected" in capsys.readouterr().out  # fail kept; garbage again, dup
         for rid in ids:
             if rid not in ("garbage", "fail"):
@@ -201,6 +201,9 @@ def test_vard_over_http_end_to_end(tmp_path, capsys):
         kept = _rows(out / "vard.jsonl")
         assert sorted(r["id"] for r in kept) == ["drop", "err500", "fail", "good", "slow"]
         assert {r["id"]: r["reason"] for r in _rows(out / "rejects.jsonl")}["dup"].startswith("duplicate:")
+        # garbage failed again the same way: rejects.jsonl holds that row once
+        rows = [json.dumps(r, sort_keys=True) for r in _rows(out / "rejects.jsonl")]
+        assert len(rows) == len(set(rows)) and sum('"garbage"' in r for r in rows) == 1
     finally:
         server.shutdown()
         server.server_close()

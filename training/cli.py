@@ -12,12 +12,18 @@ Overrides are config keys with YAML values (`max_steps=10`, `agto_layers=[0,1]`)
 checks of `avar_train.preflight` (each setting, the machine, the model's config and processor, every record and
 image, every prompt's length): each problem is one line on stderr, `WHERE: FIELD: REASON`, and the exit status is
 2 when a setting is wrong, else 1 when the data is; no model weights have been loaded by then.
+
+Output folders follow avar_ops.data's run-folder policy: a used output_dir is refused unless the command says
+`resume=true` (continue that run, same settings only; `resume_from_checkpoint=latest` also resumes) or
+`overwrite=true` (remove it and start again); one process writes a folder at a time (a lock file). A bad record
+found while a batch is made stops the run with one line and exit status 1. Ctrl-C stops after the step in
+progress with a checkpoint of it, one line and exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 from typing import List, Optional
@@ -44,15 +50,52 @@ def _fail(message: str, code: int, command: str = "") -> int:
     return code
 
 
-def _prepare_output_dir(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"output_dir {path!r} exists and is not a folder")
+# Settings a resumed run may change: where it logs and saves, how often, and how it reaches its generator.
+_RESUMABLE = {
+    # (Trainer takes logging_steps and save_steps from the checkpoint's state: a change would be ignored.)
+    "sft": ("save_total_limit", "report_to", "dataloader_num_workers"),
+    "grpo": ("logging_steps", "save_steps", "report_to"),
+    "vard": ("base_url", "api_key_env", "timeout", "max_retries", "retry_backoff", "concurrency", "limit"),
+}
+_NOT_SETTINGS = ("output_dir", "resume", "overwrite", "resume_from_checkpoint")
+_RESUME_HINT = "rerun the same command with resume=true to resume"
+
+
+def _open_output_dir(cfg, command: str):
+    """The run-folder policy (avar_ops.data.open_run_folder) for output_dir: refuses a used folder unless told
+    resume=true / overwrite=true, refuses to resume other settings, takes the lock. Only the first process of a
+    multi-process run applies it (the others write nothing of their own there); they get None."""
+    from avar_ops.data import RunFolderError, open_run_folder
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SETTINGS}
+    resume = bool(cfg.resume or getattr(cfg, "resume_from_checkpoint", None))
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output_dir {path!r} cannot be created ({exc.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"output_dir {path!r} is not writable")
+        return open_run_folder(
+            cfg.output_dir,
+            f"avar-train {command}",
+            settings,
+            resume=resume,
+            overwrite=cfg.overwrite,
+            resumable=_RESUMABLE[command],
+            what="output_dir",
+            flags=("resume=true", "overwrite=true"),
+        )
+    except RunFolderError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _stopped(message: str) -> int:
+    sys.stderr.write(f"avar-train: {message}\n")
+    return 130
+
+
+def _abandoned(run, message: str, code: int, command: str = "") -> int:
+    """A run that failed: its folder is handed back as new when it wrote nothing (see RunFolder.abandon)."""
+    if run is not None:
+        run.abandon()
+    return _fail(message, code, command)
 
 
 def _detect(path: str, overrides: dict) -> Optional[str]:
@@ -99,20 +142,21 @@ def _report(command: str, result) -> None:
 
 
 def _start(command: str, args):
-    """The checks, then the output folder and the skipped records' rejects: (cfg, records) or (None, exit code)."""
+    """The checks, then the run folder (policy and lock) and the skipped records' rejects: (cfg, records, run) or
+    (None, exit code, None)."""
+    from avar_ops.data import append_rejects
+
     cfg, result = preflight(command, args.config, args.overrides)
     _report(command, result)
     if result.code:
-        return None, result.code
+        return None, result.code, None
     try:
-        _prepare_output_dir(cfg.output_dir)
+        run = _open_output_dir(cfg, command)
     except ConfigError as exc:
-        return None, _fail(f"output_dir: {exc}", 2, command)
+        return None, _fail(str(exc), 2, command), None
     if result.rejects:
-        with open(os.path.join(cfg.output_dir, "rejects.jsonl"), "a", encoding="utf-8") as f:
-            for row in result.rejects:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return cfg, result.records
+        append_rejects(os.path.join(cfg.output_dir, "rejects.jsonl"), result.rejects)
+    return cfg, result.records, run
 
 
 def _run_check(args) -> int:
@@ -140,34 +184,49 @@ def _run_sft(args) -> int:
 
     from .data.collator import CollateError
 
-    cfg, records = _start("sft", args)
+    cfg, records, run = _start("sft", args)
     if cfg is None:
         return records
+    from .interrupt import Interrupted
     from .sft.trainer import LaunchError, train_sft
 
     try:
         train_sft(cfg, records=records)
+        if run is not None:
+            run.finish()
     except LaunchError as exc:
-        return _fail(str(exc), 2, "sft")
+        return _abandoned(run, str(exc), 2, "sft")
     except (RecordError, CollateError, FileNotFoundError) as exc:
-        return _fail(str(exc), 1, "sft")
+        return _abandoned(run, str(exc), 1, "sft")
+    except Interrupted as exc:
+        return _stopped(f"interrupted at step {exc.step}; {_RESUME_HINT}")
+    except KeyboardInterrupt:
+        return _stopped(f"interrupted during a step; {_RESUME_HINT} from its newest checkpoint")
+    finally:
+        if run is not None:
+            run.release()
     return 0
 
 
 def _run_vard(args) -> int:
     from avar_ops.data import RecordError
 
-    cfg, code = _start("vard", args)
+    cfg, code, run = _start("vard", args)
     if cfg is None:
         return code
     from .data.vard import VARDError, run_vard
 
     try:
         summary = run_vard(cfg)
+        if run is not None:
+            run.finish()
     except (RecordError, VARDError, FileNotFoundError) as exc:
-        return _fail(str(exc), 1, "vard")
+        return _abandoned(run, str(exc), 1, "vard")
     except KeyboardInterrupt:
-        return _fail(f"interrupted; finished records are in {cfg.output_dir}, run again to resume", 130, "vard")
+        return _stopped(f"interrupted; finished records are in {cfg.output_dir}; {_RESUME_HINT}")
+    finally:
+        if run is not None:
+            run.release()
     print(summary.line())
     return 0
 
@@ -178,19 +237,30 @@ def _run_grpo(args) -> int:
     from .data.collator import CollateError
     from .grpo.rewards import RewardError
 
-    cfg, records = _start("grpo", args)
+    cfg, records, run = _start("grpo", args)
     if cfg is None:
         return records
-    if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
-        return _fail(f"resume_from_checkpoint: no such folder {cfg.resume_from_checkpoint!r}", 2, "grpo")
     if cfg.eval_file is not None and not os.path.isfile(cfg.eval_file):
+        if run is not None:
+            run.abandon()
+            run.release()
         return _fail(f"eval_file: no such file {cfg.eval_file!r}", 2, "grpo")
     from .grpo.trainer import train_grpo
+    from .interrupt import Interrupted
 
     try:
         train_grpo(cfg, records=records)
+        if run is not None:
+            run.finish()
     except (RecordError, CollateError, FileNotFoundError, RewardError) as exc:
-        return _fail(str(exc), 1, "grpo")
+        return _abandoned(run, str(exc), 1, "grpo")
+    except Interrupted as exc:
+        return _stopped(f"interrupted at step {exc.step}; {_RESUME_HINT}")
+    except KeyboardInterrupt:
+        return _stopped(f"interrupted during a step; {_RESUME_HINT} from its newest checkpoint")
+    finally:
+        if run is not None:
+            run.release()
     return 0
 
 

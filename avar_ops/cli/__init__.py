@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 from avar_ops.cli import demo, eval, generate, sweep, vas
 from avar_ops.cli.args import MAX_NEW_TOKENS, check_counts
-from avar_ops.cli.errors import CLIError, DataError, one_line
+from avar_ops.cli.errors import CLIError, DataError, Interrupted, one_line
 
 __all__ = ["main", "build_parser", "CLIError", "DataError", "MAX_NEW_TOKENS"]
 
@@ -62,9 +62,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         check_counts(args)
         return args.run_command(args)
+    except Interrupted as exc:
+        print(f"avar {args.command}: {one_line(exc)}", file=sys.stderr)
+        return exc.code
     except CLIError as exc:
         print(f"avar {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:
+        print(f"avar {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as exc:
         # What the checks before loading cannot see (e.g. a sample the model cannot measure): still one line.
         print(f"avar {args.command}: error: {one_line(exc)}", file=sys.stderr)

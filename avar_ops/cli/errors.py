@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CLIError", "DataError", "one_line"]
+__all__ = ["CLIError", "DataError", "Interrupted", "one_line"]
 
 
 class CLIError(Exception):
@@ -15,6 +15,12 @@ class DataError(CLIError):
     """The content of a file the command line names is wrong (exit 1)."""
 
     code = 1
+
+
+class Interrupted(CLIError):
+    """Ctrl-C: the command stopped with everything finished so far saved (exit 130)."""
+
+    code = 130
 
 
 def one_line(exc: Exception) -> str:

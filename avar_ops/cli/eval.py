@@ -23,8 +23,8 @@ from avar_ops.cli.args import (
     check_selection,
     intervention_from_flags,
 )
-from avar_ops.cli.errors import CLIError, DataError
-from avar_ops.cli.out import prepare_out
+from avar_ops.cli.errors import CLIError, DataError, Interrupted
+from avar_ops.cli.out import add_out_flags, open_out, prepare_out
 from avar_ops.data import TextError, check_text
 from avar_ops.eval import BENCHMARKS, PAPER_ORDER, BenchmarkDataError, get_benchmark
 
@@ -92,7 +92,8 @@ def add_parser(sub) -> None:
         metavar="NAME[:SPLIT]=PATH",
         help="benchmark files or folders; names: %s" % ", ".join(PAPER_ORDER),
     )
-    p.add_argument("--out", required=True, help="run folder (a rerun with the same settings continues it)")
+    p.add_argument("--out", required=True, help="run folder (--resume continues a run with the same settings)")
+    add_out_flags(p, resume=True)
     p.add_argument("--label", default=None, help="name of the run in tables and plots (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="the first N samples of each benchmark")
     p.add_argument("--batch-size", type=int, default=1)
@@ -122,10 +123,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
     from avar_ops.eval import runner
-    from avar_ops.grading import AnswerChecker, LatexChecker
 
     try:
         check_text(args.system, where="the command line", field="--system")
@@ -194,10 +192,32 @@ def _cmd_eval(args) -> int:
         max_pixels=args.max_pixels,
         versions=runner.versions(),
     )
-    try:
-        runner.prepare_run_folder(args.out, settings)
-    except runner.RunConflictError as exc:
-        raise CLIError(str(exc)) from exc
+    with open_out(args, "eval", settings.to_dict(), resumable=runner.EvalSettings.RESUMABLE) as folder:
+        try:
+            runner.prepare_run_folder(args.out, settings)
+        except runner.RunConflictError as exc:
+            raise CLIError(str(exc)) from exc
+        try:
+            code = _evaluate(args, specs, loaded, settings, iv, judge)
+        except KeyboardInterrupt:
+            done = sum(
+                len(runner.read_records(os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl")))
+                for name, _, _ in specs
+            )
+            total = sum(len(loaded[name]) for name, _, _ in specs)
+            raise Interrupted(
+                "interrupted at sample %d of %d (every answered sample is saved); rerun the same command with "
+                "--resume to resume" % (done, total)
+            ) from None
+        folder.finish()
+    return code
+
+
+def _evaluate(args, specs, loaded, settings, iv, judge) -> int:
+    import torch
+
+    from avar_ops.eval import runner
+    from avar_ops.grading import AnswerChecker, LatexChecker
 
     model, processor, _ = loading.load_model(args.model, dtype=args.dtype, device=args.device)
     image_processor = processor.image_processor

@@ -19,7 +19,7 @@ from avar_ops.cli.args import (
     load_data,
 )
 from avar_ops.cli.errors import CLIError
-from avar_ops.cli.out import prepare_out
+from avar_ops.cli.out import add_out_flags, check_out, open_out
 
 __all__ = ["add_parser", "run", "write_sweep_table"]
 
@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--alpha-sys", type=float, default=0.0, help="system value for settings given as IMG alone")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (a new or empty one, or one of --overwrite)")
+    add_out_flags(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-progress", action="store_true")
@@ -61,7 +62,7 @@ def _parse_alpha(token: str, default_sys: float):
 def run(args) -> int:
     import avar_ops.analysis as analysis
 
-    out = prepare_out(args.out, "sweep", ["sweep.md", "sweep.csv", "sweep.json"])
+    out = check_out(args.out)
     settings = [_parse_alpha(t, args.alpha_sys) for t in args.alphas]
     ivs = [intervention(args, img, sys_) for img, sys_ in settings]  # checks every value before loading
     samples = load_data(args.data, args.limit, args.data_format)
@@ -69,52 +70,55 @@ def run(args) -> int:
     shape = loading.model_shape(args.model)
     check_selection(args, ivs, shape)
     check_device(args, shape)
-    model, processor, label = loading.load_model(args.model, dtype=args.dtype, device=args.device)
-    rows, answers = [], {}
-    for (img, sys_), iv in zip(settings, ivs):
-        name = iv.describe() if iv is not None else "none"
-        report = analysis.measure(
-            model,
-            processor,
-            samples,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            label=f"{label} {name}",
-            intervention=iv,
-        )
-        outs = analysis.generate_answers(
-            model,
-            processor,
-            samples,
-            intervention=iv,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-        answers[name] = outs
-        rows.append(
-            {
-                "setting": name,
-                "mode": args.mode,
-                "img": img,
-                "sys": sys_,
-                "vas": report.vas,
-                "ratio_of_sums": report.ratio_of_sums,
-                "image_mass": report.image_mass,
-                "visual_share": report.split["visual"],
-                "system_share": report.split["system"],
-                "samples": report.num_samples,
-                "report": report.to_dict(),
-            }
-        )
-    base = answers[rows[0]["setting"]]
-    for row in rows:
-        outs = answers[row["setting"]]
-        row["answers_changed"] = sum(a["tokens"] != b["tokens"] for a, b in zip(outs, base))
-    paths = write_sweep_table(rows, answers, samples, out)
-    print(open(paths["markdown"], encoding="utf-8").read())
-    for name, p in paths.items():
-        print(f"  {name}: {p}")
+    # Every check passed: take the folder (the policy may remove an old run with --overwrite) and run.
+    with open_out(args, "sweep") as run_folder:
+        model, processor, label = loading.load_model(args.model, dtype=args.dtype, device=args.device)
+        rows, answers = [], {}
+        for (img, sys_), iv in zip(settings, ivs):
+            name = iv.describe() if iv is not None else "none"
+            report = analysis.measure(
+                model,
+                processor,
+                samples,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+                label=f"{label} {name}",
+                intervention=iv,
+            )
+            outs = analysis.generate_answers(
+                model,
+                processor,
+                samples,
+                intervention=iv,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+            )
+            answers[name] = outs
+            rows.append(
+                {
+                    "setting": name,
+                    "mode": args.mode,
+                    "img": img,
+                    "sys": sys_,
+                    "vas": report.vas,
+                    "ratio_of_sums": report.ratio_of_sums,
+                    "image_mass": report.image_mass,
+                    "visual_share": report.split["visual"],
+                    "system_share": report.split["system"],
+                    "samples": report.num_samples,
+                    "report": report.to_dict(),
+                }
+            )
+        base = answers[rows[0]["setting"]]
+        for row in rows:
+            outs = answers[row["setting"]]
+            row["answers_changed"] = sum(a["tokens"] != b["tokens"] for a, b in zip(outs, base))
+        paths = write_sweep_table(rows, answers, samples, out)
+        print(open(paths["markdown"], encoding="utf-8").read())
+        for name, p in paths.items():
+            print(f"  {name}: {p}")
+        run_folder.finish()
     return 0
 
 

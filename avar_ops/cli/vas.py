@@ -18,7 +18,7 @@ from avar_ops.cli.args import (
     load_data,
 )
 from avar_ops.cli.errors import DataError
-from avar_ops.cli.out import prepare_out
+from avar_ops.cli.out import add_out_flags, check_out, open_out
 from avar_ops.data import inside, safe_name, unique_safe_names
 
 __all__ = ["add_parser", "run"]
@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="JSONL: {images|image, question, system?} per line")
     add_data_format_arg(p)
     p.add_argument("--limit", type=int, default=None, help="use the first N samples")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (a new or empty one, or one of --overwrite)")
+    add_out_flags(p)
     p.add_argument("--label", default=None, help="name of the model in reports (default: folder name)")
     p.add_argument(
         "--compare",
@@ -52,7 +53,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import avar_ops.analysis as analysis
 
-    out = prepare_out(args.out, "vas", ["vas.json", "vas_heatmap.png", "lazy_attention.png", "compare.png"])
+    out = check_out(args.out)
     samples = load_data(args.data, args.limit, args.data_format)
     check_batches(samples, args.batch_size)
     iv = intervention_from_flags(args)
@@ -66,31 +67,34 @@ def run(args) -> int:
         raise DataError(str(exc)) from None
     compares = _compare_sources(args.compare or [], args)
 
-    model, processor, report, paths = _measure(args.model, args, samples, out, label=args.label, intervention=iv)
-    print(report.summary())
-    for sample, name in zip(drawn, heatmap_names):
-        res = analysis.image_attention(
-            model,
-            processor,
-            sample,
-            layers=args.heatmap_layers,
-            queries=args.heatmap_queries,
-            intervention=iv,
-            max_new_tokens=args.max_new_tokens,
-        )
-        for p in analysis.save_overlays(res, sample, out, prefix=f"attention_sample{name}"):
-            paths[f"heatmap_{name}_{os.path.basename(p)}"] = p
-    reports = [report]
-    for kind, value, folder in compares:
-        if kind == "report":
-            reports.append(value)
-        else:
-            reports.append(_measure(value, args, samples, inside(out, "compare", folder))[2])
-        print(reports[-1].summary())
-    if len(reports) > 1:
-        paths["compare"] = analysis.compare(reports, inside(out, "compare.png"))
-    for name, p in paths.items():
-        print(f"  {name}: {p}")
+    # Every check passed: take the folder (the policy may remove an old run with --overwrite) and measure.
+    with open_out(args, "vas") as run_folder:
+        model, processor, report, paths = _measure(args.model, args, samples, out, label=args.label, intervention=iv)
+        print(report.summary())
+        for sample, name in zip(drawn, heatmap_names):
+            res = analysis.image_attention(
+                model,
+                processor,
+                sample,
+                layers=args.heatmap_layers,
+                queries=args.heatmap_queries,
+                intervention=iv,
+                max_new_tokens=args.max_new_tokens,
+            )
+            for p in analysis.save_overlays(res, sample, out, prefix=f"attention_sample{name}"):
+                paths[f"heatmap_{name}_{os.path.basename(p)}"] = p
+        reports = [report]
+        for kind, value, folder in compares:
+            if kind == "report":
+                reports.append(value)
+            else:
+                reports.append(_measure(value, args, samples, inside(out, "compare", folder))[2])
+            print(reports[-1].summary())
+        if len(reports) > 1:
+            paths["compare"] = analysis.compare(reports, inside(out, "compare.png"))
+        for name, p in paths.items():
+            print(f"  {name}: {p}")
+        run_folder.finish()
     return 0
 
 

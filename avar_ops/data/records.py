@@ -39,7 +39,16 @@ from avar_ops.data.formats import file_format, resolve_format, to_avar_record
 from avar_ops.data.images import check_image_size
 from avar_ops.data.text import check_text
 
-__all__ = ["Record", "RecordError", "LoadedRecords", "load_records", "parse_record", "conversation", "USES"]
+__all__ = [
+    "append_rejects",
+    "Record",
+    "RecordError",
+    "LoadedRecords",
+    "load_records",
+    "parse_record",
+    "conversation",
+    "USES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +296,10 @@ def load_records(
 
     use: "sft" (each record needs a target), "rl" (each needs an answer) or "any".
     on_error: "raise" (default) raises a `RecordError` at the first bad record; "skip" keeps going, logs how
-    many were skipped and appends each bad line with its file, line and reason to `rejects_path` (required);
-    "report" keeps going and writes nothing: every bad record is in the result's `rejects`, and a file without
-    a good record is no error (for checks that list every problem at once).
+    many were skipped and appends each bad line with its file, line and reason to `rejects_path` (required; a row
+    the file already holds is not written again); "report" keeps going and writes nothing: every bad record is in
+    the result's `rejects`, and a file without a good record is no error (for checks that list every problem at
+    once).
     check_images: open every image to check it is one (off only for data already checked).
     format: the file's layout, "avar", "sharegpt", "openai" or "auto" (`avar_ops.data.formats`); a record
     without an id is named "FILE_NAME:LINE".
@@ -372,9 +382,26 @@ def load_records(
     )
 
 
+def append_rejects(path: str, rows: Sequence[dict]) -> None:
+    """Append rejects rows ({"file", "line", "reason", "record"}) to `path`, skipping those it already holds."""
+    _append_jsonl(path, rows)
+
+
 def _append_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """Append the rows the file does not hold yet: a rerun over the same data adds no duplicate rejects."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    seen = set()
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    seen.add(json.dumps(json.loads(line), ensure_ascii=False, sort_keys=True))
+                except ValueError:
+                    continue
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            key = json.dumps(row, ensure_ascii=False, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")

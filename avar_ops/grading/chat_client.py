@@ -3,15 +3,17 @@
 Used by the evaluation's optional answer judge and by the training data synthesis. Standard library only:
 requests go to ``{base_url}/chat/completions``; at most `concurrency` are in flight at once (across threads);
 connection errors, timeouts, 408/409/429 and 5xx answers are retried with exponential backoff and jitter;
-anything else fails at once with the server's message.
+anything else fails at once with the server's message. `cancel()` ends every request in flight within
+moments (their connections are shut down) and fails every later one, without retries.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
+import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,53 @@ class ChatClientError(RuntimeError):
     def __init__(self, message: str, status: Optional[int] = None):
         super().__init__(message)
         self.status = status
+
+
+class _Connections:
+    """The HTTP connections a client has open, so that `cancel` can shut them down under a blocked read."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.open = set()
+
+    def tracked(self, http_class):
+        registry = self
+
+        class Tracked(http_class):
+            def connect(self):
+                super().connect()
+                with registry.lock:
+                    registry.open.add(self)
+
+            def close(self):
+                with registry.lock:
+                    registry.open.discard(self)
+                super().close()
+
+        return Tracked
+
+    def shut_down(self) -> None:
+        with self.lock:
+            conns = list(self.open)
+        for conn in conns:
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _opener(registry: _Connections):
+    class HTTP(urllib.request.HTTPHandler):
+        def do_open(self, http_class, req, **kwargs):
+            return super().do_open(registry.tracked(http_class), req, **kwargs)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def do_open(self, http_class, req, **kwargs):
+            return super().do_open(registry.tracked(http_class), req, **kwargs)
+
+    return urllib.request.build_opener(HTTP(), HTTPS())
 
 
 class ChatClient:
@@ -59,6 +108,18 @@ class ChatClient:
         self.backoff = float(backoff)
         self.defaults = defaults  # extra request fields (temperature, max_tokens, …) sent with every request
         self._slots = threading.BoundedSemaphore(concurrency)
+        self._cancelled = threading.Event()
+        self._connections = _Connections()
+        self._opener = _opener(self._connections)
+
+    def cancel(self) -> None:
+        """Fail the requests in flight now (their connections are shut down) and every later one."""
+        self._cancelled.set()
+        self._connections.shut_down()
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise ChatClientError("%s: cancelled" % self.url)
 
     def complete(self, messages: Sequence[Dict], **params) -> str:
         """The assistant message's text for one conversation (`params` override the defaults)."""
@@ -68,15 +129,18 @@ class ChatClient:
         body.update(model=self.model, messages=list(messages))
         payload = json.dumps(body).encode()
         for attempt in range(self.max_retries + 1):
+            self._check_cancelled()
             try:
                 with self._slots:
+                    self._check_cancelled()
                     reply = self._post(payload)
                 return _message_text(reply)
             except ChatClientError as exc:
+                self._check_cancelled()
                 retryable = exc.status is None or exc.status in _RETRIED_STATUS or exc.status >= 500
                 if not retryable or attempt == self.max_retries:
                     raise
-            time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+            self._cancelled.wait(self.backoff * (2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")  # the loop either returns or raises
 
     def check_reachable(self, timeout: float = 5.0) -> None:
@@ -103,12 +167,12 @@ class ChatClient:
             headers["Authorization"] = "Bearer " + self.api_key
         request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 return json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]
             raise ChatClientError("%s answered %d: %s" % (self.url, exc.code, detail), exc.code) from exc
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
             raise ChatClientError("%s: %s" % (self.url, getattr(exc, "reason", exc))) from exc
         except json.JSONDecodeError as exc:
             raise ChatClientError("%s: the answer is not JSON (%s)" % (self.url, exc), 502) from exc

@@ -15,7 +15,9 @@ known before padding), then the batch is padded. What a batch holds:
 
 The token budget `max_length` may cut text after the last image, never an image: a record whose image tokens
 reach past the budget is an error that names it (lower `max_pixels` or raise `max_length`), and so is an SFT
-record left with no target token. Cuts that are allowed are counted in `truncated` and logged.
+record left with no target token. Cuts that are allowed are counted in `truncated` and logged. Any other error
+while a record is processed (an unreadable image, the processor raising, even StopIteration) is a
+`CollateError` that names the record, so a run stops on it instead of reading it as the end of the data.
 """
 
 from __future__ import annotations
@@ -178,13 +180,24 @@ class QwenVLCollator:
             row["image_grid_thw"] = out["image_grid_thw"]  # [images, 3]
         return row
 
+    def _encode_or_fail(self, record: Record) -> dict:
+        # Any error becomes a CollateError naming the record: a StopIteration escaping the collator would
+        # otherwise end the DataLoader's iteration, which Trainer reads as the end of the data.
+        try:
+            return self._encode(record)
+        except CollateError:
+            raise
+        except Exception as exc:
+            detail = " ".join(str(exc).split()) or "no message"
+            raise CollateError(f"record {record.id!r}: cannot be processed ({type(exc).__name__}: {detail})") from exc
+
     def __call__(self, records: Sequence[Record]) -> dict:
         if not records:
             raise CollateError("QwenVLCollator: empty batch")
         for r in records:
             if not isinstance(r, Record):
                 raise TypeError(f"QwenVLCollator: expected Record objects, got {type(r).__name__}")
-        rows = [self._encode(r) for r in records]
+        rows = [self._encode_or_fail(r) for r in records]
         B, L = len(rows), max(len(r["input_ids"]) for r in rows)
         left = self.mode == "prompt"
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # [B, L]

@@ -21,9 +21,11 @@ Outputs in `output_dir` (nothing is written elsewhere):
 - `rejects.jsonl`: each rejected record with its stage and reason (marker, format, anchors, answer, duplicate,
   checker timeout/error, generator error);
 - `summary.json`: kept / rejected counts by reason.
-Both JSONL files are append-only and flushed per record: a restart skips every id already kept or rejected
-(generator errors excepted: those are retried), and a crash or Ctrl-C loses at most the records in flight
-(a torn last line is cut off on restart).
+Both JSONL files are append-only and flushed per record: a restart (`resume=true`) skips every id already kept
+or rejected (generator errors excepted: those are retried), and a crash or Ctrl-C loses at most the records in
+flight (a torn last line is cut off on restart). Ctrl-C cancels the requests in flight (the HTTP generator shuts
+their connections down) and starts no further stage, so the command stops within moments. One run writes a
+folder at a time (the run-folder lock of `avar-train`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,12 @@ class HTTPGenerator:
                     parts.append({"type": "text", "text": part["text"]})
             wire.append({"role": message["role"], "content": parts})
         return self.client.complete(wire)
+
+    def cancel(self) -> None:
+        """End the requests in flight (on Ctrl-C)."""
+        cancel = getattr(self.client, "cancel", None)
+        if callable(cancel):
+            cancel()
 
 
 class HFGenerator:
@@ -329,14 +337,21 @@ def _copy_image(path: str, images_dir: str) -> str:
     name = hashlib.sha256(data).hexdigest()[:24] + ext
     target = os.path.join(images_dir, name)
     if not os.path.exists(target):
-        tmp = target + ".part"
+        tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.part"  # never shared by two writers
         shutil.copyfile(path, tmp)
         os.replace(tmp, target)
     return "images/" + name
 
 
-def _synthesise(record: Record, generator: Generator, templates: Templates) -> dict:
-    """The three stages for one record: {"description", "reasoning", "response"}."""
+class _Cancelled(Exception):
+    """The run was interrupted before this record's next stage."""
+
+
+def _synthesise(
+    record: Record, generator: Generator, templates: Templates, stop: Optional[threading.Event] = None
+) -> dict:
+    """The three stages for one record: {"description", "reasoning", "response"}; `stop` set ends it before
+    its next stage."""
     from PIL import Image
 
     images = []
@@ -348,6 +363,8 @@ def _synthesise(record: Record, generator: Generator, templates: Templates) -> d
     image_parts = [{"type": "image"} for _ in images]
 
     def ask(stage: str, with_images: bool, **values) -> str:
+        if stop is not None and stop.is_set():
+            raise _Cancelled(stage)
         text = templates.fill(stage, question=question, **values)
         parts = (image_parts if with_images else []) + [{"type": "text", "text": text}]
         reply = generator(system + [{"role": "user", "content": parts}], images if with_images else [])
@@ -382,7 +399,9 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
         format=cfg.data_format,
     )
     kept_rows = _read_finished(out_path, lambda row: True)
-    final_rejects = _read_finished(rejects_path, lambda row: not row.get("reason", "").startswith(GENERATOR_ERROR))
+    all_rejects = _read_finished(rejects_path, lambda row: True)
+    final_rejects = [row for row in all_rejects if not row.get("reason", "").startswith(GENERATOR_ERROR)]
+    written_rejects = {json.dumps(row, ensure_ascii=False, sort_keys=True) for row in all_rejects}
     done = {str(r["id"]) for r in kept_rows} | {str(r["id"]) for r in final_rejects}
     seen_responses = {_normalise(r["response"]) for r in kept_rows}
     todo = [r for r in loaded.records if r.id not in done]
@@ -398,10 +417,15 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
         kind = reason.split(":", 1)[0]
         summary.rejected[kind] = summary.rejected.get(kind, 0) + 1
         row = {"id": record.id, "stage": stage, "reason": reason, **(outputs or {})}
+        key = json.dumps(row, ensure_ascii=False, sort_keys=True)
+        if key in written_rejects:  # a retried request that failed the same way again: one row is enough
+            return
+        written_rejects.add(key)
         f_rejects.write(json.dumps(row, ensure_ascii=False) + "\n")
         f_rejects.flush()
 
     pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
+    stop = threading.Event()
     interrupted = False
     with (
         open(out_path, "a", encoding="utf-8") as f_out,
@@ -414,7 +438,7 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
             while queue or pending:
                 while queue and len(pending) < cfg.concurrency:  # bounded: Ctrl-C loses only these
                     record = queue.popleft()
-                    pending[pool.submit(_synthesise, record, generator, templates)] = record
+                    pending[pool.submit(_synthesise, record, generator, templates, stop)] = record
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for future in finished:
                     record = pending.pop(future)
@@ -447,9 +471,14 @@ def run_vard(cfg, generator: Optional[Generator] = None) -> Summary:
                     summary.kept += 1
         except KeyboardInterrupt:
             interrupted = True
+            # Cancel the requests in flight (an HTTP generator shuts their connections down) and start no
+            # further stage: the records in flight are the only ones lost, and the next run asks them again.
+            stop.set()
+            cancel = getattr(generator, "cancel", None)
+            if callable(cancel):
+                cancel()
             raise
         finally:
-            # On Ctrl-C do not wait for the requests in flight: they are the only records lost.
             pool.shutdown(wait=not interrupted, cancel_futures=True)
     with open(os.path.join(cfg.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(summary), f, indent=1)

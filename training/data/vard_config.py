@@ -45,6 +45,8 @@ class VARDConfig:
     answer_check: bool = True  # keep an output only if its answer agrees with the record's reference
     skip_bad_records: bool = False
     limit: Optional[int] = None
+    resume: bool = False  # continue the run in output_dir: records already kept or rejected are not asked again
+    overwrite: bool = False  # remove the run in output_dir and start again
 
     def validate(self) -> "VARDConfig":
         p = Problems()
@@ -74,6 +76,8 @@ class VARDConfig:
         non_negative(p, self, "temperature")
         if self.limit is not None and self.limit <= 0:
             p.add("limit", f"must be a positive int or null, got {self.limit}")
+        if self.resume and self.overwrite:
+            p.add("overwrite", "resume and overwrite exclude each other; choose one")
         if self.min_anchors and not self.anchor_phrases:
             p.add("anchor_phrases", "must not be empty when min_anchors > 0")
         p.raise_any()

@@ -77,6 +77,8 @@ class GRPOConfig:
     logging_steps: int = 1
     save_steps: int = 0  # 0: only at the end
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest" in output_dir
+    resume: bool = False  # continue the run in output_dir (from its newest whole checkpoint); same settings only
+    overwrite: bool = False  # remove the run in output_dir and start again
     report_to: List[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
 
     def validate(self) -> "GRPOConfig":
@@ -200,9 +202,11 @@ class GRPOConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, str) or not v):
                 fail(key, "null or a non-empty string")
-        for key in ("skip_bad_records", "freeze_vision_tower", "bf16", "gradient_checkpointing"):
+        for key in ("skip_bad_records", "freeze_vision_tower", "bf16", "gradient_checkpointing", "resume", "overwrite"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "true or false")
+        if self.overwrite and (self.resume or self.resume_from_checkpoint):
+            p.add("overwrite", "overwrite=true starts the run again; it excludes resume and resume_from_checkpoint")
         p.raise_any()
         return self
 

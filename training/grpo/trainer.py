@@ -36,10 +36,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from avar_ops.core import select_indices
-from avar_ops.data import Record, load_records
+from avar_ops.data import Record, finish_checkpoint, latest_checkpoint, load_records, staging_folder, truncate_log
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, token_groups
 
 from ..data.collator import QwenVLCollator
+from ..interrupt import Interrupted, StopRequest
 from .config import GRPOConfig
 from .loss import group_advantages, policy_loss
 from .rewards import (
@@ -220,9 +221,13 @@ class GRPOTrainer:
         self._log_path = os.path.join(cfg.output_dir, LOG_FILE)
         if cfg.report_to:
             acc.init_trackers("avar-grpo", config={k: v for k, v in vars(cfg).items() if _is_plain(v)})
-        if cfg.resume_from_checkpoint:
-            self._resume(cfg.resume_from_checkpoint)
-        else:
+        where = cfg.resume_from_checkpoint or ("latest-or-none" if cfg.resume else None)
+        if where is not None:
+            self._resume(where)
+        if acc.is_main_process:
+            # One run per log: steps after the one this run starts from belong to a run that is replaced.
+            truncate_log(self._log_path, self.step)
+        if where is None or self.step == 0:
             # Seed again once the backend is set up (DeepSpeed's initialisation draws from the RNG), so that
             # plain, DDP and ZeRO runs sample the same rollouts.
             set_seed(cfg.seed)
@@ -599,19 +604,29 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------- checkpointing
 
     def save_checkpoint(self) -> str:
-        """Model, optimizer, scheduler and RNG states (accelerate) plus the step, in output_dir/checkpoint-<step>."""
-        path = os.path.join(self.cfg.output_dir, f"{CHECKPOINT_PREFIX}{self.step}")
-        self.accelerator.save_state(path)
+        """Model, optimizer, scheduler and RNG states (accelerate) plus the step, in output_dir/checkpoint-<step>:
+        written into a staging folder and renamed into place once whole, with its completion marker."""
+        name = f"{CHECKPOINT_PREFIX}{self.step}"
+        path = os.path.join(self.cfg.output_dir, name)
+        staging = staging_folder(self.cfg.output_dir, name)
+        self.accelerator.save_state(staging)
         if self.accelerator.is_main_process:
-            with open(os.path.join(path, STATE_FILE), "w", encoding="utf-8") as f:
+            with open(os.path.join(staging, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump({"step": self.step, "seed": self.cfg.seed, "num_records": len(self.records)}, f)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            finish_checkpoint(staging, path, {"step": self.step})
         self.accelerator.wait_for_everyone()
         return path
 
     def _resume(self, where: str) -> None:
-        path = _latest_checkpoint(self.cfg.output_dir) if where == "latest" else where
+        path = latest_checkpoint(self.cfg.output_dir) if where in ("latest", "latest-or-none") else where
+        if path is None and where == "latest-or-none":
+            return  # resume=true on a run that saved no checkpoint yet: it starts again from step 0
         if path is None:
-            raise FileNotFoundError(f"resume_from_checkpoint=latest: no {CHECKPOINT_PREFIX}* in {self.cfg.output_dir}")
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=latest: no whole {CHECKPOINT_PREFIX}* in {self.cfg.output_dir}"
+            )
         state_file = os.path.join(path, STATE_FILE)
         if not os.path.isfile(state_file):
             raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a GRPO checkpoint (no {STATE_FILE})")
@@ -626,9 +641,10 @@ class GRPOTrainer:
         self.step = int(state["step"])
 
     def save_model(self, path: Optional[str] = None) -> str:
-        """The policy as a Hugging Face checkpoint (weights gathered under ZeRO-3) with its processor."""
+        """The policy as a Hugging Face checkpoint (weights gathered under ZeRO-3) with its processor, by default in
+        output_dir itself (`from_pretrained(output_dir)` loads the trained model)."""
         acc = self.accelerator
-        path = path or os.path.join(self.cfg.output_dir, "final")
+        path = path or self.cfg.output_dir
         state_dict = acc.get_state_dict(self.model)
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(path, state_dict=state_dict)
@@ -642,16 +658,24 @@ class GRPOTrainer:
         cfg = self.cfg
         history = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", disable=not self.accelerator.is_main_process)
-        while self.step < cfg.max_steps:
-            record = self.train_step()
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-            if self.eval_records and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < cfg.max_steps:
-                self.eval_history.append(self.evaluate())
-            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        with StopRequest("avar-train grpo") as request, bar:  # the bar closes on an error too
+            while self.step < cfg.max_steps:
+                record = self.train_step()
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+                if request.agreed(self.accelerator) and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+                    raise Interrupted(self.step)
+                if (
+                    self.eval_records
+                    and cfg.eval_steps
+                    and self.step % cfg.eval_steps == 0
+                    and self.step < cfg.max_steps
+                ):
+                    self.eval_history.append(self.evaluate())
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
         if self.eval_records:
             self.eval_history.append(self.evaluate())
         self.save_checkpoint()
@@ -669,17 +693,6 @@ def _as_list(x) -> list:
 
 def _is_plain(v) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
-
-
-def _latest_checkpoint(output_dir: str) -> Optional[str]:
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        tail = name[len(CHECKPOINT_PREFIX) :]
-        if name.startswith(CHECKPOINT_PREFIX) and tail.isdigit():
-            steps.append(int(tail))
-    return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{max(steps)}") if steps else None
 
 
 _NO_PROMPT_LIMIT = 1 << 30

@@ -58,6 +58,8 @@ class SFTConfig:
     save_steps: int = 0  # 0: save only at the end
     save_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest" (the newest in output_dir)
+    resume: bool = False  # continue the run in output_dir (from its newest whole checkpoint); same settings only
+    overwrite: bool = False  # remove the run in output_dir and start again
     report_to: List[str] = field(default_factory=list)  # trackers as TrainingArguments takes them
 
     def validate(self) -> "SFTConfig":
@@ -115,6 +117,8 @@ class SFTConfig:
         if self.agto_layers is not None and not self.agto_layers:
             # The range (−n ≤ i < n) is checked against the model's layer count before the run.
             p.add("agto_layers", "must be null (all layers) or a non-empty list of layer indices, got []")
+        if self.overwrite and (self.resume or self.resume_from_checkpoint):
+            p.add("overwrite", "overwrite=true starts the run again; it excludes resume and resume_from_checkpoint")
         if self.use_cpu and self.deepspeed:
             p.add("use_cpu", "use_cpu disables DeepSpeed; leave it false with a deepspeed config")
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "ccl", "hccl", "cncl", "mccl"):

@@ -32,13 +32,16 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from avar_ops.core import select_indices
+from avar_ops.data import finish_checkpoint, latest_checkpoint, staging_folder, truncate_log
 from avar_ops.hf import collect_masses, get_handle
 from avar_ops.method import agto_losses, vas
 
-__all__ = ["AGTOSettings", "AGTOTrainer", "LaunchError", "LOG_KEYS", "train_sft"]
+from ..interrupt import Interrupted, StopRequest
+
+__all__ = ["AGTOSettings", "AGTOTrainer", "Interrupted", "LaunchError", "LOG_KEYS", "train_sft"]
 
 LOG_KEYS = ("loss_lm", "loss_enhance_img", "loss_suppress_sys", "vas", "image_mass", "agto_samples")
 _GROUP_MASKS = ("key_group", "user_mask", "image_mask", "system_mask", "response_mask")
@@ -194,6 +197,9 @@ class AGTOTrainer(Trainer):
         loss = lm + self.agto.alpha * enhance.to(lm.dtype) + self.agto.beta * suppress.to(lm.dtype)
 
         valid = torch.stack([per_layer[i][3] for i in range(len(per_layer))]).all(0)  # [B]
+        # The logged VAS and image mass describe the samples the AGTO terms trained on: with empty="skip", an
+        # image-less sample left out of them would pull the mean image mass towards 0.
+        valid = valid & terms.included.to(valid.device)
         if bool(valid.any()):
             vas_b = torch.stack([per_layer[i][1] for i in range(len(per_layer))]).mean(0)  # [B]
             img_b = torch.stack([per_layer[i][2] for i in range(len(per_layer))]).mean(0)  # [B]
@@ -238,6 +244,35 @@ class AGTOTrainer(Trainer):
             for key, value in zip(LOG_KEYS, (totals[:-1] / totals[-1]).tolist()):
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, written into a staging folder and renamed to output_dir/checkpoint-<step> once
+        whole (with its completion marker), so that a save cut short never looks like a checkpoint."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self.args.output_dir
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = staging_folder(run_dir, name)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            finish_checkpoint(
+                os.path.join(staging_folder(run_dir, name), name),
+                os.path.join(run_dir, name),
+                {"step": self.state.global_step},
+            )
+            os.rmdir(staging_folder(run_dir, name))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------------------------------------- resuming
 
@@ -345,10 +380,38 @@ def training_arguments(cfg):
     )
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
+class _StopOnInterrupt(TrainerCallback):
+    """Ends the run after the step in progress, with a checkpoint of it, once Ctrl-C asked for it."""
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    def __init__(self, trainer: Trainer, request: StopRequest):
+        self.trainer = trainer
+        self.request = request
+        self.stopped_at: Optional[int] = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.request.agreed(self.trainer.accelerator):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def _close_progress_bars(trainer: Trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
+
+
+def _checkpoint_step(path: str) -> int:
+    """The global step a Trainer checkpoint was saved at."""
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):  # a checkpoint saved without the trainer state
+        tail = os.path.basename(os.path.normpath(path)).rpartition("-")[2]
+        return int(tail) if tail.isdigit() else 0
 
 
 def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
@@ -375,10 +438,11 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
     from ..data.collator import QwenVLCollator
 
     resume = cfg.resume_from_checkpoint
-    if resume == "latest":
-        resume = latest_checkpoint(cfg.output_dir)
-        if resume is None:
-            raise FileNotFoundError(f"resume_from_checkpoint: 'latest' but {cfg.output_dir} holds no checkpoint")
+    if resume == "latest" or (resume is None and cfg.resume):
+        found = latest_checkpoint(cfg.output_dir)
+        if found is None and resume == "latest":
+            raise FileNotFoundError(f"resume_from_checkpoint: 'latest' but {cfg.output_dir} holds no whole checkpoint")
+        resume = found
     elif resume is not None and not os.path.isdir(resume):
         raise FileNotFoundError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
     args = training_arguments(cfg)  # before the model: it sets up the distributed state DeepSpeed needs
@@ -426,11 +490,24 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
         ),
         log_file=os.path.join(cfg.output_dir, "log.jsonl"),
     )
+    if trainer.is_world_process_zero():
+        # One run per log: the steps after the one this run starts from belong to a run that is replaced.
+        truncate_log(trainer.log_file, _checkpoint_step(resume) if resume else 0)
     _write_run_info(trainer, cfg.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    request = StopRequest("avar-train sft")
+    stop = _StopOnInterrupt(trainer, request)
+    trainer.add_callback(stop)
+    with request:
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except BaseException:
+            _close_progress_bars(trainer)  # so that the one-line error starts on a line of its own
+            raise
+    if stop.stopped_at is not None:
+        raise Interrupted(stop.stopped_at)
     if eval_records is not None and not (cfg.eval_steps and trainer.state.global_step % cfg.eval_steps == 0):
         trainer.evaluate()  # the final model, unless the last step was just evaluated
-    if cfg.save_steps == 0:
-        trainer.save_model(cfg.output_dir)
+    # The final model and processor in output_dir itself, whatever save_steps is: from_pretrained(output_dir).
+    trainer.save_model(cfg.output_dir)
     trainer.save_state()
     return trainer
