@@ -195,7 +195,9 @@ def test_a_record_that_fails_in_the_collator_stops_the_run(tiny_dir, tmp_path, m
     code = main(["sft", "--config", _recipe(tmp_path, tiny_dir, data, max_steps=20), f"output_dir={out}"])
     err = capsys.readouterr().err
     assert code == 1, err
-    assert _error_lines(err) == ["avar-train: error: record 'r4': cannot be processed (StopIteration: no message)"], err
+    assert _error_lines(err) == [
+        "avar-train sft: error: record 'r4': cannot be processed (StopIteration: no message)"
+    ], err
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
     assert "finished" not in json.loads((out / RUN_FILE).read_text())
 
@@ -363,7 +365,7 @@ def test_grpo_stops_on_a_record_that_fails_in_the_collator(tmp_path, monkeypatch
     argv = ["grpo", "--config", recipe, f"train_file={data}", f"output_dir={out}", "max_steps=8", "save_steps=0"]
     assert main(argv) == 1
     lines = _error_lines(capsys.readouterr().err)
-    assert lines == ["avar-train: error: record 'c2': cannot be processed (StopIteration: no message)"]
+    assert lines == ["avar-train grpo: error: record 'c2': cannot be processed (StopIteration: no message)"]
     assert not (out / "config.json").exists()
 
 
