@@ -1,13 +1,14 @@
 """The GRPO loop on the tiny Qwen2.5-VL (CPU): r_visual from the fused forward equals the same quantity from
 eager attention maps; steps run end to end and log every term; resume reproduces the next step's rollouts and
-loss; with λ_v > 0 the response tokens' image mass rises relative to λ_v = 0 on a task the image decides."""
+loss. The trainer's use of the reward (masks, gate, r_visual, prompt VAS, advantages, the sign of the update) is
+checked against independently computed values in test_train_grpo_wiring.py."""
 
 import json
 import os
 
 import pytest
 import torch
-from grpo_fixtures import hash_checker, initial_checker, write_colour_task
+from grpo_fixtures import hash_checker, write_colour_task
 
 from avar_ops.analysis import build_tiny_qwen2_5_vl
 from avar_ops.core import testing
@@ -167,35 +168,6 @@ def test_resume_reproduces_next_step(data, tmp_path, num_iterations):
     assert torch.equal(resumed_ids[0], straight_ids[1])
     for key in ("loss", "reward", "r_visual_raw", "clip_high"):
         assert resumed[0][key] == pytest.approx(straight[1][key], rel=1e-6, abs=1e-9)
-
-
-def test_visual_reward_raises_image_mass(data, tmp_path):
-    """Same seed, data and steps, λ_v = 0.3 (the paper's) against λ_v = 0, on the colour task: the response
-    tokens' image mass, as logged from each step's rollouts, ends higher with the visual reward."""
-
-    def run(lam):
-        cfg = _cfg(
-            data,
-            tmp_path / f"lam{lam}",
-            max_steps=8,
-            per_device_train_batch_size=8,
-            num_generations=4,
-            learning_rate=1e-2,
-            lambda_visual=lam,
-            lambda_format=0.0,
-        )
-        model, processor = build_tiny_qwen2_5_vl(seed=0)
-        return GRPOTrainer(cfg, model, processor, accuracy=accuracy_reward(initial_checker)).train()
-
-    plain, visual = run(0.0), run(0.3)
-    assert plain[0]["response_image_mass"] == visual[0]["response_image_mass"]  # one starting point
-    assert any(r["r_visual"] > 0 for r in visual), "the gate let no visual reward through"
-
-    def late(history, key):  # the mean of the last three steps
-        return sum(r[key] for r in history[-3:]) / 3
-
-    assert late(visual, "response_image_mass") > 1.3 * late(plain, "response_image_mass")
-    assert late(visual, "r_visual_raw") > 1.3 * late(plain, "r_visual_raw")
 
 
 def test_bad_config_values():
