@@ -54,6 +54,7 @@ class Mutant:
     original: str
     mutated: str
     tests: Tuple[str, ...]
+    equivalent: str = ""  # why the mutant cannot be told apart from the original, where it cannot
 
 
 MUTANTS: List[Mutant] = [
@@ -222,11 +223,13 @@ MUTANTS: List[Mutant] = [
         T_REWARDS,
     ),
     Mutant(
-        "visual_terms: no zero for empty responses (equivalent: their sums are 0)",
+        "visual_terms: no zero for empty responses",
         REWARDS,
         "ratio=torch.where(n_resp > 0, ratio, torch.zeros_like(ratio)),",
         "ratio=ratio,",
         T_REWARDS,
+        equivalent="a rollout without response tokens has ratio sum 0 (VisualStats masks by the response), "
+        "divided by the clamped count 1: already 0, so the where() only states the rule",
     ),
     Mutant(
         "combine_rewards: no gate",
@@ -356,7 +359,7 @@ MUTANTS: List[Mutant] = [
         T_GRPO,
     ),
     Mutant(
-        "log: accuracy from r_acc (equivalent: the built-in r_acc is 1 exactly when correct)",
+        "log: accuracy from r_acc",
         GRPO,
         '"accuracy": mean(br.correct.double()),',
         '"accuracy": mean(br.accuracy),',
@@ -522,12 +525,23 @@ def _write(results: List[dict], command: str, commit: str, out: Optional[str]) -
         "",
         f"{killed} of {len(results)} planted mutants killed by their test files.",
         "",
-        "| # | mutant | file | status | seconds | first failure |",
-        "|---|---|---|---|---|---|",
+        "| # | mutant | file | status | seconds | first failure | run |",
+        "|---|---|---|---|---|---|---|",
     ]
+    runs = sorted({(r["run"]["command"], r["run"]["commit"]) for r in results if "run" in r})
     for r in results:
         detail = r["detail"].replace("|", "\\|")[:120]
-        lines.append(f"| {r['index']} | {r['name']} | {r['path']} | {r['status']} | {r['seconds']:.0f} | {detail} |")
+        run = runs.index((r["run"]["command"], r["run"]["commit"])) + 1 if "run" in r else ""
+        lines.append(
+            f"| {r['index']} | {r['name']} | {r['path']} | {r['status']} | {r['seconds']:.0f} | {detail} | {run} |"
+        )
+    survivors = [r for r in results if r["status"] != "killed"]
+    if survivors:
+        lines += ["", "Not killed, and why:", ""]
+        for r in survivors:
+            why = r.get("equivalent") or "no test catches it yet"
+            lines.append(f"- {r['index']} {r['name']} ({r['status']}): {why}")
+    lines += ["", "Runs:", ""] + [f"{n}. `{c}` at {commit}" for n, (c, commit) in enumerate(runs, 1)]
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -538,6 +552,11 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (default 900)")
     parser.add_argument("--tests", nargs="+", help="run these test files instead of each mutant's own")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other mutants' results of the existing report and replace those of the ones run",
+    )
     parser.add_argument("--out", help="report path without extension (default benchmarks/results/mutation_report)")
     args = parser.parse_args(argv)
     for m in MUTANTS:
@@ -553,6 +572,16 @@ def main(argv=None) -> int:
     command = "python scripts/mutation_check.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
     commit = _commit()
     results = []
+    base = args.out or os.path.join(RESULTS, "mutation_report")
+    if args.update and os.path.isfile(base + ".json"):
+        with open(base + ".json", encoding="utf-8") as f:
+            old = json.load(f)
+        # Results of mutants not rerun now stay, with the command and commit they were obtained at.
+        results = [
+            dict(r, run=r.get("run", {"command": old["command"], "commit": old["commit"]}))
+            for r in old["results"]
+            if r["index"] not in chosen
+        ]
     with tempfile.TemporaryDirectory(prefix="avar-mutants-") as tree:
         _copy_tree(tree)
         # The unmutated tree must pass every test set used, or a failing set would count as kills.
@@ -564,7 +593,9 @@ def main(argv=None) -> int:
         for i in chosen:
             m = MUTANTS[i] if not args.tests else replace(MUTANTS[i], tests=tuple(args.tests))
             status, seconds, detail = _run(tree, m, args.timeout)
-            results.append(dict(index=i, **asdict(m), status=status, seconds=seconds, detail=detail))
+            run = {"command": command, "commit": commit}
+            results.append(dict(index=i, **asdict(m), status=status, seconds=seconds, detail=detail, run=run))
+            results.sort(key=lambda r: r["index"])
             print(f"{i:3d} {status:8s} {seconds:6.0f}s  {m.name}", flush=True)
             _write(results, command, commit, args.out)
     killed = sum(r["status"] == "killed" for r in results)

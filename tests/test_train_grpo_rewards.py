@@ -104,6 +104,14 @@ def test_prompt_vas_from_user_tokens():
     assert terms.prompt_vas[0].item() == pytest.approx(0.9 / EPS, rel=1e-6)
 
 
+def test_prompt_vas_spans_all_layers_whatever_layers_r_visual_uses():
+    masses, response, _ = _hand_masses()
+    user = torch.zeros(2, 5, dtype=torch.bool)
+    user[0, 3] = True  # per-head ratios: layer 0 0.4/0.2 and 0.2/0.2 (mean 1.5), layer 1 0.5/0.5 and 0.1/0.1 (1)
+    terms = visual_terms(_reduce(masses, response, user), response, user, layers=[1])
+    assert terms.prompt_vas[0].item() == pytest.approx((1.5 + 1.0) / 2, rel=1e-5)
+
+
 def test_no_response_token_gives_zero():
     masses, response, _ = _hand_masses()
     response = response.clone()

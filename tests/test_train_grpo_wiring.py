@@ -225,6 +225,18 @@ def test_always_wrong_checker_gates_r_visual_to_zero(data, tmp_path):
     assert torch.allclose(adv.double().cpu(), expected, atol=1e-9)
 
 
+def test_partial_accuracy_is_not_a_correct_answer(data, tmp_path):
+    """A user accuracy function scoring 0.5 adds 0.5 to r_acc but no rollout counts as correct: the logged
+    accuracy is 0 and r_visual is gated to 0."""
+    trainer = _trainer(data, tmp_path, always_right)
+    trainer.accuracy = lambda prompts, completions, completion_ids, **columns: [0.5] * len(completions)
+    log, seen = _record_step(trainer)
+    want = _independent(trainer, seen)
+    assert log["r_acc"] == 0.5 and log["accuracy"] == 0.0 and log["r_visual"] == 0.0
+    assert log["r_visual_raw"] > 0
+    assert log["reward"] == pytest.approx(0.5 + float(LAMBDA_F * want["format"].mean()), abs=1e-12)
+
+
 # -------------------------------------------------------------------------------- the sign of the update
 
 UPDATE_SEEDS = (0, 1, 2, 3, 4)
