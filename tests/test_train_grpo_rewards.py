@@ -153,6 +153,8 @@ def test_format_reward():
     assert f([""] * 5, completions, [[]] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
     custom = format_reward(r"<answer>.*</answer>")
     assert custom(["", ""], ["<answer>1</answer>", "1"], [[], []]) == [1.0, 0.0]
+    # The whole completion must match, anchors or not: text around the tags fails an unanchored pattern too.
+    assert custom(["", ""], ["so <answer>1</answer>", "<answer>1</answer> done"], [[], []]) == [0.0, 0.0]
     with pytest.raises(ValueError, match="regular expression"):
         format_reward("(")
 
