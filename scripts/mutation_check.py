@@ -308,6 +308,8 @@ MUTANTS: List[Mutant] = [
         'inputs["attention_mask"] = torch.cat([prompt_att, cmask.to(prompt_att.dtype)], dim=1)',
         'inputs["attention_mask"] = torch.cat([prompt_att, torch.ones_like(cmask).to(prompt_att.dtype)], dim=1)',
         T_GRPO,
+        equivalent="the positions after a completion's EOS are keys only for queries after it (causal attention), "
+        "and no log-prob, mask or reward reads those queries; the prompts' left padding keeps its mask",
     ),
     Mutant(
         "assemble: tokens after EOS kept",
