@@ -159,7 +159,7 @@ def right_step(data, tmp_path_factory):
 def test_masks_equal_the_rebuilt_ones(right_step):
     """The response mask holds each completion up to its first EOS (padding after it excluded); the user mask
     the user-turn content (not the system turn)."""
-    _, _, seen, want = right_step
+    trainer, _, seen, want = right_step
     ro = seen["rollouts"]
     lengths = want["response"].sum(-1)
     assert lengths.min() < lengths.max(), "want completions of several lengths"
@@ -168,6 +168,11 @@ def test_masks_equal_the_rebuilt_ones(right_step):
     assert torch.equal(ro.response_mask.cpu(), want["response"])
     assert torch.equal(ro.user_mask.cpu(), want["user"])
     assert torch.equal(ro.completion_mask.cpu(), want["response"][:, ro.prompt_len :])
+    # The text the rewards read ends at the first EOS too (the test put real tokens after it).
+    tok = trainer.processor.tokenizer
+    kept = want["response"][:, ro.prompt_len :]
+    texts = [tok.decode(ids[m].tolist(), skip_special_tokens=True) for ids, m in zip(seen["raw_ids"], kept)]
+    assert ro.completions == texts
 
 
 def test_logged_terms_equal_eager_maps_with_always_right_checker(right_step):
