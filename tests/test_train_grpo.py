@@ -15,7 +15,7 @@ from avar_ops.core import testing
 from avar_ops.method import visual_reward
 from avar_train.grpo.config import ConfigError, load_grpo_config
 from avar_train.grpo.rewards import VisualStats, accuracy_reward, visual_terms
-from avar_train.grpo.trainer import GRPOTrainer, completion_mask
+from avar_train.grpo.trainer import GRPOTrainer, completion_logps, completion_mask
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,15 @@ def test_completion_mask_stops_after_first_eos():
         [True] * 5,
         [True, False, False, False, False],
     ]
+
+
+def test_completion_logps_are_normalised_tempered_log_probs():
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 5, 17, generator=gen) * 4  # [B, C, V]
+    ids = torch.randint(0, 17, (3, 5), generator=gen)  # [B, C]
+    want = torch.log_softmax(logits.double() / 0.7, dim=-1).gather(-1, ids[..., None]).squeeze(-1)  # [B, C]
+    got = completion_logps(logits, ids, 0.7)
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-5)
 
 
 def test_r_visual_fused_equals_eager_maps(data, tmp_path):
