@@ -1,3 +1,5 @@
+import zlib
+
 import pytest
 import torch
 
@@ -9,8 +11,10 @@ avar_ops.set_input_checks(True)
 
 
 @pytest.fixture(autouse=True)
-def _poison_and_seed():
-    """Every test starts from a fixed seed, and every avar op output starts as NaN."""
-    torch.manual_seed(0)
+def _poison_and_seed(request):
+    """Every avar op output starts as NaN, and the global RNG starts from a seed of the test's own: a hash of its
+    node id. Reruns of a test draw the same numbers, but no two tests share seed 0, so a test that holds only for
+    a lucky draw shows as that; tests whose claims depend on their inputs make them from explicit seeds."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     with poisoned_outputs():
         yield

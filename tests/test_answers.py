@@ -81,6 +81,8 @@ def test_extract_choice_by_option_text():
     options = ["red", "green", "blue", "yellow"]
     assert extract_choice("The ball is green.", 4, options) == "B"
     assert extract_choice("It is not red but blue", 4, options) == "C"  # the latest mention wins
+    # An option named again after another one: its last mention counts, not its first.
+    assert extract_choice("Red? Not blue. Red.", 4, options) == "A"
     assert extract_choice("(E)", 4) is None
     with pytest.raises(ValueError, match="num_options"):
         extract_choice("A", 11)

@@ -481,48 +481,7 @@ def test_adam_lowers_enhance_loss_through_reference_attention():
     assert image_mass[-1] > image_mass[0], image_mass
 
 
-def _cpu_backward_placeholder():
-    """The error text if the CPU attention_bwd kernel is still the placeholder, else None."""
-    q = torch.randn(1, 2, 2, 8)  # [B, L, H, D]
-    k = torch.randn(1, 2, 1, 8)  # [B, L, Hkv, D]
-    v = torch.randn(1, 2, 1, 8)
-    groups = torch.tensor([[Group.SYSTEM, Group.VISUAL]], dtype=torch.int8)  # [B, L]
-    scale = 8**-0.5
-    out, lse, mass = torch.ops.avar.attention_fwd(q, k, v, groups, None, None, scale, True, None, None, 0, 0, True)
-    try:
-        torch.ops.avar.attention_bwd(
-            torch.ones_like(out),
-            torch.ones_like(mass),
-            None,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            mass,
-            groups,
-            None,
-            None,
-            scale,
-            True,
-            None,
-            None,
-            0,
-            0,
-            False,
-            False,
-        )
-    except RuntimeError as e:
-        if "being written" in str(e):
-            return str(e)
-        raise
-    return None
-
-
 def test_adam_lowers_enhance_loss_through_fused_attention():
-    placeholder = _cpu_backward_placeholder()
-    if placeholder is not None:
-        pytest.skip(f"needs the CPU backward of avar::attention_bwd, which still raises: {placeholder}")
     losses, image_mass = _adam_on_bias(avar_ops.attention, torch.float32)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert image_mass[-1] > image_mass[0], image_mass

@@ -1,14 +1,15 @@
 """The GRPO loop on the tiny Qwen2.5-VL (CPU): r_visual from the fused forward equals the same quantity from
 eager attention maps; steps run end to end and log every term; resume reproduces the next step's rollouts and
 loss; with λ_v > 0 the advantages rank right rollouts by each kind of r_visual; held-out evaluation; data in
-the OpenAI chat layout."""
+the OpenAI chat layout. The trainer's use of the reward (masks, gate, r_visual, prompt VAS, advantages, the sign
+of the update) is checked against independently computed values in test_train_grpo_wiring.py."""
 
 import json
 import os
 
 import pytest
 import torch
-from grpo_fixtures import hash_checker, initial_checker, write_colour_task
+from grpo_fixtures import hash_checker, write_colour_task
 
 from avar_ops.analysis import build_tiny_qwen2_5_vl
 from avar_ops.core import testing
@@ -16,7 +17,7 @@ from avar_ops.hf import get_handle, token_groups
 from avar_ops.method import visual_reward
 from avar_train.grpo.config import ConfigError, load_grpo_config
 from avar_train.grpo.rewards import VisualStats, accuracy_reward, visual_terms
-from avar_train.grpo.trainer import GRPOTrainer, completion_mask
+from avar_train.grpo.trainer import GRPOTrainer, completion_logps, completion_mask
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,15 @@ def test_completion_mask_stops_after_first_eos():
         [True] * 5,
         [True, False, False, False, False],
     ]
+
+
+def test_completion_logps_are_normalised_tempered_log_probs():
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 5, 17, generator=gen) * 4  # [B, C, V]
+    ids = torch.randint(0, 17, (3, 5), generator=gen)  # [B, C]
+    want = torch.log_softmax(logits.double() / 0.7, dim=-1).gather(-1, ids[..., None]).squeeze(-1)  # [B, C]
+    got = completion_logps(logits, ids, 0.7)
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-5)
 
 
 def _eager_reference(per_layer_maps, key_group, response_mask, kind, cap, eps):

@@ -141,6 +141,14 @@ def test_prompt_vas_from_user_tokens():
     assert terms.prompt_vas[0].item() == pytest.approx(0.9 / EPS, rel=1e-6)
 
 
+def test_prompt_vas_spans_all_layers_whatever_layers_r_visual_uses():
+    masses, response, _ = _hand_masses()
+    user = torch.zeros(2, 5, dtype=torch.bool)
+    user[0, 3] = True  # per-head ratios: layer 0 0.4/0.2 and 0.2/0.2 (mean 1.5), layer 1 0.5/0.5 and 0.1/0.1 (1)
+    terms = visual_terms(_reduce(masses, response, user), response, user, layers=[1])
+    assert terms.prompt_vas[0].item() == pytest.approx((1.5 + 1.0) / 2, rel=1e-5)
+
+
 def test_no_response_token_gives_zero():
     masses, response, _ = _hand_masses()
     response = response.clone()
@@ -182,6 +190,8 @@ def test_format_reward():
     assert f([""] * 5, completions, [[]] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
     custom = format_reward(r"<answer>.*</answer>")
     assert custom(["", ""], ["<answer>1</answer>", "1"], [[], []]) == [1.0, 0.0]
+    # The whole completion must match, anchors or not: text around the tags fails an unanchored pattern too.
+    assert custom(["", ""], ["so <answer>1</answer>", "<answer>1</answer> done"], [[], []]) == [0.0, 0.0]
     with pytest.raises(ValueError, match="regular expression"):
         format_reward("(")
 

@@ -56,28 +56,56 @@ def _history(output_dir):
         return [row for row in map(json.loads, f) if "loss_lm" in row]
 
 
-def test_agto_raises_image_attention_against_lm_only(tiny_dir, train_file, tmp_path):
-    agto = _history(train_sft(_config(tiny_dir, train_file, tmp_path / "agto")).args.output_dir)
-    lm_only = _history(train_sft(_config(tiny_dir, train_file, tmp_path / "lm", alpha=0.0, beta=0.0)).args.output_dir)
-    assert len(agto) == len(lm_only) == 6
-    # Same seed, same data order: the first step sees the same model and batch.
-    assert agto[0]["loss_lm"] == pytest.approx(lm_only[0]["loss_lm"], rel=1e-6)
-    assert agto[0]["image_mass"] == pytest.approx(lm_only[0]["image_mass"], rel=1e-6)
-    for run in (agto, lm_only):  # the LM loss falls in both
-        assert run[-1]["loss_lm"] < run[0]["loss_lm"]
-    # The attention terms move the user tokens' attention onto the image; L_LM alone does much less.
-    assert agto[-1]["image_mass"] > agto[0]["image_mass"] and agto[-1]["vas"] > agto[0]["vas"]
-    assert agto[-1]["image_mass"] - agto[0]["image_mass"] > 2 * abs(
-        lm_only[-1]["image_mass"] - lm_only[0]["image_mass"]
-    )
-    assert agto[-1]["vas"] > lm_only[-1]["vas"]
-    assert agto[-1]["loss_enhance_img"] < agto[0]["loss_enhance_img"]
-    assert agto[-1]["loss_suppress_sys"] < agto[0]["loss_suppress_sys"]
-    # The logged total is the objective the trainer back-propagated.
-    row = agto[0]
-    assert row["loss"] == pytest.approx(
-        row["loss_lm"] + 0.15 * (row["loss_enhance_img"] + row["loss_suppress_sys"]), rel=1e-5
-    )
+CONVERGENCE_SEEDS = (0, 1, 2, 3, 4)
+
+
+def agto_and_lm_only_runs(seed, folder):
+    """(AGTO log, L_LM-only log) of 6 steps from the tiny model of `seed` on 4 records drawn from `seed`."""
+    model_dir = os.path.join(folder, "model")
+    model, processor = tiny_pair(seed)
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_sft_records(os.path.join(folder, "data"), n=4, seed=seed)
+    runs = []
+    for name, weights in (("agto", {}), ("lm", dict(alpha=0.0, beta=0.0))):
+        cfg = _config(model_dir, data, os.path.join(folder, name), seed=seed, **weights)
+        runs.append(_history(train_sft(cfg).args.output_dir))
+    return tuple(runs)
+
+
+def test_agto_raises_image_attention_against_lm_only(tmp_path):
+    """Over CONVERGENCE_SEEDS (model, data and run seeds): in every seed both runs start from one point and the LM
+    loss falls in both; at the last step, where both runs see the same batch, the AGTO run has lower L_enhance
+    and L_suppress and a higher image mass and VAS than the L_LM-only run.
+
+    Not claimed: that the AGTO run's own image mass or attention losses end below / above where they started.
+    Each step logs a different batch (two records per step, reshuffled each epoch), and L_LM alone pulls the user
+    tokens' image mass down by up to ~0.07 in 6 steps on some seeds; there AGTO's margin over L_LM alone
+    (0.05-0.11 on seeds 0-19) can leave it below its first step (seeds 7, 11 and 15 of 0-19)."""
+    numbers = {}
+    for seed in CONVERGENCE_SEEDS:
+        agto, lm_only = agto_and_lm_only_runs(seed, str(tmp_path / f"s{seed}"))
+        assert len(agto) == len(lm_only) == 6
+        # Same seed, same data order: the first step sees the same model and batch.
+        assert agto[0]["loss_lm"] == pytest.approx(lm_only[0]["loss_lm"], rel=1e-6), seed
+        assert agto[0]["image_mass"] == pytest.approx(lm_only[0]["image_mass"], rel=1e-6), seed
+        # The logged total is the objective the trainer back-propagated.
+        row = agto[0]
+        assert row["loss"] == pytest.approx(
+            row["loss_lm"] + 0.15 * (row["loss_enhance_img"] + row["loss_suppress_sys"]), rel=1e-5
+        )
+        numbers[seed] = {
+            "image_over_lm_only": agto[-1]["image_mass"] - lm_only[-1]["image_mass"],
+            "vas_over_lm_only": agto[-1]["vas"] - lm_only[-1]["vas"],
+            "enhance_under_lm_only": lm_only[-1]["loss_enhance_img"] - agto[-1]["loss_enhance_img"],
+            "suppress_under_lm_only": lm_only[-1]["loss_suppress_sys"] - agto[-1]["loss_suppress_sys"],
+            "lm_drop": (agto[0]["loss_lm"] - agto[-1]["loss_lm"], lm_only[0]["loss_lm"] - lm_only[-1]["loss_lm"]),
+        }
+    msg = f"per seed: {numbers}"
+    for n in numbers.values():
+        assert min(n["lm_drop"]) > 0, msg
+        assert n["enhance_under_lm_only"] > 0 and n["suppress_under_lm_only"] > 0, msg
+        assert n["image_over_lm_only"] > 0 and n["vas_over_lm_only"] > 0, msg
 
 
 def test_resume_gives_the_uninterrupted_next_steps(tiny_dir, train_file, tmp_path):

@@ -160,18 +160,65 @@ def _train(model, initial, batch, alpha, beta):
     return history
 
 
-def test_agto_steps_raise_image_attention(tiny, batch):
-    model, _, initial = tiny
-    lm_only = _train(model, initial, batch, 0.0, 0.0)
-    agto = _train(model, initial, batch, ALPHA, BETA)
-    start, end, baseline = agto[0], agto[-1], lm_only[-1]
-    assert lm_only[0] == start  # same weights, same batch: the runs start from one point
-    # Each AGTO step moves attention from system to image tokens.
-    for before, after in zip(agto, agto[1:]):
-        assert after["image_mass"] > before["image_mass"] and after["vas"] > before["vas"]
-    assert end["enhance"] < start["enhance"] and end["suppress"] < start["suppress"]
-    # L_LM alone leaves the image share behind; the attention terms are what moves it.
-    assert end["image_mass"] > baseline["image_mass"] and end["vas"] > baseline["vas"]
-    assert end["image_mass"] - start["image_mass"] > 2 * abs(baseline["image_mass"] - start["image_mass"])
-    # The language-model loss still trains alongside.
-    assert end["lm"] < start["lm"]
+CONVERGENCE_SEEDS = (0, 1, 2, 3, 4)
+
+
+def agto_against_lm_only(seed):
+    """(AGTO history, L_LM-only history) of STEPS AdamW steps from the tiny model of `seed` on the two samples
+    with images drawn from `seed`."""
+    model, processor = build_tiny_qwen2_5_vl(seed=seed)
+    model.train()
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    apply_to_qwen2_5_vl(model, tokenizer=processor)
+    try:
+        images = synthetic_images(len(SAMPLES), seed=seed + 3)
+        samples = [
+            {"id": f"s{i}", "images": [img], "question": q, "system": sys_prompt}
+            for i, ((q, sys_prompt, _), img) in enumerate(zip(SAMPLES, images))
+        ]
+        inputs = build_inputs(processor, samples, responses=[a for _, _, a in SAMPLES])
+        groups = token_groups(inputs["input_ids"], processor, inputs["attention_mask"])
+        labels = inputs["input_ids"].masked_fill(~groups.response_mask, -100)  # [B, L]
+        batch = (inputs, groups, labels)
+        lm_only = _train(model, initial, batch, 0.0, 0.0)
+        agto = _train(model, initial, batch, ALPHA, BETA)
+    finally:
+        revert(model)
+    return agto, lm_only
+
+
+def convergence_numbers(agto, lm_only):
+    """What the convergence test judges, for one seed."""
+    return {
+        "image_gain": agto[-1]["image_mass"] - agto[0]["image_mass"],
+        "lm_only_image_gain": lm_only[-1]["image_mass"] - lm_only[0]["image_mass"],
+        "vas_gain": agto[-1]["vas"] - agto[0]["vas"],
+        "lm_only_vas_gain": lm_only[-1]["vas"] - lm_only[0]["vas"],
+        "enhance_drop": agto[0]["enhance"] - agto[-1]["enhance"],
+        "suppress_drop": agto[0]["suppress"] - agto[-1]["suppress"],
+        "lm_drop": agto[0]["lm"] - agto[-1]["lm"],
+        "first_step_image_gain": agto[1]["image_mass"] - agto[0]["image_mass"],
+    }
+
+
+def test_agto_steps_raise_image_attention():
+    """Over CONVERGENCE_SEEDS (model and image seeds): in every seed the AGTO run ends with both attention terms
+    lower and the user tokens' image mass and VAS higher than where it started and than the L_LM-only run ends
+    (which starts from the same point); the median image-mass gain is more than twice L_LM alone's."""
+    numbers = {}
+    for seed in CONVERGENCE_SEEDS:
+        agto, lm_only = agto_against_lm_only(seed)
+        assert lm_only[0] == agto[0], seed  # same weights, same batch: the runs start from one point
+        n = convergence_numbers(agto, lm_only)
+        n["beats_lm_only_image"] = agto[-1]["image_mass"] > lm_only[-1]["image_mass"]
+        n["beats_lm_only_vas"] = agto[-1]["vas"] > lm_only[-1]["vas"]
+        numbers[seed] = n
+    msg = f"per seed: {numbers}"
+    for n in numbers.values():
+        assert n["enhance_drop"] > 0 and n["suppress_drop"] > 0, msg
+        assert n["image_gain"] > 0 and n["vas_gain"] > 0, msg
+        assert n["beats_lm_only_image"] and n["beats_lm_only_vas"], msg
+        assert n["lm_drop"] > 0, msg  # the language-model loss still trains alongside
+    gains = sorted(n["image_gain"] for n in numbers.values())
+    lm_gains = sorted(abs(n["lm_only_image_gain"]) for n in numbers.values())
+    assert gains[len(gains) // 2] > 2 * lm_gains[len(lm_gains) // 2], msg
