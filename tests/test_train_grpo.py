@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from grpo_fixtures import hash_checker, write_colour_task
+from grpo_fixtures import hash_checker, initial_checker, write_colour_task
 
 from avar_ops.analysis import build_tiny_qwen2_5_vl
 from avar_ops.core import testing
