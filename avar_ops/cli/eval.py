@@ -1,7 +1,7 @@
 """`avar eval` and `avar correlate`: accuracy and VAS on the paper's benchmarks, and their correlation across runs.
 
-    avar eval --model DIR|tiny --bench mathvista=PATH mmstar=PATH … [--intervention-flags] [--limit N]
-              [--batch-size B] [--max-new-tokens T] --out RUN
+    avar eval --model DIR|tiny --bench mathvista=PATH mmstar=PATH … [--intervention-flags] [--limit N | --sample N]
+              [--batch-size B] [--max-new-tokens T] [--mathverse-prompt F] [--hallusion-instruction I] --out RUN
     avar correlate RUN_DIR RUN_DIR RUN_DIR … --out DIR
 
 Arguments, benchmark files and the output folder are checked before a model is loaded; a bad one is reported
@@ -26,7 +26,7 @@ from avar_ops.cli.args import (
 from avar_ops.cli.errors import CLIError, DataError
 from avar_ops.cli.out import prepare_out
 from avar_ops.data import TextError, check_text
-from avar_ops.eval import BENCHMARKS, PAPER_ORDER, BenchmarkDataError, get_benchmark
+from avar_ops.eval import BENCHMARKS, GENERATION_SOURCES, PAPER_ORDER, BenchmarkDataError, get_benchmark
 
 __all__ = ["add_parser"]
 
@@ -69,8 +69,35 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (a rerun with the same settings continues it)")
     p.add_argument("--label", default=None, help="name of the run in tables and plots (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="the first N samples of each benchmark")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a fixed, seeded subset of N samples per benchmark (the same ids for every model; e.g. 200 for "
+        "MathVista as the paper's VAS protocol)",
+    )
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the --sample subset")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation limit for every benchmark (default: each benchmark's reference harness limit, "
+        "e.g. 128 for MMMU and HallusionBench as in lmms-eval; recorded in the report)",
+    )
+    p.add_argument(
+        "--mathverse-prompt",
+        choices=BENCHMARKS["mathverse"].options["prompt_field"].choices,
+        default=BENCHMARKS["mathverse"].options["prompt_field"].default,
+        help=BENCHMARKS["mathverse"].options["prompt_field"].help,
+    )
+    p.add_argument(
+        "--hallusion-instruction",
+        choices=BENCHMARKS["hallusionbench"].options["instruction"].choices,
+        default=BENCHMARKS["hallusionbench"].options["instruction"].default,
+        help=BENCHMARKS["hallusionbench"].options["instruction"].help,
+    )
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the model's)")
     p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
@@ -115,6 +142,12 @@ def _cmd_eval(args) -> int:
     for flag in ("min_pixels", "max_pixels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise CLIError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), getattr(args, flag)))
+    for flag in ("limit", "sample", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CLIError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), value))
+    if args.limit is not None and args.sample is not None:
+        raise CLIError("--limit and --sample: give one (the first N samples, or a seeded subset of N)")
     if not args.checker_timeout > 0:
         raise CLIError("--checker-timeout: expected seconds > 0, got %g" % args.checker_timeout)
     iv = intervention_from_flags(args)
@@ -131,12 +164,24 @@ def _cmd_eval(args) -> int:
         except ValueError as exc:
             raise CLIError("--judge-url / --judge-model: %s" % exc) from exc
 
+    options = {
+        "mathverse": {"prompt_field": args.mathverse_prompt},
+        "hallusionbench": {"instruction": args.hallusion_instruction},
+    }
     loaded = {}
     for name, split, path in specs:
         try:
-            loaded[name] = BENCHMARKS[name].load(path, split=split, limit=args.limit)
+            loaded[name] = BENCHMARKS[name].load(
+                path,
+                split=split,
+                limit=args.limit,
+                sample=args.sample,
+                sample_seed=args.sample_seed,
+                options=options.get(name),
+            )
         except BenchmarkDataError as exc:
             raise DataError(str(exc)) from exc
+    limits = {name: args.max_new_tokens or BENCHMARKS[name].max_new_tokens for name, _, _ in specs}
     settings = runner.EvalSettings(
         checkpoint=args.model if args.model == "tiny" else os.path.abspath(args.model),
         label=args.label or (args.model if args.model == "tiny" else os.path.basename(os.path.normpath(args.model))),
@@ -145,12 +190,17 @@ def _cmd_eval(args) -> int:
                 "path": os.path.abspath(path),
                 "split": split or BENCHMARKS[name].default_split,
                 "prompt_template": BENCHMARKS[name].prompt_template,
+                "options": BENCHMARKS[name].resolve_options(options.get(name)),
+                "max_new_tokens": limits[name],
+                "max_new_tokens_source": "--max-new-tokens" if args.max_new_tokens else GENERATION_SOURCES[name],
             }
             for name, split, path in specs
         },
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         limit=args.limit,
+        sample=args.sample,
+        sample_seed=args.sample_seed,
         seed=args.seed,
         system_prompt=args.system,
         intervention=iv.to_dict() if iv is not None else None,
@@ -186,7 +236,7 @@ def _cmd_eval(args) -> int:
                 os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
                 intervention=iv,
                 system_prompt=args.system,
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=limits[name],
                 batch_size=args.batch_size,
                 checker=checker,
                 judge=judge,

@@ -5,19 +5,26 @@ optional LLM judge for answer extraction (`judge`), and the VAS-accuracy correla
 from avar_ops.eval import correlate, runner
 from avar_ops.eval.benchmarks import (
     BENCHMARKS,
+    GENERATION_SOURCES,
     PAPER_ORDER,
+    REASONING_BUDGET,
     Benchmark,
     Sample,
     accuracy,
     get_benchmark,
     hallusion_scores,
+    hallusion_verdicts,
+    ids_digest,
+    sample_subset,
 )
 from avar_ops.eval.judge import Judge
 from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage
 
 __all__ = [
     "BENCHMARKS",
+    "GENERATION_SOURCES",
     "PAPER_ORDER",
+    "REASONING_BUDGET",
     "Benchmark",
     "BenchmarkDataError",
     "LazyImage",
@@ -25,6 +32,9 @@ __all__ = [
     "accuracy",
     "get_benchmark",
     "hallusion_scores",
+    "hallusion_verdicts",
+    "ids_digest",
+    "sample_subset",
     "Judge",
     "correlate",
     "runner",
