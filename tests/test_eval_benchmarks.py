@@ -255,7 +255,8 @@ def test_hallusion_unclear_counts_right_only_without_a_figure(data, unclear):
     results = [_result(True)] * 4 + [_result(False, unclear), _result(False, unclear)]
     assert hall.verdicts(samples, results) == [True, True, True, True, False, True]
     # an explicit wrong answer without the figure stays wrong
-    assert hall.verdicts(samples, [_result(True)] * 5 + [_result(False, "no")])[5] is False
+    for wrong in ("no", "No, the left line is shorter."):
+        assert hall.verdicts(samples, [_result(True)] * 5 + [_result(False, wrong)])[5] is False
     scores = hall.score(samples, results)
     assert scores["aAcc"] == pytest.approx(100 * 5 / 6) and scores["accuracy"] == scores["aAcc"]
     assert hall.breakdown_tables(samples, results)["category"]["VS"]["n_correct"] == 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import re
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -270,9 +271,10 @@ def _mmmu_pro_headline(scores: Dict) -> Dict[str, float]:
 
 
 def _is_unclear(result: CheckResult) -> bool:
-    """No yes/no verdict could be read from the answer (the official judge's "unclear")."""
-    extracted = (result.extracted or "").strip().strip(".!,;:*").lower()
-    return extracted not in ("yes", "no")
+    """No yes/no verdict in the answer read from the response: both words or neither, as VLMEvalKit's
+    `YOrN_Extraction` (vlmeval/dataset/utils/yorn.py) returns "Unknown" (the official judge's "unclear")."""
+    words = set(re.findall(r"[a-z]+", (result.extracted or "").lower()))
+    return ("yes" in words) == ("no" in words)
 
 
 def hallusion_verdicts(samples: Sequence[Sample], results: Sequence[CheckResult]) -> List[Optional[bool]]:
