@@ -36,7 +36,7 @@ AVAR_FLAGS = {
     + ["--bench", "--out", "--label", "--limit", "--batch-size", "--max-new-tokens", "--system", "--min-pixels"]
     + ["--max-pixels", "--seed", "--judge-url", "--judge-model", "--judge-key-env", "--checker-timeout"]
     + ["--no-progress"]
-    + ["--sample", "--sample-seed", "--mathverse-prompt", "--hallusion-instruction"],  # added since: the protocol
+    + ["--sample", "--sample-seed", "--mathverse-prompt", "--hallusion-instruction", "--judge-retries"],  # added since
     "correlate": ["--out", "--confidence"],
 }
 TRAIN_FLAGS = {"sft": ["--config"], "vard": ["--config"], "grpo": ["--config"]}

@@ -26,7 +26,14 @@ from avar_ops.cli.args import (
 from avar_ops.cli.errors import CLIError, DataError
 from avar_ops.cli.out import prepare_out
 from avar_ops.data import TextError, check_text
-from avar_ops.eval import BENCHMARKS, GENERATION_SOURCES, PAPER_ORDER, BenchmarkDataError, get_benchmark
+from avar_ops.eval import (
+    BENCHMARKS,
+    GENERATION_SOURCES,
+    PAPER_ORDER,
+    BenchmarkDataError,
+    JudgeError,
+    get_benchmark,
+)
 
 __all__ = ["add_parser"]
 
@@ -109,6 +116,9 @@ def add_parser(sub) -> None:
         "answers; default: rule-based extraction",
     )
     p.add_argument("--judge-model", default=None, help="model name at --judge-url")
+    p.add_argument(
+        "--judge-retries", type=int, default=4, help="retries of a failed judge request (with backoff) before giving up"
+    )
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     p.add_argument("--checker-timeout", type=float, default=5.0, help="seconds per LaTeX answer check")
     p.add_argument("--no-progress", action="store_true")
@@ -126,7 +136,6 @@ def _cmd_eval(args) -> int:
     import torch
 
     from avar_ops.eval import runner
-    from avar_ops.grading import AnswerChecker, LatexChecker
 
     try:
         check_text(args.system, where="the command line", field="--system")
@@ -139,6 +148,8 @@ def _cmd_eval(args) -> int:
             raise CLIError("%s is needed to read benchmarks and check answers: pip install 'avar[eval]'" % package)
     if (args.judge_url is None) != (args.judge_model is None):
         raise CLIError("--judge-url and --judge-model go together")
+    if args.judge_retries < 0:
+        raise CLIError("--judge-retries: expected a number >= 0, got %d" % args.judge_retries)
     for flag in ("min_pixels", "max_pixels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise CLIError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), getattr(args, flag)))
@@ -160,9 +171,15 @@ def _cmd_eval(args) -> int:
         from avar_ops.grading import ChatClient
 
         try:
-            judge = Judge(ChatClient(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_key_env)))
+            client = ChatClient(
+                args.judge_url,
+                args.judge_model,
+                api_key=os.environ.get(args.judge_key_env),
+                max_retries=args.judge_retries,
+            )
         except ValueError as exc:
             raise CLIError("--judge-url / --judge-model: %s" % exc) from exc
+        judge = Judge(client, cache_dir=os.path.join(args.out, "judge"))
 
     options = {
         "mathverse": {"prompt_field": args.mathverse_prompt},
@@ -205,6 +222,7 @@ def _cmd_eval(args) -> int:
         system_prompt=args.system,
         intervention=iv.to_dict() if iv is not None else None,
         extraction=judge.mode if judge is not None else runner.RULE_BASED,
+        judge_url=judge.client.url if judge is not None else None,
         dtype=args.dtype,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
@@ -215,6 +233,11 @@ def _cmd_eval(args) -> int:
     except runner.RunConflictError as exc:
         raise CLIError(str(exc)) from exc
 
+    if judge is not None:
+        try:
+            judge.ping()
+        except JudgeError as exc:
+            raise DataError("%s (checked before loading the model)" % exc) from None
     model, processor, _ = loading.load_model(args.model, dtype=args.dtype, device=args.device)
     image_processor = processor.image_processor
     for flag in ("min_pixels", "max_pixels"):
@@ -224,6 +247,27 @@ def _cmd_eval(args) -> int:
                 image_processor.size["shortest_edge" if flag == "min_pixels" else "longest_edge"] = getattr(args, flag)
     torch.manual_seed(args.seed)
     rows = {}
+    try:
+        _run_benchmarks(args, specs, loaded, limits, model, processor, iv, judge, rows)
+    except JudgeError as exc:
+        raise DataError("%s; the answers so far are kept: rerun the same command to continue" % exc) from None
+    size = getattr(image_processor, "size", None) or {}
+    settings.effective_pixels = {
+        "min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
+        "max_pixels": getattr(image_processor, "max_pixels", None) or size.get("longest_edge"),
+    }
+    paths = runner.write_report(args.out, settings, rows, {n: BENCHMARKS[n].title for n in rows})
+    with open(paths["markdown"], encoding="utf-8") as f:
+        print(f.read())
+    for kind, path in paths.items():
+        print("  %s: %s" % (kind, path))
+    return 0
+
+
+def _run_benchmarks(args, specs, loaded, limits, model, processor, iv, judge, rows) -> None:
+    from avar_ops.eval import runner
+    from avar_ops.grading import AnswerChecker, LatexChecker
+
     with LatexChecker(timeout=args.checker_timeout) as latex:
         checker = AnswerChecker(latex)
         for name, _, _ in specs:
@@ -243,17 +287,6 @@ def _cmd_eval(args) -> int:
                 progress=not args.no_progress,
             )
             rows[name] = runner.benchmark_row(bench, loaded[name], records)
-    size = getattr(image_processor, "size", None) or {}
-    settings.effective_pixels = {
-        "min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
-        "max_pixels": getattr(image_processor, "max_pixels", None) or size.get("longest_edge"),
-    }
-    paths = runner.write_report(args.out, settings, rows, {n: BENCHMARKS[n].title for n in rows})
-    with open(paths["markdown"], encoding="utf-8") as f:
-        print(f.read())
-    for kind, path in paths.items():
-        print("  %s: %s" % (kind, path))
-    return 0
 
 
 def _cmd_correlate(args) -> int:

@@ -17,7 +17,7 @@ from avar_ops.eval.benchmarks import (
     ids_digest,
     sample_subset,
 )
-from avar_ops.eval.judge import Judge
+from avar_ops.eval.judge import JUDGED, Judge, JudgeError
 from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "ids_digest",
     "sample_subset",
     "Judge",
+    "JudgeError",
+    "JUDGED",
     "correlate",
     "runner",
 ]

@@ -561,6 +561,8 @@ def _hallusion(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sa
         fields[k] for k in ("category", "subcategory", "set_id", "figure_id", "question_id")
     )
     fields["visual_input"] = str(row.get("visual_input", "1" if images else "0"))
+    if row.get("gt_answer_details"):  # the reference the official judge reads
+        fields["gt_answer_details"] = str(row["gt_answer_details"])
     return Sample(
         "hallusionbench",
         sample_id,
@@ -705,7 +707,7 @@ BENCHMARKS: Dict[str, Benchmark] = {
                 "non_image": ("data/non_image-*.parquet", "non_image-*.parquet"),
             },
             ("category", "subcategory", "set_id", "figure_id", "question_id", "question", "gt_answer"),
-            ("image", "visual_input"),
+            ("image", "visual_input", "gt_answer_details"),
             _hallusion,
             "{question}{instruction}",
             max_new_tokens=128,

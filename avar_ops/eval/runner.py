@@ -23,6 +23,7 @@ import torch
 from avar_ops.core import GROUP_NAMES
 from avar_ops.data import build_inputs
 from avar_ops.eval.benchmarks import PAPER_ORDER, REASONING_BUDGET, Benchmark, Sample, ids_digest
+from avar_ops.eval.judge import JUDGED
 from avar_ops.grading import AnswerChecker, CheckResult
 from avar_ops.hf import collect_masses, token_groups
 from avar_ops.method import generate, intervened
@@ -58,10 +59,11 @@ class EvalSettings:
     effective_pixels: Optional[dict] = None  # the image processor's min/max_pixels, known once it is loaded
     sample: Optional[int] = None  # a seeded subset of N per benchmark (benchmarks.sample_subset)
     sample_seed: int = 0
+    judge_url: Optional[str] = None
 
     # settings that may differ between a run and its continuation (they change no answer; records are per id, and
     # a larger --sample keeps the smaller one's questions); each record keeps the batch size it was answered with
-    RESUMABLE = ("batch_size", "limit", "sample", "versions", "effective_pixels")
+    RESUMABLE = ("batch_size", "limit", "sample", "versions", "effective_pixels", "judge_url")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -221,8 +223,11 @@ def evaluate_benchmark(
             masses = rec.steps[0]  # the prefill: one [B, H, L', G] per layer
             stats = _prefill_statistics(masses, user.index_select(1, columns), [bool(s.images) for s in batch])
             responses = [processor.tokenizer.decode(t, skip_special_tokens=True) for t in rows]
-            judged = judge.extract([s.prompt for s in batch], responses) if judge is not None else None
-            checks = checker.check_many(judged if judged is not None else responses, [s.answer for s in batch])
+            judged = None
+            if judge is not None and judge.covers(benchmark.name):
+                checks, judged = judge.check(benchmark.name, batch, responses, checker)
+            else:
+                checks = checker.check_many(responses, [s.answer for s in batch])
             for i, (s, tokens, check, stat) in enumerate(zip(batch, rows, checks, stats)):
                 record = {
                     "id": s.id,
@@ -348,7 +353,13 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         "",
         "- checkpoint: `%s`" % settings.checkpoint,
         "- intervention: %s" % (json.dumps(iv) if iv else "none"),
-        "- answer extraction: %s" % settings.extraction,
+        "- answer extraction: %s" % settings.extraction
+        + (
+            " at %s (the judge scores %s, whose official scoring uses a model; the others are rule-based)"
+            % (settings.judge_url, ", ".join(JUDGED))
+            if settings.extraction != RULE_BASED
+            else ""
+        ),
         "- decoding: %s, max_new_tokens %s, seed %d"
         % (
             settings.decoding,
