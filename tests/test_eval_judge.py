@@ -47,7 +47,7 @@ def test_mathverse_two_steps_and_mathvista_extraction(data, tmp_path):
         judge = Judge(_client(server), cache_dir=str(tmp_path / "judge"))
         checks, outputs = judge.check("mathverse", samples, ["resp a", "resp b", "resp c"], AnswerChecker())
         scoring = server.requests[3][2]["messages"][-1]["content"]
-    assert "Standard answer: B" in scoring and "Model's answer: B" in scoring
+    assert "Question: q\nStandard answer: B" in scoring and "Model's answer: B" in scoring  # question_for_eval
     assert [c.status for c in checks] == ["correct", "correct", "error"]  # "maybe" is neither 1 nor 0
     assert [c.extracted for c in checks] == ["B", "1/2", "4 cm"] and checks[0].method == "judge"
     assert outputs[2] == {"extract": "4 cm", "score": "maybe"}

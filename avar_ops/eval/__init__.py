@@ -1,6 +1,8 @@
-"""Benchmark evaluation: the paper's seven benchmarks from local parquet releases (`benchmarks`,
-`parquet_files`), the run itself with scoring by the shared answer checker and its report (`runner`), an
-optional LLM judge for answer extraction (`judge`), and the VAS-accuracy correlation across runs (`correlate`)."""
+"""Benchmark evaluation: the paper's seven benchmarks from local parquet releases with each one's protocol
+(split, prompt settings, generation limit, per-category fields, seeded subset: `benchmarks`, `parquet_files`),
+the run itself with scoring by the shared answer checker and its report (`runner`), an optional judge model for
+the benchmarks whose official scoring uses one (`judge`), and the VAS-accuracy correlation across runs
+(`correlate`)."""
 
 from avar_ops.eval import correlate, runner
 from avar_ops.eval.benchmarks import (

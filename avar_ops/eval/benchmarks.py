@@ -460,7 +460,12 @@ def _mathverse(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Op
         _text(row, opts["prompt_field"], where),
         [image] if isinstance(image, LazyImage) else [],  # the Text Only version has no figure
         spec,
-        {"question_type": str(row.get("question_type")), "problem_version": str(version or "Vision Only")},
+        {
+            "question_type": str(row.get("question_type")),
+            "problem_version": str(version or "Vision Only"),
+            # the question text MathVerse's scoring step reads (the judge's prompt uses it when present)
+            **({"question_for_eval": str(row["question_for_eval"])} if row.get("question_for_eval") else {}),
+        },
     )
 
 
@@ -633,7 +638,7 @@ BENCHMARKS: Dict[str, Benchmark] = {
                 "all": ("testmini.parquet",),
             },
             ("sample_index", "query_cot", "query_wo", "answer", "question_type"),
-            ("problem_version", "image"),
+            ("problem_version", "image", "question_for_eval"),
             _mathverse,
             "{prompt_field} (testmini: Vision Only; all: the five problem versions)",
             first_pattern_only=True,

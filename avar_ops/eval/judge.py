@@ -117,7 +117,9 @@ class Judge:
             prompts = [_MATHVERSE_EXTRACT.format(response=r) for r in responses]
             extracted = self._ask(benchmark, "extract", prompts)
             prompts = [
-                _MATHVERSE_SCORE.format(question=s.prompt, gold=s.answer.gold, extracted=e)
+                _MATHVERSE_SCORE.format(
+                    question=s.fields.get("question_for_eval") or s.prompt, gold=s.answer.gold, extracted=e
+                )
                 for s, e in zip(samples, extracted)
             ]
             scores = self._ask(benchmark, "score", prompts)
