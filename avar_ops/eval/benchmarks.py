@@ -266,7 +266,7 @@ def _mmmu_pro_headline(scores: Dict) -> Dict[str, float]:
     if not main:
         return {}
     out = {"accuracy": sum(main) / len(main) if all(a == a for a in main) else float("nan")}
-    out["accuracy_rule"] = "mean of standard10 and vision" if len(main) == 2 else "the one main setting read"
+    out["accuracy_rule"] = "mean of standard10 and vision" if len(main) == 2 else "one main setting read"
     return out
 
 
