@@ -75,6 +75,7 @@ def test_eval_writes_report_and_records(full_run, capsys):
     assert "| HallusionBench | all | instruction=none | 4 (!) | 2×6 | 6 |" in md
     assert "MMStar by category:" in md and "| fine-grained perception | 1 | 1 |" in md
     assert "HallusionBench by subcategory:" in md and "different batch sizes" not in md
+    assert "under 2048 new tokens (MMStar, HallusionBench)" in md and "harness's limit" not in md  # 4 was given
 
 
 def _hall_path(run):
@@ -179,7 +180,7 @@ def test_harness_limits_and_seeded_sample(data, tmp_path, monkeypatch):
     with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
         md = f.read()
     assert "a seeded subset of 2 per benchmark (seed 5" in md and "| 128 (!) |" in md
-    assert "may be cut before its final answer" in md
+    assert "may be cut before its final answer" in md and "MMStar, HallusionBench: the reference harness's limit" in md
 
 
 def _no_model(*args, **kwargs):

@@ -412,11 +412,19 @@ def _protocol_lines(settings: EvalSettings, rows, titles, names, cell) -> List[s
             % (titles[n], b.get("split", "?"), opts, limit, flag, sizes, rows[n]["n"])
         )
     if notes:
+        harness = [
+            n for n in notes if settings.benchmarks.get(n, {}).get("max_new_tokens_source") != "--max-new-tokens"
+        ]
         lines += [
             "",
-            "(!) the reference harness's limit (%s): a step-by-step answer of a reasoning model may be cut before its "
-            "final answer; give --max-new-tokens to raise it (the report then differs from the harness's protocol)."
-            % ", ".join(titles[n] for n in notes),
+            "(!) under %d new tokens (%s): a reasoning model's step-by-step answer may be cut before its final answer."
+            % (REASONING_BUDGET, ", ".join(titles[n] for n in notes))
+            + (
+                " %s: the reference harness's limit; --max-new-tokens raises it (the run then departs from the "
+                "harness's protocol)." % ", ".join(titles[n] for n in harness)
+                if harness
+                else ""
+            ),
         ]
     if any(len(rows[n].get("batch_sizes", {})) > 1 for n in names):
         lines += ["", "Records of one benchmark were answered with different batch sizes (a resumed run)."]
