@@ -23,6 +23,11 @@ def write(path: str, rows: List[Dict]) -> str:
     return path
 
 
+def _vista_meta(task: str, skills: List[str]) -> Dict:
+    # the release's metadata struct (fewer keys than the release: only the ones avar reads, plus two)
+    return dict(task=task, skills=skills, category="math-targeted-vqa", language="english")
+
+
 def mathvista(root: str) -> str:
     rows = [
         dict(
@@ -37,6 +42,7 @@ def mathvista(root: str) -> str:
             question_type="multi_choice",
             answer_type="text",
             query="Hint: answer with the option letter.\nQuestion: Angle?\nChoices:\n(A) 30°\n(B) 45°\n(C) 60°",
+            metadata=_vista_meta("geometry problem solving", ["geometry reasoning", "algebraic reasoning"]),
         ),
         dict(
             pid="2",
@@ -50,6 +56,7 @@ def mathvista(root: str) -> str:
             question_type="free_form",
             answer_type="float",
             query="Hint: a floating-point number with two decimal places.\nQuestion: Length?",
+            metadata=_vista_meta("geometry problem solving", ["geometry reasoning"]),
         ),
         dict(
             pid="3",
@@ -63,6 +70,7 @@ def mathvista(root: str) -> str:
             question_type="free_form",
             answer_type="integer",
             query="Hint: an integer.\nQuestion: How many?",
+            metadata=_vista_meta("visual question answering", ["arithmetic reasoning"]),
         ),
     ]
     write(os.path.join(root, "data", "testmini-00000-of-00001.parquet"), rows)
@@ -99,7 +107,7 @@ def mathvision(root: str) -> str:
 
 
 def mathverse(root: str) -> str:
-    common = dict(metadata=None, query_wo="q", question_for_eval="q")
+    common = dict(metadata=None, question_for_eval="q")
     rows = [
         dict(
             sample_index="1",
@@ -110,6 +118,7 @@ def mathverse(root: str) -> str:
             answer="B",
             question_type="multi-choice",
             query_cot="According to the image, answer. Choices in image.",
+            query_wo="Directly: According to the image, answer. Choices in image.",
             **common,
         ),
         dict(
@@ -121,6 +130,7 @@ def mathverse(root: str) -> str:
             answer="B",
             question_type="multi-choice",
             query_cot="Text dominant prompt",
+            query_wo="Directly: Text dominant prompt",
             **common,
         ),
         dict(
@@ -132,6 +142,7 @@ def mathverse(root: str) -> str:
             answer="\\frac{1}{2}",
             question_type="free-form",
             query_cot="Solve the problem in the image.",
+            query_wo="Directly: Solve the problem in the image.",
             **common,
         ),
         dict(
@@ -143,6 +154,7 @@ def mathverse(root: str) -> str:
             answer="5 cm",
             question_type="multi-choice",
             query_cot="Pick the right length.",
+            query_wo="Directly: Pick the right length.",
             **common,
         ),
     ]
@@ -192,31 +204,43 @@ def mmmu(root: str) -> str:
     return root
 
 
+def _pro_row(i: int, subject: str, options: List[str], answer: str) -> Dict:
+    return dict(
+        id="test_%s_%d" % (subject, i),
+        question="<image 1> Pick one (%d)." % i,
+        options=str(options),
+        explanation="",
+        image_1=png(),
+        image_2=None,
+        image_3=None,
+        image_4=None,
+        image_5=None,
+        image_6=None,
+        image_7=None,
+        img_type="['x']",
+        answer=answer,
+        topic_difficulty="Hard",
+        subject=subject,
+    )
+
+
 def mmmu_pro(root: str) -> str:
-    options = str(["opt%d" % i for i in range(10)])
-    rows = [
-        dict(
-            id="test_Art_1",
-            question="<image 1> Pick one.",
-            options=options,
-            explanation="",
-            image_1=png(),
-            image_2=None,
-            image_3=None,
-            image_4=None,
-            image_5=None,
-            image_6=None,
-            image_7=None,
-            img_type="['x']",
-            answer="J",
-            topic_difficulty="Hard",
-            subject="Art",
-        ),
-    ]
-    write(os.path.join(root, "standard (10 options)", "test-00000-of-00001.parquet"), rows)
+    """The three configs of the release: the same two questions with 10 and with 4 options, and as screenshots."""
+    ten = ["opt%d" % i for i in range(10)]
+    write(
+        os.path.join(root, "standard (10 options)", "test-00000-of-00001.parquet"),
+        [_pro_row(1, "Art", ten, "J"), _pro_row(2, "Art_Theory", ten, "C")],
+    )
+    write(
+        os.path.join(root, "standard (4 options)", "test-00000-of-00001.parquet"),
+        [_pro_row(1, "Art", ["opt0", "opt3", "opt9", "opt5"], "C"), _pro_row(2, "Art_Theory", ten[:4], "C")],
+    )
     write(
         os.path.join(root, "vision", "test-00000-of-00001.parquet"),
-        [dict(id="v", image=png(), options=options, answer="A")],
+        [
+            dict(id="test_Art_1", image=png(), options=str(ten), answer="J", subject="Art"),
+            dict(id="test_Art_Theory_2", image=png(), options=str(ten), answer="C", subject="Art_Theory"),
+        ],
     )
     return root
 
@@ -246,38 +270,40 @@ def mmstar(root: str) -> str:
     return root
 
 
-# (category, subcategory, set_id, figure_id, question_id, gt_answer): two figures × two questions of one set,
-# plus one text-only question
+# (category, subcategory, set_id, figure_id, question_id, gt_answer, visual_input): a VD set of two figures × two
+# questions, and a VS set whose question 0 is asked without the figure (figure_id 0, in non_image) and with it
+# (figure_id 1); as in the release, the questions asked without a figure are the non_image split
 HALLUSION_KEYS = [
-    ("VD", "illusion", "0", "0", "0", "1"),
-    ("VD", "illusion", "0", "0", "1", "0"),
-    ("VD", "illusion", "0", "1", "0", "0"),
-    ("VD", "illusion", "0", "1", "1", "1"),
-    ("VS", "chart", "1", "0", "0", "1"),
+    ("VD", "illusion", "0", "0", "0", "1", "1"),
+    ("VD", "illusion", "0", "0", "1", "0", "1"),
+    ("VD", "illusion", "0", "1", "0", "0", "2"),
+    ("VD", "illusion", "0", "1", "1", "1", "2"),
+    ("VS", "chart", "1", "1", "0", "0", "1"),
+    ("VS", "chart", "1", "0", "0", "1", "0"),
 ]
 
 
 def hallusionbench(root: str) -> str:
     rows = []
-    for category, sub, set_id, figure_id, question_id, gt in HALLUSION_KEYS:
+    for category, sub, set_id, figure_id, question_id, gt, visual in HALLUSION_KEYS:
         rows.append(
             dict(
                 category=category,
                 subcategory=sub,
-                visual_input="1" if category == "VD" else "0",
+                visual_input=visual,
                 set_id=set_id,
                 figure_id=figure_id,
                 sample_note="",
                 question_id=question_id,
-                question="Is the left line longer? (%s/%s)" % (figure_id, question_id),
+                question="Is the left line longer? (%s/%s/%s)" % (category, figure_id, question_id),
                 gt_answer_details="",
                 gt_answer=gt,
                 filename=None,
-                image=png() if category == "VD" else None,
+                image=png() if visual != "0" else None,
             )
         )
-    write(os.path.join(root, "data", "image-00000-of-00001.parquet"), rows[:4])
-    write(os.path.join(root, "data", "non_image-00000-of-00001.parquet"), rows[4:])
+    write(os.path.join(root, "data", "image-00000-of-00001.parquet"), [r for r in rows if r["visual_input"] != "0"])
+    write(os.path.join(root, "data", "non_image-00000-of-00001.parquet"), [r for r in rows if r["visual_input"] == "0"])
     return root
 
 

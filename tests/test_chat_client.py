@@ -141,7 +141,7 @@ def test_judge_extracts_answers_for_the_checker():
         judge = Judge(ChatClient(server.url, "judge", concurrency=1))
         out = judge.extract(["Which one?", "How many?"], ["I would go with the second", "no idea"])
         assert out == ["<answer>B</answer>", "<answer></answer>"]
-        assert judge.mode == "judge:judge@%s/chat/completions" % server.url
+        assert judge.mode == "judge:judge"  # the model, not its address, names the mode
         body = server.requests[0][2]
         assert body["temperature"] == 0.0 and "I would go with the second" in body["messages"][-1]["content"]
     checker = AnswerChecker()

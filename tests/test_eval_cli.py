@@ -13,8 +13,8 @@ from test_eval_correlate import known_r_pair, write_run
 import avar_ops.cli as cli
 from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
 from avar_ops.analysis.vas import measure
-from avar_ops.eval import get_benchmark, runner
-from avar_ops.eval.runner import _sample_dict
+from avar_ops.eval import get_benchmark, ids_digest, runner, sample_subset
+from avar_ops.eval.runner import _result_of, _sample_dict
 
 ARGS = ["--max-new-tokens", "4", "--no-progress", "--checker-timeout", "3"]
 
@@ -26,7 +26,8 @@ def data(tmp_path_factory):
 
 
 def _bench(data):
-    return ["--bench", "mmstar=" + data["mmstar"], "hallusionbench=" + data["hallusionbench"]]
+    # all 6 HallusionBench questions (the default image split has 5): one is asked without a figure
+    return ["--bench", "mmstar=" + data["mmstar"], "hallusionbench:all=" + data["hallusionbench"]]
 
 
 def _records(run, name):
@@ -50,19 +51,32 @@ def test_eval_writes_report_and_records(full_run, capsys):
     assert settings["max_new_tokens"] == 4 and settings["seed"] == 0 and settings["intervention"] is None
     assert settings["effective_pixels"] == {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
     assert "Answer with the option's letter" in settings["benchmarks"]["mmstar"]["prompt_template"]
+    hall_settings = settings["benchmarks"]["hallusionbench"]
+    assert (hall_settings["split"], hall_settings["options"]) == ("all", {"instruction": "none"})
+    assert (hall_settings["max_new_tokens"], hall_settings["max_new_tokens_source"]) == (4, "--max-new-tokens")
+    assert settings["sample"] is None and settings["limit"] is None
     star, hall = report["benchmarks"]["mmstar"], report["benchmarks"]["hallusionbench"]
-    assert star["n"] == 2 and hall["n"] == 5 and {"aAcc", "fAcc", "qAcc"} <= set(hall)
-    assert hall["n_vas"] == 4  # the text-only question has no VAS
+    assert star["n"] == 2 and hall["n"] == 6 and {"aAcc", "fAcc", "qAcc"} <= set(hall)
+    assert hall["n_vas"] == 5  # the question without a figure has no VAS
     assert report["average"]["benchmarks"] == ["mmstar", "hallusionbench"]
     assert report["average"]["vas"] == pytest.approx((star["vas"] + hall["vas"]) / 2)
     records = _records(full_run, "hallusionbench")
-    assert [r["id"] for r in records] == [s.id for s in get_benchmark("hallusionbench").load(_hall_path(full_run))]
+    samples = get_benchmark("hallusionbench").load(_hall_path(full_run), split="all")
+    assert [r["id"] for r in records] == [s.id for s in samples]
     assert all(r["status"] in ("correct", "incorrect") for r in records)
-    assert sum(r["status"] == "correct" for r in records) == round(hall["accuracy"] * 5 / 100)
+    assert {(r["batch_size"], r["max_new_tokens"]) for r in records} == {(2, 4)}
+    verdicts = get_benchmark("hallusionbench").verdicts(samples, [_result_of(r) for r in records])
+    assert sum(verdicts) == hall["n_correct"] == round(hall["accuracy"] * 6 / 100)
+    assert hall["batch_sizes"] == {"2": 6} and star["by"]["category"]["coarse perception"]["n"] == 1
+    assert set(hall["by"]) == {"category", "subcategory"}
     with open(os.path.join(full_run, "report.md"), encoding="utf-8") as f:
         md = f.read()
     assert "| Model | MMStar | HallusionBench | Avg. |" in md and "| VAS |" in md and "rule-based" in md
     assert "| MMStar | %.3f |" % star["split"]["visual"] in md
+    assert "| HallusionBench | all | instruction=none | 4 (!) | 2×6 | 6 |" in md
+    assert "MMStar by category:" in md and "| fine-grained perception | 1 | 1 |" in md
+    assert "HallusionBench by subcategory:" in md and "different batch sizes" not in md
+    assert "under 2048 new tokens (MMStar, HallusionBench)" in md and "harness's limit" not in md  # 4 was given
 
 
 def _hall_path(run):
@@ -110,7 +124,9 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch, capsys
     assert "--resume" in capsys.readouterr().err and calls["n"] == -100
     resume = ["--resume", *ARGS]
     assert cli.main(["eval", "--model", "tiny", *_bench(data), "--batch-size", "2", "--out", out, *resume]) == 0
-    assert calls["n"] == -100 + 1 + 3  # only what was missing: one mmstar batch, three hallusionbench batches
+    # only what was missing: one mmstar batch; hallusionbench's 5 image questions in 3 batches, then the one
+    # without an image alone
+    assert calls["n"] == -100 + 1 + 4
     for name in ("mmstar", "hallusionbench"):
         resumed, clean = _records(out, name), _records(full_run, name)
         assert [r["id"] for r in resumed] == [r["id"] for r in clean]
@@ -118,6 +134,9 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch, capsys
     assert _records(out, "mmstar")[0] == first[0]  # kept, not recomputed
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         resumed_report = json.load(f)
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        md = f.read()
+    assert "| MMStar | val | – | 4 (!) | 1×1, 2×1 | 2 |" in md and "different batch sizes (a resumed run)" in md
     with open(os.path.join(full_run, "report.json"), encoding="utf-8") as f:
         clean_report = json.load(f)
     # a rerun with a smaller --limit reports on fewer samples without generating anything
@@ -126,13 +145,53 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch, capsys
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         assert json.load(f)["benchmarks"]["mmstar"]["n"] == 1
     assert calls["n"] == 0
+    # the record answered before the interruption keeps its batch size: the report shows the mix
+    assert resumed_report["benchmarks"]["mmstar"]["batch_sizes"] == {"1": 1, "2": 1}
+    assert resumed_report["benchmarks"]["hallusionbench"]["batch_sizes"] == {"2": 6}
     for name, clean in clean_report["benchmarks"].items():
         resumed = resumed_report["benchmarks"][name]
         # batches of 1 then 2 against batches of 2: padding changes float rounding, not the answers
         assert resumed["vas"] == pytest.approx(clean["vas"], rel=1e-5)
-        assert {k: v for k, v in resumed.items() if k not in ("vas", "split")} == {
-            k: v for k, v in clean.items() if k not in ("vas", "split")
+        ignore = ("vas", "split", "batch_sizes")
+        assert {k: v for k, v in resumed.items() if k not in ignore} == {
+            k: v for k, v in clean.items() if k not in ignore
         }
+
+
+def test_harness_limits_and_seeded_sample(data, tmp_path, monkeypatch):
+    """Without --max-new-tokens each benchmark gets its harness's limit (128 for MMStar and HallusionBench in
+    lmms-eval), recorded per benchmark and per record; --sample takes the seeded subset and records it."""
+    seen = []
+    real_generate = runner.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_new_tokens"])
+        kwargs["max_new_tokens"] = 2  # the tiny model's answers do not matter here; keep it fast
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate", spy)
+    out = str(tmp_path / "run")
+    argv = ["eval", "--model", "tiny", *_bench(data), "--sample", "2", "--sample-seed", "5", "--out", out]
+    assert cli.main(argv + ["--no-progress", "--hallusion-instruction", "yes_no"]) == 0
+    assert seen and set(seen) == {128}
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    settings = report["settings"]
+    assert settings["max_new_tokens"] is None and (settings["sample"], settings["sample_seed"]) == (2, 5)
+    for name in ("mmstar", "hallusionbench"):
+        assert settings["benchmarks"][name]["max_new_tokens"] == 128
+        assert "lmms-eval" in settings["benchmarks"][name]["max_new_tokens_source"]
+        assert {r["max_new_tokens"] for r in _records(out, name)} == {128}
+    assert settings["benchmarks"]["hallusionbench"]["options"] == {"instruction": "yes_no"}
+    hall = get_benchmark("hallusionbench")
+    expected = sample_subset(hall.load(data["hallusionbench"], split="all"), 2, 5)
+    assert [r["id"] for r in _records(out, "hallusionbench")] == [s.id for s in expected]
+    assert report["benchmarks"]["hallusionbench"]["ids_sha256"] == ids_digest(expected)
+    assert report["benchmarks"]["hallusionbench"]["n"] == 2
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        md = f.read()
+    assert "a seeded subset of 2 per benchmark (seed 5" in md and "| 128 (!) |" in md
+    assert "may be cut before its final answer" in md and "MMStar, HallusionBench: the reference harness's limit" in md
 
 
 def _no_model(*args, **kwargs):
@@ -150,6 +209,10 @@ def _no_model(*args, **kwargs):
         (["--bench", "mmstar=DATA", "--judge-url", "http://x"], 2, "go together"),
         (["--bench", "mmstar=DATA", "--alpha-sys", "1.5"], 2, "alpha_sys"),
         (["--bench", "mmstar=DATA", "--min-pixels", "0"], 2, "--min-pixels"),
+        (["--bench", "mmstar=DATA", "--sample", "0"], 2, "--sample: expected a positive number, got 0"),
+        (["--bench", "mmstar=DATA", "--limit", "-1"], 2, "--limit: expected a positive number, got -1"),
+        (["--bench", "mmstar=DATA", "--batch-size", "0"], 2, "--batch-size: expected a positive number"),
+        (["--bench", "mmstar=DATA", "--limit", "2", "--sample", "2"], 2, "--limit and --sample: give one"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_loading(argv, code, message, data, tmp_path, monkeypatch, capsys):

@@ -157,7 +157,7 @@ def check_counts(args) -> None:
             raise CLIError(
                 f"{flag}: expected a {'non-negative' if name == 'heatmaps' else 'positive'} number, got {value}"
             )
-    if getattr(args, "max_new_tokens", 0) > MAX_NEW_TOKENS:
+    if (getattr(args, "max_new_tokens", None) or 0) > MAX_NEW_TOKENS:  # None: the command's own defaults
         raise CLIError(f"--max-new-tokens: at most {MAX_NEW_TOKENS}, got {args.max_new_tokens}")
 
 

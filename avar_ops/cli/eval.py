@@ -1,7 +1,7 @@
 """`avar eval` and `avar correlate`: accuracy and VAS on the paper's benchmarks, and their correlation across runs.
 
-    avar eval --model DIR|tiny --bench mathvista=PATH mmstar=PATH … [--intervention-flags] [--limit N]
-              [--batch-size B] [--max-new-tokens T] --out RUN
+    avar eval --model DIR|tiny --bench mathvista=PATH mmstar=PATH … [--intervention-flags] [--limit N | --sample N]
+              [--batch-size B] [--max-new-tokens T] [--mathverse-prompt F] [--hallusion-instruction I] --out RUN
     avar correlate RUN_DIR RUN_DIR RUN_DIR … --out DIR
 
 Arguments, benchmark files and the output folder are checked before a model is loaded; a bad one is reported
@@ -26,7 +26,14 @@ from avar_ops.cli.args import (
 from avar_ops.cli.errors import CLIError, DataError, Interrupted
 from avar_ops.cli.out import add_out_flags, open_out, prepare_out
 from avar_ops.data import TextError, check_text
-from avar_ops.eval import BENCHMARKS, PAPER_ORDER, BenchmarkDataError, get_benchmark
+from avar_ops.eval import (
+    BENCHMARKS,
+    GENERATION_SOURCES,
+    PAPER_ORDER,
+    BenchmarkDataError,
+    JudgeError,
+    get_benchmark,
+)
 
 __all__ = ["add_parser"]
 
@@ -57,9 +64,10 @@ def _bench_specs(tokens: List[str]) -> List[Tuple[str, Optional[str], str]]:
 MAX_SEED = 2**64 - 1
 
 
-def _check_prompt_lengths(args, specs, loaded) -> None:
+def _check_prompt_lengths(args, specs, loaded, limits) -> None:
     """Every prompt's text, rendered by the chat template, tokenized and measured against the model's context with
-    room for --max-new-tokens, before the model loads (image tokens come on top of the count)."""
+    room for its benchmark's generation limit (`limits`), before the model loads (image tokens come on top of the
+    count)."""
     context = loading.context_length(args.model)
     processor = loading.load_processor(args.model)
     tokenizer = processor.tokenizer
@@ -72,10 +80,10 @@ def _check_prompt_lengths(args, specs, loaded) -> None:
             messages.append({"role": "user", "content": content})
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             n = len(tokenizer(text, verbose=False)["input_ids"])
-            if n + args.max_new_tokens > context:
+            if n + limits[name] > context:
                 raise DataError(
-                    "%s sample %r: the prompt is %d tokens without its images and --max-new-tokens is %d; the model's "
-                    "context holds %d" % (name, sample.id, n, args.max_new_tokens, context)
+                    "%s sample %r: the prompt is %d tokens without its images and the generation limit is %d; the "
+                    "model's context holds %d" % (name, sample.id, n, limits[name], context)
                 )
 
 
@@ -96,8 +104,35 @@ def add_parser(sub) -> None:
     add_out_flags(p, resume=True)
     p.add_argument("--label", default=None, help="name of the run in tables and plots (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="the first N samples of each benchmark")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a fixed, seeded subset of N samples per benchmark (the same ids for every model; e.g. 200 for "
+        "MathVista as the paper's VAS protocol)",
+    )
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the --sample subset")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation limit for every benchmark (default: each benchmark's reference harness limit, "
+        "e.g. 128 for MMMU and HallusionBench as in lmms-eval; recorded in the report)",
+    )
+    p.add_argument(
+        "--mathverse-prompt",
+        choices=BENCHMARKS["mathverse"].options["prompt_field"].choices,
+        default=BENCHMARKS["mathverse"].options["prompt_field"].default,
+        help=BENCHMARKS["mathverse"].options["prompt_field"].help,
+    )
+    p.add_argument(
+        "--hallusion-instruction",
+        choices=BENCHMARKS["hallusionbench"].options["instruction"].choices,
+        default=BENCHMARKS["hallusionbench"].options["instruction"].default,
+        help=BENCHMARKS["hallusionbench"].options["instruction"].help,
+    )
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the model's)")
     p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
@@ -109,6 +144,9 @@ def add_parser(sub) -> None:
         "answers; default: rule-based extraction",
     )
     p.add_argument("--judge-model", default=None, help="model name at --judge-url")
+    p.add_argument(
+        "--judge-retries", type=int, default=4, help="retries of a failed judge request (with backoff) before giving up"
+    )
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     p.add_argument("--checker-timeout", type=float, default=5.0, help="seconds per LaTeX answer check")
     p.add_argument("--no-progress", action="store_true")
@@ -136,6 +174,8 @@ def _cmd_eval(args) -> int:
             raise CLIError("%s is needed to read benchmarks and check answers: pip install 'avar[eval]'" % package)
     if (args.judge_url is None) != (args.judge_model is None):
         raise CLIError("--judge-url and --judge-model go together")
+    if args.judge_retries < 0:
+        raise CLIError("--judge-retries: expected a number >= 0, got %d" % args.judge_retries)
     for flag in ("min_pixels", "max_pixels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise CLIError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), getattr(args, flag)))
@@ -143,6 +183,12 @@ def _cmd_eval(args) -> int:
         raise CLIError("--min-pixels (%d) must not exceed --max-pixels (%d)" % (args.min_pixels, args.max_pixels))
     if not 0 <= args.seed <= MAX_SEED:
         raise CLIError("--seed: expected an integer in [0, 2**64 - 1], got %d" % args.seed)
+    for flag in ("limit", "sample", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CLIError("--%s: expected a positive number, got %d" % (flag.replace("_", "-"), value))
+    if args.limit is not None and args.sample is not None:
+        raise CLIError("--limit and --sample: give one (the first N samples, or a seeded subset of N)")
     if not args.checker_timeout > 0:
         raise CLIError("--checker-timeout: expected seconds > 0, got %g" % args.checker_timeout)
     iv = intervention_from_flags(args)
@@ -155,20 +201,38 @@ def _cmd_eval(args) -> int:
         from avar_ops.grading import ChatClient, ChatClientError
 
         try:
-            judge = Judge(ChatClient(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_key_env)))
-            judge.client.check_reachable()
+            client = ChatClient(
+                args.judge_url,
+                args.judge_model,
+                api_key=os.environ.get(args.judge_key_env),
+                max_retries=args.judge_retries,
+            )
+            client.check_reachable()
         except ValueError as exc:
             raise CLIError("--judge-url / --judge-model: %s" % exc) from exc
         except ChatClientError as exc:
             raise CLIError("--judge-url: %s; start the judge server or leave --judge-url out" % exc) from None
+        judge = Judge(client, cache_dir=os.path.join(args.out, "judge"))
 
+    options = {
+        "mathverse": {"prompt_field": args.mathverse_prompt},
+        "hallusionbench": {"instruction": args.hallusion_instruction},
+    }
     loaded = {}
     for name, split, path in specs:
         try:
-            loaded[name] = BENCHMARKS[name].load(path, split=split, limit=args.limit)
+            loaded[name] = BENCHMARKS[name].load(
+                path,
+                split=split,
+                limit=args.limit,
+                sample=args.sample,
+                sample_seed=args.sample_seed,
+                options=options.get(name),
+            )
         except BenchmarkDataError as exc:
             raise DataError(str(exc)) from exc
-    _check_prompt_lengths(args, specs, loaded)
+    limits = {name: args.max_new_tokens or BENCHMARKS[name].max_new_tokens for name, _, _ in specs}
+    _check_prompt_lengths(args, specs, loaded, limits)
     settings = runner.EvalSettings(
         checkpoint=args.model if args.model == "tiny" else os.path.abspath(args.model),
         label=args.label or (args.model if args.model == "tiny" else os.path.basename(os.path.normpath(args.model))),
@@ -177,16 +241,22 @@ def _cmd_eval(args) -> int:
                 "path": os.path.abspath(path),
                 "split": split or BENCHMARKS[name].default_split,
                 "prompt_template": BENCHMARKS[name].prompt_template,
+                "options": BENCHMARKS[name].resolve_options(options.get(name)),
+                "max_new_tokens": limits[name],
+                "max_new_tokens_source": "--max-new-tokens" if args.max_new_tokens else GENERATION_SOURCES[name],
             }
             for name, split, path in specs
         },
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         limit=args.limit,
+        sample=args.sample,
+        sample_seed=args.sample_seed,
         seed=args.seed,
         system_prompt=args.system,
         intervention=iv.to_dict() if iv is not None else None,
         extraction=judge.mode if judge is not None else runner.RULE_BASED,
+        judge_url=judge.client.url if judge is not None else None,
         dtype=args.dtype,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
@@ -219,6 +289,11 @@ def _evaluate(args, specs, loaded, settings, iv, judge) -> int:
     from avar_ops.eval import runner
     from avar_ops.grading import AnswerChecker, LatexChecker
 
+    if judge is not None:
+        try:
+            judge.ping()
+        except JudgeError as exc:
+            raise DataError("%s (checked before loading the model)" % exc) from None
     model, processor, _ = loading.load_model(args.model, dtype=args.dtype, device=args.device)
     image_processor = processor.image_processor
     for flag in ("min_pixels", "max_pixels"):
@@ -228,32 +303,10 @@ def _evaluate(args, specs, loaded, settings, iv, judge) -> int:
                 image_processor.size["shortest_edge" if flag == "min_pixels" else "longest_edge"] = getattr(args, flag)
     torch.manual_seed(args.seed)
     rows = {}
-    from avar_ops.grading import ChatClientError
-
-    with LatexChecker(timeout=args.checker_timeout) as latex:
-        checker = AnswerChecker(latex)
-        for name, _, _ in specs:
-            bench = BENCHMARKS[name]
-            try:
-                records = runner.evaluate_benchmark(
-                    model,
-                    processor,
-                    bench,
-                    loaded[name],
-                    os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
-                    intervention=iv,
-                    system_prompt=args.system,
-                    max_new_tokens=args.max_new_tokens,
-                    batch_size=args.batch_size,
-                    checker=checker,
-                    judge=judge,
-                    progress=not args.no_progress,
-                )
-            except ChatClientError as exc:
-                raise DataError(
-                    "the judge failed (%s); the samples answered so far are in %s, rerun to continue" % (exc, args.out)
-                ) from None
-            rows[name] = runner.benchmark_row(bench, loaded[name], records)
+    try:
+        _run_benchmarks(args, specs, loaded, limits, model, processor, iv, judge, rows)
+    except JudgeError as exc:
+        raise DataError("%s; the answers so far are kept: rerun the same command to continue" % exc) from None
     size = getattr(image_processor, "size", None) or {}
     settings.effective_pixels = {
         "min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
@@ -265,6 +318,31 @@ def _evaluate(args, specs, loaded, settings, iv, judge) -> int:
     for kind, path in paths.items():
         print("  %s: %s" % (kind, path))
     return 0
+
+
+def _run_benchmarks(args, specs, loaded, limits, model, processor, iv, judge, rows) -> None:
+    from avar_ops.eval import runner
+    from avar_ops.grading import AnswerChecker, LatexChecker
+
+    with LatexChecker(timeout=args.checker_timeout) as latex:
+        checker = AnswerChecker(latex)
+        for name, _, _ in specs:
+            bench = BENCHMARKS[name]
+            records = runner.evaluate_benchmark(
+                model,
+                processor,
+                bench,
+                loaded[name],
+                os.path.join(args.out, runner.SAMPLES_DIR, name + ".jsonl"),
+                intervention=iv,
+                system_prompt=args.system,
+                max_new_tokens=limits[name],
+                batch_size=args.batch_size,
+                checker=checker,
+                judge=judge,
+                progress=not args.no_progress,
+            )
+            rows[name] = runner.benchmark_row(bench, loaded[name], records)
 
 
 def _cmd_correlate(args) -> int:

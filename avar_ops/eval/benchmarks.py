@@ -1,7 +1,9 @@
 """The seven benchmarks of the paper's table, read from their published Hugging Face parquet releases.
 
 Each benchmark knows its release's file layout and columns, builds the prompt the way its authors do, and says
-how its answers are checked (`AnswerSpec`). Files are given as a local file or folder:
+how its answers are checked (`AnswerSpec`). Each also carries its protocol: the split and prompt settings the
+reference harnesses use by default, the generation limit they set, and the fields its per-category tables are
+grouped by. Files are given as a local file or folder:
 
 ==============  ===========================  =================================================================
 name            release                      files (in the folder given)
@@ -9,21 +11,26 @@ name            release                      files (in the folder given)
 mathvista       AI4Math/MathVista            data/testmini-*.parquet (split testmini; also test)
 mathvision      MathLLMs/MathVision          data/test-*.parquet (split test; also testmini)
 mathverse       AI4Math/MathVerse            testmini.parquet, Vision Only rows (or the lmms-eval
-                                             testmini_vision_only.parquet)
+                                             testmini_vision_only.parquet); split all: the five versions
 mmmu            MMMU/MMMU                    <Subject>/validation-*.parquet (split validation; also dev)
-mmmu_pro        MMMU/MMMU_Pro                standard (10 options)/test-*.parquet
+mmmu_pro        MMMU/MMMU_Pro                standard (10 options)/, standard (4 options)/ and vision/
+                                             test-*.parquet (split all; or one setting)
 mmstar          Lin-Chen/MMStar              mmstar.parquet (split val)
-hallusionbench  lmms-lab/HallusionBench      data/image-*.parquet and data/non_image-*.parquet
+hallusionbench  lmms-lab/HallusionBench      data/image-*.parquet (split image: 951 questions); split all
+                                             adds data/non_image-*.parquet (1,129)
 ==============  ===========================  =================================================================
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import os
+import re
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from avar_ops.data import TextError, check_text
 from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage, find_files, read_rows
@@ -44,6 +51,19 @@ class Sample:
     fields: Dict[str, str] = field(default_factory=dict)  # grouping / breakdown fields (category, set_id, …)
 
 
+# a field holding several values (MathVista's skills) joins them with this; each value gets its own table row
+MULTI_SEP = "; "
+
+
+@dataclass(frozen=True)
+class Option:
+    """A prompt setting of one benchmark (e.g. MathVerse's prompt field): its default and allowed values."""
+
+    default: str
+    choices: Tuple[str, ...]
+    help: str
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -53,44 +73,155 @@ class Benchmark:
     files: Dict[str, Tuple[str, ...]]  # split -> glob patterns under the folder
     required: Tuple[str, ...]
     optional: Tuple[str, ...]
-    build: Callable[[Dict, int, str], Optional[Sample]]  # row, index, where -> sample (None: not in the subset)
+    build: Callable[[Dict, int, str, Mapping[str, str]], Optional[Sample]]  # row, index, where, options -> sample
     prompt_template: str  # recorded in every report
     first_pattern_only: bool = False  # use only the first pattern that matches (alternative layouts of one file)
+    max_new_tokens: int = 1024  # the reference harness's generation limit (see GENERATION_SOURCES)
+    breakdown: Tuple[str, ...] = ()  # Sample.fields the per-category tables group by
+    multi_valued: Tuple[str, ...] = ()  # of those, fields holding MULTI_SEP-joined values
+    options: Dict[str, Option] = field(default_factory=dict)
+    settings: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # split -> the splits it reads, each apart
 
-    def load(self, path: str, split: Optional[str] = None, limit: Optional[int] = None) -> List[Sample]:
+    def resolve_options(self, given: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+        """The benchmark's options with the defaults filled in; an unknown name or value is refused."""
+        given = dict(given or {})
+        out = {}
+        for key in given:
+            if key not in self.options:
+                raise ValueError(
+                    "%s: unknown option %r (expected one of %s)"
+                    % (self.name, key, ", ".join(sorted(self.options)) or "none")
+                )
+        for key, option in self.options.items():
+            value = given.get(key, option.default)
+            if value not in option.choices:
+                raise ValueError(
+                    "%s: option %s expected one of %s, got %r" % (self.name, key, ", ".join(option.choices), value)
+                )
+            out[key] = value
+        return out
+
+    def load(
+        self,
+        path: str,
+        split: Optional[str] = None,
+        limit: Optional[int] = None,
+        sample: Optional[int] = None,
+        sample_seed: int = 0,
+        options: Optional[Mapping[str, str]] = None,
+    ) -> List[Sample]:
+        """The samples of `split`; `limit` keeps the first N, `sample` a fixed subset of N (see `sample_subset`)."""
         split = split or self.default_split
-        if split not in self.files:
+        if split not in self.files and split not in self.settings:
+            names = sorted(set(self.files) | set(self.settings))
+            raise BenchmarkDataError("%s: unknown split %r (expected one of %s)" % (self.name, split, ", ".join(names)))
+        for name, value in (("limit", limit), ("sample", sample)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError("%s: expected a positive integer or None, got %r" % (name, value))
+        if limit is not None and sample is not None:
+            raise ValueError("limit and sample: give one of them (first N, or a seeded subset of N)")
+        opts = self.resolve_options(options)
+        if split in self.settings and os.path.isfile(path):
             raise BenchmarkDataError(
-                "%s: unknown split %r (expected one of %s)" % (self.name, split, ", ".join(sorted(self.files)))
+                "%s (%s split): reads %s from the release's folder, got the file %s (name one setting, e.g. %s:%s=FILE)"
+                % (self.name, split, ", ".join(self.settings[split]), path, self.name, self.settings[split][0])
             )
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-            raise ValueError("limit: expected a positive integer or None, got %r" % (limit,))
+        if split in self.settings:  # a composite split: each setting read apart, ids prefixed with its name
+            samples = []
+            for setting in self.settings[split]:
+                for s in self._read(path, setting, opts):
+                    s.id = "%s/%s" % (setting, s.id)
+                    s.fields["setting"] = setting
+                    samples.append(s)
+        else:
+            samples = self._read(path, split, opts)
+        ids = [s.id for s in samples]
+        if len(set(ids)) != len(ids):
+            raise BenchmarkDataError("%s: sample ids are not unique in %s" % (self.name, path))
+        if limit is not None:
+            samples = samples[:limit]
+        if sample is not None:
+            samples = sample_subset(samples, sample, sample_seed)
+        return samples
+
+    def _read(self, path: str, split: str, opts: Mapping[str, str]) -> List[Sample]:
         what = "%s (%s split)" % (self.name, split)
         patterns = self.files[split]
         if self.first_pattern_only:
             patterns = next(((p,) for p in patterns if _matches(path, p)), patterns)
         files = find_files(path, patterns, what)
         rows = read_rows(files, self.required, self.optional, self.name)
+        build_opts = dict(opts, split=split)
         samples = []
         for index, row in enumerate(rows):
-            sample = self.build(row, index, "%s row %d" % (self.name, index))
+            sample = self.build(row, index, "%s row %d" % (self.name, index), build_opts)
             if sample is not None:
                 try:  # the question goes to the tokenizer as typed: no template markers in it
                     check_text(sample.prompt, where="%s: %s sample %r" % (path, self.name, sample.id), field="question")
                 except TextError as exc:
                     raise BenchmarkDataError(str(exc)) from None
                 samples.append(sample)
-                if limit is not None and len(samples) >= limit:
-                    break
         if not samples:
             raise BenchmarkDataError("%s: no samples of the %s split in %s" % (self.name, split, path))
-        ids = [s.id for s in samples]
-        if len(set(ids)) != len(ids):
-            raise BenchmarkDataError("%s: sample ids are not unique in %s" % (self.name, path))
         return samples
 
+    def verdicts(self, samples: Sequence[Sample], results: Sequence[CheckResult]) -> List[Optional[bool]]:
+        """Per sample: right, wrong, or None when the answer could not be checked (timeout, checker error)."""
+        if self.name == "hallusionbench":
+            return hallusion_verdicts(samples, results)
+        return [r.correct if r.scored else None for r in results]
+
     def score(self, samples: Sequence[Sample], results: Sequence[CheckResult]) -> Dict[str, float]:
-        return accuracy(results) if self.name != "hallusionbench" else hallusion_scores(samples, results)
+        verdicts = self.verdicts(samples, results)
+        scores = accuracy_of(verdicts, results)
+        if self.name == "hallusionbench":
+            scores.update(hallusion_scores(samples, results))
+        settings = sorted({s.fields["setting"] for s in samples if "setting" in s.fields})
+        if settings:
+            scores["settings"] = {
+                name: accuracy_of(*_select(verdicts, results, [s.fields.get("setting") == name for s in samples]))
+                for name in settings
+            }
+            if self.name == "mmmu_pro":
+                scores.update(_mmmu_pro_headline(scores))
+        return scores
+
+    def breakdown_tables(self, samples: Sequence[Sample], results: Sequence[CheckResult]) -> Dict[str, dict]:
+        """Per breakdown field: value -> accuracy over the samples with that value (a multi-valued field counts a
+        sample under each of its values)."""
+        verdicts = self.verdicts(samples, results)
+        tables: Dict[str, dict] = {}
+        for name in self.breakdown:
+            groups: Dict[str, List[int]] = defaultdict(list)
+            for i, s in enumerate(samples):
+                value = s.fields.get(name, "")
+                values = [v for v in value.split(MULTI_SEP) if v] if name in self.multi_valued else [value]
+                for v in values or ["(none)"]:
+                    groups[v or "(none)"].append(i)
+            if not groups:
+                continue
+            tables[name] = {
+                value: accuracy_of([verdicts[i] for i in idx], [results[i] for i in idx])
+                for value, idx in sorted(groups.items())
+            }
+        return tables
+
+
+def sample_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> List[Sample]:
+    """A fixed subset of n samples, in file order: the n whose sha256(seed, benchmark, id) ranks lowest. It
+    depends only on the ids (not on the row order or on what else the file holds), and the subset of n is
+    contained in the subset of n + 1, so a run can be extended without redoing answered samples."""
+
+    def rank(s: Sample) -> str:
+        return hashlib.sha256(("%d\0%s\0%s" % (seed, s.benchmark, s.id)).encode("utf-8")).hexdigest()
+
+    keep = {id(s) for s in sorted(samples, key=rank)[:n]}
+    return [s for s in samples if id(s) in keep]
+
+
+def ids_digest(samples: Sequence[Sample]) -> str:
+    """sha256 of the sorted sample ids: two runs with the same digest answered the same questions."""
+    return hashlib.sha256("\n".join(sorted(s.id for s in samples)).encode("utf-8")).hexdigest()
 
 
 def _matches(path: str, pattern: str) -> bool:
@@ -106,11 +237,15 @@ def _matches(path: str, pattern: str) -> bool:
 
 def accuracy(results: Sequence[CheckResult]) -> Dict[str, float]:
     """Accuracy over the answers that were checked; timeouts and checker errors are counted apart."""
-    scored = [r for r in results if r.scored]
-    correct = sum(r.correct for r in scored)
+    return accuracy_of([r.correct if r.scored else None for r in results], results)
+
+
+def accuracy_of(verdicts: Sequence[Optional[bool]], results: Sequence[CheckResult]) -> Dict[str, float]:
+    scored = [v for v in verdicts if v is not None]
+    correct = sum(scored)
     return {
         "accuracy": 100.0 * correct / len(scored) if scored else float("nan"),
-        "n": len(results),
+        "n": len(verdicts),
         "n_scored": len(scored),
         "n_correct": correct,
         "n_timeout": sum(r.status == "timeout" for r in results),
@@ -118,21 +253,64 @@ def accuracy(results: Sequence[CheckResult]) -> Dict[str, float]:
     }
 
 
+def _select(verdicts, results, keep):
+    return [v for v, k in zip(verdicts, keep) if k], [r for r, k in zip(results, keep) if k]
+
+
+def _mmmu_pro_headline(scores: Dict) -> Dict[str, float]:
+    """MMMU-Pro's overall score is the mean of its standard (10 options) and vision settings (lmms-eval's
+    `mmmu_pro` group, tasks/mmmu_pro/mmmu_pro.yaml, runs exactly these two; the 4-option setting is a
+    diagnostic). With one of the two missing, the headline is the setting that was read."""
+    per = scores["settings"]
+    main = [per[k]["accuracy"] for k in ("standard10", "vision") if k in per]
+    if not main:
+        return {}
+    out = {"accuracy": sum(main) / len(main) if all(a == a for a in main) else float("nan")}
+    out["accuracy_rule"] = "mean of standard10 and vision" if len(main) == 2 else "one main setting read"
+    return out
+
+
+def _is_unclear(result: CheckResult) -> bool:
+    """No yes/no verdict in the answer read from the response: both words or neither, as VLMEvalKit's
+    `YOrN_Extraction` (vlmeval/dataset/utils/yorn.py) returns "Unknown" (the official judge's "unclear")."""
+    words = set(re.findall(r"[a-z]+", (result.extracted or "").lower()))
+    return ("yes" in words) == ("no" in words)
+
+
+def hallusion_verdicts(samples: Sequence[Sample], results: Sequence[CheckResult]) -> List[Optional[bool]]:
+    """Right / wrong per question by HallusionBench's rule: a VS question asked without its figure
+    (figure_id 0) has no answer to see, so "unclear" counts as right there (lmms-eval
+    tasks/hallusion_bench/utils.py, `assign_correctness`; the same rule in the official repo's utils.py)."""
+    out: List[Optional[bool]] = []
+    for sample, result in zip(samples, results):
+        if not result.scored:
+            out.append(None)
+            continue
+        no_figure = sample.fields["category"] == "VS" and str(sample.fields["figure_id"]) == "0"
+        out.append(result.correct or (no_figure and _is_unclear(result)))
+    return out
+
+
 def hallusion_scores(samples: Sequence[Sample], results: Sequence[CheckResult]) -> Dict[str, float]:
     """HallusionBench's three accuracies: all questions (aAcc), figures whose every question is right (fAcc),
     and questions right on every figure they are asked about (qAcc). `accuracy` is aAcc.
 
-    A group with a timeout or checker error in it is left out of fAcc / qAcc (it cannot be judged).
+    fAcc leaves out the VS questions with figure_id 0, which are asked without a figure (lmms-eval
+    tasks/hallusion_bench/utils.py, `get_eval_fig`); qAcc keeps them in their question's group
+    (`get_eval_pair_all`). A group with a timeout or checker error in it is left out of fAcc / qAcc (it cannot
+    be judged).
     """
-    scores = accuracy(results)
+    verdicts = hallusion_verdicts(samples, results)
+    scores = accuracy_of(verdicts, results)
     figures, questions = defaultdict(list), defaultdict(list)
-    for sample, result in zip(samples, results):
+    for sample, verdict in zip(samples, verdicts):
         f = sample.fields
-        figures[(f["category"], f["subcategory"], f["set_id"], f["figure_id"])].append(result)
-        questions[(f["category"], f["subcategory"], f["set_id"], f["question_id"])].append(result)
+        if not (f["category"] == "VS" and str(f["figure_id"]) == "0"):
+            figures[(f["category"], f["subcategory"], f["set_id"], f["figure_id"])].append(verdict)
+        questions[(f["category"], f["subcategory"], f["set_id"], f["question_id"])].append(verdict)
     for name, groups in (("fAcc", figures), ("qAcc", questions)):
-        judged = [g for g in groups.values() if all(r.scored for r in g)]
-        scores[name] = 100.0 * sum(all(r.correct for r in g) for g in judged) / len(judged) if judged else float("nan")
+        judged = [g for g in groups.values() if all(v is not None for v in g)]
+        scores[name] = 100.0 * sum(all(g) for g in judged) / len(judged) if judged else float("nan")
         scores["n_" + name] = len(judged)
     scores["aAcc"] = scores["accuracy"]
     return scores
@@ -185,7 +363,7 @@ def _letter(answer: str, num_options: int, where: str) -> str:
 # --- MathVista --------------------------------------------------------------------------------------------
 
 
-def _mathvista(row: Dict, index: int, where: str) -> Sample:
+def _mathvista(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sample:
     choices = _option_list(row.get("choices"), where)
     answer = _text(row, "answer", where)
     question_type = _text(row, "question_type", where)
@@ -217,8 +395,18 @@ def _mathvista(row: Dict, index: int, where: str) -> Sample:
             "question_type": question_type,
             "answer_type": str(row.get("answer_type")),
             "unit": str(row.get("unit") or ""),
+            **_mathvista_meta(row.get("metadata")),
         },
     )
+
+
+def _mathvista_meta(meta) -> Dict[str, str]:
+    """Task and skills from the release's `metadata` struct (skills is a list: each skill gets a table row)."""
+    if not isinstance(meta, dict):
+        return {}
+    skills = meta.get("skills")
+    skills = [str(k) for k in skills] if isinstance(skills, (list, tuple)) else ([str(skills)] if skills else [])
+    return {"task": str(meta.get("task") or ""), "skills": MULTI_SEP.join(skills)}
 
 
 # --- MathVision -------------------------------------------------------------------------------------------
@@ -229,7 +417,7 @@ _MATHVISION_INSTRUCTION = (
 )
 
 
-def _mathvision(row: Dict, index: int, where: str) -> Sample:
+def _mathvision(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sample:
     options = _option_list(row.get("options"), where)
     question = _text(row, "question", where)
     answer = _text(row, "answer", where)
@@ -252,9 +440,9 @@ def _mathvision(row: Dict, index: int, where: str) -> Sample:
 # --- MathVerse (vision-only) ------------------------------------------------------------------------------
 
 
-def _mathverse(row: Dict, index: int, where: str) -> Optional[Sample]:
+def _mathverse(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Optional[Sample]:
     version = row.get("problem_version")
-    if version is not None and version != "Vision Only":
+    if opts["split"] == "testmini" and version is not None and version != "Vision Only":
         return None
     answer = _text(row, "answer", where)
     letter = answer.strip().strip("()")
@@ -262,13 +450,22 @@ def _mathverse(row: Dict, index: int, where: str) -> Optional[Sample]:
         spec = AnswerSpec(letter, "choice", num_options=MAX_OPTIONS)
     else:  # free-form, or a multiple-choice reference given as the option's value
         spec = AnswerSpec(answer, "auto")
+    image = row.get("image")
     return Sample(
         "mathverse",
         _text(row, "sample_index", where),
-        _text(row, "query_cot", where),  # the release's chain-of-thought prompt (the question is in the image)
-        [_image(row, "image", where)],
+        # query_cot (default): the release's chain-of-thought prompt; query_wo: its direct-answer prompt, the one
+        # lmms-eval sends (tasks/mathverse/mathverse_testmini_vision_only.yaml, query_type "query_wo", read by
+        # mathverse_evals.py `create_one_query` as the whole question under shot_type "format-prompt")
+        _text(row, opts["prompt_field"], where),
+        [image] if isinstance(image, LazyImage) else [],  # the Text Only version has no figure
         spec,
-        {"question_type": str(row.get("question_type"))},
+        {
+            "question_type": str(row.get("question_type")),
+            "problem_version": str(version or "Vision Only"),
+            # the question text MathVerse's scoring step reads (the judge's prompt uses it when present)
+            **({"question_for_eval": str(row["question_for_eval"])} if row.get("question_for_eval") else {}),
+        },
     )
 
 
@@ -286,6 +483,12 @@ def _mmmu_images(row: Dict, where: str) -> List[LazyImage]:
     return images
 
 
+def _subject_of(sample_id: str) -> str:
+    """MMMU ids are <split>_<Subject>_<n> (the subject may hold underscores: Art_Theory)."""
+    parts = sample_id.split("_")
+    return "_".join(parts[1:-1]) if len(parts) >= 3 else ""
+
+
 def _mmmu_like(name: str, row: Dict, where: str, open_allowed: bool) -> Sample:
     options = _option_list(row.get("options"), where)
     question = _text(row, "question", where)
@@ -300,21 +503,39 @@ def _mmmu_like(name: str, row: Dict, where: str, open_allowed: bool) -> Sample:
         prompt = question + "\n\n" + _lettered(options) + "\n\n" + _MMMU_CHOICE
         spec = AnswerSpec(_letter(answer, len(options), where), "choice", num_options=len(options), options=options)
     fields = {k: str(row.get(k) or "") for k in ("subject", "subfield", "topic_difficulty", "img_type") if k in row}
-    return Sample(name, _text(row, "id", where), prompt, _mmmu_images(row, where), spec, fields)
+    sample_id = _text(row, "id", where)
+    if not fields.get("subject"):
+        fields["subject"] = _subject_of(sample_id)
+    return Sample(name, sample_id, prompt, _mmmu_images(row, where), spec, fields)
 
 
-def _mmmu(row: Dict, index: int, where: str) -> Sample:
+def _mmmu(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sample:
     return _mmmu_like("mmmu", row, where, open_allowed=True)
 
 
-def _mmmu_pro(row: Dict, index: int, where: str) -> Sample:
-    return _mmmu_like("mmmu_pro", row, where, open_allowed=False)
+_MMMU_PRO_VISION = "Answer with the option letter from the given choices directly."
+
+
+def _mmmu_pro(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sample:
+    if opts["split"] != "vision":
+        return _mmmu_like("mmmu_pro", row, where, open_allowed=False)
+    # the vision setting: question and options are a screenshot; the text is only the instruction (lmms-eval
+    # tasks/mmmu_pro/utils.py, `mmmu_pro_doc_to_text` falls back to the post prompt when the row has no
+    # question, and `mmmu_pro_doc_to_visual` sends the one `image`)
+    options = _option_list(row.get("options"), where)
+    answer = _text(row, "answer", where)
+    sample_id = _text(row, "id", where)
+    spec = AnswerSpec(_letter(answer, len(options), where), "choice", num_options=len(options), options=options)
+    fields = {k: str(row.get(k) or "") for k in ("subject", "topic_difficulty") if k in row}
+    if not fields.get("subject"):
+        fields["subject"] = _subject_of(sample_id)
+    return Sample("mmmu_pro", sample_id, _MMMU_PRO_VISION, [_image(row, "image", where)], spec, fields)
 
 
 # --- MMStar -----------------------------------------------------------------------------------------------
 
 
-def _mmstar(row: Dict, index: int, where: str) -> Sample:
+def _mmstar(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sample:
     answer = _text(row, "answer", where)
     return Sample(
         "mmstar",
@@ -329,9 +550,12 @@ def _mmstar(row: Dict, index: int, where: str) -> Sample:
 # --- HallusionBench ---------------------------------------------------------------------------------------
 
 _YES_NO = "Answer yes or no."
+# lmms-eval (tasks/hallusion_bench/hallusion_bench_image.yaml: empty pre/post prompt; evaluate_hb.py
+# `hb_doc_to_text`) and the official repo send the question as written; the instruction is opt-in
+HALLUSION_INSTRUCTIONS = {"none": "", "yes_no": "\n" + _YES_NO}
 
 
-def _hallusion(row: Dict, index: int, where: str) -> Sample:
+def _hallusion(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sample:
     gt = _text(row, "gt_answer", where).strip()
     if gt not in ("0", "1"):
         raise BenchmarkDataError("%s: gt_answer %r is not 0 (no) or 1 (yes)" % (where, gt))
@@ -342,15 +566,31 @@ def _hallusion(row: Dict, index: int, where: str) -> Sample:
         fields[k] for k in ("category", "subcategory", "set_id", "figure_id", "question_id")
     )
     fields["visual_input"] = str(row.get("visual_input", "1" if images else "0"))
+    if row.get("gt_answer_details"):  # the reference the official judge reads
+        fields["gt_answer_details"] = str(row["gt_answer_details"])
     return Sample(
         "hallusionbench",
         sample_id,
-        _text(row, "question", where) + "\n" + _YES_NO,
+        _text(row, "question", where) + HALLUSION_INSTRUCTIONS[opts["instruction"]],
         images,
         AnswerSpec("yes" if gt == "1" else "no", "text"),
         fields,
     )
 
+
+# Generation limits of the reference harness, used when --max-new-tokens is not given (lmms-eval task files
+# read at commit 75571cf; MMStar's task sets none, so its Qwen2.5-VL chat wrapper's default of 128 applies).
+GENERATION_SOURCES = {
+    "mathvista": "lmms-eval tasks/mathvista/mathvista_testmini_cot.yaml",
+    "mathvision": "lmms-eval tasks/mathvision/mathvision_test.yaml",
+    "mathverse": "lmms-eval tasks/mathverse/mathverse_testmini_vision_only.yaml",
+    "mmmu": "lmms-eval tasks/mmmu/_default_template_yaml",
+    "mmmu_pro": "lmms-eval tasks/mmmu_pro/_default_template_yaml",
+    "mmstar": "lmms-eval models/chat/qwen2_5_vl.py (the task sets none)",
+    "hallusionbench": "lmms-eval tasks/hallusion_bench/hallusion_bench_image.yaml",
+}
+# below this a step-by-step answer of a reasoning model is often cut before its final answer
+REASONING_BUDGET = 2048
 
 BENCHMARKS: Dict[str, Benchmark] = {
     b.name: b
@@ -365,9 +605,12 @@ BENCHMARKS: Dict[str, Benchmark] = {
                 "test": ("data/test-*.parquet", "test-*.parquet"),
             },
             ("pid", "query", "decoded_image", "choices", "answer", "question_type", "answer_type", "precision"),
-            ("unit",),
+            ("unit", "metadata"),
             _mathvista,
             "{query}",
+            max_new_tokens=16384,
+            breakdown=("task", "skills", "question_type"),
+            multi_valued=("skills",),
         ),
         Benchmark(
             "mathvision",
@@ -382,18 +625,33 @@ BENCHMARKS: Dict[str, Benchmark] = {
             ("subject", "level"),
             _mathvision,
             "{question}\n\nOptions:\nA. …\n\n" + _MATHVISION_INSTRUCTION,
+            max_new_tokens=16384,
+            breakdown=("level", "subject"),
         ),
         Benchmark(
             "mathverse",
             "MathVerse",
             "AI4Math/MathVerse",
             "testmini",
-            {"testmini": ("testmini_vision_only.parquet", "testmini.parquet")},
-            ("sample_index", "query_cot", "image", "answer", "question_type"),
-            ("problem_version",),
+            {
+                "testmini": ("testmini_vision_only.parquet", "testmini.parquet"),
+                "all": ("testmini.parquet",),
+            },
+            ("sample_index", "query_cot", "query_wo", "answer", "question_type"),
+            ("problem_version", "image", "question_for_eval"),
             _mathverse,
-            "{query_cot} (Vision Only)",
+            "{prompt_field} (testmini: Vision Only; all: the five problem versions)",
             first_pattern_only=True,
+            max_new_tokens=1024,
+            breakdown=("problem_version", "question_type"),
+            options={
+                "prompt_field": Option(
+                    "query_cot",
+                    ("query_cot", "query_wo"),
+                    "the release's field sent as the prompt: query_cot (reason, then answer) or query_wo "
+                    "(answer directly, as lmms-eval does)",
+                )
+            },
         ),
         Benchmark(
             "mmmu",
@@ -408,17 +666,27 @@ BENCHMARKS: Dict[str, Benchmark] = {
             ("question_type", "subfield", "topic_difficulty", "img_type") + tuple("image_%d" % i for i in range(1, 8)),
             _mmmu,
             "{question}\n\n(A) …\n(B) …\n\n" + _MMMU_CHOICE + " | open: {question}\n\n" + _MMMU_OPEN,
+            max_new_tokens=128,
+            breakdown=("subject", "topic_difficulty"),
         ),
         Benchmark(
             "mmmu_pro",
             "MMMU-Pro",
-            "MMMU/MMMU_Pro (standard, 10 options)",
-            "test",
-            {"test": ("standard (10 options)/test-*.parquet", "test-*.parquet")},
-            ("id", "question", "options", "answer"),
-            ("subject", "topic_difficulty", "img_type") + tuple("image_%d" % i for i in range(1, 8)),
+            "MMMU/MMMU_Pro",
+            "all",
+            {
+                "standard10": ("standard (10 options)/test-*.parquet", "test-*.parquet"),
+                "standard4": ("standard (4 options)/test-*.parquet",),
+                "vision": ("vision/test-*.parquet",),
+            },
+            ("id", "options", "answer"),
+            ("question", "image", "subject", "topic_difficulty", "img_type")
+            + tuple("image_%d" % i for i in range(1, 8)),
             _mmmu_pro,
-            "{question}\n\n(A) …\n…\n(J) …\n\n" + _MMMU_CHOICE,
+            "standard: {question}\n\n(A) …\n…\n\n" + _MMMU_CHOICE + " | vision: [screenshot] " + _MMMU_PRO_VISION,
+            max_new_tokens=256,
+            breakdown=("setting", "subject"),
+            settings={"all": ("standard10", "standard4", "vision")},
         ),
         Benchmark(
             "mmstar",
@@ -430,21 +698,33 @@ BENCHMARKS: Dict[str, Benchmark] = {
             ("category", "l2_category"),
             _mmstar,
             "{question}\n" + _MMMU_CHOICE,
+            max_new_tokens=128,
+            breakdown=("category", "l2_category"),
         ),
         Benchmark(
             "hallusionbench",
             "HallusionBench",
             "lmms-lab/HallusionBench",
-            "all",
+            "image",
             {
                 "all": ("data/image-*.parquet", "data/non_image-*.parquet", "image-*.parquet", "non_image-*.parquet"),
                 "image": ("data/image-*.parquet", "image-*.parquet"),
                 "non_image": ("data/non_image-*.parquet", "non_image-*.parquet"),
             },
             ("category", "subcategory", "set_id", "figure_id", "question_id", "question", "gt_answer"),
-            ("image", "visual_input"),
+            ("image", "visual_input", "gt_answer_details"),
             _hallusion,
-            "{question}\n" + _YES_NO,
+            "{question}{instruction}",
+            max_new_tokens=128,
+            breakdown=("category", "subcategory"),
+            options={
+                "instruction": Option(
+                    "none",
+                    tuple(HALLUSION_INSTRUCTIONS),
+                    "text after the question: none (as lmms-eval and the official repo) or yes_no "
+                    "(appends %r)" % _YES_NO,
+                )
+            },
         ),
     )
 }

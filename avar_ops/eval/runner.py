@@ -22,7 +22,8 @@ import torch
 
 from avar_ops.core import GROUP_NAMES
 from avar_ops.data import build_inputs
-from avar_ops.eval.benchmarks import PAPER_ORDER, Benchmark, Sample
+from avar_ops.eval.benchmarks import PAPER_ORDER, REASONING_BUDGET, Benchmark, Sample, ids_digest
+from avar_ops.eval.judge import JUDGED
 from avar_ops.grading import AnswerChecker, CheckResult
 from avar_ops.hf import collect_masses, token_groups
 from avar_ops.method import generate, intervened
@@ -42,8 +43,8 @@ class EvalSettings:
 
     checkpoint: str
     label: str
-    benchmarks: Dict[str, dict]  # name -> {"path", "split", "prompt_template"}
-    max_new_tokens: int
+    benchmarks: Dict[str, dict]  # name -> {"path", "split", "prompt_template", "options", "max_new_tokens", …}
+    max_new_tokens: Optional[int]  # None: each benchmark's harness default (benchmarks[name]["max_new_tokens"])
     batch_size: int
     limit: Optional[int]
     seed: int
@@ -56,9 +57,13 @@ class EvalSettings:
     max_pixels: Optional[int] = None
     versions: Dict[str, str] = field(default_factory=dict)
     effective_pixels: Optional[dict] = None  # the image processor's min/max_pixels, known once it is loaded
+    sample: Optional[int] = None  # a seeded subset of N per benchmark (benchmarks.sample_subset)
+    sample_seed: int = 0
+    judge_url: Optional[str] = None
 
-    # settings that may differ between a run and its continuation (they change no answer; records are per id)
-    RESUMABLE = ("batch_size", "limit", "versions", "effective_pixels")
+    # settings that may differ between a run and its continuation (they change no answer; records are per id, and
+    # a larger --sample keeps the smaller one's questions); each record keeps the batch size it was answered with
+    RESUMABLE = ("batch_size", "limit", "sample", "versions", "effective_pixels", "judge_url")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -218,8 +223,11 @@ def evaluate_benchmark(
             masses = rec.steps[0]  # the prefill: one [B, H, L', G] per layer
             stats = _prefill_statistics(masses, user.index_select(1, columns), [bool(s.images) for s in batch])
             responses = [processor.tokenizer.decode(t, skip_special_tokens=True) for t in rows]
-            judged = judge.extract([s.prompt for s in batch], responses) if judge is not None else None
-            checks = checker.check_many(judged if judged is not None else responses, [s.answer for s in batch])
+            judged = None
+            if judge is not None and judge.covers(benchmark.name):
+                checks, judged = judge.check(benchmark.name, batch, responses, checker)
+            else:
+                checks = checker.check_many(responses, [s.answer for s in batch])
             for i, (s, tokens, check, stat) in enumerate(zip(batch, rows, checks, stats)):
                 record = {
                     "id": s.id,
@@ -234,6 +242,8 @@ def evaluate_benchmark(
                     "vas": stat["vas"],
                     "split": stat["split"],
                     "fields": s.fields,
+                    "batch_size": batch_size,
+                    "max_new_tokens": max_new_tokens,
                 }
                 if judged is not None:
                     record["judge_output"] = judged[i]
@@ -250,15 +260,30 @@ def _result_of(record: dict) -> CheckResult:
 
 
 def benchmark_row(benchmark: Benchmark, samples: Sequence[Sample], records: Sequence[dict]) -> dict:
-    """Scores (accuracy and the benchmark's own, e.g. HallusionBench's three), VAS and the attention split."""
-    row = dict(benchmark.score(samples, [_result_of(r) for r in records]))
+    """Scores (accuracy and the benchmark's own, e.g. HallusionBench's three, MMMU-Pro's settings), the
+    per-category tables, VAS and the attention split, and how the records were made (batch sizes, limits)."""
+    results = [_result_of(r) for r in records]
+    row = dict(benchmark.score(samples, results))
+    row["by"] = benchmark.breakdown_tables(samples, results)
     vas_values = [r["vas"] for r in records if r.get("vas") is not None]
     splits = [r["split"] for r in records if r.get("split") is not None]
     row["vas"] = float(np.mean(vas_values)) if vas_values else None
     row["n_vas"] = len(vas_values)
     row["split"] = {g: float(np.mean([s[g] for s in splits])) for g in GROUP_NAMES} if splits else None
     row["extraction_methods"] = _counts(r.get("method", "") for r in records)
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+    # records written before the batch size was recorded show as "unknown"
+    row["batch_sizes"] = _counts(str(r.get("batch_size", "unknown")) for r in records)
+    row["max_new_tokens_used"] = _counts(str(r.get("max_new_tokens", "unknown")) for r in records)
+    row["ids_sha256"] = ids_digest(samples)
+    return _no_nan(row)
+
+
+def _no_nan(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    return value
 
 
 def _counts(values) -> Dict[str, int]:
@@ -296,13 +321,6 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         "| VAS | " + " | ".join(cell(v, "%.2f") for v in vases) + " | %s |" % cell(average["vas"], "%.2f"),
         "",
     ]
-    if "hallusionbench" in rows:
-        h = rows["hallusionbench"]
-        lines += [
-            "HallusionBench: aAcc %s, fAcc %s, qAcc %s (the table shows aAcc)."
-            % (cell(h.get("aAcc")), cell(h.get("fAcc")), cell(h.get("qAcc"))),
-            "",
-        ]
     lines += [
         "| benchmark | samples | scored | correct | timeouts | checker errors | VAS samples |",
         "|---|---|---|---|---|---|---|",
@@ -326,6 +344,8 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
             "| %s | %s |"
             % (titles[n], " | ".join(cell(split.get(g), "%.3f") for g in ("visual", "system", "user", "other")))
         )
+    lines += _protocol_lines(settings, rows, titles, names, cell)
+    lines += _category_lines(rows, titles, names, cell)
     iv = settings.intervention
     lines += [
         "",
@@ -333,18 +353,117 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         "",
         "- checkpoint: `%s`" % settings.checkpoint,
         "- intervention: %s" % (json.dumps(iv) if iv else "none"),
-        "- answer extraction: %s" % settings.extraction,
-        "- decoding: %s, max_new_tokens %d, seed %d" % (settings.decoding, settings.max_new_tokens, settings.seed),
+        "- answer extraction: %s" % settings.extraction
+        + (
+            " at %s (the judge scores %s, whose official scoring uses a model; the others are rule-based)"
+            % (settings.judge_url, ", ".join(JUDGED))
+            if settings.extraction != RULE_BASED
+            else ""
+        ),
+        "- decoding: %s, max_new_tokens %s, seed %d"
+        % (
+            settings.decoding,
+            settings.max_new_tokens if settings.max_new_tokens is not None else "per benchmark (see the protocol)",
+            settings.seed,
+        ),
         "- min_pixels / max_pixels: %s"
         % (settings.effective_pixels or {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}),
         "- system prompt: %s"
         % ("the chat template's default" if settings.system_prompt is None else json.dumps(settings.system_prompt)),
-        "- limit: %s" % (settings.limit or "none"),
+        "- limit: %s" % (("the first %d samples" % settings.limit) if settings.limit else "none"),
+        "- sample: %s"
+        % (
+            (
+                "a seeded subset of %d per benchmark (seed %d; ids_sha256 in report.json)"
+                % (settings.sample, settings.sample_seed)
+            )
+            if settings.sample
+            else "none"
+        ),
         "- prompt templates: see report.json (settings.benchmarks)",
     ]
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return paths
+
+
+def _protocol_lines(settings: EvalSettings, rows, titles, names, cell) -> List[str]:
+    """Per benchmark: split, prompt options, generation limit (flagged where it may cut a reasoning model's
+    answer), the batch sizes the records were answered with; MMMU-Pro's settings and HallusionBench's scores."""
+    lines = [
+        "",
+        "Protocol:",
+        "",
+        "| benchmark | split | options | max_new_tokens | batch sizes | samples |",
+        "|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for n in names:
+        b = settings.benchmarks.get(n, {})
+        limit = b.get("max_new_tokens")
+        flag = ""
+        if isinstance(limit, int) and limit < REASONING_BUDGET:
+            flag = " (!)"
+            notes.append(n)
+        opts = ", ".join("%s=%s" % kv for kv in sorted((b.get("options") or {}).items())) or "–"
+        sizes = ", ".join("%s×%d" % kv for kv in sorted(rows[n].get("batch_sizes", {}).items()))
+        lines.append(
+            "| %s | %s | %s | %s%s | %s | %d |"
+            % (titles[n], b.get("split", "?"), opts, limit, flag, sizes, rows[n]["n"])
+        )
+    if notes:
+        harness = [
+            n for n in notes if settings.benchmarks.get(n, {}).get("max_new_tokens_source") != "--max-new-tokens"
+        ]
+        lines += [
+            "",
+            "(!) under %d new tokens (%s): a reasoning model's step-by-step answer may be cut before its final answer."
+            % (REASONING_BUDGET, ", ".join(titles[n] for n in notes))
+            + (
+                " %s: the reference harness's limit; --max-new-tokens raises it (the run then departs from the "
+                "harness's protocol)." % ", ".join(titles[n] for n in harness)
+                if harness
+                else ""
+            ),
+        ]
+    if any(len(rows[n].get("batch_sizes", {})) > 1 for n in names):
+        lines += ["", "Records of one benchmark were answered with different batch sizes (a resumed run)."]
+    if "mmmu_pro" in rows and rows["mmmu_pro"].get("settings"):
+        r = rows["mmmu_pro"]
+        lines += [
+            "",
+            "MMMU-Pro settings: "
+            + ", ".join("%s %s" % (k, cell(v.get("accuracy"))) for k, v in sorted(r["settings"].items()))
+            + " (the table shows the %s)." % r.get("accuracy_rule", "accuracy"),
+        ]
+    if "hallusionbench" in rows:
+        h = rows["hallusionbench"]
+        lines += [
+            "",
+            "HallusionBench: aAcc %s, fAcc %s, qAcc %s (the table shows aAcc)."
+            % (cell(h.get("aAcc")), cell(h.get("fAcc")), cell(h.get("qAcc"))),
+        ]
+    return lines
+
+
+def _category_lines(rows, titles, names, cell) -> List[str]:
+    lines = []
+    for n in names:
+        for field_name, table in (rows[n].get("by") or {}).items():
+            lines += [
+                "",
+                "%s by %s:" % (titles[n], field_name),
+                "",
+                "| %s | samples | scored | accuracy |" % field_name,
+                "|---|---|---|---|",
+            ]
+            for value, r in table.items():
+                lines.append("| %s | %d | %d | %s |" % (_md_cell(value), r["n"], r["n_scored"], cell(r["accuracy"])))
+    return lines
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 class _NoBar:
