@@ -287,7 +287,6 @@ def _evaluate(args, specs, loaded, settings, iv, judge) -> int:
     import torch
 
     from avar_ops.eval import runner
-    from avar_ops.grading import AnswerChecker, LatexChecker
 
     if judge is not None:
         try:
@@ -303,10 +302,13 @@ def _evaluate(args, specs, loaded, settings, iv, judge) -> int:
                 image_processor.size["shortest_edge" if flag == "min_pixels" else "longest_edge"] = getattr(args, flag)
     torch.manual_seed(args.seed)
     rows = {}
+    limits = {name: settings.benchmarks[name]["max_new_tokens"] for name, _, _ in specs}
     try:
         _run_benchmarks(args, specs, loaded, limits, model, processor, iv, judge, rows)
     except JudgeError as exc:
-        raise DataError("%s; the answers so far are kept: rerun the same command to continue" % exc) from None
+        raise DataError(
+            "%s; the answers so far are kept: rerun the same command with --resume to continue" % exc
+        ) from None
     size = getattr(image_processor, "size", None) or {}
     settings.effective_pixels = {
         "min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
