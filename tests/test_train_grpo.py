@@ -274,18 +274,18 @@ def test_bad_config_values():
     with pytest.raises(ConfigError, match="unknown keys"):
         load_grpo_config(None, dict(train_file="x", output_dir="y", lamda_visual=0.3))
     base = dict(train_file="x", output_dir="y")
-    with pytest.raises(ConfigError, match="visual_reward must be one of ratio, capped_ratio"):
+    with pytest.raises(ConfigError, match="visual_reward: must be one of ratio, capped_ratio"):
         load_grpo_config(None, dict(base, visual_reward="log_ratio"))
-    with pytest.raises(ConfigError, match="visual_reward_cap must be a number > 0 with visual_reward = capped"):
+    with pytest.raises(ConfigError, match="visual_reward_cap: must be a number > 0 with visual_reward = capped"):
         load_grpo_config(None, dict(base, visual_reward="capped_ratio"))
-    with pytest.raises(ConfigError, match="visual_reward_cap must be null unless"):
+    with pytest.raises(ConfigError, match="visual_reward_cap: must be null unless"):
         load_grpo_config(None, dict(base, visual_reward_cap=2.0))
     assert (
         load_grpo_config(None, dict(base, visual_reward="capped_ratio", visual_reward_cap=3)).visual_reward_cap == 3.0
     )
-    with pytest.raises(ConfigError, match="data_format must be one of avar, sharegpt, openai, auto"):
+    with pytest.raises(ConfigError, match="data_format: must be one of avar, sharegpt, openai, auto"):
         load_grpo_config(None, dict(base, data_format="llava"))
-    with pytest.raises(ConfigError, match="eval_steps must be 0 without eval_file"):
+    with pytest.raises(ConfigError, match="eval_steps: must be 0 without eval_file"):
         load_grpo_config(None, dict(base, eval_steps=2))
     with pytest.raises(ConfigError, match="loss_type"):
         load_grpo_config(None, dict(train_file="x", output_dir="y", loss_type="bnpo"))

@@ -376,11 +376,11 @@ def test_eval_file_logs_held_out_terms_equal_to_a_direct_computation(tiny_dir, t
 def test_eval_settings_are_checked(train_file, tmp_path):
     from avar_train.config import ConfigError
 
-    with pytest.raises(ConfigError, match="eval_steps=2 needs eval_file"):
+    with pytest.raises(ConfigError, match="eval_steps: 2 needs eval_file"):
         _config("tiny", train_file, tmp_path, eval_steps=2)
     with pytest.raises(ConfigError, match="eval_file: no such file"):
         _config("tiny", train_file, tmp_path, eval_file=str(tmp_path / "none.jsonl"))
-    with pytest.raises(ConfigError, match="data_format must be one of"):
+    with pytest.raises(ConfigError, match="data_format: must be one of"):
         _config("tiny", train_file, tmp_path, data_format="csv")
 
 

@@ -159,7 +159,8 @@ class GRPOConfig:
         if self.visual_reward == "capped_ratio":
             if not is_num(self.visual_reward_cap) or self.visual_reward_cap <= 0:
                 fail("visual_reward_cap", "a number > 0 with visual_reward = capped_ratio")
-            self.visual_reward_cap = float(self.visual_reward_cap)
+            else:
+                self.visual_reward_cap = float(self.visual_reward_cap)
         elif self.visual_reward_cap is not None:
             fail("visual_reward_cap", f"null unless visual_reward = capped_ratio (it is {self.visual_reward!r})")
         if not is_num(self.visual_eps) or self.visual_eps <= 0:
