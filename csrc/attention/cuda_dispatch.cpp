@@ -90,7 +90,12 @@ std::string kernel_name(const void* kernel) {
   }
 #endif
   (void)kernel;
-  return name.empty() ? "a kernel" : name.substr(0, name.find('('));
+  if (name.empty()) return "a kernel";
+  // As the emulation names kernels: no return type, no "(anonymous namespace)::", no parameter list.
+  if (name.rfind("void ", 0) == 0) name.erase(0, 5);
+  const std::string anon = "(anonymous namespace)::";
+  for (size_t at = name.find(anon); at != std::string::npos; at = name.find(anon)) name.erase(at, anon.size());
+  return name.substr(0, name.find('('));
 }
 
 std::string device_description(c10::DeviceIndex device) {

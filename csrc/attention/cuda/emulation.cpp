@@ -723,6 +723,7 @@ std::string kernel_name(const void* kernel) {
     std::free(demangled);
     // Keep the name and its template arguments: drop "(anonymous namespace)::" and cut the parameter list at
     // the first '(' outside <...>.
+    if (name.rfind("void ", 0) == 0) name.erase(0, 5);  // a function template's demangled name has its type
     const std::string anon = "(anonymous namespace)::";
     for (size_t at = name.find(anon); at != std::string::npos; at = name.find(anon)) name.erase(at, anon.size());
     int depth = 0;
