@@ -52,7 +52,7 @@ STAGES="$LOGDIR/stages.tsv"
 : >"$STAGES"
 
 # Stage budgets in per mille of the total; they add up to 1000 (the sanitizers also get what earlier stages left).
-declare -A SHARE=([build]=390 [smoke]=30 [tests]=200 [bench]=260 [memcheck]=60 [racecheck]=60)
+declare -A SHARE=([build]=390 [smoke]=60 [tests]=200 [bench]=230 [memcheck]=60 [racecheck]=60)
 STAGE_ORDER=(build smoke tests bench memcheck racecheck)
 
 elapsed() { echo $(($(date +%s) - START)); }
