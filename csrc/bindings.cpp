@@ -11,6 +11,7 @@
 #define AVAR_CUDA_HOST_CODE 1
 #endif
 #ifdef AVAR_CUDA_EMULATION
+#include "attention/cuda/emulated_device.h"
 #include "attention/cuda/emulation_selftest.h"
 #endif
 
@@ -147,6 +148,49 @@ PyObject* py_emulation_selftest(PyObject*, PyObject* args) {
   const std::string result = avar::cuda::emulation_selftest(name);
   return PyUnicode_FromStringAndSize(result.data(), static_cast<Py_ssize_t>(result.size()));
 }
+
+PyObject* py_set_arch_profile(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s:set_arch_profile", &name)) return nullptr;
+  if (!avar::cuda_emulation::set_arch_profile(name)) {
+    PyErr_Format(PyExc_ValueError, "set_arch_profile: name must be one of %s, got '%s'",
+                 avar::cuda_emulation::arch_profile_names().c_str(), name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_arch_profile(PyObject*, PyObject*) {
+  const avar::cuda_emulation::ArchProfile& p = avar::cuda_emulation::arch_profile();
+  return Py_BuildValue("{s:s,s:(ii),s:s,s:i,s:n,s:n,s:i,s:i,s:i,s:s}", "name", p.name, "capability", p.major, p.minor,
+                       "gpu", p.gpu, "sm_count", avar::cuda_emulation::sm_count(), "smem_optin",
+                       static_cast<Py_ssize_t>(p.smem_optin), "smem_per_sm", static_cast<Py_ssize_t>(p.smem_per_sm),
+                       "max_threads_per_block", p.max_threads_per_block, "max_registers_per_thread",
+                       p.max_registers_per_thread, "registers_per_sm", p.registers_per_sm, "device",
+                       avar::cuda_emulation::device_name().c_str());
+}
+
+PyObject* py_set_emulation_seed(PyObject*, PyObject* args) {
+  unsigned long long seed = 0;
+  if (!PyArg_ParseTuple(args, "K:set_emulation_seed", &seed)) return nullptr;
+  avar::cuda_emulation::set_seed(seed);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_emulation_seed(PyObject*, PyObject*) {
+  return PyLong_FromUnsignedLongLong(avar::cuda_emulation::seed());
+}
+
+PyObject* py_set_emulation_checks(PyObject*, PyObject* args) {
+  int on = 0;
+  if (!PyArg_ParseTuple(args, "p:set_emulation_checks", &on)) return nullptr;
+  avar::cuda_emulation::set_checks(on != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_emulation_checks(PyObject*, PyObject*) {
+  return PyBool_FromLong(avar::cuda_emulation::checks() ? 1 : 0);
+}
 #endif
 
 PyMethodDef kMethods[] = {
@@ -173,6 +217,17 @@ PyMethodDef kMethods[] = {
     {"emulation_selftest", py_emulation_selftest, METH_VARARGS,
      "emulation_selftest(name): runs one self-test kernel of the emulated device; returns its error message, or "
      "'' for a kernel that ran and computed what it should."},
+    {"set_arch_profile", py_set_arch_profile, METH_VARARGS,
+     "set_arch_profile(name): the GPU the emulated device is (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120): its "
+     "shared memory, thread and register limits and SM count; launches beyond them fail as on that GPU."},
+    {"arch_profile", py_arch_profile, METH_NOARGS,
+     "arch_profile(): the emulated device's profile as a dict (name, capability, gpu, sm_count, smem_optin, ...)."},
+    {"set_emulation_seed", py_set_emulation_seed, METH_VARARGS,
+     "set_emulation_seed(seed): seeds the warp order, the preemption points and the cp.async landing times."},
+    {"emulation_seed", py_emulation_seed, METH_NOARGS, "emulation_seed(): the current seed."},
+    {"set_emulation_checks", py_set_emulation_checks, METH_VARARGS,
+     "set_emulation_checks(on): shared-memory race detection and global bounds checks (on by default)."},
+    {"emulation_checks", py_emulation_checks, METH_NOARGS, "emulation_checks(): whether they are on."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

@@ -18,8 +18,11 @@ if ! .venv/bin/python -c "import torch, transformers, pytest" 2>/dev/null \
   touch .venv/.avar-requirements
 fi
 
-# torch guesses CUDA_HOME=/usr/local from the nvcc on PATH, which does not link.
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+# torch would guess CUDA_HOME from the nvcc on PATH, wrongly when that is a wrapper script; setup.py and this
+# script take the toolkit nvcc itself reports.
+. scripts/cuda_home.sh
+CUDA_HOME=$(cuda_home)
+export CUDA_HOME
 if command -v ccache >/dev/null 2>&1; then export PATH="/usr/lib/ccache:$PATH"; fi
 gpu_visible() {
   { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; } ||
@@ -30,7 +33,7 @@ if [ "${AVAR_FORCE_CPU:-0}" = 1 ]; then
 elif [ -n "${AVAR_CUDA_ARCHS:-}" ]; then
   cuda="on, archs $AVAR_CUDA_ARCHS"
 elif gpu_visible; then
-  cuda="on (a GPU is visible), archs 8.0;9.0"
+  cuda="on (a GPU is visible), for its arch"
 else
   cuda='off: no GPU visible (AVAR_CUDA_ARCHS="8.0;9.0" compiles them anyway)'
 fi
@@ -42,6 +45,7 @@ if [ "$(cat .venv/.avar-build 2>/dev/null)" = "$stamp" ] && .venv/bin/python -c 
 else
   echo "[avar] building avar_ops._C (CUDA kernels: $cuda)"
   start=$(date +%s)
+  # setup.py removes the extensions it rebuilds first: a failed build leaves nothing that imports.
   .venv/bin/pip install -q --no-build-isolation --no-deps -e .
   echo "$stamp" > .venv/.avar-build
   echo "[avar] build took $(( $(date +%s) - start )) s"

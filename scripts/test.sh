@@ -5,7 +5,8 @@
 # machines without a GPU. Arguments go to the first pytest run only, and skip the second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-headers="${CUDA_HOME:-/usr/local/cuda}/include/cuda_bf16.h"
+. scripts/cuda_home.sh
+headers="$(cuda_home)/include/cuda_bf16.h"
 if [ -z "${AVAR_BUILD_CUDA_EMULATION:-}" ]; then
   if [ -f "$headers" ]; then
     export AVAR_BUILD_CUDA_EMULATION=1

@@ -7,12 +7,17 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
 #include "params.h"
+#ifdef AVAR_CUDA_EMULATION
+#include "cuda/emulated_device.h"
+#endif
 
 namespace avar {
 
@@ -37,6 +42,14 @@ bool input_checks() {
 }
 
 const Backend kCpuBackend{&cpu::attention_fwd, &cpu::attention_bwd, &cpu::attention_key_mass};
+
+void check_same_device_as_q(const at::Tensor& q, std::initializer_list<NamedTensor> tensors) {
+  for (const NamedTensor& t : tensors) {
+    if (t.tensor == nullptr || !t.tensor->defined()) continue;
+    TORCH_CHECK_VALUE(t.tensor->device() == q.device(), "avar.attention: ", t.name,
+                      " must be on the same device as q (", q.device(), "), got ", t.tensor->device());
+  }
+}
 
 RefuseWithoutCudaKernels::RefuseWithoutCudaKernels(const at::Tensor& q, const char* op) {
   TORCH_CHECK(false, op, ": q is on ", q.device(),
@@ -426,6 +439,24 @@ void check_like(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, co
   check_last_dim_contiguous(t, name);
 }
 
+#ifdef AVAR_CUDA_EMULATION
+// The emulated device checks every global access of the kernels against the memory of the tensors they were
+// handed: each tensor's elements from the first to the last in memory (undefined or empty tensors add nothing).
+void add_buffers(cuda_emulation::BufferScope& scope,
+                 std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors) {
+    if (t == nullptr || !t->defined() || t->numel() == 0) continue;
+    int64_t last = 0;
+    for (int64_t d = 0; d < t->dim(); ++d) last += (t->size(d) - 1) * t->stride(d);
+    scope.add(name, t->data_ptr(), static_cast<size_t>((last + 1) * t->element_size()));
+  }
+}
+
+const Tensor* opt(const OptTensor& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+#endif
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Backend& backend, const Tensor& q, const Tensor& k,
@@ -455,6 +486,20 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Backend& backend, const T
   if (return_mass) set_mass(p, mass, g.varlen);
 
   if (q.numel() == 0) return {out, lse, mass};
+#ifdef AVAR_CUDA_EMULATION
+  cuda_emulation::BufferScope buffers;
+  add_buffers(buffers, {{"q", &q},
+                        {"k", &k},
+                        {"v", &v},
+                        {"key_group", opt(key_group)},
+                        {"bias", &in.bias},
+                        {"logit_scale", &in.logit_scale},
+                        {"cu_seqlens_q", opt(in.cu_q)},
+                        {"cu_seqlens_k", opt(in.cu_k)},
+                        {"out", &out},
+                        {"lse", &lse},
+                        {"mass", &mass}});
+#endif
   backend.fwd(p, q.scalar_type());
   return {out, lse, mass};
 }
@@ -528,6 +573,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
     dv.zero_();
     return {dq, dk, dv, dbias, dlogit};
   }
+#ifdef AVAR_CUDA_EMULATION
+  cuda_emulation::BufferScope buffers;
+  add_buffers(buffers, {{"q", &q},
+                        {"k", &k},
+                        {"v", &v},
+                        {"key_group", opt(key_group)},
+                        {"bias", &in.bias},
+                        {"logit_scale", &in.logit_scale},
+                        {"cu_seqlens_q", opt(in.cu_q)},
+                        {"cu_seqlens_k", opt(in.cu_k)},
+                        {"out", &out},
+                        {"lse", &lse},
+                        {"mass", opt(mass)},
+                        {"dout", &dout},
+                        {"dmass", opt(dmass)},
+                        {"dlse", opt(dlse)},
+                        {"dq", &dq},
+                        {"dk", &dk},
+                        {"dv", &dv},
+                        {"dbias", &dbias},
+                        {"dlogit_scale", &dlogit}});
+#endif
   backend.bwd(bp, q.scalar_type());
   return {dq, dk, dv, dbias, dlogit};
 }
@@ -582,6 +649,19 @@ Tensor attention_key_mass(const Backend& backend, const Tensor& q, const Tensor&
   kp.km_batch_stride = s.batch, kp.km_row_stride = s.row, kp.km_head_stride = s.head;
 
   if (q.numel() == 0 || k.numel() == 0) return key_mass;
+#ifdef AVAR_CUDA_EMULATION
+  cuda_emulation::BufferScope buffers;
+  add_buffers(buffers, {{"q", &q},
+                        {"k", &k},
+                        {"key_group", opt(key_group)},
+                        {"bias", &in.bias},
+                        {"logit_scale", &in.logit_scale},
+                        {"cu_seqlens_q", opt(in.cu_q)},
+                        {"cu_seqlens_k", opt(in.cu_k)},
+                        {"lse", &lse},
+                        {"query_weight", &w},
+                        {"key_mass", &key_mass}});
+#endif
   backend.key_mass(kp, q.scalar_type());
   return key_mass;
 }

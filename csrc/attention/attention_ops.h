@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -61,6 +62,18 @@ at::Tensor attention_key_mass(const Backend& backend, const at::Tensor& q, const
                               const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                               int64_t max_seqlen_k);
 
+// A tensor argument by name, possibly absent.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor* tensor;
+  NamedTensor(const char* n, const at::Tensor& t) : name(n), tensor(&t) {}
+  NamedTensor(const char* n, const std::optional<at::Tensor>& t) : name(n), tensor(t.has_value() ? &*t : nullptr) {}
+};
+
+// Every given tensor must be on q's device. Runs before the op's Scope is built from q, so that q on the CPU with
+// k on a GPU gets this message rather than the device guard's.
+void check_same_device_as_q(const at::Tensor& q, std::initializer_list<NamedTensor> tensors);
+
 // The three ops bound to one backend, in the dispatcher's signatures. `Scope` is built from q before anything
 // else runs: a device guard (CUDA), nothing (CPU), or a refusal (a CUDA key in a build without CUDA kernels).
 template <const Backend& kBackend, typename Scope>
@@ -73,6 +86,13 @@ struct OpsOn {
                                                             double scale, bool causal, const OptTensor& cu_seqlens_q,
                                                             const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                             int64_t max_seqlen_k, bool return_mass) {
+    check_same_device_as_q(q, {{"k", k},
+                               {"v", v},
+                               {"key_group", key_group},
+                               {"bias", bias},
+                               {"logit_scale", logit_scale},
+                               {"cu_seqlens_q", cu_seqlens_q},
+                               {"cu_seqlens_k", cu_seqlens_k}});
     const Scope scope(q, "avar.attention");
     return attention_fwd(kBackend, q, k, v, key_group, bias, logit_scale, scale, causal, cu_seqlens_q, cu_seqlens_k,
                          max_seqlen_q, max_seqlen_k, return_mass);
@@ -84,6 +104,19 @@ struct OpsOn {
       const OptTensor& key_group, const OptTensor& bias, const OptTensor& logit_scale, double scale, bool causal,
       const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
       bool need_dbias, bool need_dlogit_scale) {
+    check_same_device_as_q(q, {{"dout", dout},
+                               {"dmass", dmass},
+                               {"dlse", dlse},
+                               {"k", k},
+                               {"v", v},
+                               {"out", out},
+                               {"lse", lse},
+                               {"mass", mass},
+                               {"key_group", key_group},
+                               {"bias", bias},
+                               {"logit_scale", logit_scale},
+                               {"cu_seqlens_q", cu_seqlens_q},
+                               {"cu_seqlens_k", cu_seqlens_k}});
     const Scope scope(q, "avar.attention_bwd");
     return attention_bwd(kBackend, dout, dmass, dlse, q, k, v, out, lse, mass, key_group, bias, logit_scale, scale,
                          causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, need_dbias, need_dlogit_scale);
@@ -93,6 +126,14 @@ struct OpsOn {
                              const at::Tensor& query_weight, const OptTensor& key_group, const OptTensor& bias,
                              const OptTensor& logit_scale, double scale, bool causal, const OptTensor& cu_seqlens_q,
                              const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+    check_same_device_as_q(q, {{"k", k},
+                               {"lse", lse},
+                               {"query_weight", query_weight},
+                               {"key_group", key_group},
+                               {"bias", bias},
+                               {"logit_scale", logit_scale},
+                               {"cu_seqlens_q", cu_seqlens_q},
+                               {"cu_seqlens_k", cu_seqlens_k}});
     const Scope scope(q, "avar.attention_key_mass");
     return attention_key_mass(kBackend, q, k, lse, query_weight, key_group, bias, logit_scale, scale, causal,
                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);

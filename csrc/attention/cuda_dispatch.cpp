@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 
 #include "cuda/launch.h"
 #ifdef AVAR_CUDA_EMULATION
@@ -12,6 +13,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/Type.h>
 #endif
 
 namespace avar::cuda_dispatch {
@@ -36,10 +38,29 @@ at::TensorOptions f32_on(c10::DeviceIndex) {
   return at::TensorOptions().dtype(at::kFloat);
 }
 
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "avar (emulated CUDA): ",
-              err == cudaErrorInvalidValue ? "unsupported head dim" : cuda_emulation::last_error());
+std::string kernel_name(const void* kernel) {
+  return cuda_emulation::kernel_name(kernel);
 }
+
+std::string device_description(c10::DeviceIndex) {
+  return cuda_emulation::device_name();
+}
+
+size_t smem_optin(c10::DeviceIndex) {
+  return cuda_emulation::smem_optin_limit();
+}
+
+std::string failure_detail(cudaError_t) {
+  return cuda_emulation::last_error();
+}
+
+// Scratch the kernels read and write, for the emulated device's bounds checks.
+struct ScratchBuffers {
+  cuda_emulation::BufferScope scope;
+  void add(const char* name, const at::Tensor& t) {
+    if (t.defined() && t.numel() > 0) scope.add(name, t.data_ptr(), t.nbytes());
+  }
+};
 #else
 c10::DeviceIndex current_device() {
   return c10::cuda::current_device();
@@ -60,11 +81,67 @@ at::TensorOptions f32_on(c10::DeviceIndex device) {
   return at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, device));
 }
 
-void check_launch(cudaError_t err) {
-  C10_CUDA_CHECK(err);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// cudaFuncGetName (CUDA 12.3) gives the kernel's mangled name; older runtimes leave it unnamed.
+std::string kernel_name(const void* kernel) {
+  std::string name;
+#if CUDART_VERSION >= 12030
+  const char* mangled = nullptr;
+  if (kernel != nullptr && cudaFuncGetName(&mangled, kernel) == cudaSuccess && mangled != nullptr) {
+    name = c10::demangle(mangled);
+  }
 #endif
+  (void)kernel;
+  if (name.empty()) return "a kernel";
+  // As the emulation names kernels: no return type, no "(anonymous namespace)::", no parameter list.
+  if (name.rfind("void ", 0) == 0) name.erase(0, 5);
+  const std::string anon = "(anonymous namespace)::";
+  for (size_t at = name.find(anon); at != std::string::npos; at = name.find(anon)) name.erase(at, anon.size());
+  return name.substr(0, name.find('('));
+}
+
+std::string device_description(c10::DeviceIndex device) {
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return "CUDA device " + std::to_string(device);
+  }
+  return std::string(prop.name) + " (cuda:" + std::to_string(device) + ", sm_" + std::to_string(prop.major) +
+         std::to_string(prop.minor) + ")";
+}
+
+size_t smem_optin(c10::DeviceIndex device) {
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return static_cast<size_t>(bytes);
+}
+
+std::string failure_detail(cudaError_t err) {
+  return cudaGetErrorString(err);
+}
+
+struct ScratchBuffers {
+  void add(const char*, const at::Tensor&) {}
+};
+#endif
+
+// A failed launch names the kernel, what it asked for, what the device allows and the device; an unsupported
+// head dim (refused before any launch) says so.
+void check_launch(cudaError_t err) {
+  if (err == cudaSuccess) return;
+  const cuda::LaunchRecord& r = cuda::last_launch();
+  if (r.kernel == nullptr || r.error != err) {
+    TORCH_CHECK(err != cudaErrorInvalidValue, "avar (CUDA): unsupported head dim");
+    TORCH_CHECK(false, "avar (CUDA): ", failure_detail(err));
+  }
+  const c10::DeviceIndex device = current_device();
+  TORCH_CHECK(false, "avar (CUDA): the launch of ", kernel_name(r.kernel), " failed on ", device_description(device),
+              ": ", failure_detail(err), ". It asked for grid (", r.grid.x, ", ", r.grid.y, ", ", r.grid.z, "), ",
+              r.threads, " threads and ", r.smem, " bytes of dynamic shared memory per CTA; the device allows ",
+              smem_optin(device), " bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
+}
 
 using avar::cuda::DType;
 
@@ -184,15 +261,19 @@ void fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   check_grid(s, split.num_splits);
   // Partials live until the kernels that read them are queued; the caching allocator orders reuse on the stream.
   at::Tensor out_partial, lse_partial, mass_partial;
+  ScratchBuffers scratch_buffers;
   if (split.num_splits > 1) {
     const int64_t rows = split.num_splits * s.batch * s.heads * s.seqlen_q;
     out_partial = at::empty({rows, s.head_dim}, f32_on(device));  // [splits·B·H·Lq, D]
     lse_partial = at::empty({rows}, f32_on(device));              // [splits·B·H·Lq]
     split.out_partial = out_partial.data_ptr<float>();
+    scratch_buffers.add("out_partial", out_partial);
+    scratch_buffers.add("lse_partial", lse_partial);
     split.lse_partial = lse_partial.data_ptr<float>();
     if (p.mass != nullptr) {
       mass_partial = at::empty({rows, kNumGroups}, f32_on(device));  // [splits·B·H·Lq, G]
       split.mass_partial = mass_partial.data_ptr<float>();
+      scratch_buffers.add("mass_partial", mass_partial);
     }
   }
   check_launch(cuda::with_head_dim(s.head_dim,
@@ -218,6 +299,9 @@ void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   cuda::BwdScratch scratch;
   scratch.dq_accum = dq_accum.data_ptr<float>();
   scratch.delta = delta.data_ptr<float>();
+  ScratchBuffers scratch_buffers;
+  scratch_buffers.add("dq_accum", dq_accum);
+  scratch_buffers.add("delta", delta);
   scratch.num_splits = backward_splits_on_current_device(s.batch, s.heads, s.kv_heads, s.seqlen_q, s.seqlen_k);
   at::Tensor dk_partial, dv_partial;
   if (scratch.num_splits > 1) {
@@ -226,6 +310,8 @@ void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
     dv_partial = at::empty({scratch.num_splits, s.total_k, s.kv_heads, s.head_dim}, f32_on(device));  // [S, Tk, Hkv, D]
     scratch.dk_partial = dk_partial.data_ptr<float>();
     scratch.dv_partial = dv_partial.data_ptr<float>();
+    scratch_buffers.add("dk_partial", dk_partial);
+    scratch_buffers.add("dv_partial", dv_partial);
   }
   check_launch(cuda::launch_bwd_delta(p, dt, scratch, stream));
   check_launch(cuda::with_head_dim(

@@ -2,17 +2,31 @@
 // by the host compiler with AVAR_CUDA_EMULATION, each launch runs its CTAs one after another, every CUDA thread
 // of a CTA a cooperative fiber. Warp-wide instructions (mma.sync, ldmatrix, shfl) and __syncthreads are
 // rendezvous points: each lane leaves its operands, the last lane to arrive computes every lane's result from
-// the PTX fragment layouts, and the others resume with theirs. cp.async copies land only at the cp.async.wait
-// that covers their group, and shared memory starts as NaN, so a tile read too early reads NaN.
+// the PTX fragment layouts, and the others resume with theirs.
 //
-// A launch fails with a message, where a GPU would fault, hang or silently read garbage, when: threads of a CTA
-// wait at barriers or warp instructions that not all of them reach (deadlock), a warp's lanes issue different
-// warp instructions, an ldmatrix / cp.async address is misaligned or outside the CTA's shared memory, or the
-// CTA asks for more shared memory than sm_80 offers.
+// The device is one of the arch profiles of emulated_device.h (sm_80 ... sm_120), and a launch fails, with a
+// message naming the kernel, where that GPU would refuse it, fault, hang or silently read garbage:
+//   - it asks for more threads, dynamic shared memory or registers than the profile allows, or a grid past
+//     CUDA's limits;
+//   - threads of a CTA wait at barriers or warp instructions that not all of them reach (deadlock), or a warp's
+//     lanes issue different warp instructions;
+//   - an ldmatrix / cp.async address is misaligned or outside the CTA's shared memory;
+//   - two warps touch the same shared-memory byte between two barriers and one of them writes (a missing
+//     __syncthreads), a thread reads a cp.async destination before the cp.async.wait that covers it, another
+//     warp touches it before that wait, or a thread reads shared memory no thread of the CTA wrote;
+//   - a global load or store falls outside every buffer the host registered for the op (BufferScope).
+// Races and bounds are seen on every memory access of the kernels, including plain pointer accesses: the kernel
+// sources of the emulation build are compiled with the compiler's thread-sanitizer instrumentation
+// (-fsanitize=thread, setup.py), whose per-access hooks (__tsan_read4, __tsan_write8, ...) emulation.cpp
+// defines itself instead of linking the sanitizer's runtime.
 //
-// Not emulated: timing, memory ordering between CTAs (they run one after another), the exact rounding of the
-// tensor cores (products are exact and sums are rounded in fp32, in an order of our own) and of fast-math
-// intrinsics.
+// Timing is not emulated, but orderings are exercised: under a seed (set_seed), the warps run in a shuffled
+// order between barriers, a thread may be preempted at any shared-memory access, and each cp.async copy lands at
+// a random point between its issue and its wait. Shared memory starts as NaN (0xFF bytes) in every CTA.
+//
+// Not emulated: memory ordering between CTAs (they run one after another), races between lanes of one warp (a
+// warp is one actor here), the exact rounding of the tensor cores (products are exact and sums are rounded in
+// fp32, in an order of our own) and of fast-math intrinsics.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,7 +36,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
+#include <string>
+
+#include "emulated_device.h"
 
 // Host compilers see CUDA's qualifiers as attributes they do not know; here they mean nothing.
 #undef __global__
@@ -58,14 +74,28 @@ void cp_async_16(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(int pending);
 
-// Runs body once per (block, thread) of the grid; cudaErrorLaunchFailure with last_error() set when it fails.
-cudaError_t launch(dim3 grid, int threads, size_t smem_bytes, const std::function<void()>& body);
+// atomicAdd on shared or global memory: atomic against other atomics, a race against plain accesses.
+float atomic_add(float* address, float value);
+
+// What a launch asks the device for.
+struct LaunchConfig {
+  const void* kernel = nullptr;  // the kernel's function, for its name in messages
+  dim3 grid;
+  int threads = 0;
+  size_t smem_bytes = 0;
+  int registers_per_thread = 0;  // 0: unknown (the host compiler allocates no registers), not checked
+};
+
+// Runs body(ctx) once per (block, thread) of the grid; an error code with last_error() set when it fails: the
+// code a GPU would give where it refuses the launch (cudaErrorInvalidValue, cudaErrorInvalidConfiguration,
+// cudaErrorLaunchOutOfResources), cudaErrorLaunchFailure for what it would fault on or hang in.
+cudaError_t launch(const LaunchConfig& config, void (*body)(void*), void* ctx);
 
 // What made the last failing launch of this thread fail.
 const char* last_error();
 
-// The multiprocessor count the emulated device reports (AVAR_EMULATED_SM_COUNT, default 8).
-int sm_count();
+// The demangled name of a kernel function without its arguments ("avar::cuda::fwd_kernel<__half, 128, true>").
+std::string kernel_name(const void* kernel);
 
 }  // namespace avar::cuda_emulation
 
@@ -91,11 +121,8 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
   return r;
 }
 
-// Fibers of one launch never run at the same time, so a plain read-modify-write is atomic here.
 inline float atomicAdd(float* address, float value) {
-  const float old = *address;
-  *address = old + value;
-  return old;
+  return ::avar::cuda_emulation::atomic_add(address, value);
 }
 
 using std::isfinite;

@@ -72,6 +72,21 @@ cudaError_t launch_bwd_delta(const AttnBwdParams& p, DType dt, const BwdScratch&
 cudaError_t launch_bwd_convert_dq(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
 cudaError_t launch_bwd_reduce_dkv(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
 
+// The last launch of this thread through launch() (launch_util.cuh): what it asked for and what CUDA answered, so
+// that the host can say which kernel failed, with how much shared memory, on which device.
+struct LaunchRecord {
+  const void* kernel = nullptr;  // the kernel's host-side function
+  dim3 grid;
+  int threads = 0;
+  size_t smem = 0;
+  cudaError_t error = cudaSuccess;
+};
+
+inline LaunchRecord& last_launch() {
+  thread_local LaunchRecord record;
+  return record;
+}
+
 // Merges the split partials by their log-sum-exp into out / lse / mass (flash-decoding's second step).
 cudaError_t launch_fwd_combine(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
 

@@ -41,24 +41,35 @@ inline unsigned blocks_for(int64_t n, int64_t block) {
 
 // Launches kernel<<<grid, threads, smem, stream>>>(args...). An empty grid is not launched: CUDA refuses a
 // zero-size grid, and it arises legitimately (varlen with every sequence empty, max_seqlen_q = 0) when the host
-// has already written the answer for every row.
+// has already written the answer for every row. A failure is recorded in last_launch() for the host's message.
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
                    const Args&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  LaunchRecord& record = last_launch();
+  record = LaunchRecord{reinterpret_cast<const void*>(kernel), grid, threads, smem, cudaSuccess};
 #ifdef AVAR_CUDA_EMULATION
   (void)stream;
-  return cuda_emulation::launch(grid, threads, smem, [&] { kernel(args...); });
+  // The closure lives in this frame, on the launching thread's stack, where the emulated kernels may read it.
+  auto body = [&] { kernel(args...); };
+  cuda_emulation::LaunchConfig config;
+  config.kernel = record.kernel;
+  config.grid = grid;
+  config.threads = threads;
+  config.smem_bytes = smem;
+  record.error =
+      cuda_emulation::launch(config, [](void* closure) { (*static_cast<decltype(body)*>(closure))(); }, &body);
+  return record.error;
 #else
   if (smem > 0) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+    record.error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (record.error != cudaSuccess) return record.error;
   }
   // clang-format off
   kernel<<<grid, threads, smem, stream>>>(args...);
   // clang-format on
-  return cudaGetLastError();
+  record.error = cudaGetLastError();
+  return record.error;
 #endif
 }
 
