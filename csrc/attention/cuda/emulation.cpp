@@ -494,4 +494,8 @@ int sm_count() {
   return n > 0 ? n : 8;
 }
 
+size_t smem_optin_limit() {
+  return kMaxSmemBytes;
+}
+
 }  // namespace avar::cuda_emulation

@@ -67,6 +67,9 @@ const char* last_error();
 // The multiprocessor count the emulated device reports (AVAR_EMULATED_SM_COUNT, default 8).
 int sm_count();
 
+// The opt-in shared memory per CTA the emulated device reports (sm_80's).
+size_t smem_optin_limit();
+
 }  // namespace avar::cuda_emulation
 
 #define threadIdx (::avar::cuda_emulation::thread_idx())
