@@ -296,7 +296,9 @@ __global__ void __launch_bounds__(BwdConfig<kD, kWarps>::kThreads)
       for (int r = 0; r < 2; ++r) {
         dq_row[r] = scr.dq_accum + ((row0 + q_row[r]) * H + h) * kD;
       }
-#pragma unroll
+      // Rolled: no array is indexed by dp, and unrolled this loop's K fragments take the last registers (ptxas
+      // spilled at D = 128).
+#pragma unroll 1
       for (int dpi = 0; dpi < kDpPerWarp; ++dpi) {
         const int dp = dp_first + dpi;
         if (kD / 16 % C::kWarpsD != 0 && dp >= kD / 16) break;
