@@ -6,8 +6,13 @@ text), L = 1k…16k with B·L = 16k.
 FLOPs as FlashAttention counts them: forward 4·B·H·Lq·Lk·D (halved when causal), backward 2.5× forward.
 Every measurement is time-boxed against one overall budget; what does not fit is skipped with a note.
 
-    python benchmarks/bench_gpu.py --out OUTDIR [--budget-s 300] [--checks checks.json]
+    python benchmarks/bench_gpu.py --out OUTDIR [--budget-s 300] [--checks checks.json] [--no-tiles]
     python benchmarks/bench_gpu.py --out OUTDIR --dry-run     # no GPU: plan and report skeleton only
+
+Tile shapes (on by default, --no-tiles skips them): the forward and backward with masses under each tile shape of
+the CUDA kernels (8 warps × 16 query rows with 64-key backward blocks; 4 warps × 32 rows with 128-key backward
+blocks where they fit), and decode with the query heads of a GQA group packed into one tile and without, all in
+the same run; the report says which wins per shape on this GPU's arch, which decides the default.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Config:
     budget_s: float
     max_reps: int
     measure_s: float
+    tiles: bool = True
 
 
 @dataclasses.dataclass
@@ -71,6 +77,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-reps", type=int, default=30)
     ap.add_argument("--checks", default=None, help="JSON file with the build/test/sanitizer results to include")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: write the plan and an empty report")
+    ap.add_argument(
+        "--tiles",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time both tile shapes and packed / unpacked decode in this run (default: on)",
+    )
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     if not lengths or any(L <= 0 for L in lengths):
@@ -91,11 +103,20 @@ def parse_args(argv=None):
         args.budget_s,
         args.max_reps,
         args.measure_s,
+        args.tiles,
     )
     return args, cfg
 
 
 SHORT_BWD_LEN = 1025
+
+# Methods that run avar (with masses) under one setting of the CUDA kernels: (setter on the extension, value).
+TILE_SHAPES = ("8x16", "4x32")
+SETTING_METHODS = {
+    **{f"avar_{shape}": ("set_cuda_tile", shape) for shape in TILE_SHAPES},
+    "avar_packed": ("set_cuda_gqa_packing", "on"),
+    "avar_unpacked": ("set_cuda_gqa_packing", "off"),
+}
 
 
 def plan(cfg: Config):
@@ -112,6 +133,17 @@ def plan(cfg: Config):
     for L in cfg.lengths:
         for method in ("avar_mass", "avar", "sdpa_flash"):
             rows.append(("decode", method, cfg.tokens // L, cfg.decode_q, L))
+    if cfg.tiles:
+        for direction in ("fwd", "bwd"):
+            for L in cfg.lengths:
+                for shape in TILE_SHAPES:
+                    rows.append((direction, f"avar_{shape}", cfg.tokens // L, L, L))
+        for L in cfg.lengths:
+            for method in ("avar_packed", "avar_unpacked"):
+                rows.append(("decode", method, cfg.tokens // L, cfg.decode_q, L))
+            # One sequence: the grid is smallest there, so the split-KV heuristic matters most.
+            for method in ("avar_packed", "avar_unpacked"):
+                rows.append(("decode", method, 1, cfg.decode_q, L))
     for method in ("flex", "sdpa_mask", "eager"):
         for direction in ("fwd", "bwd"):
             for L in cfg.lengths:
@@ -162,6 +194,20 @@ def method_fn(method: str, pb: Problem, direction: str, notes: list) -> Callable
         tensors, grads = grads_of(outs)
         inputs = (pb.q, pb.k, pb.v)
         return lambda: torch.autograd.grad(tensors, inputs, grads, retain_graph=True)
+
+    if method in SETTING_METHODS:
+        setter_name, value = SETTING_METHODS[method]
+        setter = getattr(load_extension(), setter_name)
+
+        def under_setting(fn):
+            setter(value)
+            try:
+                return fn()
+            finally:
+                setter("auto")
+
+        inner = under_setting(lambda: method_fn("avar_mass", pb, direction, notes))
+        return lambda: under_setting(inner)
 
     if method in ("avar", "avar_mass", "avar_nosplit"):
         import avar_ops
@@ -329,14 +375,51 @@ def ratios(results):
     return out
 
 
+def tile_winners(results):
+    """Per (direction, B, Lq, Lk): the time of each tile shape (or packed / unpacked decode) and which wins."""
+    groups = {}
+    for r in results:
+        if r.method in SETTING_METHODS and r.ms is not None:
+            kind = "decode packing" if r.method in ("avar_packed", "avar_unpacked") else "tile shape"
+            groups.setdefault((kind, r.direction, r.batch, r.len_q, r.len_k), {})[r.method] = r.ms
+    out = []
+    for (kind, direction, batch, len_q, len_k), ms in groups.items():
+        if len(ms) < 2:
+            continue
+        (best, t_best), (other, t_other) = sorted(ms.items(), key=lambda kv: kv[1])[:2]
+        out.append(
+            {
+                "kind": kind,
+                "direction": direction,
+                "batch": batch,
+                "len_q": len_q,
+                "len_k": len_k,
+                "ms": {k: round(v, 4) for k, v in ms.items()},
+                "winner": best.removeprefix("avar_"),
+                "speedup_over_other": round(t_other / t_best, 3),
+            }
+        )
+    return out
+
+
+def device_arch() -> str:
+    if not torch.cuda.is_available():
+        return "no GPU"
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
 def write_report(out_dir, cfg, results, notes, checks, env):
     speedups = ratios(results)
+    winners = tile_winners(results)
     report = {
         "environment": env,
         "config": dataclasses.asdict(cfg),
         "checks": checks,
         "results": [dataclasses.asdict(r) for r in results],
         "speedups": speedups,
+        "arch": device_arch(),
+        "tile_winners": winners,
         "notes": sorted(set(notes)),
     }
     fmt = harness.fmt
@@ -406,6 +489,23 @@ def write_report(out_dir, cfg, results, notes, checks, env):
             for e in speedups
         ]
         lines += [*harness.markdown_table(headers, cells, "lll" + "r" * 6), ""]
+    if winners:
+        lines += [f"## Tile shapes and decode packing on {device_arch()} (winner: faster of the two, same run)", ""]
+        headers = ["what", "direction", "B", "Lq", "Lk", "ms", "winner", "speedup"]
+        cells = [
+            [
+                w["kind"],
+                w["direction"],
+                w["batch"],
+                w["len_q"],
+                w["len_k"],
+                ", ".join(f"{k.removeprefix('avar_')} {v:.3f}" for k, v in w["ms"].items()),
+                w["winner"],
+                fmt(w["speedup_over_other"], ".2f"),
+            ]
+            for w in winners
+        ]
+        lines += [*harness.markdown_table(headers, cells, "llrrrllr"), ""]
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in sorted(set(notes))), ""]
     harness.write_report(out_dir, "gpu_report", report, "\n".join(lines))
@@ -448,6 +548,12 @@ def main(argv=None):
         )
         write_report(args.out, cfg, results, notes, checks, env)
     write_report(args.out, cfg, results, notes, checks, harness.finish(env))
+    for w in tile_winners(results):
+        print(
+            f"[tiles] {device_arch()} {w['kind']} {w['direction']} B={w['batch']} Lq={w['len_q']} Lk={w['len_k']}: "
+            f"{w['winner']} wins by {w['speedup_over_other']:.2f}x",
+            flush=True,
+        )
     return 0
 
 

@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "attention/attention_ops.h"
 #if defined(AVAR_WITH_CUDA) || defined(AVAR_CUDA_EMULATION)
 #include "attention/cuda_dispatch.h"
@@ -100,10 +102,14 @@ PyObject* guarded(F&& f) {
 }
 
 PyObject* py_cuda_decode_splits(PyObject*, PyObject* args) {
-  long long batch = 0, heads = 0, seqlen_q = 0, seqlen_k = 0;
-  if (!PyArg_ParseTuple(args, "LLLL:cuda_decode_splits", &batch, &heads, &seqlen_q, &seqlen_k)) return nullptr;
+  long long batch = 0, heads = 0, kv_heads = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
+  if (!PyArg_ParseTuple(args, "LLLLLL:cuda_decode_splits", &batch, &heads, &kv_heads, &seqlen_q, &seqlen_k,
+                        &head_dim)) {
+    return nullptr;
+  }
   return guarded([&] {
-    return PyLong_FromLong(avar::cuda_dispatch::decode_splits_on_current_device(batch, heads, seqlen_q, seqlen_k));
+    return PyLong_FromLong(
+        avar::cuda_dispatch::decode_splits_on_current_device(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim));
   });
 }
 
@@ -119,13 +125,14 @@ PyObject* py_set_cuda_decode_splits(PyObject*, PyObject* args) {
 }
 
 PyObject* py_cuda_backward_splits(PyObject*, PyObject* args) {
-  long long batch = 0, heads = 0, kv_heads = 0, seqlen_q = 0, seqlen_k = 0;
-  if (!PyArg_ParseTuple(args, "LLLLL:cuda_backward_splits", &batch, &heads, &kv_heads, &seqlen_q, &seqlen_k)) {
+  long long batch = 0, heads = 0, kv_heads = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
+  if (!PyArg_ParseTuple(args, "LLLLLL:cuda_backward_splits", &batch, &heads, &kv_heads, &seqlen_q, &seqlen_k,
+                        &head_dim)) {
     return nullptr;
   }
   return guarded([&] {
     return PyLong_FromLong(
-        avar::cuda_dispatch::backward_splits_on_current_device(batch, heads, kv_heads, seqlen_q, seqlen_k));
+        avar::cuda_dispatch::backward_splits_on_current_device(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim));
   });
 }
 
@@ -137,6 +144,87 @@ PyObject* py_set_cuda_backward_splits(PyObject*, PyObject* args) {
     return nullptr;
   }
   avar::cuda_dispatch::set_forced_backward_splits(splits);
+  Py_RETURN_NONE;
+}
+
+// The tile request of a shape name: "auto", "8x16" or "4x32" (warps × query rows per warp of the forward).
+bool tile_request_of(const char* name, int* request) {
+  const std::string n(name);
+  if (n == "auto")
+    *request = avar::cuda_dispatch::kTileAuto;
+  else if (n == "8x16")
+    *request = avar::cuda_dispatch::kTile8x16;
+  else if (n == "4x32")
+    *request = avar::cuda_dispatch::kTile4x32;
+  else {
+    PyErr_Format(PyExc_ValueError, "tile shape must be 'auto', '8x16' or '4x32', got '%s'", name);
+    return false;
+  }
+  return true;
+}
+
+PyObject* plan_dict(const avar::cuda_dispatch::TilePlan& plan) {
+  const bool tall = plan.fwd_shape == avar::cuda::FwdShape::k4x32;
+  return Py_BuildValue("{s:s,s:i,s:i,s:i,s:n,s:i,s:i,s:i,s:n}", "forward", tall ? "4x32" : "8x16", "forward_warps",
+                       tall ? 4 : 8, "forward_block_m", avar::cuda::kFwdBlockM, "forward_block_n", plan.fwd_block_n,
+                       "forward_smem", static_cast<Py_ssize_t>(plan.fwd_smem), "backward_warps", plan.bwd_warps,
+                       "backward_block_n", 16 * plan.bwd_warps, "backward_block_m", plan.bwd_block_m, "backward_smem",
+                       static_cast<Py_ssize_t>(plan.bwd_smem));
+}
+
+PyObject* py_cuda_tiles(PyObject*, PyObject* args) {
+  long long head_dim = 0, smem_limit = -1;
+  const char* shape = nullptr;
+  if (!PyArg_ParseTuple(args, "L|Lz:cuda_tiles", &head_dim, &smem_limit, &shape)) return nullptr;
+  int request = 0;
+  if (shape != nullptr && !tile_request_of(shape, &request)) return nullptr;
+  return guarded([&] {
+    if (smem_limit < 0 && shape == nullptr) {
+      return plan_dict(avar::cuda_dispatch::plan_tiles_on_current_device(head_dim));
+    }
+    if (smem_limit < 0) {
+      PyErr_SetString(PyExc_ValueError, "cuda_tiles: a shape needs an explicit smem_limit");
+      return static_cast<PyObject*>(nullptr);
+    }
+    return plan_dict(avar::cuda_dispatch::plan_tiles(head_dim, smem_limit, request));
+  });
+}
+
+PyObject* py_set_cuda_tile(PyObject*, PyObject* args) {
+  const char* shape = nullptr;
+  if (!PyArg_ParseTuple(args, "s:set_cuda_tile", &shape)) return nullptr;
+  int request = 0;
+  if (!tile_request_of(shape, &request)) return nullptr;
+  avar::cuda_dispatch::set_tile_request(request);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_set_cuda_smem_limit(PyObject*, PyObject* args) {
+  long long bytes = 0;
+  if (!PyArg_ParseTuple(args, "L:set_cuda_smem_limit", &bytes)) return nullptr;
+  if (bytes < 0) {
+    PyErr_Format(PyExc_ValueError, "set_cuda_smem_limit: bytes must be >= 0 (0 = the device's), got %lld", bytes);
+    return nullptr;
+  }
+  avar::cuda_dispatch::set_forced_smem_limit(bytes);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_cuda_gqa_pack(PyObject*, PyObject* args) {
+  long long heads = 0, kv_heads = 0, seqlen_q = 0;
+  if (!PyArg_ParseTuple(args, "LLL:cuda_gqa_pack", &heads, &kv_heads, &seqlen_q)) return nullptr;
+  return PyLong_FromLong(avar::cuda_dispatch::gqa_pack(heads, kv_heads, seqlen_q));
+}
+
+PyObject* py_set_cuda_gqa_packing(PyObject*, PyObject* args) {
+  const char* mode = nullptr;
+  if (!PyArg_ParseTuple(args, "s:set_cuda_gqa_packing", &mode)) return nullptr;
+  const std::string m(mode);
+  if (m != "auto" && m != "off" && m != "on") {
+    PyErr_Format(PyExc_ValueError, "set_cuda_gqa_packing: mode must be 'auto', 'off' or 'on', got '%s'", mode);
+    return nullptr;
+  }
+  avar::cuda_dispatch::set_gqa_packing(m == "auto" ? 0 : m == "off" ? 1 : 2);
   Py_RETURN_NONE;
 }
 #endif
@@ -201,17 +289,33 @@ PyMethodDef kMethods[] = {
     {"input_checks", py_input_checks, METH_NOARGS, "input_checks(): whether the value checks run on CUDA inputs."},
 #ifdef AVAR_CUDA_HOST_CODE
     {"cuda_decode_splits", py_cuda_decode_splits, METH_VARARGS,
-     "cuda_decode_splits(batch, heads, seqlen_q, seqlen_k): key splits (flash-decoding) the CUDA forward uses for "
-     "these sizes on the current device; 1 = no split."},
+     "cuda_decode_splits(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim): key splits (flash-decoding) the "
+     "CUDA forward uses for these sizes on the current device; 1 = no split."},
     {"set_cuda_decode_splits", py_set_cuda_decode_splits, METH_VARARGS,
      "set_cuda_decode_splits(n): use n key splits on every call (n >= 2 forces the split path, for tests); 0 "
      "restores the heuristic."},
     {"cuda_backward_splits", py_cuda_backward_splits, METH_VARARGS,
-     "cuda_backward_splits(batch, heads, kv_heads, seqlen_q, seqlen_k): CTAs that share each key block's steps in "
-     "the CUDA backward on the current device; 1 = no split."},
+     "cuda_backward_splits(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim): CTAs that share each key block's "
+     "steps in the CUDA backward on the current device; 1 = no split."},
     {"set_cuda_backward_splits", py_set_cuda_backward_splits, METH_VARARGS,
      "set_cuda_backward_splits(n): split every backward into n (n >= 2 forces the split path, for tests); 0 "
      "restores the heuristic."},
+    {"cuda_tiles", py_cuda_tiles, METH_VARARGS,
+     "cuda_tiles(head_dim[, smem_limit, shape]): the tiles (a dict: shapes, blocks, shared-memory bytes) the CUDA "
+     "kernels use for this head dim on the current device, or on a device with smem_limit bytes of opt-in shared "
+     "memory per block when asked for shape ('auto', '8x16', '4x32')."},
+    {"set_cuda_tile", py_set_cuda_tile, METH_VARARGS,
+     "set_cuda_tile(shape): the forward tile shape every call asks for, '8x16' (8 warps of 16 query rows, 64-key "
+     "backward blocks) or '4x32' (4 warps of 32 rows, 128-key backward blocks where they fit); 'auto' restores the "
+     "default."},
+    {"set_cuda_smem_limit", py_set_cuda_smem_limit, METH_VARARGS,
+     "set_cuda_smem_limit(bytes): plan tiles as if the device allowed this much shared memory per block (tests); "
+     "0 restores the device's own limit."},
+    {"cuda_gqa_pack", py_cuda_gqa_pack, METH_VARARGS,
+     "cuda_gqa_pack(heads, kv_heads, seqlen_q): query heads the CUDA forward stacks in one tile (1 = none)."},
+    {"set_cuda_gqa_packing", py_set_cuda_gqa_packing, METH_VARARGS,
+     "set_cuda_gqa_packing(mode): 'on' packs the query heads of a GQA group whenever they fit (tests), 'off' never, "
+     "'auto' restores the heuristic."},
 #endif
 #ifdef AVAR_CUDA_EMULATION
     {"emulation_selftest", py_emulation_selftest, METH_VARARGS,

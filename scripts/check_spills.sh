@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Fails if any CUDA kernel spills registers to local memory (a silent slowdown that no test sees): compiles every
-# kernel for the target archs with ptxas -v through benchmarks/ptxas_report.py. Needs nvcc, not a GPU; CI runs it.
+# Fails if any CUDA kernel uses local memory (a silent slowdown that no test sees): register spills or a stack
+# frame reported by ptxas -v, or st.local / ld.local in its PTX (a work array indexed at run time, which ptxas does
+# not count as a spill). Compiles every kernel for the target archs through benchmarks/ptxas_report.py. Needs
+# nvcc, not a GPU; CI runs it.
 #   AVAR_CUDA_ARCHS="8.0;9.0" (default) picks the archs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -92,6 +92,96 @@ def test_gpu_benchmark_dry_run_writes_the_skeleton(tmp_path):
     assert "python benchmarks/bench_gpu.py --out" in report["environment"]["command"]
     assert {r["note"] for r in report["results"]} == {"not run"}
     assert "# avar GPU check" in (tmp_path / "gpu_report.md").read_text()
+    # Both tile shapes and packed / unpacked decode are planned in the same run, per length.
+    planned = {(r["direction"], r["method"], r["len_k"]) for r in report["results"]}
+    for L in (1024, 2048):
+        for d in ("fwd", "bwd"):
+            assert {(d, "avar_8x16", L), (d, "avar_4x32", L)} <= planned
+        assert {("decode", "avar_packed", L), ("decode", "avar_unpacked", L)} <= planned
+
+
+def test_gpu_benchmark_help_and_no_tiles(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu.py", "--help"], capture_output=True, text=True, cwd=harness.ROOT, env=ENV
+    )
+    assert res.returncode == 0 and "--tiles" in res.stdout and "--no-tiles" in res.stdout
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_gpu.py",
+            "--out",
+            str(tmp_path),
+            "--dry-run",
+            "--lengths",
+            "1024",
+            "--no-tiles",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=harness.ROOT,
+        env=ENV,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    methods = {r["method"] for r in json.load(open(tmp_path / "gpu_report.json"))["results"]}
+    assert "avar" in methods and not methods & {"avar_8x16", "avar_4x32", "avar_packed", "avar_unpacked"}
+
+
+def test_tile_winners_pick_the_faster_of_each_pair():
+    import bench_gpu
+
+    def res(method, ms, direction="fwd", L=1024):
+        return bench_gpu.Result(direction, method, 16, L, L, ms=ms)
+
+    results = [
+        res("avar_8x16", 2.0),
+        res("avar_4x32", 1.0),
+        res("avar_8x16", 3.0, "bwd"),
+        res("avar_4x32", 4.5, "bwd"),
+        res("avar_packed", 0.1, "decode"),
+        res("avar_unpacked", 0.5, "decode"),
+        res("avar_4x32", 1.0, L=2048),  # its partner failed: no winner
+        res("avar_mass", 0.01),
+    ]
+    won = {
+        (w["kind"], w["direction"], w["len_k"]): (w["winner"], w["speedup_over_other"])
+        for w in bench_gpu.tile_winners(results)
+    }
+    assert won == {
+        ("tile shape", "fwd", 1024): ("4x32", 2.0),
+        ("tile shape", "bwd", 1024): ("8x16", 1.5),
+        ("decode packing", "decode", 1024): ("packed", 5.0),
+    }
+
+
+def test_ptxas_report_counts_local_memory_in_the_ptx():
+    import ptxas_report
+
+    ptx = """
+.visible .entry _Z3fooPf(
+    .param .u64 _Z3fooPf_param_0
+)
+{
+    .local .align 16 .b8 __local_depot0[64];
+    st.local.v4.f32 [%rd1], {%f1, %f2, %f3, %f4};
+    @%p1 st.local.f32 [%rd1+16], %f5;
+    ld.local.f32 %f6, [%rd2];
+    ret;
+}
+.entry _Z3barPf(
+    .param .u64 _Z3barPf_param_0
+)
+{
+    st.shared.f32 [%r1], %f1;
+    ld.global.f32 %f2, [%rd1];
+    ret;
+}
+"""
+    assert ptxas_report.ptx_local_ops(ptx) == {"_Z3fooPf": (2, 1), "_Z3barPf": (0, 0)}
+    row = {"spill_stores": 0, "spill_loads": 0, "stack": 0, "st_local": 0, "ld_local": 0}
+    assert not ptxas_report.uses_local_memory(row)
+    for key in row:
+        assert ptxas_report.uses_local_memory({**row, key: 8}), key
 
 
 @pytest.mark.parametrize(

@@ -168,12 +168,17 @@ def test_forward_without_mass(case, dtype):
     _check_forward(make_inputs(case, dtype, DEVICE, seed=3), dtype, return_mass=False)
 
 
-def _decode_splits(case: Case) -> int:
+def _sizes(case: Case):
+    """(batch, max query length, max key length) of a case as the host code sees them."""
     lens_q = case.varlen if case.varlen is not None else (case.len_q,)
-    max_q = max(lens_q)
     max_k = max(lq + case.lk for lq in lens_q) if case.varlen is not None else case.lk
     batch = len(lens_q) if case.varlen is not None else case.batch
-    return _extension.load_extension().cuda_decode_splits(batch, case.heads, max_q, max_k)
+    return batch, max(lens_q), max_k
+
+
+def _decode_splits(case: Case) -> int:
+    batch, max_q, max_k = _sizes(case)
+    return _extension.load_extension().cuda_decode_splits(batch, case.heads, case.kv_heads, max_q, max_k, case.head_dim)
 
 
 @pytest.fixture
@@ -267,11 +272,9 @@ def forced_backward_splits():
 @pytest.mark.parametrize("splits", [2, 5, 40], ids=["2_splits", "5_splits", "40_splits"])
 def test_backward_split_path(case, splits, forced_backward_splits):
     forced_backward_splits(splits)
-    lens_q = case.varlen if case.varlen is not None else (case.len_q,)
-    batch = len(lens_q) if case.varlen is not None else case.batch
-    max_k = max(lq + case.lk for lq in lens_q) if case.varlen is not None else case.lk
+    batch, max_q, max_k = _sizes(case)
     ext = _extension.load_extension()
-    assert ext.cuda_backward_splits(batch, case.heads, case.kv_heads, max(lens_q), max_k) == splits
+    assert ext.cuda_backward_splits(batch, case.heads, case.kv_heads, max_q, max_k, case.head_dim) == splits
     dtype = torch.bfloat16
     _check_backward(make_inputs(case, dtype, DEVICE, seed=11, requires_grad=True), dtype, seed=12)
 
@@ -281,14 +284,222 @@ def test_backward_splits_heuristic(monkeypatch):
         monkeypatch.setenv("AVAR_EMULATED_SM_COUNT", "132")  # an H100's / H200's count
     sms = 132 if EMULATED else torch.cuda.get_device_properties(0).multi_processor_count
     ext = _extension.load_extension()
-    # A 7B-shaped short sequence (28 query heads on 4 kv heads, 1025 tokens): 17 key blocks × 4 kv heads = 68 CTAs.
-    got = ext.cuda_backward_splits(1, 28, 4, 1025, 1025)
+    # A 7B-shaped short sequence (28 query heads on 4 kv heads, 1025 tokens): with 64-key blocks, 17 key blocks ×
+    # 4 kv heads = 68 CTAs.
+    ext.set_cuda_tile("8x16")
+    try:
+        got = ext.cuda_backward_splits(1, 28, 4, 1025, 1025, 128)
+    finally:
+        ext.set_cuda_tile("auto")
     if 68 < sms:
         assert 2 <= got and 68 * (got - 1) < 2 * sms, f"{got} splits of 68 CTAs on {sms} SMs"
     else:
         assert got == 1
-    assert ext.cuda_backward_splits(8, 28, 4, 8192, 8192) == 1  # 8 × 128 × 4 CTAs fill any GPU
-    assert ext.cuda_backward_splits(1, 1, 1, 1, 1) == 1  # a single step cannot be shared
+    assert ext.cuda_backward_splits(8, 28, 4, 8192, 8192, 128) == 1  # 8 × 128 × 4 CTAs fill any GPU
+    assert ext.cuda_backward_splits(1, 1, 1, 1, 1, 64) == 1  # a single step cannot be shared
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tile shapes: the host picks a tile from the device's opt-in shared memory per block and the shape asked for
+# (set_cuda_tile). Every plan the dispatch can make for the target archs runs here against the reference: the
+# emulated device launches with the plan's shared memory, and set_cuda_smem_limit makes the host plan as it would
+# on a device with that limit.
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) of the target archs.
+ARCH_SMEM = {
+    "sm_80": 166912,
+    "sm_86": 101376,
+    "sm_89": 101376,
+    "sm_90": 232448,
+    "sm_100": 232448,
+    "sm_120": 101376,
+}
+SHAPES = ["8x16", "4x32"]
+HEAD_DIMS = [64, 80, 128]
+# One limit per distinct plan (test_arch_plans_are_covered checks that these reach every plan of ARCH_SMEM).
+PLAN_LIMITS = {"163KB": ARCH_SMEM["sm_80"], "99KB": ARCH_SMEM["sm_86"]}
+
+
+def test_every_arch_gets_a_plan_that_fits():
+    ext = _extension.load_extension()
+    for arch, limit in ARCH_SMEM.items():
+        for d in HEAD_DIMS:
+            for shape in ["auto", *SHAPES]:
+                plan = ext.cuda_tiles(d, limit, shape)
+                where = f"{arch}, D={d}, {shape}: {plan}"
+                assert plan["forward_smem"] <= limit and plan["backward_smem"] <= limit, where
+                assert shape == "auto" or plan["forward"] == shape, where
+                assert plan["forward_warps"] * (16 if plan["forward"] == "8x16" else 32) == plan["forward_block_m"]
+                assert plan["backward_block_n"] == 16 * plan["backward_warps"], where
+    # The head-dim-128 forward of 8 warps × 16 rows takes 64-key tiles where they fit, 32 where they do not.
+    assert ext.cuda_tiles(128, ARCH_SMEM["sm_90"], "8x16")["forward_block_n"] == 64
+    assert ext.cuda_tiles(128, ARCH_SMEM["sm_86"], "8x16")["forward_block_n"] == 32
+    assert ext.cuda_tiles(128, ARCH_SMEM["sm_86"], "8x16")["forward_smem"] <= ARCH_SMEM["sm_86"]
+    # 128-key backward blocks where they fit.
+    assert ext.cuda_tiles(128, ARCH_SMEM["sm_80"], "4x32")["backward_block_n"] == 128
+    assert ext.cuda_tiles(80, ARCH_SMEM["sm_120"], "4x32")["backward_block_n"] == 64
+    with pytest.raises(RuntimeError, match="needs .* bytes of shared memory per block; this device allows 48000"):
+        ext.cuda_tiles(128, 48000, "8x16")
+
+
+def test_arch_plans_are_covered():
+    ext = _extension.load_extension()
+
+    def plans(limits):
+        return {
+            (d, s, tuple(sorted(ext.cuda_tiles(d, lim, s).items())))
+            for lim in limits
+            for d in HEAD_DIMS
+            for s in SHAPES
+        }
+
+    assert plans(ARCH_SMEM.values()) == plans(PLAN_LIMITS.values())
+
+
+@pytest.fixture(params=[(s, lim) for s in SHAPES for lim in PLAN_LIMITS], ids=lambda p: f"{p[0]}_{p[1]}")
+def tile_plan(request):
+    """Runs the test under one tile shape and one arch's shared-memory limit."""
+    shape, limit = request.param
+    ext = _extension.load_extension()
+    ext.set_cuda_tile(shape)
+    ext.set_cuda_smem_limit(PLAN_LIMITS[limit])
+    yield shape, PLAN_LIMITS[limit]
+    ext.set_cuda_tile("auto")
+    ext.set_cuda_smem_limit(0)
+
+
+TILE_CASES = [
+    c
+    for c in CASES
+    if c.name
+    in (
+        "L1",
+        "L17_gqa4_d64",
+        "L113_gqa7_d80",
+        "L113_gqa1_d128_noncausal",
+        "decode_Lq_lt_Lk",
+        "dead_rows",
+        "varlen_ragged",
+        "varlen_decode",
+    )
+] + [Case("L300_gqa2_d128", batch=1, len_q=300, heads=4, kv_heads=2, head_dim=128, logit_scale="random")]
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: c.name)
+def test_tiles_forward(case, tile_plan):
+    shape, limit = tile_plan
+    plan = _extension.load_extension().cuda_tiles(case.head_dim)
+    assert plan["forward"] == shape and plan["forward_smem"] <= limit
+    dtype = torch.bfloat16
+    for seed in (21, 22):
+        _check_forward(make_inputs(case, dtype, DEVICE, seed=seed), dtype)
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: c.name)
+def test_tiles_backward(case, tile_plan):
+    shape, limit = tile_plan
+    plan = _extension.load_extension().cuda_tiles(case.head_dim)
+    assert plan["backward_smem"] <= limit
+    dtype = torch.float16
+    _check_backward(make_inputs(case, dtype, DEVICE, seed=23, requires_grad=True), dtype, seed=24)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GQA packing: in decode and short chunks the query heads that share a kv head are rows of one forward tile.
+
+
+@pytest.fixture
+def gqa_packing():
+    ext = _extension.load_extension()
+    yield ext.set_cuda_gqa_packing
+    ext.set_cuda_gqa_packing("auto")
+
+
+def test_gqa_packing_heuristic(gqa_packing):
+    ext = _extension.load_extension()
+    assert ext.cuda_gqa_pack(28, 4, 1) == 7  # Qwen2.5-VL-7B decode
+    assert ext.cuda_gqa_pack(28, 4, 100) == 7  # a short chunk: 700 packed rows in 6 tiles instead of 7
+    assert ext.cuda_gqa_pack(28, 4, 110) == 1  # 770 rows take 7 tiles either way
+    assert ext.cuda_gqa_pack(28, 4, 4096) == 1  # prefill
+    assert ext.cuda_gqa_pack(8, 8, 1) == 1  # no GQA
+    assert ext.cuda_gqa_pack(64, 1, 1) == 1  # 64 heads per kv head: more than a tile packs
+    gqa_packing("off")
+    assert ext.cuda_gqa_pack(28, 4, 1) == 1
+    gqa_packing("on")
+    assert ext.cuda_gqa_pack(28, 4, 4096) == 7
+    with pytest.raises(ValueError, match="'auto', 'off' or 'on'"):
+        ext.set_cuda_gqa_packing("sometimes")
+
+
+def test_packed_decode_splits_count_the_packed_rows(monkeypatch):
+    if EMULATED:
+        monkeypatch.setenv("AVAR_EMULATED_SM_COUNT", "132")
+    sms = 132 if EMULATED else torch.cuda.get_device_properties(0).multi_processor_count
+    ext = _extension.load_extension()
+    # Qwen2.5-VL-7B decode, one sequence, 8k cache: packed, 4 CTAs (one per kv head) before the split, not 28.
+    splits = ext.cuda_decode_splits(1, 28, 4, 1, 8192, 128)
+    if 2 * 4 <= sms:
+        assert splits > 1 and 4 * (splits - 1) < 2 * sms, f"{splits} splits of 4 CTAs on {sms} SMs"
+        assert splits >= ext.cuda_decode_splits(1, 28, 28, 1, 8192, 128)
+
+
+GQA_DECODE_CASES = [
+    Case("dec_gqa1_d64", batch=2, len_q=1, len_k=333, heads=3, kv_heads=3, head_dim=64),
+    Case("dec_gqa2_d80", batch=2, len_q=1, len_k=301, heads=4, kv_heads=2, head_dim=80, logit_scale="random"),
+    Case("dec_gqa7_d128", batch=1, len_q=1, len_k=517, heads=14, kv_heads=2, head_dim=128, logit_scale="random"),
+    Case("dec_gqa7_L3_d64", batch=2, len_q=3, len_k=130, heads=7, kv_heads=1, head_dim=64, bias="shared"),
+    Case("dec_gqa7_dead_rows", batch=1, len_q=4, len_k=10, heads=7, kv_heads=1, groups="dead_rows"),
+    Case("dec_gqa7_causal_past_tile", batch=1, len_q=40, len_k=90, heads=7, kv_heads=1, head_dim=80),
+    Case("dec_gqa2_varlen", varlen=(1, 3, 0, 2), len_k=77, heads=4, kv_heads=2, head_dim=128, logit_scale="random"),
+    Case("dec_gqa7_noncausal", batch=1, len_q=2, len_k=70, heads=7, kv_heads=1, head_dim=64, causal=False),
+]
+
+
+@pytest.mark.parametrize("packing", ["on", "off"])
+@pytest.mark.parametrize("case", GQA_DECODE_CASES, ids=lambda c: c.name)
+def test_gqa_packed_forward(case, packing, gqa_packing):
+    gqa_packing(packing)
+    batch, max_q, _ = _sizes(case)
+    rep = case.heads // case.kv_heads
+    assert _extension.load_extension().cuda_gqa_pack(case.heads, case.kv_heads, max_q) == (
+        rep if packing == "on" else 1
+    )
+    for dtype in DTYPES:
+        for seed in (31, 32):
+            _check_forward(make_inputs(case, dtype, DEVICE, seed=seed), dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("case", GQA_DECODE_CASES[2:7], ids=lambda c: c.name)
+def test_gqa_packed_split_forward(case, shape, gqa_packing, forced_splits):
+    # Packed rows with the key splits merged afterwards; 3 splits of short caches leave some splits empty.
+    gqa_packing("on")
+    forced_splits(3)
+    ext = _extension.load_extension()
+    ext.set_cuda_tile(shape)
+    try:
+        _check_forward(make_inputs(case, torch.bfloat16, DEVICE, seed=33), torch.bfloat16)
+    finally:
+        ext.set_cuda_tile("auto")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gqa_packed_auto_decode_matches_unpacked(splits, gqa_packing, forced_splits):
+    # The heuristic packs this decode step; packing changes which rows share a tile, not what a row computes, so the
+    # packed and unpacked kernels agree to the last bit (same keys, same tiles, same order per row) for the same
+    # key splits.
+    forced_splits(splits)
+    case = Case(
+        "qwen7b_decode_slice", batch=2, len_q=1, len_k=700, heads=7, kv_heads=1, head_dim=128, logit_scale="random"
+    )
+    assert _extension.load_extension().cuda_gqa_pack(7, 1, 1) == 7
+    kw = make_inputs(case, torch.bfloat16, DEVICE, seed=34)
+    packed = avar_ops.attention(**kw, return_mass=True)
+    gqa_packing("off")
+    unpacked = avar_ops.attention(**kw, return_mass=True)
+    assert torch.equal(packed.out, unpacked.out)
+    assert torch.equal(packed.lse, unpacked.lse)
+    assert torch.equal(packed.mass, unpacked.mass)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

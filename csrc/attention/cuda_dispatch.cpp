@@ -34,6 +34,10 @@ int sm_count(c10::DeviceIndex) {
   return cuda_emulation::sm_count();
 }
 
+int64_t smem_optin_limit(c10::DeviceIndex) {
+  return static_cast<int64_t>(cuda_emulation::smem_optin_limit());
+}
+
 at::TensorOptions f32_on(c10::DeviceIndex) {
   return at::TensorOptions().dtype(at::kFloat);
 }
@@ -44,10 +48,6 @@ std::string kernel_name(const void* kernel) {
 
 std::string device_description(c10::DeviceIndex) {
   return cuda_emulation::device_name();
-}
-
-size_t smem_optin(c10::DeviceIndex) {
-  return cuda_emulation::smem_optin_limit();
 }
 
 std::string failure_detail(cudaError_t) {
@@ -75,6 +75,12 @@ int sm_count(c10::DeviceIndex device) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return count;
+}
+
+int64_t smem_optin_limit(c10::DeviceIndex device) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
 }
 
 at::TensorOptions f32_on(c10::DeviceIndex device) {
@@ -109,15 +115,6 @@ std::string device_description(c10::DeviceIndex device) {
          std::to_string(prop.minor) + ")";
 }
 
-size_t smem_optin(c10::DeviceIndex device) {
-  int bytes = 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return static_cast<size_t>(bytes);
-}
-
 std::string failure_detail(cudaError_t err) {
   return cudaGetErrorString(err);
 }
@@ -140,7 +137,7 @@ void check_launch(cudaError_t err) {
   TORCH_CHECK(false, "avar (CUDA): the launch of ", kernel_name(r.kernel), " failed on ", device_description(device),
               ": ", failure_detail(err), ". It asked for grid (", r.grid.x, ", ", r.grid.y, ", ", r.grid.z, "), ",
               r.threads, " threads and ", r.smem, " bytes of dynamic shared memory per CTA; the device allows ",
-              smem_optin(device), " bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
+              smem_optin_limit(device), " bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
 }
 
 using avar::cuda::DType;
@@ -153,6 +150,18 @@ DType to_dtype(at::ScalarType t) {
 
 std::atomic<int> g_forced_splits{0};
 std::atomic<int> g_forced_backward_splits{0};
+std::atomic<int> g_tile_request{kTileAuto};
+std::atomic<int64_t> g_forced_smem_limit{0};
+std::atomic<int> g_gqa_packing{0};
+
+// The shape kTileAuto takes: today's 8 warps × 16 rows until a GPU run of benchmarks/bench_gpu.py --tiles (both
+// shapes, same run) shows the other faster.
+constexpr cuda::FwdShape kDefaultShape = cuda::FwdShape::k8x16;
+
+int64_t current_smem_limit() {
+  const int64_t forced = g_forced_smem_limit.load();
+  return forced > 0 ? forced : smem_optin_limit(current_device());
+}
 
 // The kernels move q, k, v and dout tiles with 16-byte cp.async copies: the base pointer and every stride that
 // is stepped over (batch, row, head) must be a multiple of 16 bytes, i.e. of 8 two-byte elements.
@@ -199,37 +208,107 @@ void check_grid(const SeqLayout& s, int64_t z_factor) {
 
 }  // namespace
 
-int decode_splits(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, int sm_count) {
-  // Split keys only when one query block per head leaves most multiprocessors idle (decode against a cache,
-  // short chunks): then spread each head's keys over enough CTAs to fill the GPU about twice, with at least
-  // four key tiles per split so that the merge stays cheap next to the work.
-  const int64_t m_blocks = (seqlen_q + cuda::kFwdBlockM - 1) / cuda::kFwdBlockM;
-  const int64_t ctas = batch * heads * m_blocks;
-  const int64_t n_tiles = (seqlen_k + cuda::kFwdBlockN - 1) / cuda::kFwdBlockN;
-  constexpr int64_t kMinTilesPerSplit = 4, kMaxSplits = 64;
-  if (m_blocks != 1 || ctas <= 0 || 2 * ctas > sm_count || n_tiles < 2 * kMinTilesPerSplit) return 1;
+TilePlan plan_tiles(int64_t head_dim, int64_t smem_limit, int request) {
+  TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 80 || head_dim == 128,
+                    "avar.attention (CUDA): head dim must be 64, 80 or 128, got ", head_dim);
+  TORCH_CHECK_VALUE(request >= kTileAuto && request <= kTile4x32, "avar (CUDA): unknown tile request ", request);
+  const int d = static_cast<int>(head_dim);
+  const auto limit = static_cast<size_t>(std::max<int64_t>(smem_limit, 0));
+  TilePlan plan;
+  plan.fwd_shape = request == kTile8x16   ? cuda::FwdShape::k8x16
+                   : request == kTile4x32 ? cuda::FwdShape::k4x32
+                                          : kDefaultShape;
+  // Forward: both shapes are 128-row query blocks with 64-key K/V tiles where they fit, 32-key ones otherwise (D =
+  // 128 on the 99 KB of sm_86 / sm_89 / sm_120). 4 warps × 32 rows at D = 128 always take 32 keys: with 64 its
+  // accumulators leave ptxas too few registers (it spills).
+  const bool tall = plan.fwd_shape == cuda::FwdShape::k4x32;
+  plan.fwd_block_n = d == 128 && tall ? 32 : 64;
+  if (d == 128 && cuda::fwd_smem_bytes(d, cuda::kFwdBlockM, plan.fwd_block_n) > limit) plan.fwd_block_n = 32;
+  TORCH_CHECK(cuda::fwd_smem_bytes(d, cuda::kFwdBlockM, plan.fwd_block_n) <= limit,
+              "avar.attention (CUDA): the forward kernel for head dim ", d, " needs ",
+              cuda::fwd_smem_bytes(d, cuda::kFwdBlockM, plan.fwd_block_n),
+              " bytes of shared memory per block; this device allows ", smem_limit);
+  plan.fwd_smem = cuda::fwd_smem_bytes(d, cuda::kFwdBlockM, plan.fwd_block_n);
+  // Backward: the 8x16 request keeps 64-key blocks (4 warps); 4x32 asks for FlashAttention-2's 128-key blocks
+  // (8 warps, half the dQ atomics), which fall back to 64 keys where they do not fit (D = 80 / 128 on 99 KB).
+  plan.bwd_block_m = cuda::bwd_step_rows(d);
+  plan.bwd_warps = plan.fwd_shape == cuda::FwdShape::k4x32 ? cuda::kBwdWarpChoices[1] : cuda::kBwdWarpChoices[0];
+  if (cuda::bwd_smem_bytes(d, plan.bwd_block_m, 16 * plan.bwd_warps) > limit) plan.bwd_warps = cuda::kBwdWarpChoices[0];
+  plan.bwd_smem = cuda::bwd_smem_bytes(d, plan.bwd_block_m, 16 * plan.bwd_warps);
+  TORCH_CHECK(plan.bwd_smem <= limit, "avar.attention_bwd (CUDA): the backward kernel for head dim ", d, " needs ",
+              plan.bwd_smem, " bytes of shared memory per block; this device allows ", smem_limit);
+  return plan;
+}
+
+TilePlan plan_tiles_on_current_device(int64_t head_dim) {
+  return plan_tiles(head_dim, current_smem_limit(), g_tile_request.load());
+}
+
+void set_tile_request(int request) {
+  TORCH_CHECK_VALUE(request >= kTileAuto && request <= kTile4x32, "avar (CUDA): unknown tile request ", request);
+  g_tile_request.store(request);
+}
+
+void set_forced_smem_limit(int64_t bytes) {
+  g_forced_smem_limit.store(std::max<int64_t>(bytes, 0));
+}
+
+int gqa_pack(int64_t heads, int64_t kv_heads, int64_t seqlen_q) {
+  const int mode = g_gqa_packing.load();
+  if (kv_heads <= 0 || heads % kv_heads != 0) return 1;
+  const int64_t rep = heads / kv_heads;
+  if (rep <= 1 || rep > cuda::kMaxPack || mode == 1) return 1;
+  if (mode == 2) return static_cast<int>(rep);
+  // Unpacked, a chunk shorter than one query tile takes one tile per query head, each reading every K/V tile of
+  // the kv head; packed, the group's rows fill ceil(Lq·rep / 128) tiles. Pack when that reads K/V fewer times
+  // (decode: once instead of rep times; rep = 7: chunks of up to 109 queries).
+  const int64_t m = cuda::kFwdBlockM;
+  if (seqlen_q < m && (seqlen_q * rep + m - 1) / m < rep) return static_cast<int>(rep);
+  return 1;
+}
+
+void set_gqa_packing(int mode) {
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "avar (CUDA): GQA packing mode must be 0, 1 or 2, got ", mode);
+  g_gqa_packing.store(mode);
+}
+
+int decode_splits(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, int pack, int block_n,
+                  int sm_count) {
+  // Split keys only when the query tiles leave most multiprocessors idle (decode against a cache, short chunks,
+  // fewer tiles still when GQA heads are packed): then spread each tile's keys over enough CTAs to fill the GPU
+  // about twice, with at least four key tiles per split so that the merge stays cheap next to the work. Up to
+  // four query tiles per (sequence, head group) qualify: a packed short chunk of a large GQA group spans several.
+  const int64_t m_blocks = (seqlen_q * pack + cuda::kFwdBlockM - 1) / cuda::kFwdBlockM;
+  const int64_t ctas = batch * (heads / std::max(pack, 1)) * m_blocks;
+  const int64_t n_tiles = (seqlen_k + block_n - 1) / block_n;
+  constexpr int64_t kMinTilesPerSplit = 4, kMaxSplits = 64, kMaxQueryTiles = 4;
+  if (m_blocks > kMaxQueryTiles || ctas <= 0 || 2 * ctas > sm_count || n_tiles < 2 * kMinTilesPerSplit) return 1;
   int64_t splits = std::min<int64_t>({(2 * sm_count + ctas - 1) / ctas, n_tiles / kMinTilesPerSplit, kMaxSplits});
   splits = std::min<int64_t>(splits, 65535 / std::max<int64_t>(batch, 1));
   return static_cast<int>(std::max<int64_t>(splits, 1));
 }
 
-int decode_splits_on_current_device(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k) {
+int decode_splits_on_current_device(int64_t batch, int64_t heads, int64_t kv_heads, int64_t seqlen_q, int64_t seqlen_k,
+                                    int64_t head_dim) {
   const int forced = g_forced_splits.load();
   if (forced > 0) return static_cast<int>(std::min<int64_t>(forced, 65535 / std::max<int64_t>(batch, 1)));
-  return decode_splits(batch, heads, seqlen_q, seqlen_k, sm_count(current_device()));
+  const TilePlan plan = plan_tiles_on_current_device(head_dim);
+  return decode_splits(batch, heads, seqlen_q, seqlen_k, gqa_pack(heads, kv_heads, seqlen_q), plan.fwd_block_n,
+                       sm_count(current_device()));
 }
 
 void set_forced_decode_splits(int n) {
   g_forced_splits.store(n);
 }
 
-int backward_splits(int64_t batch, int64_t heads, int64_t kv_heads, int64_t seqlen_q, int64_t seqlen_k, int sm_count) {
+int backward_splits(int64_t batch, int64_t heads, int64_t kv_heads, int64_t seqlen_q, int64_t seqlen_k, int block_n,
+                    int block_m, int sm_count) {
   // The backward grid is one CTA per (key block, kv head, sequence). When that leaves multiprocessors idle (short
-  // sequences, few kv heads: 34 CTAs on 132 SMs at L = 1025 with 2 kv heads), split each key block's steps (query
-  // heads × query blocks) over up to two CTAs per SM, each keeping at least two steps.
-  const int64_t ctas = batch * kv_heads * ((seqlen_k + cuda::kBwdBlockN - 1) / cuda::kBwdBlockN);
+  // sequences, few kv heads: 34 CTAs on 132 SMs at L = 1025 with 2 kv heads and 64-key blocks), split each key
+  // block's steps (query heads × query blocks) over up to two CTAs per SM, each keeping at least two steps.
+  const int64_t ctas = batch * kv_heads * ((seqlen_k + block_n - 1) / block_n);
   if (ctas <= 0 || kv_heads <= 0 || ctas >= sm_count) return 1;
-  const int64_t steps = heads / kv_heads * ((seqlen_q + cuda::kBwdBlockM - 1) / cuda::kBwdBlockM);
+  const int64_t steps = heads / kv_heads * ((seqlen_q + block_m - 1) / block_m);
   constexpr int64_t kMaxSplits = 16;
   int64_t splits = std::min<int64_t>({(2 * sm_count + ctas - 1) / ctas, steps / 2, kMaxSplits});
   splits = std::min<int64_t>(splits, 65535 / kv_heads);
@@ -237,10 +316,12 @@ int backward_splits(int64_t batch, int64_t heads, int64_t kv_heads, int64_t seql
 }
 
 int backward_splits_on_current_device(int64_t batch, int64_t heads, int64_t kv_heads, int64_t seqlen_q,
-                                      int64_t seqlen_k) {
+                                      int64_t seqlen_k, int64_t head_dim) {
   const int forced = g_forced_backward_splits.load();
   if (forced > 0) return static_cast<int>(std::min<int64_t>(forced, 65535 / std::max<int64_t>(kv_heads, 1)));
-  return backward_splits(batch, heads, kv_heads, seqlen_q, seqlen_k, sm_count(current_device()));
+  const TilePlan plan = plan_tiles_on_current_device(head_dim);
+  return backward_splits(batch, heads, kv_heads, seqlen_q, seqlen_k, 16 * plan.bwd_warps, plan.bwd_block_m,
+                         sm_count(current_device()));
 }
 
 void set_forced_backward_splits(int n) {
@@ -249,15 +330,34 @@ void set_forced_backward_splits(int n) {
 
 namespace {
 
+// The forward kernel of the plan's shape and K/V tile for head dim kD.
+template <int kD>
+cudaError_t launch_fwd_planned(const TilePlan& plan, const AttnFwdParams& p, DType dt, const cuda::FwdSplit& split,
+                               int pack, cudaStream_t stream) {
+  using cuda::FwdShape;
+  // 4 × 32 is instantiated for causal calls only (launch_fwd); the others take 8 × 16.
+  const bool tall = plan.fwd_shape == FwdShape::k4x32 && p.seq.causal;
+  if constexpr (kD == 128) {
+    if (tall) return cuda::launch_fwd<kD, FwdShape::k4x32, 32>(p, dt, split, pack, stream);
+    if (plan.fwd_block_n == 32) return cuda::launch_fwd<kD, FwdShape::k8x16, 32>(p, dt, split, pack, stream);
+    return cuda::launch_fwd<kD, FwdShape::k8x16, 64>(p, dt, split, pack, stream);
+  } else {
+    return tall ? cuda::launch_fwd<kD, FwdShape::k4x32, 64>(p, dt, split, pack, stream)
+                : cuda::launch_fwd<kD, FwdShape::k8x16, 64>(p, dt, split, pack, stream);
+  }
+}
+
 void fwd(const AttnFwdParams& p, at::ScalarType dtype) {
   const DType dt = to_dtype(dtype);
   const c10::DeviceIndex device = current_device();
   check_qkv_aligned(p);
   const SeqLayout& s = p.seq;
   const cudaStream_t stream = current_stream(device);
+  const TilePlan plan = plan_tiles_on_current_device(s.head_dim);
+  const int pack = gqa_pack(s.heads, s.kv_heads, s.seqlen_q);
 
   cuda::FwdSplit split;
-  split.num_splits = decode_splits_on_current_device(s.batch, s.heads, s.seqlen_q, s.seqlen_k);
+  split.num_splits = decode_splits_on_current_device(s.batch, s.heads, s.kv_heads, s.seqlen_q, s.seqlen_k, s.head_dim);
   check_grid(s, split.num_splits);
   // Partials live until the kernels that read them are queued; the caching allocator orders reuse on the stream.
   at::Tensor out_partial, lse_partial, mass_partial;
@@ -276,8 +376,8 @@ void fwd(const AttnFwdParams& p, at::ScalarType dtype) {
       scratch_buffers.add("mass_partial", mass_partial);
     }
   }
-  check_launch(cuda::with_head_dim(s.head_dim,
-                                   [&](auto d) { return cuda::launch_fwd<decltype(d)::value>(p, dt, split, stream); }));
+  check_launch(cuda::with_head_dim(
+      s.head_dim, [&](auto d) { return launch_fwd_planned<decltype(d)::value>(plan, p, dt, split, pack, stream); }));
   if (split.num_splits > 1) check_launch(cuda::launch_fwd_combine(p, dt, split, stream));
 }
 
@@ -291,6 +391,7 @@ void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   check_grid(s, 1);
   TORCH_CHECK_VALUE(s.kv_heads <= 65535, "avar.attention_bwd (CUDA): at most 65535 kv heads, got ", s.kv_heads);
   const cudaStream_t stream = current_stream(device);
+  const TilePlan plan = plan_tiles_on_current_device(s.head_dim);
 
   // Indexed by packed query row (b·Lq + i batched, cu_seqlens_q[b] + i varlen): scratch grows with the rows of
   // q, not with batch × the longest sequence.
@@ -302,7 +403,8 @@ void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
   ScratchBuffers scratch_buffers;
   scratch_buffers.add("dq_accum", dq_accum);
   scratch_buffers.add("delta", delta);
-  scratch.num_splits = backward_splits_on_current_device(s.batch, s.heads, s.kv_heads, s.seqlen_q, s.seqlen_k);
+  scratch.num_splits =
+      backward_splits_on_current_device(s.batch, s.heads, s.kv_heads, s.seqlen_q, s.seqlen_k, s.head_dim);
   at::Tensor dk_partial, dv_partial;
   if (scratch.num_splits > 1) {
     // Every split writes every key row of its sequences, so no zeroing is needed.
@@ -314,8 +416,11 @@ void bwd(const AttnBwdParams& p, at::ScalarType dtype) {
     scratch_buffers.add("dv_partial", dv_partial);
   }
   check_launch(cuda::launch_bwd_delta(p, dt, scratch, stream));
-  check_launch(cuda::with_head_dim(
-      s.head_dim, [&](auto d) { return cuda::launch_bwd<decltype(d)::value>(p, dt, scratch, stream); }));
+  check_launch(cuda::with_head_dim(s.head_dim, [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    return plan.bwd_warps == 8 ? cuda::launch_bwd<kD, 8>(p, dt, scratch, stream)
+                               : cuda::launch_bwd<kD, 4>(p, dt, scratch, stream);
+  }));
   check_launch(cuda::launch_bwd_convert_dq(p, dt, scratch, stream));
   if (scratch.num_splits > 1) check_launch(cuda::launch_bwd_reduce_dkv(p, dt, scratch, stream));
 }

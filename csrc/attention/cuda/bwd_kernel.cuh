@@ -1,8 +1,9 @@
 // Backward kernel: FlashAttention-2's dK/dV-stationary pass with the group terms of docs/design.md ("The op").
 //
-// One CTA = (key block of 64 keys, kv head, split, sequence); 4 warps own 16 keys each. A key block's work is a
-// list of steps, one per (query head reading this kv head, query block seeing these keys); the CTA takes a
-// contiguous run of it, so dK and dV of the GQA group accumulate in registers. With one split (the grid alone
+// One CTA = (key block of 16·kWarps keys, kv head, split, sequence); its kWarps warps (4 or 8) own 16 keys each.
+// 128-key blocks halve the fp32 dQ atomics of 64-key ones (each query row's dQ gets one sum per key block). A key
+// block's work is a list of steps, one per (query head reading this kv head, query block seeing these keys); the CTA
+// takes a contiguous run of it, so dK and dV of the GQA group accumulate in registers. With one split (the grid alone
 // fills the GPU) the CTA takes every step and writes dK / dV once, without races; with S splits each CTA
 // writes an fp32 partial and a second pass sums the S partials (so a short sequence with few kv heads still
 // spreads over the multiprocessors). Per step (query head h, kBlockM query rows):
@@ -21,33 +22,31 @@
 
 namespace avar::cuda {
 
-template <int kD>
+template <int kD, int kWarps_>
 struct BwdConfig {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockN = kBwdBlockN;  // keys per CTA = 16 · kWarps
-  // Query rows per step. Each thread holds dK and dV of its two keys (kD / 2 floats each) for the whole CTA, plus
-  // the Sᵀ and dPᵀ accumulators of a step (kBlockM / 2 floats each): at kD = 128 a 64-row step needs more than
-  // 255 registers and spills, while 32 rows fit and cut the shared memory by a third (more CTAs per SM).
-  static constexpr int kBlockM = kD >= 128 ? 32 : 64;
-  // dQ of a step: warps split its rows in 16-row slices, and the head dim when there are fewer slices than warps.
+  static constexpr int kBlockN = 16 * kWarps;        // keys per CTA
+  static constexpr int kBlockM = bwd_step_rows(kD);  // query rows per step (launch.h says why 32 at D = 128)
+  // dQ of a step: warps split its rows in 16-row slices, and the head dim when there are more warps than slices
+  // (blocks of 16 columns, the last slice shorter when they do not divide evenly).
   static constexpr int kWarpsM = kBlockM / 16;
   static constexpr int kWarpsD = kWarps / kWarpsM;
+  static constexpr int kDpPerWarp = (kD / 16 + kWarpsD - 1) / kWarpsD;
   static constexpr int kStride = kD + kPad;
   static constexpr int kStrideS = kBlockM + kPad;  // dS tile [key][query]
   static constexpr int kTileKV = kBlockN * kStride;
   static constexpr int kTileQ = kBlockM * kStride;
-  // K, V, two stages of Q and dO, dS (2-byte elements); two stages of lse2, delta, dmass[G]; 2G reduction slots.
-  static constexpr size_t kSmemBytes = static_cast<size_t>(2 * kTileKV + 4 * kTileQ + kBlockN * kStrideS) * 2 +
-                                       2 * kBlockM * (2 + kNumGroups) * 4 + 2 * kNumGroups * 4;
-  static_assert(kBlockN == 16 * kWarps, "one warp per 16 keys");
+  static constexpr size_t kSmemBytes = bwd_smem_bytes(kD, kBlockM, kBlockN);
   static_assert(kBlockM % 16 == 0 && kD % 16 == 0, "tiles are made of 16×16 MMA blocks");
-  static_assert(kWarpsM * kWarpsD == kWarps && (kD / 16) % kWarpsD == 0, "dQ slices cover the step once");
+  static_assert(kWarpsM * kWarpsD == kWarps, "dQ slices cover the step once");
+  static_assert(kBlockM <= kThreads && kBlockN <= kThreads, "one thread per row / key in the prologues");
 };
 
-template <typename T, int kD, bool kCausal>
-__global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const AttnBwdParams bp, const BwdScratch scr) {
-  using C = BwdConfig<kD>;
+template <typename T, int kD, bool kCausal, int kWarps>
+__global__ void __launch_bounds__(BwdConfig<kD, kWarps>::kThreads)
+    bwd_kernel(const AttnBwdParams bp, const BwdScratch scr) {
+  using C = BwdConfig<kD, kWarps>;
   using Tr = ElemTraits<T>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStride = C::kStride, kStrideS = C::kStrideS;
   constexpr int kNB = kBlockM / 8;  // n8 blocks across the query rows of a step
@@ -55,15 +54,16 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   const AttnFwdParams& p = bp.fwd;
 
   unsigned char* smem_raw = dynamic_smem();
-  T* sK = reinterpret_cast<T*>(smem_raw);                             // [kBlockN][kStride]
-  T* sV = sK + C::kTileKV;                                            // [kBlockN][kStride]
-  T* sQ = sV + C::kTileKV;                                            // [2][kBlockM][kStride]
-  T* sdO = sQ + 2 * C::kTileQ;                                        // [2][kBlockM][kStride]
-  T* sdS = sdO + 2 * C::kTileQ;                                       // [kBlockN][kStrideS]  dSg, key-major
-  float* sLse2 = reinterpret_cast<float*>(sdS + kBlockN * kStrideS);  // [2][kBlockM] lse·log2e, +inf if dead
-  float* sDelta = sLse2 + 2 * kBlockM;                                // [2][kBlockM]
-  float* sDm = sDelta + 2 * kBlockM;                                  // [2][G][kBlockM] dmass, group-major
-  float* sRed = sDm + 2 * kNumGroups * kBlockM;                       // [2][G] dβ, dγ of the current head
+  T* sK = reinterpret_cast<T*>(smem_raw);                            // [kBlockN][kStride]
+  T* sV = sK + C::kTileKV;                                           // [kBlockN][kStride]
+  T* sQ = sV + C::kTileKV;                                           // [2][kBlockM][kStride]
+  T* sdO = sQ + 2 * C::kTileQ;                                       // [2][kBlockM][kStride]
+  T* sdS = sdO + 2 * C::kTileQ;                                      // [kBlockN][kStrideS]  dSg, key-major
+  T* sP = sdS + kBlockN * kStrideS;                                  // [kBlockN][kStrideS]  P, key-major
+  float* sLse2 = reinterpret_cast<float*>(sP + kBlockN * kStrideS);  // [2][kBlockM] lse·log2e, +inf if dead
+  float* sDelta = sLse2 + 2 * kBlockM;                               // [2][kBlockM]
+  float* sDm = sDelta + 2 * kBlockM;                                 // [2][G][kBlockM] dmass, group-major
+  float* sRed = sDm + 2 * kNumGroups * kBlockM;                      // [2][G] dβ, dγ of the current head
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
   const int n_block = blockIdx.x, b = blockIdx.z;
@@ -242,24 +242,30 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
       }
     }
 
-    // Rolled: unrolled, the loop keeps every slice's fragments in flight next to dK and dV and spills registers
-    // at every head dim (ptxas -v; scripts/check_spills.sh).
+    // P and dSg (rounded to T) into key-major tiles: rows are this warp's keys, columns the step's queries. The
+    // dK / dV loop below reads them back as A fragments, one 16-query slice at a time: kept in registers, the
+    // fragments of every slice next to dK and dV spill at every head dim, and indexed by a rolled loop they land
+    // in local memory (scripts/check_spills.sh fails on both).
+#pragma unroll
+    for (int kc = 0; kc < kBlockM / 16; ++kc) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int col = kc * 16 + half * 8 + 2 * tig;
+        const float* p_acc = st[2 * kc + half];
+        const float* s_acc = dpt[2 * kc + half];
+        *reinterpret_cast<uint32_t*>(sP + key_local[0] * kStrideS + col) = Tr::pack(p_acc[0], p_acc[1]);
+        *reinterpret_cast<uint32_t*>(sP + key_local[1] * kStrideS + col) = Tr::pack(p_acc[2], p_acc[3]);
+        *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kStrideS + col) = Tr::pack(s_acc[0], s_acc[1]);
+        *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kStrideS + col) = Tr::pack(s_acc[2], s_acc[3]);
+      }
+    }
+    __syncthreads();
+    // dV += Pᵀ·dO and dK += dSgᵀ·Q.
 #pragma unroll 1
     for (int kc = 0; kc < kBlockM / 16; ++kc) {
       uint32_t ap[4], as[4];
-      ap[0] = Tr::pack(st[2 * kc][0], st[2 * kc][1]);
-      ap[1] = Tr::pack(st[2 * kc][2], st[2 * kc][3]);
-      ap[2] = Tr::pack(st[2 * kc + 1][0], st[2 * kc + 1][1]);
-      ap[3] = Tr::pack(st[2 * kc + 1][2], st[2 * kc + 1][3]);
-      as[0] = Tr::pack(dpt[2 * kc][0], dpt[2 * kc][1]);
-      as[1] = Tr::pack(dpt[2 * kc][2], dpt[2 * kc][3]);
-      as[2] = Tr::pack(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]);
-      as[3] = Tr::pack(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3]);
-      // The dS tile for dQ, key-major: rows are this warp's keys, columns the step's queries.
-      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kStrideS + kc * 16 + 2 * tig) = as[0];
-      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kStrideS + kc * 16 + 2 * tig) = as[1];
-      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kStrideS + kc * 16 + 8 + 2 * tig) = as[2];
-      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kStrideS + kc * 16 + 8 + 2 * tig) = as[3];
+      ldmatrix_x4(ap, lds_pattern_a<kStrideS>(sP, warp * 16, kc * 16, lane));
+      ldmatrix_x4(as, lds_pattern_a<kStrideS>(sdS, warp * 16, kc * 16, lane));
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bo[4], bq[4];
@@ -276,7 +282,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
     // dQ of this step = dSg (query-major view of sdS) · K: rows [16·wm, 16·wm + 16), head-dim blocks of 16 from
     // dp_first on.
     {
-      constexpr int kDpPerWarp = kD / 16 / C::kWarpsD;
+      constexpr int kDpPerWarp = C::kDpPerWarp;
       const int wm = warp % C::kWarpsM;
       const int dp_first = (warp / C::kWarpsM) * kDpPerWarp;
       uint32_t ads[kBlockN / 16][4];
@@ -290,8 +296,12 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
       for (int r = 0; r < 2; ++r) {
         dq_row[r] = scr.dq_accum + ((row0 + q_row[r]) * H + h) * kD;
       }
-#pragma unroll
-      for (int dp = dp_first; dp < dp_first + kDpPerWarp; ++dp) {
+      // Rolled: no array is indexed by dp, and unrolled this loop's K fragments take the last registers (ptxas
+      // spilled at D = 128).
+#pragma unroll 1
+      for (int dpi = 0; dpi < kDpPerWarp; ++dpi) {
+        const int dp = dp_first + dpi;
+        if (kD / 16 % C::kWarpsD != 0 && dp >= kD / 16) break;
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int kc = 0; kc < kBlockN / 16; ++kc) {
@@ -371,14 +381,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kThreads) bwd_kernel(const Attn
   }
 }
 
-template <int kD>
+template <int kD, int kWarps>
 cudaError_t launch_bwd(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream) {
-  using C = BwdConfig<kD>;
+  using C = BwdConfig<kD, kWarps>;
   const dim3 grid(blocks_for(p.fwd.seq.seqlen_k, C::kBlockN), static_cast<unsigned>(p.fwd.seq.kv_heads * s.num_splits),
                   static_cast<unsigned>(p.fwd.seq.batch));
   return with_dtype_causal(dt, p.fwd.seq.causal, [&](auto elem, auto causal) {
     using T = typename decltype(elem)::type;
-    return launch(bwd_kernel<T, kD, decltype(causal)::value>, grid, C::kThreads, C::kSmemBytes, stream, p, s);
+    return launch(bwd_kernel<T, kD, decltype(causal)::value, kWarps>, grid, C::kThreads, C::kSmemBytes, stream, p, s);
   });
 }
 

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "../params.h"
+#include "launch.h"
 
 namespace avar::cuda {
 
@@ -100,10 +101,8 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Shared memory: tiles are row major with rows padded by 8 elements (16 bytes), so the 8 row addresses of one
-// ldmatrix fall in 8 distinct 4-bank groups for row widths 64, 80 and 128.
-
-constexpr int kPad = 8;
+// Shared memory: tiles are row major with rows padded by kPad = 8 elements (16 bytes, launch.h), so the 8 row
+// addresses of one ldmatrix fall in 8 distinct 4-bank groups for row widths 64, 80 and 128.
 
 // The CTA's dynamic shared memory (the launch sets its size).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
@@ -203,7 +202,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* base, int64_t 
   constexpr int kChunksPerRow = kD * static_cast<int>(sizeof(T)) / 16;
   constexpr int kChunks = kRows * kChunksPerRow;
   constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(T));
-#pragma unroll
+#pragma unroll 1
   for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
     const int c = tid + it * kThreads;
     if (kChunks % kThreads != 0 && c >= kChunks) break;
@@ -211,6 +210,29 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* base, int64_t 
     const int col = (c % kChunksPerRow) * kElemsPerChunk;
     const bool valid = row0 + r < len;
     const T* src = valid ? base + static_cast<int64_t>(row0 + r) * row_stride + col : fallback;
+    cp_async_16(smem + r * (kD + kPad) + col, src, valid);
+  }
+}
+
+// Loads packed query rows [row0, row0 + kRows) into a padded smem tile: packed row r is query r / pack of head
+// r % pack (heads counted from `base`'s head), so the query heads of a GQA group share one tile; pack = 1 is
+// load_tile_async. Rows at or past `rows` (= len · pack) become zeros.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_packed_rows_async(T* smem, const T* base, int64_t row_stride, int64_t head_stride,
+                                                       int pack, int row0, int rows, const T* fallback, int tid) {
+  constexpr int kChunksPerRow = kD * static_cast<int>(sizeof(T)) / 16;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(T));
+#pragma unroll 1
+  for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
+    const int c = tid + it * kThreads;
+    if (kChunks % kThreads != 0 && c >= kChunks) break;
+    const int r = c / kChunksPerRow;
+    const int col = (c % kChunksPerRow) * kElemsPerChunk;
+    const int pr = row0 + r;
+    const bool valid = pr < rows;
+    const T* src =
+        valid ? base + static_cast<int64_t>(pr / pack) * row_stride + (pr % pack) * head_stride + col : fallback;
     cp_async_16(smem + r * (kD + kPad) + col, src, valid);
   }
 }

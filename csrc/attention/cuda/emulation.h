@@ -97,6 +97,9 @@ const char* last_error();
 // The demangled name of a kernel function without its arguments ("avar::cuda::fwd_kernel<__half, 128, true>").
 std::string kernel_name(const void* kernel);
 
+// The opt-in shared memory per CTA the emulated device reports (sm_80's).
+size_t smem_optin_limit();
+
 }  // namespace avar::cuda_emulation
 
 #define threadIdx (::avar::cuda_emulation::thread_idx())

@@ -1,8 +1,9 @@
-// Forward instantiation for head dim 128 (bf16 and fp16, causal and not).
+// Forward instantiation for head dim 128: 8 warps × 16 rows with K/V tiles of 64 keys (bf16 and fp16, causal and
+// not).
 #include "fwd_kernel.cuh"
 
 namespace avar::cuda {
 
-template cudaError_t launch_fwd<128>(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
+AVAR_INSTANTIATE_FWD(128, k8x16, 64)
 
 }  // namespace avar::cuda

@@ -1,8 +1,9 @@
-// Forward instantiation for head dim 64 (bf16 and fp16, causal and not).
+// Forward instantiations for head dim 64: both shapes with K/V tiles of 64 keys (bf16 and fp16, causal and not).
 #include "fwd_kernel.cuh"
 
 namespace avar::cuda {
 
-template cudaError_t launch_fwd<64>(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
+AVAR_INSTANTIATE_FWD(64, k8x16, 64)
+AVAR_INSTANTIATE_FWD(64, k4x32, 64)
 
 }  // namespace avar::cuda

@@ -14,11 +14,44 @@ namespace avar::cuda {
 
 enum class DType { kHalf, kBFloat16 };
 
-// Tile sizes the host side needs for scratch sizes and the decode heuristic.
-constexpr int kFwdBlockM = 128;  // query rows per forward CTA
-constexpr int kFwdBlockN = 64;   // keys per forward K/V tile
-constexpr int kBwdBlockN = 64;   // keys per backward / key-mass CTA
-constexpr int kBwdBlockM = 64;   // query rows per key-mass step
+// Tile shapes. The host picks one per call from the device's opt-in shared-memory limit (cuda_dispatch.cpp), so
+// the byte counts below are the one definition both the kernels and the host use.
+//
+// Forward: kWarps warps of kRowsPerWarp query rows (16 or 32: one or two m16 MMA row blocks per warp), K/V tiles
+// of kBlockN keys (64, or 32 at head dim 128 where 64 does not fit or would spill). A warp reads each K/V tile from
+// shared memory once for all its rows, so 32 rows per warp halve the shared-memory bytes per FLOP of 16
+// (docs/design.md, "Tile shapes").
+enum class FwdShape { k8x16, k4x32 };  // warps × query rows per warp; both are 128-row query blocks
+constexpr int kFwdBlockM = 128;        // query rows per forward CTA, in every shape
+constexpr int kPad = 8;                // elements of padding per shared-memory row (see common.cuh)
+
+// Query heads a forward CTA may stack as rows of its tile (GQA packing).
+constexpr int kMaxPack = 32;
+
+// Q, two stages of K and of V (2-byte elements), two stages of key groups, the packed heads' tables.
+constexpr size_t fwd_smem_bytes(int head_dim, int block_m, int block_n) {
+  return static_cast<size_t>(block_m + 4 * block_n) * (head_dim + kPad) * 2 + 2 * block_n * 4 +
+         kMaxPack * kNumGroups * 8;
+}
+
+// Backward: kWarps warps of 16 keys each (a CTA owns 16·kWarps keys), steps of kBwdStepM(D) query rows.
+constexpr int kBwdWarpChoices[2] = {4, 8};  // 64-key and 128-key blocks
+constexpr int kBwdBlockN = 64;              // keys per key-mass CTA
+constexpr int kBwdBlockM = 64;              // query rows per key-mass step
+
+// Query rows per backward step: each thread keeps dK and dV of its two keys (D / 2 floats each) for the whole
+// CTA next to the step's Sᵀ and dPᵀ accumulators (step / 2 floats each); at D = 128 a 64-row step would spill.
+constexpr int bwd_step_rows(int head_dim) {
+  return head_dim >= 128 ? 32 : 64;
+}
+
+// K, V, two stages of Q and dO, dS and P (2-byte elements); two stages of lse2, delta, dmass[G]; 2G reduction slots.
+constexpr size_t bwd_smem_bytes(int head_dim, int block_m, int block_n) {
+  return static_cast<size_t>(2 * block_n * (head_dim + kPad) + 4 * block_m * (head_dim + kPad) +
+                             2 * block_n * (block_m + kPad)) *
+             2 +
+         2 * block_m * (2 + kNumGroups) * 4 + 2 * kNumGroups * 4;
+}
 
 // Split-KV (flash-decoding) partials, float32, indexed [split, b, h, i] with i < max_seqlen_q.
 struct FwdSplit {
@@ -40,11 +73,13 @@ struct BwdScratch {
   float* dv_partial = nullptr;  // [S, Tk, Hkv, D]
 };
 
-// One instantiation per supported head dim, each in its own file (fwd_d*.cu, bwd_d*.cu, key_mass.cu) so that
-// they compile in parallel.
-template <int kD>
-cudaError_t launch_fwd(const AttnFwdParams& p, DType dt, const FwdSplit& split, cudaStream_t stream);
-template <int kD>
+// Instantiations per supported head dim and tile shape, spread over files (fwd_d*.cu, bwd_d*.cu, key_mass.cu)
+// that compile in parallel.
+// Forward: `pack` query heads sharing a kv head are stacked as the rows of one tile (1 = no packing; it divides
+// heads / kv_heads and is at most kMaxPack).
+template <int kD, FwdShape kShape, int kBlockN>
+cudaError_t launch_fwd(const AttnFwdParams& p, DType dt, const FwdSplit& split, int pack, cudaStream_t stream);
+template <int kD, int kWarps>
 cudaError_t launch_bwd(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
 template <int kD>
 cudaError_t launch_key_mass(const KeyMassParams& p, DType dt, cudaStream_t stream);

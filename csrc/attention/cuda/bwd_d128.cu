@@ -1,8 +1,0 @@
-// Backward instantiation for head dim 128 (bf16 and fp16, causal and not).
-#include "bwd_kernel.cuh"
-
-namespace avar::cuda {
-
-template cudaError_t launch_bwd<128>(const AttnBwdParams& p, DType dt, const BwdScratch& s, cudaStream_t stream);
-
-}  // namespace avar::cuda
