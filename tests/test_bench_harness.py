@@ -99,6 +99,8 @@ def test_gpu_benchmark_dry_run_writes_the_skeleton(tmp_path):
     [
         ("bench_backward.py", ["--name", "../escape"]),
         ("bench_attention.py", ["--lengths", "0"]),
+        ("bench_decode.py", ["--name", "../escape"]),
+        ("bench_decode.py", ["--caches", "0"]),
         ("compare_builds.py", ["--baseline", "/nonexistent"]),
         ("bench_gpu.py", ["--out", "x", "--lengths", "1000", "--tokens", "1024"]),
     ],
