@@ -189,6 +189,8 @@ def test_ptxas_report_counts_local_memory_in_the_ptx():
     [
         ("bench_backward.py", ["--name", "../escape"]),
         ("bench_attention.py", ["--lengths", "0"]),
+        ("bench_decode.py", ["--name", "../escape"]),
+        ("bench_decode.py", ["--caches", "0"]),
         ("compare_builds.py", ["--baseline", "/nonexistent"]),
         ("bench_gpu.py", ["--out", "x", "--lengths", "1000", "--tokens", "1024"]),
     ],

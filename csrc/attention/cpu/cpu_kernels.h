@@ -10,6 +10,11 @@ namespace avar::cpu {
 // Writes out, lse and (when p.mass is set) mass.
 void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype);
 
+// The decode path of attention_fwd (decode.cpp): every sequence has at most this many queries.
+constexpr int64_t kDecodeMaxQueries = 4;
+bool decode_applies(const AttnFwdParams& p, at::ScalarType dtype);
+void attention_fwd_decode(const AttnFwdParams& p, at::ScalarType dtype);
+
 // Writes dq, dk, dv and (when set) dbias, dlogit_scale.
 void attention_bwd(const AttnBwdParams& p, at::ScalarType dtype);
 

@@ -175,6 +175,7 @@ void forward_impl(const AttnFwdParams& p, bool emulated) {
 }  // namespace
 
 void attention_fwd(const AttnFwdParams& p, at::ScalarType dtype) {
+  if (decode_applies(p, dtype)) return attention_fwd_decode(p, dtype);
   switch (dtype) {
     case at::kFloat:
       return forward_impl<float, false>(p, false);

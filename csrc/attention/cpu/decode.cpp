@@ -1,0 +1,419 @@
+// CPU decode: the forward for a few query tokens per sequence (Lq ≤ kDecodeMaxQueries) against a KV cache.
+//
+// A decode step is memory-bound: its floor is reading the cache once. The tiled forward packs all of K and V
+// before it starts (a second copy of the cache, written and read again), which a prefill amortises over many
+// query blocks but a decode step does not. Here K and V are read where they lie, once per kv head: one task =
+// (sequence, kv head, range of keys), and the rep = H / H_kv query heads of the GQA group times the Lq queries
+// are the rows that every loaded key and value serve. Scores are row dot products (no transposed copy of K),
+// P·V broadcasts p over rows of V held in registers, all in fp32 (bf16 K and V are widened in the L1-sized chunk
+// being used, so products are exact and P is not rounded).
+//
+// When B · H_kv tasks are too few to keep every thread busy, the keys are split into ranges (split-K): each task
+// leaves its unnormalised (max, group sums, out) per row in a scratch buffer and a second pass merges the ranges
+// by their maxima, as the CUDA decode does. Masked keys (group −1) never enter: not their K (the score is set to
+// −inf, not computed from garbage) and not their V (skipped in P·V).
+#include <ATen/cpu/vec/functional.h>
+
+#include "cpu_kernels.h"
+#include "row_ops.h"
+
+namespace avar::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
+constexpr int64_t kChunk = 32;                 // keys per step: their fp32 K and V rows (32 KB at D = 128) stay in L1
+constexpr int64_t kRowTile = W >= 16 ? 8 : 4;  // rows per register tile: 2 accumulators each (AVX2 has 16 registers)
+constexpr int64_t kMinSplitKeys = 512;         // a key range shorter than this costs more to merge than it saves
+static_assert(kChunk % W == 0, "the key chunk must be whole vectors");
+
+// Two vectors' worth (2W elements, or n < 2W with zeros past them) of a row, as float.
+inline void load_pair(const float* src, int64_t n, Vec& lo, Vec& hi) {
+  if (n >= 2 * W) {
+    lo = Vec::loadu(src);
+    hi = Vec::loadu(src + W);
+  } else {
+    lo = Vec::loadu(src, std::min<int64_t>(n, W));
+    hi = n > W ? Vec::loadu(src + W, n - W) : Vec(0.f);
+  }
+}
+inline void load_pair(const at::BFloat16* src, int64_t n, Vec& lo, Vec& hi) {
+  using BVec = at::vec::Vectorized<at::BFloat16>;
+  static_assert(BVec::size() == 2 * W, "a bf16 vector widens to two float vectors");
+  const BVec b = n >= 2 * W ? BVec::loadu(src) : BVec::loadu(src, n);
+  std::tie(lo, hi) = at::vec::convert_to_float<at::BFloat16>(b);
+}
+
+// s[r · lds + c] = q[r] · k[c] for R rows of q ([R, D] float, row stride ldq) and nk keys (row stride ldk, read
+// where they lie: bf16 keys are widened in registers).
+template <int R, typename scalar_t>
+void dot_rows(const float* q, int64_t ldq, const scalar_t* k, int64_t ldk, int64_t nk, int64_t D, float* s,
+              int64_t lds) {
+  for (int64_t c = 0; c < nk; ++c) {
+    const scalar_t* kc = k + c * ldk;
+    Vec acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = Vec(0.f);
+    for (int64_t d = 0; d < D; d += 2 * W) {
+      const int64_t n = std::min<int64_t>(2 * W, D - d);
+      Vec lo, hi;
+      load_pair(kc + d, n, lo, hi);
+      for (int r = 0; r < R; ++r) {
+        Vec qlo, qhi;
+        load_pair(q + r * ldq + d, n, qlo, qhi);  // zeros past D
+        acc[r] = at::vec::fmadd(qhi, hi, at::vec::fmadd(qlo, lo, acc[r]));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      s[r * lds + c] = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc[r]);
+  }
+}
+
+// acc[r] += Σ_c p[r · ldp + c] · v[c] over the live keys, for R rows of acc ([R, D], row stride ldacc). Slices of
+// 2W columns keep R × 2 accumulators in registers while the chunk's V rows stream from L1.
+template <int R, typename scalar_t>
+void accumulate_pv(float* acc, int64_t ldacc, const float* p, int64_t ldp, const scalar_t* v, int64_t ldv,
+                   const int8_t* live, int64_t nk, int64_t D) {
+  for (int64_t d = 0; d < D; d += 2 * W) {
+    const int64_t n = std::min<int64_t>(2 * W, D - d);
+    Vec lo[R], hi[R];
+    for (int r = 0; r < R; ++r) load_pair(acc + r * ldacc + d, n, lo[r], hi[r]);
+    for (int64_t c = 0; c < nk; ++c) {
+      if (!live[c]) continue;
+      Vec vlo, vhi;
+      load_pair(v + c * ldv + d, n, vlo, vhi);
+      for (int r = 0; r < R; ++r) {
+        const Vec pc(p[r * ldp + c]);
+        lo[r] = at::vec::fmadd(pc, vlo, lo[r]);
+        hi[r] = at::vec::fmadd(pc, vhi, hi[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* a = acc + r * ldacc + d;
+      if (n == 2 * W) {
+        lo[r].store(a);
+        hi[r].store(a + W);
+      } else {
+        lo[r].store(a, std::min<int64_t>(n, W));
+        if (n > W) hi[r].store(a + W, n - W);
+      }
+    }
+  }
+}
+
+// The micro-kernels for any row count, in register tiles of kRowTile rows.
+template <template <int> class Kernel, typename... Args>
+void for_row_tiles(int64_t rows, Args... args) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+    switch (std::min(kRowTile, rows - r0)) {
+      case 1:
+        Kernel<1>::run(r0, args...);
+        break;
+      case 2:
+        Kernel<2>::run(r0, args...);
+        break;
+      case 3:
+        Kernel<3>::run(r0, args...);
+        break;
+      case 4:
+        Kernel<4>::run(r0, args...);
+        break;
+      case 5:
+        Kernel<std::min<int>(5, kRowTile)>::run(r0, args...);
+        break;
+      case 6:
+        Kernel<std::min<int>(6, kRowTile)>::run(r0, args...);
+        break;
+      case 7:
+        Kernel<std::min<int>(7, kRowTile)>::run(r0, args...);
+        break;
+      default:
+        Kernel<kRowTile>::run(r0, args...);
+        break;
+    }
+  }
+}
+
+template <int R>
+struct DotRows {
+  template <typename scalar_t>
+  static void run(int64_t r0, const float* q, int64_t ldq, const scalar_t* k, int64_t ldk, int64_t nk, int64_t D,
+                  float* s, int64_t lds) {
+    dot_rows<R>(q + r0 * ldq, ldq, k, ldk, nk, D, s + r0 * lds, lds);
+  }
+};
+
+template <int R>
+struct AccumulatePV {
+  template <typename scalar_t>
+  static void run(int64_t r0, float* acc, int64_t ldacc, const float* p, int64_t ldp, const scalar_t* v, int64_t ldv,
+                  const int8_t* live, int64_t nk, int64_t D) {
+    accumulate_pv<R>(acc + r0 * ldacc, ldacc, p + r0 * ldp, ldp, v, ldv, live, nk, D);
+  }
+};
+
+struct DecodeTask {
+  int64_t b, kvh, k0, k1;  // keys [k0, k1) of sequence b, kv head kvh
+  int64_t part;            // index of its partial-result slot
+};
+
+// Per row of a task, the running state, stored [max | group sums (G) | out (D)]: one row of the scratch buffer.
+struct RowState {
+  static constexpr int64_t kMax = 0, kSums = 1;
+  static int64_t width(int64_t D) { return 1 + kNumGroups + D; }
+  static int64_t out_offset() { return 1 + kNumGroups; }
+};
+
+template <typename scalar_t>
+void write_row(const AttnFwdParams& p, int64_t b, int64_t row, int64_t h, bool alive, float m, const float* sums,
+               const float* acc) {
+  const int64_t D = p.seq.head_dim;
+  scalar_t* o = row_ptr(static_cast<scalar_t*>(p.out), p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, row, h);
+  float* ms = p.mass == nullptr
+                  ? nullptr
+                  : row_ptr(p.mass, p.mass_batch_stride, p.mass_row_stride, p.mass_head_stride, b, row, h);
+  float& lse = p.lse[b * p.lse_batch_stride + row * p.lse_row_stride + h * p.lse_head_stride];
+  if (!alive) {  // no visible key: out 0, lse −inf, mass 0
+    std::fill(o, o + D, scalar_t(0));
+    lse = -std::numeric_limits<float>::infinity();
+    if (ms != nullptr) std::fill(ms, ms + kNumGroups, 0.f);
+    return;
+  }
+  // A row that sees keys but whose max is not finite (a NaN score, a score overflowed to +inf, every score −inf)
+  // is NaN throughout, as softmax itself would give; it must never pass for a dead row.
+  const bool finite = std::isfinite(m);
+  float l = 0.f;
+  for (int g = 0; g < kNumGroups; ++g) l += sums[g];
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inv = finite ? 1.f / l : nan;
+  store_row(acc, o, D, inv);
+  lse = finite ? m + std::log(l) : nan;
+  if (ms != nullptr)
+    for (int g = 0; g < kNumGroups; ++g) ms[g] = sums[g] * inv;
+}
+
+template <typename scalar_t>
+void decode_impl(const AttnFwdParams& p) {
+  const SeqLayout& s = p.seq;
+  const int64_t rep = s.heads / s.kv_heads, D = s.head_dim, G = kNumGroups;
+  const int64_t RW = RowState::width(D);
+  const int64_t threads = at::get_num_threads();
+  const std::vector<int64_t> first_live = first_live_keys(p);  // [B]
+
+  // Key ranges: enough tasks for the threads to share (dynamic claiming evens out the rest), none shorter than
+  // kMinSplitKeys. The ranges of one (sequence, kv head) are consecutive tasks and partial slots.
+  int64_t max_rows = 0;
+  std::vector<int64_t> kv_end(s.batch), splits(s.batch);
+  int64_t live_pairs = 0;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const SeqBounds sb = seq_bounds(s, b);
+    kv_end[b] = sb.len_q > 0 ? visible_end(s, sb, sb.len_q - 1) : 0;
+    max_rows = std::max(max_rows, rep * sb.len_q);
+    if (sb.len_q > 0) live_pairs += s.kv_heads;
+  }
+  const int64_t wanted = (4 * threads + std::max<int64_t>(live_pairs, 1) - 1) / std::max<int64_t>(live_pairs, 1);
+  std::vector<DecodeTask> tasks;
+  int64_t n_parts = 0;
+  bool any_split = false;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    if (seq_bounds(s, b).len_q == 0) continue;
+    const int64_t by_len = std::max<int64_t>(1, kv_end[b] / kMinSplitKeys);
+    splits[b] = std::min(wanted, by_len);
+    any_split = any_split || splits[b] > 1;
+    // Range bounds on chunk multiples.
+    const int64_t chunks = (kv_end[b] + kChunk - 1) / kChunk;
+    for (int64_t kvh = 0; kvh < s.kv_heads; ++kvh)
+      for (int64_t sp = 0; sp < splits[b]; ++sp) {
+        const int64_t k0 = std::min(kv_end[b], (chunks * sp / splits[b]) * kChunk);
+        const int64_t k1 = std::min(kv_end[b], (chunks * (sp + 1) / splits[b]) * kChunk);
+        tasks.push_back({b, kvh, k0, k1, n_parts++});
+      }
+  }
+  if (tasks.empty()) return;
+  // Longest ranges first, so that dynamic claiming balances the threads.
+  std::vector<int64_t> order(tasks.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t c) { return tasks[a].k1 - tasks[a].k0 > tasks[c].k1 - tasks[c].k0; });
+  std::vector<float> parts(static_cast<size_t>(n_parts * max_rows * RW));  // [parts, rows, RW]
+
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](const auto& claim) {
+    std::vector<float> qs(max_rows * D);                      // [rows, D]  q · scale
+    std::vector<float> gam(max_rows * G), bet(max_rows * G);  // [rows, G]  logit scale and bias of each row's head
+    std::vector<int8_t> uniform(max_rows);                    // [rows]  the same γ and β for every group
+    std::vector<int64_t> vis_end(max_rows);                   // [rows]  keys [0, vis_end) visible
+    std::vector<float> sbuf(max_rows * kChunk);               // [rows, kChunk]  scores, then p
+    std::vector<Vec> vsums(max_rows * G);                     // [rows, G]  per-lane group sums, reduced at the end
+    alignas(64) float is_group[kNumGroups][kChunk];           // all-ones bits where the key is in group g
+    alignas(64) float is_live[kChunk];                        // all-ones bits where the key is live (group ≥ 0)
+    int8_t live[kChunk];
+
+    for (int64_t t = claim(); t >= 0; t = claim()) {
+      const DecodeTask& task = tasks[order[t]];
+      const int64_t b = task.b, kvh = task.kvh;
+      const SeqBounds sb = seq_bounds(s, b);
+      const int64_t nq = sb.len_q, rows = rep * nq;  // row r = hh · nq + qi, head h = kvh · rep + hh
+      float* st = parts.data() + task.part * max_rows * RW;
+
+      for (int64_t hh = 0; hh < rep; ++hh) {
+        const int64_t h = kvh * rep + hh;
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const int64_t r = hh * nq + qi;
+          load_row(row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, sb.q_start + qi, h),
+                   qs.data() + r * D, D, static_cast<float>(s.scale));
+          bool same = true;
+          for (int64_t g = 0; g < G; ++g) {
+            gam[r * G + g] = p.logit_scale[h * G + g];
+            bet[r * G + g] = p.bias[h * G + g];
+            same = same && gam[r * G + g] == gam[r * G] && bet[r * G + g] == bet[r * G];
+          }
+          uniform[r] = same;
+          vis_end[r] = visible_end(s, sb, qi);
+          float* sr = st + r * RW;
+          sr[RowState::kMax] = neg_inf<float>();
+          std::fill(sr + RowState::kSums, sr + RW, 0.f);
+          for (int64_t g = 0; g < G; ++g) vsums[r * G + g] = Vec(0.f);
+        }
+      }
+
+      for (int64_t j0 = task.k0; j0 < task.k1; j0 += kChunk) {
+        const int64_t nk = std::min(kChunk, task.k1 - j0);
+        int64_t n_live = 0;
+        alignas(64) float grp[kChunk];  // group of each key (−1: masked, or past the range)
+        for (int64_t c = 0; c < kChunk; ++c) {
+          const int g = c < nk ? key_group_of(p, b, sb.k_start + j0 + c) : -1;
+          grp[c] = static_cast<float>(g);
+          live[c] = g >= 0;
+          n_live += g >= 0;
+        }
+        if (n_live == 0) continue;  // p = 0 for every row: nothing to add, nothing to rescale
+        for (int64_t c = 0; c < kChunk; c += W) {
+          const Vec gv = Vec::loadu(grp + c);
+          for (int g = 0; g < G; ++g) (gv == Vec(static_cast<float>(g))).store(is_group[g] + c);
+          (gv >= Vec(0.f)).store(is_live + c);
+        }
+
+        const scalar_t* kr = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, sb.k_start + j0, kvh);
+        const scalar_t* vr = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, sb.k_start + j0, kvh);
+        for_row_tiles<DotRows>(rows, qs.data(), D, kr, p.k_row_stride, nk, D, sbuf.data(), kChunk);
+
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = sbuf.data() + r * kChunk;
+          float* state = st + r * RW;
+          const int64_t n_vis = std::clamp<int64_t>(vis_end[r] - j0, 0, nk);
+          // s = raw · γ[h, g] + β[h, g] for live visible keys, −inf for the rest (their raw score is not used: a
+          // masked key's K may hold anything).
+          const float* gr = gam.data() + r * G;
+          const float* br = bet.data() + r * G;
+          Vec vmax(neg_inf<float>());
+          for (int64_t c = 0; c < kChunk; c += W) {
+            Vec gm(gr[0]), bt(br[0]);
+            if (!uniform[r])
+              for (int g = 1; g < G; ++g) {
+                const Vec in_g = Vec::loadu(is_group[g] + c);
+                gm = Vec::blendv(gm, Vec(gr[g]), in_g);
+                bt = Vec::blendv(bt, Vec(br[g]), in_g);
+              }
+            const Vec x = at::vec::fmadd(Vec::loadu(sr + c), gm, bt);
+            Vec::blendv(Vec(neg_inf<float>()), x, Vec::loadu(is_live + c)).store(sr + c);
+          }
+          for (int64_t c = n_vis; c < kChunk; ++c) sr[c] = neg_inf<float>();  // causally hidden, or past the range
+          for (int64_t c = 0; c < kChunk; c += W) vmax = at::vec::maximum(vmax, Vec::loadu(sr + c));  // keeps NaN
+          alignas(64) float lanes[W];
+          vmax.store(lanes);
+          float tile_max = neg_inf<float>();
+          for (int64_t w = 0; w < W; ++w) tile_max = max_nan(tile_max, lanes[w]);
+          const float m_old = state[RowState::kMax];
+          const float m_new = max_nan(m_old, tile_max);
+          if (m_new == neg_inf<float>()) {  // nothing visible yet
+            std::fill(sr, sr + kChunk, 0.f);
+            continue;
+          }
+          Vec* vs = vsums.data() + r * G;
+          if (m_old != m_new) {
+            const float alpha = std::exp(m_old - m_new);  // 0 while m_old = −inf
+            scale_row(state + RowState::out_offset(), alpha, D);
+            for (int g = 0; g < G; ++g) vs[g] = vs[g] * Vec(alpha);
+            state[RowState::kMax] = m_new;
+          }
+          // p = exp(s − m), and its sum per group (lane-wise; masked keys have p = 0).
+          const Vec vm(m_new);
+          for (int64_t c = 0; c < kChunk; c += W) {
+            const Vec e = fast_exp<float>(Vec::loadu(sr + c) - vm);
+            e.store(sr + c);
+            for (int g = 0; g < G; ++g) vs[g] = vs[g] + (e & Vec::loadu(is_group[g] + c));
+          }
+        }
+        for_row_tiles<AccumulatePV>(rows, st + RowState::out_offset(), RW, sbuf.data(), kChunk, vr, p.v_row_stride,
+                                    live, nk, D);
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int g = 0; g < G; ++g)
+          st[r * RW + RowState::kSums + g] =
+              at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, vsums[r * G + g]);
+
+      if (!any_split) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t hh = r / nq, qi = r % nq;
+          const float* sr = st + r * RW;
+          write_row<scalar_t>(p, b, sb.q_start + qi, kvh * rep + hh, vis_end[r] > first_live[b], sr[RowState::kMax],
+                              sr + RowState::kSums, sr + RowState::out_offset());
+        }
+      }
+    }
+  });
+  if (!any_split) return;
+
+  // Merge the key ranges of each (sequence, kv head): rescale every range's sums to the common max.
+  std::vector<int64_t> first_task;  // first task of each (sequence, kv head): its ranges follow it
+  for (size_t i = 0; i < tasks.size(); i += splits[tasks[i].b]) first_task.push_back(static_cast<int64_t>(i));
+  parallel_tasks(static_cast<int64_t>(first_task.size()), [&](const auto& claim) {
+    std::vector<float> merged(RW);
+    for (int64_t t = claim(); t >= 0; t = claim()) {
+      const DecodeTask& t0 = tasks[first_task[t]];
+      const int64_t b = t0.b, n_split = splits[b];
+      const SeqBounds sb = seq_bounds(s, b);
+      const int64_t nq = sb.len_q;
+      for (int64_t r = 0; r < rep * nq; ++r) {
+        const int64_t hh = r / nq, qi = r % nq;
+        float m = neg_inf<float>();
+        for (int64_t sp = 0; sp < n_split; ++sp) m = max_nan(m, parts[((t0.part + sp) * max_rows + r) * RW]);
+        std::fill(merged.begin(), merged.end(), 0.f);
+        if (std::isfinite(m)) {
+          for (int64_t sp = 0; sp < n_split; ++sp) {
+            const float* sr = parts.data() + ((t0.part + sp) * max_rows + r) * RW;
+            if (sr[RowState::kMax] == neg_inf<float>()) continue;  // the range showed this row no key
+            const float w = std::exp(sr[RowState::kMax] - m);
+            for (int64_t i = 1; i < RW; ++i) merged[i] += w * sr[i];
+          }
+        }
+        write_row<scalar_t>(p, b, sb.q_start + qi, t0.kvh * rep + hh, visible_end(s, sb, qi) > first_live[b], m,
+                            merged.data() + RowState::kSums, merged.data() + RowState::out_offset());
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool decode_applies(const AttnFwdParams& p, at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
+  // Benchmark switch: AVAR_CPU_DECODE=0 sends decode shapes through the tiled forward, so that one run can time both.
+  const char* env = std::getenv("AVAR_CPU_DECODE");
+  if (env != nullptr && env[0] == '0' && env[1] == '\0') return false;
+  const SeqLayout& s = p.seq;
+  for (int64_t b = 0; b < s.batch; ++b)
+    if (seq_bounds(s, b).len_q > kDecodeMaxQueries) return false;
+  return true;
+}
+
+void attention_fwd_decode(const AttnFwdParams& p, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return decode_impl<float>(p);
+  TORCH_CHECK(dtype == at::kBFloat16, "avar: the CPU decode has no kernel for dtype ", dtype);
+  decode_impl<at::BFloat16>(p);
+}
+
+}  // namespace avar::cpu
