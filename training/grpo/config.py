@@ -166,7 +166,7 @@ class GRPOConfig:
         if self.visual_layers is not None and (
             not isinstance(self.visual_layers, list)
             or not self.visual_layers
-            or not all(is_int(i) and i >= 0 for i in self.visual_layers)
+            or not all(is_int(i) for i in self.visual_layers)
         ):
             fail("visual_layers", "null (all layers) or a non-empty list of layer indices")
         for key in ("reward_funcs", "report_to"):

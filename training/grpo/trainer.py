@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from avar_ops.core import select_indices
 from avar_ops.data import Record, load_records
 from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, token_groups
 
@@ -176,8 +177,8 @@ class GRPOTrainer:
         t = self.collator.template
         self.vision_ids = [t.image_pad, t.video_pad, t.vision_start, t.vision_end]
         n_layers = model.config.text_config.num_hidden_layers
-        if cfg.visual_layers is not None and max(cfg.visual_layers) >= n_layers:
-            raise ValueError(f"config: visual_layers must be in [0, {n_layers}), got {cfg.visual_layers}")
+        # One index rule everywhere (-n <= i < n, negative counts from the end): avar_ops.core.select_indices.
+        self.visual_layers = select_indices(cfg.visual_layers, n_layers, "visual_layers")
         self.ref_model = None
         if cfg.beta > 0:
             # A frozen copy taken before the patch (the reference needs no masses) and before any update.
@@ -372,7 +373,7 @@ class GRPOTrainer:
             per_layer,
             ro.response_mask,
             ro.user_mask,
-            cfg.visual_layers,
+            self.visual_layers,
             eps=cfg.visual_eps,
             kind=cfg.visual_reward,
             cap=cfg.visual_reward_cap,
@@ -545,7 +546,7 @@ class GRPOTrainer:
                 per_layer,
                 ro.response_mask,
                 ro.user_mask,
-                cfg.visual_layers,
+                self.visual_layers,
                 eps=cfg.visual_eps,
                 kind=cfg.visual_reward,
                 cap=cfg.visual_reward_cap,

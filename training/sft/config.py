@@ -90,11 +90,10 @@ class SFTConfig:
             )
         if self.agto_empty not in ("error", "skip"):
             raise ConfigError(f"agto_empty must be 'error' or 'skip', got {self.agto_empty!r}")
-        if self.agto_layers is not None and (not self.agto_layers or any(i < 0 for i in self.agto_layers)):
-            raise ConfigError(
-                f"agto_layers must be null (all layers) or a non-empty list of layer indices >= 0, "
-                f"got {self.agto_layers}"
-            )
+        # Indices follow the one rule of avar_ops.core.select_indices (-n <= i < n); the range is checked
+        # against the model's layer count once it is loaded.
+        if self.agto_layers is not None and not self.agto_layers:
+            raise ConfigError(f"agto_layers must be null (all layers) or a non-empty list of layer indices, got []")
         if self.use_cpu and self.deepspeed:
             raise ConfigError("use_cpu disables DeepSpeed; leave it false with a deepspeed config")
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "ccl", "hccl", "cncl", "mccl"):

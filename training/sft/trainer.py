@@ -34,6 +34,7 @@ from typing import List, Optional
 import torch
 from transformers import Trainer
 
+from avar_ops.core import select_indices
 from avar_ops.hf import collect_masses, get_handle
 from avar_ops.method import agto_losses, vas
 
@@ -110,11 +111,9 @@ class AGTOTrainer(Trainer):
         if handle is None:
             raise RuntimeError("AGTOTrainer: the model is not patched; call apply_to_qwen2_5_vl(model, ...) first")
         num_layers = len(self._patched.model.language_model.layers)
-        if agto.layers is not None:
-            bad = [i for i in agto.layers if not 0 <= i < num_layers]
-            if bad or not agto.layers:
-                raise ValueError(f"AGTOTrainer: agto layers must be indices in [0, {num_layers}), got {agto.layers}")
-        self._layers = list(range(num_layers)) if agto.layers is None else sorted(set(agto.layers))
+        # One index rule everywhere (-n <= i < n, negative counts from the end): avar_ops.core.select_indices.
+        chosen = select_indices(agto.layers, num_layers, "agto_layers")
+        self._layers = list(range(num_layers)) if chosen is None else chosen
         if self.args.gradient_checkpointing:
             kw = self.args.gradient_checkpointing_kwargs or {}
             if kw.get("use_reentrant", True) is not False:
