@@ -93,7 +93,7 @@ class SFTConfig:
         # Indices follow the one rule of avar_ops.core.select_indices (-n <= i < n); the range is checked
         # against the model's layer count once it is loaded.
         if self.agto_layers is not None and not self.agto_layers:
-            raise ConfigError(f"agto_layers must be null (all layers) or a non-empty list of layer indices, got []")
+            raise ConfigError("agto_layers must be null (all layers) or a non-empty list of layer indices, got []")
         if self.use_cpu and self.deepspeed:
             raise ConfigError("use_cpu disables DeepSpeed; leave it false with a deepspeed config")
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "ccl", "hccl", "cncl", "mccl"):
