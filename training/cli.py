@@ -60,7 +60,7 @@ def _run_sft(args) -> int:
 
     try:
         train_sft(cfg)
-    except LaunchError as exc:
+    except (LaunchError, ConfigError) as exc:  # settings only the trainer can check (launch, checkpoints)
         return _fail(str(exc), 2)
     except (RecordError, CollateError, FileNotFoundError) as exc:
         return _fail(str(exc), 1)

@@ -38,6 +38,8 @@ from avar_ops.core import select_indices
 from avar_ops.hf import collect_masses, get_handle
 from avar_ops.method import agto_losses, vas
 
+from ..config import ConfigError
+
 __all__ = ["AGTOSettings", "AGTOTrainer", "LaunchError", "LOG_KEYS", "train_sft"]
 
 LOG_KEYS = ("loss_lm", "loss_enhance_img", "loss_suppress_sys", "vas", "image_mass", "agto_samples")
@@ -368,9 +370,9 @@ def train_sft(cfg) -> AGTOTrainer:
     if resume == "latest":
         resume = latest_checkpoint(cfg.output_dir)
         if resume is None:
-            raise FileNotFoundError(f"resume_from_checkpoint: 'latest' but {cfg.output_dir} holds no checkpoint")
+            raise ConfigError(f"resume_from_checkpoint: 'latest' but {cfg.output_dir} holds no checkpoint")
     elif resume is not None and not os.path.isdir(resume):
-        raise FileNotFoundError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
+        raise ConfigError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
     args = training_arguments(cfg)  # before the model: it sets up the distributed state DeepSpeed needs
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size != launched:
