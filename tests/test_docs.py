@@ -547,3 +547,20 @@ def test_fixed_number_matches_the_code(key):
     quoted, decimals = _parse_quote(key[1])
     got = compute()
     assert math.isclose(round(got, decimals[0]), quoted[0]), f"{key[0]} quotes {key[1]} ({why}), the code gives {got}"
+
+
+def test_relative_links_resolve():
+    """Every relative Markdown link of the docs (the reference pages included) names a file that exists."""
+    names = list(_doc_files()) + [
+        os.path.join("docs", "reference", n) for n in os.listdir(os.path.join(ROOT, "docs", "reference"))
+    ]
+    broken = []
+    for name in names:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            if not os.path.exists(os.path.join(ROOT, os.path.dirname(name), target)):
+                broken.append(f"{name}: {target}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
