@@ -333,10 +333,17 @@ def test_readme_links_the_reference():
 
 # ---------------------------------------------------------------------------------------------- quoted numbers
 
+_SCI = r"\d+(?:\.\d+)?·10[⁰¹²³⁴⁵⁶⁷⁸⁹]+"
 _QUOTED = re.compile(
-    r"(?<![\w.])[~≈]?\d+(?:\.\d+)?(?:\s?[–-]\s?\d+(?:\.\d+)?)?(?:·10[⁰¹²³⁴⁵⁶⁷⁸⁹]+)?\s?(?:×|%|ms|µs|GB|MB|kB|s\b)"
+    r"(?<![\w.])[~≈]?\d+(?:\.\d+)?(?:\s?[–-]\s?\d+(?:\.\d+)?)?\s?(?:×|%|ms|µs|GB|MB|kB|s\b)"
+    rf"|{_SCI}(?:–{_SCI})?"
 )
+_SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
 NUMBER_DOCS = ("README.md", os.path.join("docs", "design.md"), os.path.join("benchmarks", "README.md"))
+
+
+def _kind(kind):
+    return lambda r: r["visual_reward"] == kind
 
 
 def _memory_row(length):
@@ -349,6 +356,11 @@ def _memory_row(length):
 MEASURED = [
     ("README.md", "0.4–5 %", "cpu_checks.md", "checks / op", None, 100, "exact"),
     ("README.md", "22–68 µs", "cpu_checks.md", "value checks (µs)", None, 1, "exact"),
+    # the README's first run, benchmarks/rvisual_example.py: per-token ratios and the steps' mean r_visual
+    ("README.md", "25–66", "cpu_rvisual_example.md", "token ratio p50", None, 1, ""),
+    ("README.md", "3.6·10⁴–6.6·10⁵", "cpu_rvisual_example.md", "token ratio max", None, 1, ""),
+    ("README.md", "1.8·10³–3.4·10⁴", "cpu_rvisual_example.md", "r_visual before gating", _kind("ratio"), 1, ""),
+    ("README.md", "1.41–1.46", "cpu_rvisual_example.md", "r_visual before gating", _kind("capped_ratio"), 1, ""),
     ("README.md", "1.00×", "cpu_grpo_step.md", "total vs SDPA", {"L": "960", "method": "avar (fused masses)"}, 1, ""),
     ("README.md", "0.95×", "cpu_grpo_step.md", "peak vs SDPA", {"L": "960", "method": "avar (fused masses)"}, 1, ""),
     ("README.md", "1.08×", "cpu_grpo_step.md", "total vs SDPA", {"L": "960", "method": "eager maps"}, 1, ""),
@@ -476,7 +488,7 @@ def _tables(path):
 
 
 def _number(cell: str) -> float:
-    return float(re.match(r"-?\d+(?:\.\d+)?", cell.strip()).group(0))
+    return float(re.match(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", cell.strip()).group(0))
 
 
 def _values(result, columns, where):
@@ -499,9 +511,14 @@ def _values(result, columns, where):
 
 
 def _parse_quote(text):
-    """'~1.2–1.8×' -> ([1.2, 1.8], [1, 1]) (values and their decimals)."""
-    numbers = re.findall(r"\d+(?:\.\d+)?", text)
-    return [float(n) for n in numbers], [len(n.partition(".")[2]) for n in numbers]
+    """'~1.2–1.8×' -> ([1.2, 1.8], [1, 1]): values and their decimals; '3.6·10⁴' is 3.6e4 with -3 decimals
+    (the mantissa's precision)."""
+    values, decimals = [], []
+    for mantissa, power in re.findall(r"(\d+(?:\.\d+)?)(?:·10([⁰¹²³⁴⁵⁶⁷⁸⁹]+))?", text):
+        exponent = int(power.translate(_SUPERSCRIPT)) if power else 0
+        values.append(float(mantissa) * 10**exponent)
+        decimals.append(len(mantissa.partition(".")[2]) - exponent)
+    return values, decimals
 
 
 def _quotes():
@@ -519,8 +536,11 @@ def test_every_quoted_number_is_found_or_fixed():
         "numbers the docs quote that tests/test_docs.py cannot find in benchmarks/results/ (add the result file and "
         "a MEASURED row, or a FIXED row for a number the code fixes):\n" + "\n".join(unknown)
     )
-    shown = {(doc, text) for doc, _, text in _quotes()}
-    stale = sorted(known - shown)
+    texts = {}
+    for doc in NUMBER_DOCS:
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            texts[doc] = f.read()
+    stale = sorted((doc, text) for doc, text in known if text not in texts[doc])
     assert not stale, f"tests/test_docs.py checks numbers the docs no longer quote: {stale}"
 
 
