@@ -81,10 +81,24 @@ def _arguments_table(parser: argparse.ArgumentParser) -> List[str]:
 
 
 def _usage(parser: argparse.ArgumentParser) -> str:
-    # A fixed width, so the page does not depend on the terminal that generated it.
-    formatter = argparse.HelpFormatter(parser.prog, width=100)
-    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups)
-    return formatter.format_help().strip()
+    # Written here rather than by argparse, whose usage layout changes between Python versions and terminals.
+    parts = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            parts.append("{" + ",".join(action.choices) + "} ...")
+            continue
+        text = _argument(action).replace("`", "").replace(", ", " | ")
+        optional = not action.required or (not action.option_strings and action.nargs in ("*", "?"))
+        parts.append(f"[{text}]" if optional else text)
+    lines, line = [], f"usage: {parser.prog}"
+    for part in parts:
+        if len(line) + 1 + len(part) > 100:
+            lines.append(line)
+            line = " " * 8
+        line += " " + part
+    return "\n".join(lines + [line])
 
 
 def _field_comments(cls) -> Dict[str, str]:
