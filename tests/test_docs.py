@@ -216,7 +216,7 @@ def _config_class(command):
     from avar_train.grpo.config import GRPOConfig
     from avar_train.sft.config import SFTConfig
 
-    return {"sft": SFTConfig, "grpo": GRPOConfig, "vard": VARDConfig}[command]
+    return {"sft": SFTConfig, "grpo": GRPOConfig, "vard": VARDConfig}.get(command)
 
 
 def _check_avar_train(words, where):
@@ -225,10 +225,13 @@ def _check_avar_train(words, where):
     sub = _subparser(build_parser(), words[0])
     unknown = [f for f in _flags(words[1:]) if f not in _option_strings(sub)]
     assert not unknown, f"{where}: avar-train {words[0]} has no {unknown}"
+    recipe = _config_class(words[0])
+    if "--config" not in words or recipe is None:  # a subcommand without a recipe: its flags are all there is
+        return
     config = words[words.index("--config") + 1]
     if config.startswith("training/"):
         assert os.path.isfile(os.path.join(ROOT, config)), f"{where}: no recipe {config}"
-    fields = {f.name for f in dataclasses.fields(_config_class(words[0]))}
+    fields = {f.name for f in dataclasses.fields(recipe)}
     keys = [w.partition("=")[0] for w in words[1:] if "=" in w and not w.startswith("-")]
     unknown = [k for k in keys if k not in fields]
     assert not unknown, f"{where}: the {words[0]} recipe has no keys {unknown}"
