@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Two source trees, one run: times avar_ops.attention as imported from a baseline tree and from a candidate tree.
 
 Each tree runs in its own worker process with PYTHONPATH pointing at it, so that tree's Python wrapper and its

@@ -359,3 +359,13 @@ def test_grpo_reads_openai_files(data, tmp_path):
     assert [r.id for r in chat.records][:2] == ["openai.jsonl:1", "openai.jsonl:2"]
     b = chat.train()[0]
     assert (a["loss"], a["reward"], a["r_visual_raw"]) == (b["loss"], b["reward"], b["r_visual_raw"])
+
+
+def test_visual_layers_follow_the_one_index_rule(data, tmp_path):
+    """visual_layers takes -n <= i < n like every other layer selection (avar_ops.core.select_indices)."""
+    cfg = _cfg(data, tmp_path, visual_layers=[-1, 0])
+    trainer = _trainer(cfg)
+    n = trainer.model.config.text_config.num_hidden_layers
+    assert trainer.visual_layers == sorted({0, n - 1})
+    with pytest.raises(ValueError, match=rf"visual_layers: index {-n - 1} is out of range for {n}"):
+        _trainer(_cfg(data, tmp_path, visual_layers=[-n - 1]))

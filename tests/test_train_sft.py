@@ -419,3 +419,20 @@ def _recipe(tmp_path, tiny_dir, data, out):
     )
     path.write_text(yaml.safe_dump(values))
     return str(path)
+
+
+def test_agto_layers_follow_the_one_index_rule(trainer_and_batch):
+    """agto_layers takes -n <= i < n like every other layer selection (avar_ops.core.select_indices)."""
+    fresh, make, batch, cfg = trainer_and_batch
+    n = len(fresh.model.language_model.layers)
+    for chosen, expected in (([-1], [n - 1]), ([0, -n], [0]), ([-2, 1], sorted({n - 2, 1}))):
+        trainer = AGTOTrainer(
+            model=fresh,
+            args=training_arguments(cfg),
+            agto=AGTOSettings(layers=chosen),
+            data_collator=make().data_collator,
+        )
+        assert trainer._layers == expected
+    for bad in ([n], [-n - 1]):
+        with pytest.raises(ValueError, match=rf"agto_layers: index {bad[0]} is out of range for {n}"):
+            AGTOTrainer(model=fresh, args=training_arguments(cfg), agto=AGTOSettings(layers=bad))

@@ -194,7 +194,7 @@ def _run_sft(args) -> int:
         train_sft(cfg, records=records)
         if run is not None:
             run.finish()
-    except LaunchError as exc:
+    except (LaunchError, ConfigError) as exc:  # settings only the trainer can check (launch, checkpoints)
         return _abandoned(run, str(exc), 2, "sft")
     except (RecordError, CollateError, FileNotFoundError) as exc:
         return _abandoned(run, str(exc), 1, "sft")

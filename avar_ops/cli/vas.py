@@ -43,7 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--vas-layers", type=int, nargs="+", default=None, help="layers to average VAS over (default all)")
     p.add_argument("--heatmaps", type=int, default=0, help="draw image attention maps for the first N samples")
     p.add_argument("--heatmap-layers", type=int, nargs="+", default=[-1], help="layers for the image maps")
-    p.add_argument("--heatmap-queries", choices=["user", "response"], default="user")
+    p.add_argument(
+        "--heatmap-queries",
+        choices=["user", "response"],
+        default="user",
+        help="whose attention the image maps show: the user's question, or the response (the sample's, else greedy)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="response length for --heatmap-queries response")
     p.add_argument("--no-progress", action="store_true")
     add_intervention_args(p)

@@ -560,7 +560,7 @@ class GRPOTrainer:
                 per_layer,
                 ro.response_mask,
                 ro.user_mask,
-                cfg.visual_layers,
+                self.visual_layers,
                 eps=cfg.visual_eps,
                 kind=cfg.visual_reward,
                 cap=cfg.visual_reward_cap,

@@ -39,6 +39,7 @@ from avar_ops.data import finish_checkpoint, latest_checkpoint, staging_folder, 
 from avar_ops.hf import collect_masses, get_handle
 from avar_ops.method import agto_losses, vas
 
+from ..config import ConfigError
 from ..interrupt import Interrupted, StopRequest
 
 __all__ = ["AGTOSettings", "AGTOTrainer", "Interrupted", "LaunchError", "LOG_KEYS", "train_sft"]
@@ -441,10 +442,10 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
     if resume == "latest" or (resume is None and cfg.resume):
         found = latest_checkpoint(cfg.output_dir)
         if found is None and resume == "latest":
-            raise FileNotFoundError(f"resume_from_checkpoint: 'latest' but {cfg.output_dir} holds no whole checkpoint")
+            raise ConfigError(f"resume_from_checkpoint: 'latest' but {cfg.output_dir} holds no whole checkpoint")
         resume = found
     elif resume is not None and not os.path.isdir(resume):
-        raise FileNotFoundError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
+        raise ConfigError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
     args = training_arguments(cfg)  # before the model: it sets up the distributed state DeepSpeed needs
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size != launched:
