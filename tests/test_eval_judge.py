@@ -11,7 +11,7 @@ from test_chat_client import FakeServer
 
 import avar_ops.cli as cli
 from avar_ops.eval import Judge, JudgeError, get_benchmark
-from avar_ops.grading import AnswerChecker, ChatClient
+from avar_ops.grading import ChatClient
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,13 @@ def test_hallusionbench_judge_verdicts_and_unclear_rule(data, tmp_path):
     replies = ["Correct.", "incorrect", "correct", "Unclear", "**Incorrect**", "unclear"]
     with FakeServer([("ok", r) for r in replies]) as server:
         judge = Judge(_client(server), cache_dir=str(tmp_path / "judge"))
-        checks, outputs = judge.check("hallusionbench", samples, ["r%d" % i for i in range(6)], AnswerChecker())
+        checks, outputs = judge.check("hallusionbench", samples, ["r%d" % i for i in range(6)])
         prompt = server.requests[0][2]["messages"][-1]["content"]
     assert "Is the left line longer? (VD/0/0)" in prompt and "Reference answer: yes" in prompt and "r0" in prompt
-    assert [c.status for c in checks] == ["correct", "incorrect", "correct", "incorrect", "incorrect", "incorrect"]
+    # "unclear" is right only for the VS question asked without its figure (the last one): the scorer's rule
+    assert [c.status for c in checks] == ["correct", "incorrect", "correct", "incorrect", "incorrect", "correct"]
     assert [o["score"] for o in outputs] == replies
-    # "unclear" is right only for the VS question asked without its figure (the last one)
+    assert checks[5].rule == "judge/unclear_without_figure" and checks[3].detail == "unclear"
     assert hall.verdicts(samples, checks) == [True, False, True, False, False, True]
 
 
@@ -45,23 +46,23 @@ def test_mathverse_two_steps_and_mathvista_extraction(data, tmp_path):
     script = [("ok", "B"), ("ok", "1/2"), ("ok", "4 cm"), ("ok", "1"), ("ok", " 1"), ("ok", "maybe")]
     with FakeServer(script) as server:
         judge = Judge(_client(server), cache_dir=str(tmp_path / "judge"))
-        checks, outputs = judge.check("mathverse", samples, ["resp a", "resp b", "resp c"], AnswerChecker())
+        checks, outputs = judge.check("mathverse", samples, ["resp a", "resp b", "resp c"])
         scoring = server.requests[3][2]["messages"][-1]["content"]
     assert "Question: q\nStandard answer: B" in scoring and "Model's answer: B" in scoring  # question_for_eval
     assert [c.status for c in checks] == ["correct", "correct", "error"]  # "maybe" is neither 1 nor 0
-    assert [c.extracted for c in checks] == ["B", "1/2", "4 cm"] and checks[0].method == "judge"
+    assert [c.extracted for c in checks] == ["B", "1/2", "4 cm"] and checks[0].rule == "judge"
     assert outputs[2] == {"extract": "4 cm", "score": "maybe"}
     vista = get_benchmark("mathvista")
     samples = vista.load(data["mathvista"])
     with FakeServer([("ok", "B"), ("ok", "2.44"), ("ok", "NONE")]) as server:
         judge = Judge(_client(server))
-        checks, _ = judge.check("mathvista", samples, ["x", "y", "z"], AnswerChecker())
+        checks, _ = judge.check("mathvista", samples, ["x", "y", "z"])
         assert "Hint: answer with the option letter." in server.requests[0][2]["messages"][-1]["content"]
-    # the judge extracts, the rule-based checker compares (MathVista's official pipeline)
+    # the judge extracts, MathVista's scorer compares (the official pipeline)
     assert [c.status for c in checks] == ["correct", "correct", "incorrect"]
-    assert checks[0].method == "judge_extract"
+    assert checks[0].rule.startswith("judge/") and checks[0].mode == "official"
     with pytest.raises(ValueError, match="mmstar is scored without a model"):
-        judge.check("mmstar", [], [], AnswerChecker())
+        judge.check("mmstar", [], [])
 
 
 def test_cache_per_sample_survives_a_new_judge_and_a_cut_line(data, tmp_path):
@@ -69,13 +70,13 @@ def test_cache_per_sample_survives_a_new_judge_and_a_cut_line(data, tmp_path):
     samples = hall.load(data["hallusionbench"])
     cache = str(tmp_path / "judge")
     with FakeServer([("ok", "correct")] * 5) as server:
-        Judge(_client(server), cache_dir=cache).check("hallusionbench", samples, ["a"] * 5, AnswerChecker())
+        Judge(_client(server), cache_dir=cache).check("hallusionbench", samples, ["a"] * 5)
         assert len(server.requests) == 5
     with open(os.path.join(cache, "hallusionbench.jsonl"), "a", encoding="utf-8") as f:
         f.write('{"key": "abc", "outp')  # cut short by an interruption
     with FakeServer([("ok", "incorrect")] * 5) as server:
         judge = Judge(_client(server), cache_dir=cache)
-        checks, _ = judge.check("hallusionbench", samples, ["a"] * 4 + ["changed"], AnswerChecker())
+        checks, _ = judge.check("hallusionbench", samples, ["a"] * 4 + ["changed"])
         assert len(server.requests) == 1  # only the sample whose response changed is asked again
     assert [c.status for c in checks] == ["correct"] * 4 + ["incorrect"]
     with open(os.path.join(cache, "hallusionbench.jsonl"), encoding="utf-8") as f:
@@ -84,7 +85,7 @@ def test_cache_per_sample_survives_a_new_judge_and_a_cut_line(data, tmp_path):
     # another judge model does not reuse these replies
     with FakeServer([("ok", "correct")] * 5) as server:
         other = Judge(ChatClient(server.url, "other", concurrency=1, max_retries=0), cache_dir=cache)
-        other.check("hallusionbench", samples, ["a"] * 5, AnswerChecker())
+        other.check("hallusionbench", samples, ["a"] * 5)
         assert len(server.requests) == 5
 
 
