@@ -110,10 +110,10 @@ def _argv(data, out, url):
 
 def test_judge_down_is_one_line_before_the_model_loads(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli.loading, "load_model", _no_model)
-    assert cli.main(_argv(data, str(tmp_path / "run"), _closed_port_url())) == 1
+    assert cli.main(_argv(data, str(tmp_path / "run"), _closed_port_url())) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("avar eval: error: judge at http://127.0.0.1:")
-    assert "checked before loading the model" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("avar eval: error: --judge-url: http://127.0.0.1:")
+    assert "does not answer" in err and "Traceback" not in err
 
 
 def test_judge_run_report_and_resume_after_the_judge_goes_down(data, tmp_path, capsys):
@@ -123,11 +123,15 @@ def test_judge_run_report_and_resume_after_the_judge_goes_down(data, tmp_path, c
         code = cli.main(_argv(data, out, server.url) + ["--batch-size", "1"])
     assert code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "answered 500" in err and "rerun the same command to continue" in err
+    assert (
+        len(err.splitlines()) == 1
+        and "answered 500" in err
+        and "rerun the same command with --resume to continue" in err
+    )
     with open(os.path.join(out, "samples", "hallusionbench.jsonl"), encoding="utf-8") as f:
         assert len(f.read().splitlines()) == 1  # the first answer is kept
     with FakeServer([("ok", "OK")] + [("ok", "incorrect")] * 5) as server:
-        assert cli.main(_argv(data, out, server.url) + ["--batch-size", "1"]) == 0
+        assert cli.main(_argv(data, out, server.url) + ["--batch-size", "1", "--resume"]) == 0
         assert len(server.requests) == 1 + 5  # the ping and the five questions not judged yet
         url = server.url
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:

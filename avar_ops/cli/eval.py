@@ -81,9 +81,12 @@ def _check_prompt_lengths(args, specs, loaded, limits) -> None:
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             n = len(tokenizer(text, verbose=False)["input_ids"])
             if n + limits[name] > context:
+                limit = ("--max-new-tokens is %d" if args.max_new_tokens else "the generation limit is %d") % limits[
+                    name
+                ]
                 raise DataError(
-                    "%s sample %r: the prompt is %d tokens without its images and the generation limit is %d; the "
-                    "model's context holds %d" % (name, sample.id, n, limits[name], context)
+                    "%s sample %r: the prompt is %d tokens without its images and %s; the model's context holds %d"
+                    % (name, sample.id, n, limit, context)
                 )
 
 
