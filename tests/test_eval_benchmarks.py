@@ -314,3 +314,23 @@ def test_registry_matches_the_paper():
         "HallusionBench",
     ]
     assert get_benchmark("MMMU-Pro").name == "mmmu_pro"
+
+
+@pytest.mark.parametrize("name", sorted(eval_fixtures.WRITERS))
+def test_every_loaded_sample_carries_what_its_scorer_reads(data, name):
+    """The loader puts the columns each scorer reads into the sample's fields: the reference stated in a box is
+    right by the benchmark's own rule, unflagged, in both modes, and another option letter is wrong."""
+    bench = get_benchmark(name)
+    split = "all" if name in ("hallusionbench", "mmmu_pro") else None
+    samples = bench.load(data[name], split=split)
+    for s in samples:
+        for mode in ("official", "strict"):
+            result = score(name, "The answer is \\boxed{%s}." % s.answer.gold, s.fields, mode)
+            assert (result.status, result.flagged) == ("correct", False), (s.id, mode, result)
+        if s.answer.kind == "choice":
+            other = "A" if s.answer.gold != "A" else "B"
+            assert score(name, "The answer is (%s)." % other, s.fields).status == "incorrect", s.id
+        if s.answer.options:  # the options reach the scorer: the right option's text names it
+            text = s.answer.options[ord(s.answer.gold) - ord("A")]
+            result = score(name, "The answer is %s." % text, s.fields, "strict")
+            assert (result.status, result.extracted) == ("correct", s.answer.gold), (s.id, result)
