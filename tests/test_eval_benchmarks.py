@@ -19,7 +19,7 @@ from avar_ops.eval import (
     ids_digest,
     sample_subset,
 )
-from avar_ops.grading import AnswerSpec
+from avar_ops.grading import AnswerSpec, score
 from avar_ops.grading.answers import CheckResult
 
 
@@ -60,7 +60,12 @@ def test_mathvision_mathverse_mmstar(data):
     assert [s.fields["problem_version"] for s in verse] == ["Vision Only"] * 3
     star = get_benchmark("mmstar").load(data["mmstar"])
     assert [s.answer.gold for s in star] == ["A", "D"] and "Options: A: red" in star[0].prompt
-    assert star[1].fields == {"category": "fine-grained perception", "l2_category": "counting"}
+    assert star[1].fields == {
+        "category": "fine-grained perception",
+        "l2_category": "counting",
+        "question": "How many dots?\nOptions: A: 1, B: 2, C: 3, D: 4",  # the scorer reads the options from it
+        "answer": "D",
+    }
 
 
 def test_mmmu_and_pro(data):
@@ -249,14 +254,22 @@ def test_hallusion_scores_by_hand(data):
 @pytest.mark.parametrize("unclear", ["I cannot tell from the text alone", "", "yes or no"])
 def test_hallusion_unclear_counts_right_only_without_a_figure(data, unclear):
     """An answer with no yes/no verdict to a VS question asked without its figure is right (the official
-    rule: the model cannot know); the same answer where the figure is given stays wrong."""
+    rule: the model cannot know); the same answer where the figure is given stays wrong. The rule is the
+    scorer's, read from the fields the loader gives each sample."""
     hall = get_benchmark("hallusionbench")
     samples = hall.load(data["hallusionbench"], split="all")
-    results = [_result(True)] * 4 + [_result(False, unclear), _result(False, unclear)]
+    golds = [s.answer.gold for s in samples]
+    results = [score("hallusionbench", g, s.fields) for s, g in zip(samples[:4], golds)]
+    results += [score("hallusionbench", unclear, s.fields) for s in samples[4:]]
     assert hall.verdicts(samples, results) == [True, True, True, True, False, True]
+    # a hedge naming both words is the official rule's leniency: flagged, and wrong in strict mode
+    hedge = unclear == "yes or no"
+    assert results[5].flagged == hedge
+    assert score("hallusionbench", unclear, samples[5].fields, "strict").correct == (not hedge)
     # an explicit wrong answer without the figure stays wrong
-    for wrong in ("no", "No, the left line is shorter."):
-        assert hall.verdicts(samples, [_result(True)] * 5 + [_result(False, wrong)])[5] is False
+    wrong_word = "yes" if golds[5] == "no" else "no"
+    for wrong in (wrong_word, "%s, the left line is shorter." % wrong_word.capitalize()):
+        assert hall.verdicts(samples, results[:5] + [score("hallusionbench", wrong, samples[5].fields)])[5] is False
     scores = hall.score(samples, results)
     assert scores["aAcc"] == pytest.approx(100 * 5 / 6) and scores["accuracy"] == scores["aAcc"]
     assert hall.breakdown_tables(samples, results)["category"]["VS"]["n_correct"] == 1
@@ -301,3 +314,23 @@ def test_registry_matches_the_paper():
         "HallusionBench",
     ]
     assert get_benchmark("MMMU-Pro").name == "mmmu_pro"
+
+
+@pytest.mark.parametrize("name", sorted(eval_fixtures.WRITERS))
+def test_every_loaded_sample_carries_what_its_scorer_reads(data, name):
+    """The loader puts the columns each scorer reads into the sample's fields: the reference stated in a box is
+    right by the benchmark's own rule, unflagged, in both modes, and another option letter is wrong."""
+    bench = get_benchmark(name)
+    split = "all" if name in ("hallusionbench", "mmmu_pro") else None
+    samples = bench.load(data[name], split=split)
+    for s in samples:
+        for mode in ("official", "strict"):
+            result = score(name, "The answer is \\boxed{%s}." % s.answer.gold, s.fields, mode)
+            assert (result.status, result.flagged) == ("correct", False), (s.id, mode, result)
+        if s.answer.kind == "choice":
+            other = "A" if s.answer.gold != "A" else "B"
+            assert score(name, "The answer is (%s)." % other, s.fields).status == "incorrect", s.id
+        if s.answer.options:  # the options reach the scorer: the right option's text names it
+            text = s.answer.options[ord(s.answer.gold) - ord("A")]
+            result = score(name, "The answer is %s." % text, s.fields, "strict")
+            assert (result.status, result.extracted) == ("correct", s.answer.gold), (s.id, result)

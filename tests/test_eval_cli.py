@@ -111,7 +111,7 @@ def test_resume_after_interruption(full_run, data, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert code == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (
-        "avar eval: interrupted at sample 1 of 7 (every answered sample is saved); rerun the same command with "
+        "avar eval: interrupted at sample 1 of 8 (every answered sample is saved); rerun the same command with "
         "--resume to resume"
     )
     first = _records(out, "mmstar")
@@ -238,7 +238,11 @@ def test_output_location_errors(full_run, data, tmp_path, monkeypatch, capsys):
     assert "already holds a run" in err and "--resume" in err and len(err.strip().splitlines()) == 1
     assert cli.main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "holds a run with other settings (max_new_tokens: 4 -> 5)" in err and len(err.strip().splitlines()) == 1
+    assert (
+        "holds a run with other settings (" in err
+        and "max_new_tokens: 4 -> 5)" in err
+        and len(err.strip().splitlines()) == 1
+    )
     # a second writer of one run folder is refused, naming the one that holds it
     busy = tmp_path / "busy"
     busy.mkdir()

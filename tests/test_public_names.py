@@ -36,7 +36,8 @@ AVAR_FLAGS = {
     + ["--bench", "--out", "--label", "--limit", "--batch-size", "--max-new-tokens", "--system", "--min-pixels"]
     + ["--max-pixels", "--seed", "--judge-url", "--judge-model", "--judge-key-env", "--checker-timeout"]
     + ["--no-progress", "--resume", "--overwrite"]
-    + ["--sample", "--sample-seed", "--mathverse-prompt", "--hallusion-instruction", "--judge-retries"],  # added since
+    + ["--sample", "--sample-seed", "--mathverse-prompt", "--hallusion-instruction", "--judge-retries"]  # added since
+    + ["--scoring"],
     "correlate": ["--out", "--confidence"],
 }
 TRAIN_FLAGS = {"sft": ["--config"], "vard": ["--config"], "grpo": ["--config"], "check": ["--command", "--config"]}

@@ -81,9 +81,12 @@ def _check_prompt_lengths(args, specs, loaded, limits) -> None:
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             n = len(tokenizer(text, verbose=False)["input_ids"])
             if n + limits[name] > context:
+                limit = ("--max-new-tokens is %d" if args.max_new_tokens else "the generation limit is %d") % limits[
+                    name
+                ]
                 raise DataError(
-                    "%s sample %r: the prompt is %d tokens without its images and the generation limit is %d; the "
-                    "model's context holds %d" % (name, sample.id, n, limits[name], context)
+                    "%s sample %r: the prompt is %d tokens without its images and %s; the model's context holds %d"
+                    % (name, sample.id, n, limit, context)
                 )
 
 
@@ -148,6 +151,14 @@ def add_parser(sub) -> None:
         "--judge-retries", type=int, default=4, help="retries of a failed judge request (with backoff) before giving up"
     )
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument(
+        "--scoring",
+        choices=("official", "strict"),
+        default="official",
+        help="each benchmark's official rule (default), or strict: the same rules without MMMU's random guess, "
+        "MathVista's most-similar-choice mapping and integer truncation, MMMU's substring match on open "
+        "questions and HallusionBench's hedged unclear answer (see README, Scoring)",
+    )
     p.add_argument("--checker-timeout", type=float, default=5.0, help="seconds per LaTeX answer check")
     p.add_argument("--no-progress", action="store_true")
     add_intervention_args(p)
@@ -257,6 +268,7 @@ def _cmd_eval(args) -> int:
         intervention=iv.to_dict() if iv is not None else None,
         extraction=judge.mode if judge is not None else runner.RULE_BASED,
         judge_url=judge.client.url if judge is not None else None,
+        scoring=args.scoring,
         dtype=args.dtype,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
@@ -324,10 +336,9 @@ def _evaluate(args, specs, loaded, settings, iv, judge) -> int:
 
 def _run_benchmarks(args, specs, loaded, limits, model, processor, iv, judge, rows) -> None:
     from avar_ops.eval import runner
-    from avar_ops.grading import AnswerChecker, LatexChecker
+    from avar_ops.grading import LatexChecker
 
     with LatexChecker(timeout=args.checker_timeout) as latex:
-        checker = AnswerChecker(latex)
         for name, _, _ in specs:
             bench = BENCHMARKS[name]
             records = runner.evaluate_benchmark(
@@ -340,7 +351,8 @@ def _run_benchmarks(args, specs, loaded, limits, model, processor, iv, judge, ro
                 system_prompt=args.system,
                 max_new_tokens=limits[name],
                 batch_size=args.batch_size,
-                checker=checker,
+                scoring=args.scoring,
+                latex=latex,
                 judge=judge,
                 progress=not args.no_progress,
             )

@@ -15,9 +15,9 @@ from avar_ops.eval.benchmarks import (
     accuracy,
     get_benchmark,
     hallusion_scores,
-    hallusion_verdicts,
     ids_digest,
     sample_subset,
+    verdicts_of,
 )
 from avar_ops.eval.judge import JUDGED, Judge, JudgeError
 from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage
@@ -34,7 +34,7 @@ __all__ = [
     "accuracy",
     "get_benchmark",
     "hallusion_scores",
-    "hallusion_verdicts",
+    "verdicts_of",
     "ids_digest",
     "sample_subset",
     "Judge",

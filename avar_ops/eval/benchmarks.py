@@ -26,7 +26,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
-import re
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from avar_ops.data import TextError, check_text
 from avar_ops.eval.parquet_files import BenchmarkDataError, LazyImage, find_files, read_rows
-from avar_ops.grading import MAX_OPTIONS, AnswerSpec, CheckResult
+from avar_ops.grading import MAX_OPTIONS, AnswerSpec, ScoreResult
 
 LETTERS = string.ascii_uppercase
 
@@ -48,7 +47,9 @@ class Sample:
     prompt: str
     images: List[LazyImage]
     answer: AnswerSpec
-    fields: Dict[str, str] = field(default_factory=dict)  # grouping / breakdown fields (category, set_id, …)
+    # the release's columns its scorer reads (avar_ops.grading.score: answer, options, …) and the grouping /
+    # breakdown fields (category, set_id, …)
+    fields: Dict[str, object] = field(default_factory=dict)
 
 
 # a field holding several values (MathVista's skills) joins them with this; each value gets its own table row
@@ -165,13 +166,12 @@ class Benchmark:
             raise BenchmarkDataError("%s: no samples of the %s split in %s" % (self.name, split, path))
         return samples
 
-    def verdicts(self, samples: Sequence[Sample], results: Sequence[CheckResult]) -> List[Optional[bool]]:
-        """Per sample: right, wrong, or None when the answer could not be checked (timeout, checker error)."""
-        if self.name == "hallusionbench":
-            return hallusion_verdicts(samples, results)
-        return [r.correct if r.scored else None for r in results]
+    def verdicts(self, samples: Sequence[Sample], results: Sequence[ScoreResult]) -> List[Optional[bool]]:
+        """Per sample: right, wrong, or None when the answer could not be checked (timeout, checker error). The
+        benchmark's own rule (HallusionBench's "unclear" without a figure, …) is the scorer's, already applied."""
+        return verdicts_of(results)
 
-    def score(self, samples: Sequence[Sample], results: Sequence[CheckResult]) -> Dict[str, float]:
+    def score(self, samples: Sequence[Sample], results: Sequence[ScoreResult]) -> Dict[str, float]:
         verdicts = self.verdicts(samples, results)
         scores = accuracy_of(verdicts, results)
         if self.name == "hallusionbench":
@@ -186,7 +186,7 @@ class Benchmark:
                 scores.update(_mmmu_pro_headline(scores))
         return scores
 
-    def breakdown_tables(self, samples: Sequence[Sample], results: Sequence[CheckResult]) -> Dict[str, dict]:
+    def breakdown_tables(self, samples: Sequence[Sample], results: Sequence[ScoreResult]) -> Dict[str, dict]:
         """Per breakdown field: value -> accuracy over the samples with that value (a multi-valued field counts a
         sample under each of its values)."""
         verdicts = self.verdicts(samples, results)
@@ -235,12 +235,16 @@ def _matches(path: str, pattern: str) -> bool:
 # --- scoring ----------------------------------------------------------------------------------------------
 
 
-def accuracy(results: Sequence[CheckResult]) -> Dict[str, float]:
+def accuracy(results: Sequence[ScoreResult]) -> Dict[str, float]:
     """Accuracy over the answers that were checked; timeouts and checker errors are counted apart."""
-    return accuracy_of([r.correct if r.scored else None for r in results], results)
+    return accuracy_of(verdicts_of(results), results)
 
 
-def accuracy_of(verdicts: Sequence[Optional[bool]], results: Sequence[CheckResult]) -> Dict[str, float]:
+def verdicts_of(results: Sequence[ScoreResult]) -> List[Optional[bool]]:
+    return [r.correct if r.scored else None for r in results]
+
+
+def accuracy_of(verdicts: Sequence[Optional[bool]], results: Sequence[ScoreResult]) -> Dict[str, float]:
     scored = [v for v in verdicts if v is not None]
     correct = sum(scored)
     return {
@@ -270,37 +274,17 @@ def _mmmu_pro_headline(scores: Dict) -> Dict[str, float]:
     return out
 
 
-def _is_unclear(result: CheckResult) -> bool:
-    """No yes/no verdict in the answer read from the response: both words or neither, as VLMEvalKit's
-    `YOrN_Extraction` (vlmeval/dataset/utils/yorn.py) returns "Unknown" (the official judge's "unclear")."""
-    words = set(re.findall(r"[a-z]+", (result.extracted or "").lower()))
-    return ("yes" in words) == ("no" in words)
-
-
-def hallusion_verdicts(samples: Sequence[Sample], results: Sequence[CheckResult]) -> List[Optional[bool]]:
-    """Right / wrong per question by HallusionBench's rule: a VS question asked without its figure
-    (figure_id 0) has no answer to see, so "unclear" counts as right there (lmms-eval
-    tasks/hallusion_bench/utils.py, `assign_correctness`; the same rule in the official repo's utils.py)."""
-    out: List[Optional[bool]] = []
-    for sample, result in zip(samples, results):
-        if not result.scored:
-            out.append(None)
-            continue
-        no_figure = sample.fields["category"] == "VS" and str(sample.fields["figure_id"]) == "0"
-        out.append(result.correct or (no_figure and _is_unclear(result)))
-    return out
-
-
-def hallusion_scores(samples: Sequence[Sample], results: Sequence[CheckResult]) -> Dict[str, float]:
+def hallusion_scores(samples: Sequence[Sample], results: Sequence[ScoreResult]) -> Dict[str, float]:
     """HallusionBench's three accuracies: all questions (aAcc), figures whose every question is right (fAcc),
     and questions right on every figure they are asked about (qAcc). `accuracy` is aAcc.
 
     fAcc leaves out the VS questions with figure_id 0, which are asked without a figure (lmms-eval
     tasks/hallusion_bench/utils.py, `get_eval_fig`); qAcc keeps them in their question's group
-    (`get_eval_pair_all`). A group with a timeout or checker error in it is left out of fAcc / qAcc (it cannot
-    be judged).
+    (`get_eval_pair_all`). An "unclear" answer to such a question counts right by the scorer's rule
+    (avar_ops.grading.scorers.score_hallusionbench). A group with a timeout or checker error in it is left
+    out of fAcc / qAcc (it cannot be judged).
     """
-    verdicts = hallusion_verdicts(samples, results)
+    verdicts = verdicts_of(results)
     scores = accuracy_of(verdicts, results)
     figures, questions = defaultdict(list), defaultdict(list)
     for sample, verdict in zip(samples, verdicts):
@@ -376,9 +360,7 @@ def _mathvista(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sa
         if answer_type == "integer":
             spec = AnswerSpec(answer, "number")
         elif answer_type == "float":
-            precision = row.get("precision")
-            defined = precision is not None and precision == precision  # the release stores NaN when unset
-            spec = AnswerSpec(answer, "number", precision=int(precision) if defined else None)
+            spec = AnswerSpec(answer, "number", precision=_precision(row.get("precision")))
         elif answer_type in ("text", "list"):
             spec = AnswerSpec(answer, "text")
         else:
@@ -396,8 +378,17 @@ def _mathvista(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sa
             "answer_type": str(row.get("answer_type")),
             "unit": str(row.get("unit") or ""),
             **_mathvista_meta(row.get("metadata")),
+            # scored by score_mathvista: the choice's text is the reference
+            "answer": answer,
+            "choices": choices,
+            "precision": _precision(row.get("precision")),
         },
     )
+
+
+def _precision(value) -> Optional[int]:
+    # the release stores NaN when a float answer has no precision
+    return int(value) if value is not None and value == value else None
 
 
 def _mathvista_meta(meta) -> Dict[str, str]:
@@ -433,7 +424,12 @@ def _mathvision(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> S
         prompt + "\n\n" + _MATHVISION_INSTRUCTION,
         [_image(row, "decoded_image", where)],
         spec,
-        {"subject": str(row.get("subject") or ""), "level": str(row.get("level") or "")},
+        {
+            "subject": str(row.get("subject") or ""),
+            "level": str(row.get("level") or ""),
+            "answer": answer,
+            "options": options,
+        },
     )
 
 
@@ -463,6 +459,7 @@ def _mathverse(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Op
         {
             "question_type": str(row.get("question_type")),
             "problem_version": str(version or "Vision Only"),
+            "answer": answer,
             # the question text MathVerse's scoring step reads (the judge's prompt uses it when present)
             **({"question_for_eval": str(row["question_for_eval"])} if row.get("question_for_eval") else {}),
         },
@@ -506,7 +503,13 @@ def _mmmu_like(name: str, row: Dict, where: str, open_allowed: bool) -> Sample:
     sample_id = _text(row, "id", where)
     if not fields.get("subject"):
         fields["subject"] = _subject_of(sample_id)
+    fields.update(_mmmu_scoring(sample_id, answer, options, "open" if is_open else "multiple-choice"))
     return Sample(name, sample_id, prompt, _mmmu_images(row, where), spec, fields)
+
+
+def _mmmu_scoring(sample_id: str, answer: str, options: List[str], question_type: str) -> Dict:
+    """What score_mmmu / score_mmmu_pro read; the id seeds the official random guess."""
+    return {"id": sample_id, "answer": answer, "options": options, "question_type": question_type}
 
 
 def _mmmu(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sample:
@@ -529,6 +532,7 @@ def _mmmu_pro(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sam
     fields = {k: str(row.get(k) or "") for k in ("subject", "topic_difficulty") if k in row}
     if not fields.get("subject"):
         fields["subject"] = _subject_of(sample_id)
+    fields.update(_mmmu_scoring(sample_id, answer, options, "multiple-choice"))
     return Sample("mmmu_pro", sample_id, _MMMU_PRO_VISION, [_image(row, "image", where)], spec, fields)
 
 
@@ -543,7 +547,12 @@ def _mmstar(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sampl
         _text(row, "question", where) + "\n" + _MMMU_CHOICE,  # the options are part of the question text
         [_image(row, "image", where)],
         AnswerSpec(_letter(answer, MAX_OPTIONS, where), "choice", num_options=MAX_OPTIONS),
-        {k: str(row.get(k) or "") for k in ("category", "l2_category") if k in row},
+        {
+            **{k: str(row.get(k) or "") for k in ("category", "l2_category") if k in row},
+            # score_mmstar reads the options from the question text
+            "question": _text(row, "question", where),
+            "answer": answer,
+        },
     )
 
 
@@ -566,6 +575,7 @@ def _hallusion(row: Dict, index: int, where: str, opts: Mapping[str, str]) -> Sa
         fields[k] for k in ("category", "subcategory", "set_id", "figure_id", "question_id")
     )
     fields["visual_input"] = str(row.get("visual_input", "1" if images else "0"))
+    fields["gt_answer"] = gt  # score_hallusionbench reads it with category and figure_id
     if row.get("gt_answer_details"):  # the reference the official judge reads
         fields["gt_answer_details"] = str(row["gt_answer_details"])
     return Sample(

@@ -1,12 +1,14 @@
 """Judge mode: a model behind an OpenAI-compatible endpoint does the part of scoring that each benchmark's
 official evaluation gives to GPT, and nothing else:
 
-- MathVista: the judge extracts the final answer; the rule-based checker then compares it with the reference
-  (the official pipeline: `extract_answer` with GPT, then rule-based normalisation and comparison).
+- MathVista: the judge extracts the final answer; MathVista's scorer (`avar_ops.grading.score`) then compares it
+  with the reference (the official pipeline: `extract_answer` with GPT, then rule-based normalisation and
+  comparison).
 - MathVerse: the judge extracts the answer, then judges it against the standard answer, 1 or 0 (the official
   two steps: answer extraction, then the scoring prompt).
 - HallusionBench: the judge reads question, reference and response and says correct, incorrect or unclear
-  (lmms-eval tasks/hallusion_bench/utils.py, `evaluate_by_chatgpt`; parsed as there: "incorrect" first).
+  (lmms-eval tasks/hallusion_bench/utils.py, `evaluate_by_chatgpt`; parsed as there: "incorrect" first); an
+  unclear reply goes to HallusionBench's scorer as an answer without a yes / no, whose rule decides it.
 
 The other benchmarks' official scoring uses no model, so they stay rule-based under --judge. The prompts are
 written from the official repositories' descriptions of these steps. Every judge reply is cached per sample in
@@ -21,7 +23,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from avar_ops.grading import AnswerChecker, ChatClient, ChatClientError, CheckResult
+from avar_ops.grading import ChatClient, ChatClientError, LatexChecker, ScoreResult, score
 
 JUDGED = ("mathvista", "mathverse", "hallusionbench")
 
@@ -68,7 +70,7 @@ class JudgeError(RuntimeError):
 
 
 class Judge:
-    """Asks the judge model, caches each reply per sample, and turns replies into CheckResults."""
+    """Asks the judge model, caches each reply per sample, and turns replies into ScoreResults."""
 
     def __init__(self, client: ChatClient, cache_dir: Optional[str] = None):
         self.client = client
@@ -104,14 +106,19 @@ class Judge:
             raise JudgeError("judge at %s: %s" % (self.client.url, exc)) from None
 
     def check(
-        self, benchmark: str, samples: Sequence, responses: Sequence[str], checker: AnswerChecker
-    ) -> Tuple[List[CheckResult], List[dict]]:
-        """CheckResults for one batch of `benchmark` (one of JUDGED) and, per sample, the judge's replies."""
+        self,
+        benchmark: str,
+        samples: Sequence,
+        responses: Sequence[str],
+        mode: str = "official",
+        latex: Optional[LatexChecker] = None,
+    ) -> Tuple[List[ScoreResult], List[dict]]:
+        """ScoreResults for one batch of `benchmark` (one of JUDGED) and, per sample, the judge's replies; `mode`
+        is the scorer's (official or strict) where a scorer compares what the judge read."""
         if benchmark == "mathvista":
             prompts = [_MATHVISTA_EXTRACT.format(question=s.prompt, response=r) for s, r in zip(samples, responses)]
             extracted = self._ask(benchmark, "extract", prompts)
-            checks = checker.check_many([_tagged(e) for e in extracted], [s.answer for s in samples])
-            checks = [_relabel(c, "judge_extract") for c in checks]
+            checks = [_relabel(score(benchmark, _tagged(e), s.fields, mode, latex)) for s, e in zip(samples, extracted)]
             return checks, [{"extract": e} for e in extracted]
         if benchmark == "mathverse":
             prompts = [_MATHVERSE_EXTRACT.format(response=r) for r in responses]
@@ -124,14 +131,13 @@ class Judge:
             ]
             scores = self._ask(benchmark, "score", prompts)
             checks = []
-            for e, score in zip(extracted, scores):
-                verdict = _first_digit(score)
+            for e, reply in zip(extracted, scores):
+                verdict = _first_digit(reply)
                 if verdict is None:
-                    checks.append(
-                        CheckResult("error", e, "judge", "judge", "judge reply %r is not 0 or 1" % score[:80])
-                    )
+                    detail = "judge reply %r is not 0 or 1" % reply[:80]
+                    checks.append(ScoreResult(False, e, "judge", mode, False, "error", detail))
                 else:
-                    checks.append(CheckResult("correct" if verdict else "incorrect", e, "judge", "judge"))
+                    checks.append(ScoreResult(bool(verdict), e, "judge", mode, False, _status(bool(verdict))))
             return checks, [{"extract": e, "score": s} for e, s in zip(extracted, scores)]
         if benchmark == "hallusionbench":
             golds = [s.fields.get("gt_answer_details") or s.answer.gold for s in samples]
@@ -146,11 +152,12 @@ class Judge:
                 # the official parse: "incorrect" is looked for first, since it contains "correct"
                 if "incorrect" in text:
                     wrong = "no" if s.answer.gold == "yes" else "yes"
-                    checks.append(CheckResult("incorrect", wrong, "judge", "judge"))
+                    checks.append(ScoreResult(False, wrong, "judge", mode, False, _status(False)))
                 elif "correct" in text:
-                    checks.append(CheckResult("correct", s.answer.gold, "judge", "judge"))
-                else:  # unclear: no verdict, which HallusionBench's rule counts right without a figure
-                    checks.append(CheckResult("incorrect", "", "judge", "judge", "unclear"))
+                    checks.append(ScoreResult(True, s.answer.gold, "judge", mode, False, _status(True)))
+                else:  # unclear: an answer with neither yes nor no, decided by the scorer's rule (figure or not)
+                    unclear = score(benchmark, "", s.fields, mode, latex)
+                    checks.append(_relabel(unclear, detail="unclear"))
             return checks, [{"score": r} for r in replies]
         raise ValueError("judge: %s is scored without a model (expected one of %s)" % (benchmark, ", ".join(JUDGED)))
 
@@ -212,8 +219,16 @@ def _tagged(output: str) -> str:
     return "<answer></answer>" if output.upper() == "NONE" else "<answer>%s</answer>" % output
 
 
-def _relabel(check: CheckResult, method: str) -> CheckResult:
-    return CheckResult(check.status, check.extracted, method, check.kind, check.detail)
+def _relabel(result: ScoreResult, detail: Optional[str] = None) -> ScoreResult:
+    """The scorer's verdict on what the judge read, its rule marked as reached through the judge."""
+    rule = "judge/" + result.rule
+    return ScoreResult(
+        result.correct, result.extracted, rule, result.mode, result.flagged, result.status, detail or result.detail
+    )
+
+
+def _status(ok: bool) -> str:
+    return "correct" if ok else "incorrect"
 
 
 def _first_digit(reply: str) -> Optional[int]:

@@ -1,5 +1,6 @@
-"""`avar eval`'s engine: batched generation under the patch, VAS from the same generation's prefill, answer
-checking, resumable per-sample JSONL, and the report in the paper's table layout.
+"""`avar eval`'s engine: batched generation under the patch, VAS from the same generation's prefill, scoring by
+each benchmark's own rule (`avar_ops.grading.score`, official or strict), resumable per-sample JSONL, and the
+report in the paper's table layout.
 
 Run folder layout (every name fixed here; nothing derived from the data becomes a path):
 
@@ -24,7 +25,7 @@ from avar_ops.core import GROUP_NAMES
 from avar_ops.data import build_inputs
 from avar_ops.eval.benchmarks import PAPER_ORDER, REASONING_BUDGET, Benchmark, Sample, ids_digest
 from avar_ops.eval.judge import JUDGED
-from avar_ops.grading import AnswerChecker, CheckResult
+from avar_ops.grading import MODES, LatexChecker, ScoreResult, score
 from avar_ops.hf import collect_masses, token_groups
 from avar_ops.method import generate, intervened
 from avar_ops.method import vas as vas_metric
@@ -60,6 +61,7 @@ class EvalSettings:
     sample: Optional[int] = None  # a seeded subset of N per benchmark (benchmarks.sample_subset)
     sample_seed: int = 0
     judge_url: Optional[str] = None
+    scoring: str = "official"  # the scorers' mode (avar_ops.grading.MODES): official rule, or strict
 
     # settings that may differ between a run and its continuation (they change no answer; records are per id, and
     # a larger --sample keeps the smaller one's questions); each record keeps the batch size it was answered with
@@ -201,12 +203,16 @@ def evaluate_benchmark(
     system_prompt: Optional[str] = None,
     max_new_tokens: int = 512,
     batch_size: int = 1,
-    checker: Optional[AnswerChecker] = None,
+    scoring: str = "official",
+    latex: Optional[LatexChecker] = None,
     judge=None,
     progress: bool = True,
 ) -> List[dict]:
-    """Answer, check and measure every sample not yet in `records_path`; returns all records in sample order."""
-    checker = checker or AnswerChecker()
+    """Answer, score and measure every sample not yet in `records_path`; returns all records in sample order.
+    Each answer is scored by its benchmark's rule in mode `scoring` (official or strict); `latex` checks the
+    symbolic answers (a default checker when None)."""
+    if scoring not in MODES:
+        raise ValueError("scoring: expected one of %s, got %r" % (", ".join(MODES), scoring))
     done = read_records(records_path)
     todo = [s for s in samples if s.id not in done]
     device = next(model.parameters()).device
@@ -225,17 +231,18 @@ def evaluate_benchmark(
             responses = [processor.tokenizer.decode(t, skip_special_tokens=True) for t in rows]
             judged = None
             if judge is not None and judge.covers(benchmark.name):
-                checks, judged = judge.check(benchmark.name, batch, responses, checker)
+                checks, judged = judge.check(benchmark.name, batch, responses, scoring, latex)
             else:
-                checks = checker.check_many(responses, [s.answer for s in batch])
+                checks = [score(benchmark.name, r, s.fields, scoring, latex) for s, r in zip(batch, responses)]
             for i, (s, tokens, check, stat) in enumerate(zip(batch, rows, checks, stats)):
                 record = {
                     "id": s.id,
                     "response": responses[i],
                     "generated_tokens": len(tokens),
                     "extracted": check.extracted,
-                    "method": check.method,
-                    "kind": check.kind,
+                    "rule": check.rule,
+                    "mode": check.mode,
+                    "flagged": check.flagged,
                     "status": check.status,
                     "detail": check.detail,
                     "gold": s.answer.gold,
@@ -255,8 +262,16 @@ def evaluate_benchmark(
     return [done[s.id] for s in samples]
 
 
-def _result_of(record: dict) -> CheckResult:
-    return CheckResult(record["status"], record.get("extracted"), record.get("method", ""), record.get("kind", ""))
+def _result_of(record: dict) -> ScoreResult:
+    return ScoreResult(
+        record["status"] == "correct",
+        record.get("extracted"),
+        record.get("rule", ""),
+        record.get("mode", ""),
+        bool(record.get("flagged", False)),
+        record["status"],
+        record.get("detail", ""),
+    )
 
 
 def benchmark_row(benchmark: Benchmark, samples: Sequence[Sample], records: Sequence[dict]) -> dict:
@@ -270,7 +285,10 @@ def benchmark_row(benchmark: Benchmark, samples: Sequence[Sample], records: Sequ
     row["vas"] = float(np.mean(vas_values)) if vas_values else None
     row["n_vas"] = len(vas_values)
     row["split"] = {g: float(np.mean([s[g] for s in splits])) for g in GROUP_NAMES} if splits else None
-    row["extraction_methods"] = _counts(r.get("method", "") for r in records)
+    row["extraction_methods"] = _counts(r.get("rule", "") for r in records)
+    # verdicts the official rule reached by a guess or a similarity mapping (MMMU, MathVista, HallusionBench)
+    row["n_flagged"] = sum(bool(r.get("flagged")) for r in records)
+    row["scoring_modes"] = _counts(str(r.get("mode", "unknown")) for r in records)
     # records written before the batch size was recorded show as "unknown"
     row["batch_sizes"] = _counts(str(r.get("batch_size", "unknown")) for r in records)
     row["max_new_tokens_used"] = _counts(str(r.get("max_new_tokens", "unknown")) for r in records)
@@ -322,14 +340,23 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         "",
     ]
     lines += [
-        "| benchmark | samples | scored | correct | timeouts | checker errors | VAS samples |",
-        "|---|---|---|---|---|---|---|",
+        "| benchmark | samples | scored | correct | flagged | timeouts | checker errors | VAS samples |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         r = rows[n]
         lines.append(
-            "| %s | %d | %d | %d | %d | %d | %d |"
-            % (titles[n], r["n"], r["n_scored"], r["n_correct"], r["n_timeout"], r["n_error"], r["n_vas"])
+            "| %s | %d | %d | %d | %d | %d | %d | %d |"
+            % (
+                titles[n],
+                r["n"],
+                r["n_scored"],
+                r["n_correct"],
+                r.get("n_flagged", 0),
+                r["n_timeout"],
+                r["n_error"],
+                r["n_vas"],
+            )
         )
     lines += [
         "",
@@ -351,6 +378,14 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         "",
         "Accuracy is over the answers that were checked; timeouts and checker errors are counted, not scored.",
         "",
+        "- scoring: %s (%s); flagged: verdicts the official rule reached by a guess or a similarity mapping "
+        "(MMMU's random pick, MathVista's most similar choice, HallusionBench's hedged unclear answer)"
+        % (
+            settings.scoring,
+            "each benchmark's official rule"
+            if settings.scoring == "official"
+            else "the official rules without their guesses and similarity mappings",
+        ),
         "- checkpoint: `%s`" % settings.checkpoint,
         "- intervention: %s" % (json.dumps(iv) if iv else "none"),
         "- answer extraction: %s" % settings.extraction
