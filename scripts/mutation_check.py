@@ -34,6 +34,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 METRICS = "avar_ops/method/metrics.py"
 ANSWERS = "avar_ops/grading/answers.py"
+EXTRACTION = "avar_ops/grading/extraction.py"
+VALUES = "avar_ops/grading/values.py"
 REWARDS = "training/grpo/rewards.py"
 GRPO = "training/grpo/trainer.py"
 LOSS = "training/grpo/loss.py"
@@ -41,6 +43,7 @@ SFT = "training/sft/trainer.py"
 
 T_METRICS = ("tests/test_metrics.py", "tests/test_vas.py")
 T_ANSWERS = ("tests/test_answers.py",)
+T_GRADING = ("tests/test_grading_extraction.py", "tests/test_answers.py", "tests/test_scoring_corpus.py")
 T_REWARDS = ("tests/test_train_grpo_rewards.py", "tests/test_train_grpo_wiring.py")
 T_GRPO = ("tests/test_train_grpo_wiring.py", "tests/test_train_grpo.py")
 T_LOSS = ("tests/test_train_grpo_loss.py",)
@@ -135,49 +138,59 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "visual_reward: mean of per-head ratios",
         METRICS,
-        "ratio = visual.mean(2) / (system.mean(2) + eps)",
-        "ratio = (visual / (system + eps)).mean(2)",
+        "ratio = vis / (sys_ + eps)  # [NL, B, L]",
+        "ratio = (visual / (system + eps)).mean(2)  # [NL, B, L]",
         T_METRICS,
     ),
     Mutant(
-        "visual_reward: sum over layers", METRICS, "per_token = ratio.mean(0)", "per_token = ratio.sum(0)", T_METRICS
+        "visual_reward: sum over layers",
+        METRICS,
+        "reward = (ratio.mean(0) * rw).sum(-1) / safe_n  # [B]",
+        "reward = (ratio.sum(0) * rw).sum(-1) / safe_n  # [B]",
+        T_METRICS,
     ),
     Mutant(
         "visual_reward: divided by |response| + 1",
         METRICS,
-        "reward = total / torch.where(has_response, n_response, torch.ones_like(n_response))",
-        "reward = total / torch.where(has_response, n_response + 1, torch.ones_like(n_response))",
+        "safe_n = torch.where(has_response, n_response, torch.ones_like(n_response))  # [B]",
+        "safe_n = torch.where(has_response, n_response + 1, torch.ones_like(n_response))  # [B]",
         T_METRICS,
     ),
     # ----------------------------------------------------------------------------------------- grading
-    Mutant("answers: first <answer> tag", ANSWERS, "_strip_wrappers(tags[-1])", "_strip_wrappers(tags[0])", T_ANSWERS),
+    Mutant(
+        "answers: first <answer> tag",
+        EXTRACTION,
+        "for tag in reversed(_ANSWER_TAG.findall(response)):",
+        "for tag in _ANSWER_TAG.findall(response):",
+        T_GRADING,
+    ),
     Mutant(
         "answers: trailing period kept",
-        ANSWERS,
-        'return text.rstrip(".").strip()',
-        "return text.strip()",
-        T_ANSWERS,
+        EXTRACTION,
+        '        s = s.rstrip(".").strip()\n        if s == before:',
+        "        s = s.strip()\n        if s == before:",
+        T_GRADING,
     ),
     Mutant(
         "answers: first parenthesised letter",
-        ANSWERS,
-        "return parenthesised[-1]",
-        "return parenthesised[0]",
-        T_ANSWERS,
+        EXTRACTION,
+        "return chosen[-1][1], rule",
+        "return chosen[0][1], rule",
+        T_GRADING,
     ),
     Mutant(
         "answers: negative fractions lose their sign",
-        ANSWERS,
-        'sign = -1.0 if len(groups) == 3 and groups[0] == "-" else 1.0',
-        "sign = 1.0",
-        T_ANSWERS,
+        VALUES,
+        'if self.take("op", "-"):\n            return -self.unary()',
+        'if self.take("op", "-"):\n            return self.unary()',
+        T_GRADING,
     ),
     Mutant(
         "answers: first mention of an option text",
-        ANSWERS,
-        "found.append((mentions[-1], letter))",
-        "found.append((mentions[0], letter))",
-        T_ANSWERS,
+        EXTRACTION,
+        'return max(found)[1], "option_text"',
+        'return min(found)[1], "option_text"',
+        T_GRADING,
     ),
     Mutant(
         "answers: precision compared one decimal finer",
@@ -197,15 +210,15 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "VisualStats: ratio over the user mass",
         REWARDS,
-        "ratio = head_mean[..., _VISUAL] / (head_mean[..., _SYSTEM] + self.eps)",
-        "ratio = head_mean[..., _VISUAL] / (head_mean[..., 3] + self.eps)",
+        '"system": head_mean[..., _SYSTEM] * resp,  # [B, R]',
+        '"system": head_mean[..., 3] * resp,  # [B, R]',
         T_REWARDS,
     ),
     Mutant(
         "VisualStats: ratio over every query",
         REWARDS,
-        '"ratio": (ratio * resp).sum(-1),',
-        '"ratio": ratio.sum(-1),',
+        'ratio = visual_reward(masses, resp, eps, empty="zero", kind=kind, cap=cap)',
+        'ratio = visual_reward(masses, torch.ones_like(resp), eps, empty="zero", kind=kind, cap=cap)',
         T_REWARDS,
     ),
     Mutant(
@@ -218,18 +231,16 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "visual_terms: VAS over the chosen layers only",
         REWARDS,
-        'vas = mean_over("vas", range(n_layers),',
-        'vas = mean_over("vas", chosen,',
+        'total = torch.stack([per_layer[i]["vas"].cpu() for i in range(n_layers)]).mean(0)',
+        'total = torch.stack([per_layer[i]["vas"].cpu() for i in chosen]).mean(0)',
         T_REWARDS,
     ),
     Mutant(
         "visual_terms: no zero for empty responses",
         REWARDS,
-        "ratio=torch.where(n_resp > 0, ratio, torch.zeros_like(ratio)),",
-        "ratio=ratio,",
+        'visual_reward(masses, resp, eps, empty="zero", kind=kind, cap=cap)',
+        'visual_reward(masses, resp, eps, empty="error", kind=kind, cap=cap)',
         T_REWARDS,
-        equivalent="a rollout without response tokens has ratio sum 0 (VisualStats masks by the response), "
-        "divided by the clamped count 1: already 0, so the where() only states the rule",
     ),
     Mutant(
         "combine_rewards: no gate",
@@ -342,8 +353,8 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "train_step: advantages from r_acc only",
         GRPO,
-        "adv = group_advantages(breakdown.total, cfg.num_generations, cfg.scale_rewards).to(logps.device)",
-        "adv = group_advantages(breakdown.accuracy, cfg.num_generations, cfg.scale_rewards).to(logps.device)",
+        "adv = self._advantages(breakdown.total).to(logps.device)",
+        "adv = self._advantages(breakdown.accuracy).to(logps.device)",
         T_GRPO,
     ),
     Mutant(

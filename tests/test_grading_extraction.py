@@ -55,6 +55,10 @@ def test_outermost_last_box():
         ("I think A is correct.", "A", "explicit"),
         ("A is correct.", "A", "leading"),
         ("In triangle ABC, a cat would say A and then C.", "C", "mention"),
+        # several letters of one strength: the last one is the final choice
+        ("I first thought (A), but after measuring it is more like (C)", "C", "mention"),
+        ("Option A looks fine at first, but option C is correct.", "C", "explicit"),
+        ("Maybe A, then B, finally D", "D", "mention"),
     ],
 )
 def test_read_choice(text, letter, rule):
@@ -65,6 +69,9 @@ def test_read_choice_by_option_text():
     options = ["red", "green", "blue", "white"]
     assert read_choice("Green", 4, options) == ("B", "option_text")
     assert read_choice("It is not red, it is white.", 4, options) == ("D", "option_text")
+    # several option texts named, none negated: the last one is the final choice
+    assert read_choice("At first it looked red, but in the end it is white.", 4, options) == ("D", "option_text")
+    assert read_choice("It looked white at first, but it is blue.", 4, options) == ("C", "option_text")
 
 
 @pytest.mark.parametrize(
