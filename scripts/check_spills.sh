@@ -4,8 +4,11 @@
 # not count as a spill). Compiles every kernel for the target archs through benchmarks/ptxas_report.py. Needs
 # nvcc, not a GPU; CI runs it.
 #   AVAR_CUDA_ARCHS="8.0;9.0" (default) picks the archs.
+#   AVAR_SPILLS_FAIL=0 reports local memory without failing (a compile error still fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-.venv/bin/python benchmarks/ptxas_report.py --out "$out" --fail-on-spill
+flags=(--fail-on-spill)
+if [ "${AVAR_SPILLS_FAIL:-1}" = 0 ]; then flags=(); fi
+.venv/bin/python benchmarks/ptxas_report.py --out "$out" "${flags[@]}"
