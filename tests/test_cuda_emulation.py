@@ -212,7 +212,7 @@ def test_a_refused_launch_names_kernel_shared_memory_and_device(tile_settings):
         _forward_once(128)
     msg = str(info.value)
     for words in (
-        "fwd_kernel<__nv_bfloat16, 128, true>",
+        "fwd_kernel<__nv_bfloat16, 128, true, ",  # the tile shape and key block follow
         "105984 bytes of dynamic shared memory",
         "allows 101376",
         "emulated sm_86 (compute capability 8.6, A10 limits)",
