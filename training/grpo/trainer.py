@@ -104,6 +104,11 @@ class Rollouts:
 # ------------------------------------------------------------------------------------------------ trainer
 
 
+def _kept_ids(ro: Rollouts) -> list:
+    """Each completion's token ids up to and including its first EOS (what the reward functions see)."""
+    return [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask)]
+
+
 class GRPOTrainer:
     """The GRPO loop on an `accelerate.Accelerator`; see the module docstring.
 
@@ -372,9 +377,10 @@ class GRPOTrainer:
         out = self.ref_model(**ro.inputs, use_cache=False, logits_to_keep=C + 1)
         return completion_logps(out.logits[:, :-1], ro.completion_ids, self.cfg.temperature)  # [N, C]
 
-    def _rewards(self, ro: Rollouts, per_layer) -> tuple:
+    def _visual_terms(self, ro: Rollouts, per_layer):
+        """r_visual and the prompt / response attention statistics of `ro`, of the kind, cap and layers configured."""
         cfg = self.cfg
-        terms = visual_terms(
+        return visual_terms(
             per_layer,
             ro.response_mask,
             ro.user_mask,
@@ -383,7 +389,11 @@ class GRPOTrainer:
             kind=cfg.visual_reward,
             cap=cfg.visual_reward_cap,
         )
-        ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask)]
+
+    def _rewards(self, ro: Rollouts, per_layer) -> tuple:
+        cfg = self.cfg
+        terms = self._visual_terms(ro, per_layer)
+        ids = _kept_ids(ro)
         acc = call_reward_function("accuracy", self.accuracy, ro.prompts, ro.completions, ids, ro.columns)
         fmt = call_reward_function("format", self.format, ro.prompts, ro.completions, ids, ro.columns)
         extras = {
@@ -556,16 +566,8 @@ class GRPOTrainer:
             ro = self.generate(chunk, greedy=True)
             stats = VisualStats(ro.response_mask, ro.user_mask, eps=cfg.visual_eps)
             _, per_layer = self._forward_logps(self.model, ro, stats)
-            terms = visual_terms(
-                per_layer,
-                ro.response_mask,
-                ro.user_mask,
-                self.visual_layers,
-                eps=cfg.visual_eps,
-                kind=cfg.visual_reward,
-                cap=cfg.visual_reward_cap,
-            )
-            ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.completion_mask)]
+            terms = self._visual_terms(ro, per_layer)
+            ids = _kept_ids(ro)
             r_acc = call_reward_function("accuracy", self.accuracy, ro.prompts, ro.completions, ids, ro.columns)
             values = torch.stack(
                 [(r_acc >= 1.0).double(), terms.prompt_vas, terms.response_image_mass, terms.ratio, weight]
