@@ -446,6 +446,12 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
         resume = found
     elif resume is not None and not os.path.isdir(resume):
         raise ConfigError(f"resume_from_checkpoint: no such checkpoint folder {resume!r}")
+    if resume and cfg.max_steps > 0 and _checkpoint_step(resume) >= cfg.max_steps:
+        # Trainer would run one step past max_steps from such a checkpoint (and log it).
+        raise ConfigError(
+            f"resume: the run in {cfg.output_dir} is finished (its checkpoint {os.path.basename(resume)} reached "
+            f"max_steps={cfg.max_steps}); nothing to resume: pass overwrite=true or use a new folder to train again"
+        )
     args = training_arguments(cfg)  # before the model: it sets up the distributed state DeepSpeed needs
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size != launched:
