@@ -364,7 +364,13 @@ def measure(
                         {"id": s["id"], **{k: float(getattr(result, k).per_sample[b]) for k in _STATS}, **counts}
                     )
                 else:
-                    reason = "no user-text token" if counts["user_tokens"] == 0 else "zero system mass on a query"
+                    if counts["user_tokens"] == 0:
+                        reason = "no user-text token"
+                    elif counts["system_tokens"] == 0:
+                        # VAS divides by the system mass; templates such as Qwen3.5's add no default system turn.
+                        reason = "no system turn (give the sample a system prompt)"
+                    else:
+                        reason = "zero system mass on a query"
                     skipped.append({"id": s["id"], "reason": reason, **counts})
             bar.update(len(batch))
     bar.close()

@@ -1,0 +1,120 @@
+"""VAS across models of different families and depths: reports say which layers they are over (attention layers
+and their decoder indices), comparisons place curves by relative depth, and the figure and compare.json say
+which layers each curve uses. Two tiny models of different families and layer counts (Qwen2.5-VL, 3 decoder
+layers, all softmax attention; Qwen3.5, 4 decoder layers of which 1 and 3 are softmax attention) are measured
+and compared end to end, through the API and through `avar vas --compare`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from avar_ops.analysis import plots, vas
+
+
+def _report(label, num_layers, layers, attention_layers=None, num_decoder_layers=None, heads=2, seed=0):
+    """A report with made-up numbers: only the layer bookkeeping matters here."""
+    rng = np.random.default_rng(seed)
+    n = len(layers)
+    per_layer = {s: rng.uniform(0.1, 2.0, n).tolist() for s in ("vas", "ratio_of_sums", "image_mass")}
+    split = {g: rng.uniform(0, 0.25, n).tolist() for g in ("other", "visual", "system", "user")}
+    return vas.VASReport(
+        label=label,
+        num_layers=num_layers,
+        num_heads=heads,
+        layers=list(layers),
+        num_samples=1,
+        vas=float(np.mean(per_layer["vas"])),
+        ratio_of_sums=1.0,
+        image_mass=0.1,
+        per_layer=per_layer,
+        per_layer_head={s: [[v] * heads for v in per_layer[s]] for s in per_layer},
+        split_per_layer=split,
+        split={g: float(np.mean(v)) for g, v in split.items()},
+        per_sample=[],
+        attention_layers=attention_layers,
+        num_decoder_layers=num_decoder_layers,
+    )
+
+
+def test_relative_depth_counts_attention_layers_or_decoder_layers():
+    # A hybrid decoder of 8 layers whose layers 1, 3, 4 and 7 have softmax attention; VAS over the last three.
+    hybrid = _report("hybrid", 4, [1, 2, 3], attention_layers=[1, 3, 4, 7], num_decoder_layers=8)
+    assert hybrid.decoder_layers == [3, 4, 7]
+    assert hybrid.relative_depth("attention") == [2 / 4, 3 / 4, 4 / 4]
+    assert hybrid.relative_depth("decoder") == [4 / 8, 5 / 8, 8 / 8]
+    assert "attention layers 1-3 of 4" in hybrid.layers_text()
+    assert "decoder layers 3, 4, 7 of 8" in hybrid.layers_text()
+    # A plain decoder: both axes agree, and a report written before hybrid decoders (no attention_layers)
+    # reads as one whose every decoder layer is an attention layer.
+    plain = _report("plain", 3, [0, 1, 2])
+    assert plain.decoder_layers == [0, 1, 2]
+    assert plain.relative_depth("attention") == plain.relative_depth("decoder") == [1 / 3, 2 / 3, 1.0]
+    assert plain.layers_text() == "attention layers 0-2 of 3"
+    with pytest.raises(ValueError, match="axis must be 'attention' or 'decoder'"):
+        plain.relative_depth("layer")
+
+
+def test_report_layer_fields_are_checked_on_load(tmp_path):
+    good = _report("hybrid", 2, [0, 1], attention_layers=[1, 3], num_decoder_layers=4).to_dict()
+    assert vas.VASReport.from_dict(good).decoder_layers == [1, 3]
+    legacy = {k: v for k, v in good.items() if k not in ("attention_layers", "num_decoder_layers", "model_type")}
+    assert vas.VASReport.from_dict(legacy).decoder_layers == [0, 1]
+    bad = [
+        ({"attention_layers": [1]}, "attention_layers must list 2 increasing"),
+        ({"attention_layers": [3, 1]}, "attention_layers must list 2 increasing"),
+        ({"attention_layers": [1, 4]}, r"decoder-layer indices in \[0, 4\)"),
+        ({"num_decoder_layers": 1}, "num_decoder_layers must be an int >= num_layers"),
+        ({"layers": [0, 2]}, r"layers must be a non-empty list of indices in \[0, 2\)"),
+        ({"layers": [0]}, "per_layer\\['vas'\\] must have one value per layer"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            vas.VASReport.from_dict({**good, **change})
+
+
+def test_compare_places_curves_by_relative_depth_and_names_their_layers(tmp_path, monkeypatch):
+    """The figure's x data are the relative depths, its legend names each curve's layers, and the JSON holds
+    the same; models of different layer and head counts go on one axis."""
+    plain = _report("plain", 3, [0, 1, 2], heads=4, seed=1)
+    hybrid = _report("hybrid", 2, [0, 1], attention_layers=[1, 3], num_decoder_layers=4, heads=2, seed=2)
+    drawn = {}
+    real_save = plots._save
+
+    def keep(fig, path):
+        drawn["lines"] = [[(ln.get_xdata().tolist(), ln.get_ydata().tolist()) for ln in ax.lines] for ax in fig.axes]
+        drawn["legend"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        drawn["xlabel"] = fig.axes[0].get_xlabel()
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    for depth, expect_hybrid in (("attention", [0.5, 1.0]), ("decoder", [0.5, 1.0])):
+        png, js = tmp_path / f"{depth}.png", tmp_path / f"{depth}.json"
+        assert vas.compare([plain, hybrid], str(png), depth=depth, json_path=str(js)) == str(png)
+        assert os.path.getsize(png) > 1000
+        data = json.loads(js.read_text())
+        assert data["depth_axis"] == depth
+        rows = {r["label"]: r for r in data["reports"]}
+        assert rows["hybrid"]["layers"] == [0, 1] and rows["hybrid"]["decoder_layers"] == [1, 3]
+        assert rows["hybrid"]["num_decoder_layers"] == 4 and rows["hybrid"]["num_layers"] == 2
+        assert rows["hybrid"]["depth"] == pytest.approx(expect_hybrid)
+        assert rows["plain"]["depth"] == pytest.approx([1 / 3, 2 / 3, 1.0])
+        assert rows["plain"]["decoder_layers"] == [0, 1, 2]
+        # Three panels (VAS, visual share, system share), one line per report each, at the relative depths.
+        for panel, key in zip(drawn["lines"], ("vas", "visual", "system")):
+            for (x, y), rep in zip(panel, (plain, hybrid)):
+                assert x == pytest.approx(rep.relative_depth(depth))
+                want = rep.per_layer["vas"] if key == "vas" else rep.split_per_layer[key]
+                assert y == pytest.approx(want)
+        assert depth in drawn["xlabel"]
+        assert "decoder layers 1, 3 of 4" in drawn["legend"][1] and "2 heads" in drawn["legend"][1]
+        assert "attention layers 0-2 of 3" in drawn["legend"][0] and "4 heads" in drawn["legend"][0]
+    # Where the two axes differ: attention layers at decoder 0 and 5 of 8.
+    odd = _report("odd", 2, [0, 1], attention_layers=[0, 5], num_decoder_layers=8)
+    data = vas.comparison([odd], depth="decoder")
+    assert data["reports"][0]["depth"] == pytest.approx([1 / 8, 6 / 8])
+    with pytest.raises(ValueError, match="depth must be one of"):
+        vas.comparison([odd], depth="layers")
+    with pytest.raises(ValueError, match="at least one report"):
+        vas.comparison([])
