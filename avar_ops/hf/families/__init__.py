@@ -98,6 +98,10 @@ def load_pretrained(path, **kwargs):
     return family.model_class().from_pretrained(path, **kwargs)
 
 
-from avar_ops.hf.families import qwen2_5_vl  # noqa: E402
+from avar_ops.hf.families import (  # noqa: E402
+    qwen2_5_vl,
+    qwen3_5,
+)
 
 register(qwen2_5_vl.Qwen2_5_VL())
+register(qwen3_5.Qwen3_5())
