@@ -343,7 +343,10 @@ def measure(
                 model(**inputs, use_cache=False)
             masses = [rec.masses[i] for i in layer_ids]  # each [B, H, L', G]
             query = user.index_select(1, columns).cpu()  # [B, L']
-            result = vas_metric(masses, query, eps=eps, empty="skip") if bool(query.any()) else None
+            # A batch in which no sample has both user text and a system turn has nothing to measure (vas would
+            # refuse it); its samples are skipped below with the reason.
+            measurable = bool((query.any(1) & groups.system_mask.any(1).cpu()).any()) or eps > 0
+            result = vas_metric(masses, query, eps=eps, empty="skip") if measurable and bool(query.any()) else None
             valid = result.valid if result is not None else torch.zeros(len(batch), dtype=torch.bool)
             stacked = torch.stack(masses).to(torch.float64)  # [NL, B, H, L', G]
             qw = query.to(torch.float64)  # [B, L']
