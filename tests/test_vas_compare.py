@@ -9,8 +9,15 @@ import os
 
 import numpy as np
 import pytest
+import torch
+from tiny_eager import masses_from_maps, tiny_samples, write_jsonl
 
 from avar_ops.analysis import plots, vas
+from avar_ops.analysis.tiny_families import qwen3_5
+from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
+from avar_ops.cli import main
+from avar_ops.data.samples import build_inputs
+from avar_ops.hf import token_groups
 
 
 def _report(label, num_layers, layers, attention_layers=None, num_decoder_layers=None, heads=2, seed=0):
@@ -118,3 +125,81 @@ def test_compare_places_curves_by_relative_depth_and_names_their_layers(tmp_path
         vas.comparison([odd], depth="layers")
     with pytest.raises(ValueError, match="at least one report"):
         vas.comparison([])
+
+
+SYSTEM = "You are a careful visual reasoning assistant."
+
+
+@pytest.fixture(scope="module")
+def samples():
+    # Every sample has a system prompt: Qwen3.5's template adds no default system turn, and VAS divides by it.
+    return [{**s, "system": s["system"] or SYSTEM} for s in tiny_samples()]
+
+
+@pytest.fixture(scope="module")
+def two_families(samples):
+    """Reports of two tiny models of different families, layer and head counts: Qwen2.5-VL (3 decoder layers,
+    all softmax attention, 4 heads) and Qwen3.5 (4 decoder layers, softmax attention in 1 and 3, 8 heads)."""
+    q25, p25 = build_tiny_qwen2_5_vl(seed=0)
+    q35, p35 = qwen3_5.build(seed=0, num_heads=8, num_kv_heads=2, attn_implementation="eager")
+    r25 = vas.measure(q25, p25, samples, progress=False, label="qwen2.5-vl")
+    r35 = vas.measure(q35, p35, samples, batch_size=2, progress=False, label="qwen3.5")
+    return (q35, p35), r25, r35
+
+
+def test_qwen3_5_vas_per_attention_layer_equals_eager_maps(two_families, samples):
+    """The Qwen3.5 report's per-layer VAS is that of its softmax layers, from eager output_attentions maps
+    (which transformers gives for those layers only) and groups from the token ids."""
+    (model, processor), _, report = two_families
+    per_sample = []
+    for s in samples:
+        inputs = build_inputs(processor, [s])
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+        assert len(out.attentions) == 2
+        groups = token_groups(inputs["input_ids"], processor, inputs["attention_mask"])
+        masses = masses_from_maps([a.double() for a in out.attentions], groups.key_group)  # per layer [1, H, L, G]
+        user = groups.user_mask[0]
+        per_sample.append(torch.stack([(m[0, :, user, 1] / m[0, :, user, 2]).mean() for m in masses]))  # [NL]
+    expect = torch.stack(per_sample).mean(0)  # equal-weight mean over samples
+    assert report.per_layer["vas"] == pytest.approx(expect.tolist(), rel=1e-4)
+    assert report.num_heads == 8 and report.decoder_layers == [1, 3]
+
+
+def test_compare_two_families_by_relative_depth(two_families, tmp_path):
+    _, r25, r35 = two_families
+    assert (r25.num_layers, r25.num_heads, r25.num_decoder_layers) == (3, 4, 3)
+    assert (r35.num_layers, r35.num_heads, r35.num_decoder_layers) == (2, 8, 4)
+    assert (r25.model_type, r35.model_type) == ("qwen2_5_vl", "qwen3_5")
+    for depth in vas.DEPTH_AXES:
+        png, js = tmp_path / f"{depth}.png", tmp_path / f"{depth}.json"
+        vas.compare([r25, r35], str(png), depth=depth, json_path=str(js))
+        assert os.path.getsize(png) > 1000
+        rows = {r["label"]: r for r in json.loads(js.read_text())["reports"]}
+        assert rows["qwen3.5"]["decoder_layers"] == [1, 3] and rows["qwen3.5"]["layers"] == [0, 1]
+        assert rows["qwen3.5"]["depth"] == pytest.approx([0.5, 1.0])
+        assert rows["qwen3.5"]["vas_per_layer"] == r35.per_layer["vas"]
+        assert rows["qwen2.5-vl"]["decoder_layers"] == [0, 1, 2]
+        assert rows["qwen2.5-vl"]["depth"] == pytest.approx([1 / 3, 2 / 3, 1.0])
+        assert rows["qwen2.5-vl"]["model_type"] == "qwen2_5_vl"
+
+
+def test_cli_vas_compare_overlays_a_report_of_another_family(two_families, samples, tmp_path):
+    """`avar vas` on the tiny Qwen2.5-VL with `--compare` a saved Qwen3.5 report: compare.json and compare.png
+    hold both curves with their layers, on the requested depth axis."""
+    _, _, r35 = two_families
+    saved = tmp_path / "qwen35"
+    r35.save(str(saved))
+    data = write_jsonl(tmp_path, samples)
+    for depth in ("attention", "decoder"):
+        out = tmp_path / f"out_{depth}"
+        argv = ["vas", "--data", str(data), "--limit", "2", "--out", str(out), "--no-progress"]
+        argv += ["--compare", str(saved), "--compare-depth", depth]
+        assert main(argv) == 0
+        assert os.path.getsize(out / "compare.png") > 1000
+        got = json.loads((out / "compare.json").read_text())
+        assert got["depth_axis"] == depth
+        tiny, other = got["reports"]
+        assert tiny["label"] == "tiny" and tiny["layers"] == [0, 1, 2] and tiny["num_heads"] == 4
+        assert other["label"] == "qwen3.5" and other["decoder_layers"] == [1, 3] and other["num_heads"] == 8
+        assert other["num_decoder_layers"] == 4 and "decoder layers 1, 3 of 4" in other["layers_text"]
