@@ -203,3 +203,30 @@ def test_cli_vas_compare_overlays_a_report_of_another_family(two_families, sampl
         assert tiny["label"] == "tiny" and tiny["layers"] == [0, 1, 2] and tiny["num_heads"] == 4
         assert other["label"] == "qwen3.5" and other["decoder_layers"] == [1, 3] and other["num_heads"] == 8
         assert other["num_decoder_layers"] == 4 and "decoder layers 1, 3 of 4" in other["layers_text"]
+
+
+def test_cli_vas_compare_measures_a_checkpoint_of_another_family(two_families, samples, tmp_path, capsys):
+    """`--compare` a saved Qwen3.5 checkpoint: the CLI reads its shape (2 softmax-attention layers) from
+    config.json, loads it with its family's class, measures it on the same data and overlays it; `--vas-layers
+    -1` is the last attention layer of each model (decoder layer 2 of the Qwen2.5-VL, 3 of the Qwen3.5)."""
+    (model, processor), _, r35 = two_families
+    ckpt = tmp_path / "q35ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    data = write_jsonl(tmp_path, samples)
+    out = tmp_path / "out"
+    argv = ["vas", "--data", str(data), "--out", str(out), "--no-progress", "--compare", str(ckpt)]
+    assert main(argv + ["--vas-layers", "-1", "--compare-depth", "decoder"]) == 0
+    tiny, other = json.loads((out / "compare.json").read_text())["reports"]
+    assert tiny["layers"] == [2] and tiny["decoder_layers"] == [2] and tiny["depth"] == pytest.approx([1.0])
+    assert other["model_type"] == "qwen3_5" and other["layers"] == [1] and other["decoder_layers"] == [3]
+    assert other["depth"] == pytest.approx([1.0]) and other["num_heads"] == 8
+    measured = vas.VASReport.load(str(out / "compare" / "q35ckpt"))
+    # The same weights and samples as the API's report (the reloaded processor may use the torchvision image
+    # backend, whose pixel values differ from the PIL one's in float32 rounding).
+    assert measured.per_layer["vas"] == pytest.approx(r35.per_layer["vas"][-1:], rel=1e-3)
+    # A layer index past the Qwen3.5's two softmax layers (the Qwen2.5-VL has three) is refused in one line.
+    capsys.readouterr()
+    assert main(argv + ["--vas-layers", "2", "--overwrite"]) != 0
+    err = capsys.readouterr().err
+    assert "--vas-layers" in err and "2 layers" in err and len(err.strip().splitlines()) == 1

@@ -1,5 +1,5 @@
-"""The model of `--model`: "tiny" or a local Qwen2.5-VL checkpoint, its shape read from config.json before any
-weights load (so indices and dtypes are checked first), and the loading itself."""
+"""The model of `--model`: "tiny" or a local checkpoint of a supported family, its shape read from config.json
+before any weights load (so indices and dtypes are checked first), and the loading itself."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def _dtype(name: str):
 
 
 def model_shape(spec: Optional[str], arg: str = "--model") -> Tuple[int, int, str]:
-    """(decoder layers, attention heads, weights dtype name) of "tiny" / None or a checkpoint folder, read from
-    its config.json without loading weights, so that indices and dtypes are checked before the model loads."""
+    """(softmax-attention layers, attention heads, weights dtype name) of "tiny" / None or a checkpoint folder of
+    a supported family, read from its config.json without loading weights, so that indices and dtypes are checked
+    before the model loads. The layers are every decoder layer but in hybrid decoders (Qwen3.5's)."""
     if spec in (None, "tiny"):
         from avar_ops.analysis import build_tiny_qwen2_5_vl
 
@@ -43,15 +44,21 @@ def model_shape(spec: Optional[str], arg: str = "--model") -> Tuple[int, int, st
             config = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{arg}: {config_path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("model_type") != "qwen2_5_vl":
-        model_type = config.get("model_type") if isinstance(config, dict) else None
-        raise CLIError(f"{arg}: {spec!r} holds a {model_type!r} model; avar supports Qwen2.5-VL ('qwen2_5_vl')")
+    from avar_ops.hf import attention_layer_indices, supported_families
+
+    families = supported_families()
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not any(model_type in f.model_types for f in families):
+        names = ", ".join(f"{f.title} ({'/'.join(repr(t) for t in f.model_types)})" for f in families)
+        raise CLIError(f"{arg}: {spec!r} holds a {model_type!r} model; avar supports {names}")
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     # Older checkpoints keep the text model's numbers at the top level.
     layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
     heads = text.get("num_attention_heads", config.get("num_attention_heads"))
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (layers, heads)):
         raise DataError(f"{arg}: {config_path} has no positive num_hidden_layers / num_attention_heads")
+    # Layer indices count the softmax-attention layers (all but Qwen3.5's linear-attention ones).
+    layers = len(attention_layer_indices({"num_hidden_layers": layers, "layer_types": text.get("layer_types")}))
     dtype = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
     return layers, heads, str(dtype or "float32")
 
@@ -92,7 +99,7 @@ def load_processor(spec: Optional[str]):
 
 
 def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu"):
-    """(model, processor, label) for "tiny" / None or a local Qwen2.5-VL checkpoint directory."""
+    """(model, processor, label) for "tiny" / None or a local checkpoint directory of a supported family."""
     import torch
 
     if spec in (None, "tiny"):
@@ -102,12 +109,12 @@ def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu")
         model, processor = build_tiny_qwen2_5_vl(seed=0, dtype=torch.float32 if dt == "auto" else dt)
         return model.to(device), processor, "tiny"
     model_shape(spec)
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoProcessor
+
+    from avar_ops.hf import load_pretrained
 
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            spec, local_files_only=True, dtype=_dtype(dtype), attn_implementation="sdpa"
-        )
+        model = load_pretrained(spec, dtype=_dtype(dtype), attn_implementation="sdpa")
         processor = AutoProcessor.from_pretrained(spec, local_files_only=True)
     except OSError as exc:
         raise CLIError(f"--model: cannot load {spec!r}: {exc}") from exc
