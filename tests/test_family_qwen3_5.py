@@ -22,10 +22,13 @@ import torch
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
 from avar_ops.analysis import vas
+from avar_ops.analysis.image_attention import image_attention
 from avar_ops.analysis.tiny_families import qwen3_5
 from avar_ops.analysis.tiny_qwen import synthetic_images
 from avar_ops.core import Group
 from avar_ops.hf import apply, collect_masses, template_tokens, token_groups
+from avar_ops.method import Intervention
+from avar_ops.method.intervention import patch_tables
 
 ATTENTION_LAYERS = [1, 3]  # decoder layers with softmax attention in the tiny model (every second one)
 SYSTEM = "You are a careful visual reasoning assistant."
@@ -244,3 +247,22 @@ def test_think_blocks_are_response(tiny):
         assert (g.key_group[0] == Group.SYSTEM).any() and (g.key_group[0] == Group.USER).any()
         # Nothing after the last assistant header is user or system.
         assert (g.key_group[0, last_start:] == Group.OTHER).all()
+
+
+def test_intervention_and_image_maps_act_on_the_softmax_layers(tiny):
+    """An intervention's tables are [2, H, 4] (the softmax layers); one on the last attention layer raises that
+    layer's VAS and leaves the first one's unchanged; image maps take attention-layer indices too."""
+    model, processor = tiny
+    samples = [
+        {"id": "a", "images": synthetic_images(1, seed=3), "question": "What colour is the square?", "system": SYSTEM}
+    ]
+    tables = patch_tables(model, Intervention(mode="bias", beta_img=2.0, layers=(-1,)))
+    assert tuple(tables["bias"].shape) == (2, 4, 4)
+    base = vas.measure(model, processor, samples, progress=False)
+    steered = vas.measure(
+        model, processor, samples, progress=False, intervention=Intervention(mode="bias", beta_img=2.0, layers=(-1,))
+    )
+    assert steered.per_layer["vas"][0] == pytest.approx(base.per_layer["vas"][0], rel=1e-6)
+    assert steered.per_layer["vas"][1] > 1.5 * base.per_layer["vas"][1]
+    maps = image_attention(model, processor, samples[0], layers=[-1])
+    assert maps.layers == [1] and len(maps.maps) == 1 and maps.maps[0].sum() > 0
