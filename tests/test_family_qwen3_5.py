@@ -266,3 +266,56 @@ def test_intervention_and_image_maps_act_on_the_softmax_layers(tiny):
     assert steered.per_layer["vas"][1] > 1.5 * base.per_layer["vas"][1]
     maps = image_attention(model, processor, samples[0], layers=[-1])
     assert maps.layers == [1] and len(maps.maps) == 1 and maps.maps[0].sum() > 0
+
+
+def test_a_template_with_a_think_block_in_every_assistant_turn(tiny):
+    """A variant of the template that keeps a think block in every assistant turn, earlier ones included (as
+    templates that preserve reasoning across turns do): the learned assistant header is still
+    `<|im_start|>assistant` + "\\n", so a generation prompt and an answered turn with reasoning have their
+    think block, reasoning and answer as response; without that, the block became part of the header and no
+    turn matched it (an empty response mask)."""
+    from avar_ops.hf.chat_template import template_tokens as learn
+
+    _, processor = tiny
+    tok = processor.tokenizer
+    variant = qwen3_5.CHAT_TEMPLATE.replace("{%- if loop.index0 > counts.last_user %}", "{%- if true %}")
+    assert variant != qwen3_5.CHAT_TEMPLATE
+
+    class Variant:  # the processor with the variant template (the learner reads .chat_template and .tokenizer)
+        chat_template = variant
+        tokenizer = tok
+        image_token, video_token = processor.image_token, processor.video_token
+
+    shown = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "?"},
+        ],
+        chat_template=variant,
+        tokenize=False,
+    )
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\nHello<|im_end|>" in shown
+    t = learn(Variant())
+    assistant = tok.convert_ids_to_tokens(list(t.headers[2]) + list(t.header_tails[2]))
+    assert assistant == ["<|im_start|>", "assistant", "Ċ"]
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is it?"}]
+    for text, answer in (
+        (tok.apply_chat_template(msgs, chat_template=variant, tokenize=False, add_generation_prompt=True), None),
+        (
+            tok.apply_chat_template(
+                msgs + [{"role": "assistant", "content": "A square.", "reasoning_content": "It is red."}],
+                chat_template=variant,
+                tokenize=False,
+            ),
+            "A square.",
+        ),
+    ):
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+        g = token_groups(ids, t)
+        start = text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+        want = tok.encode(text[start:], add_special_tokens=False)
+        if answer is not None:
+            want = want[:-1]  # the "\n" after <|im_end|> is between turns
+        got = ids[0, g.response_mask[0]].tolist()
+        assert got == want, text
