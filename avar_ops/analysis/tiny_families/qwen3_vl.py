@@ -28,7 +28,7 @@ module's chat template.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -151,7 +151,7 @@ def build_config(
     num_heads: int,
     num_kv_heads: int,
     vision_depth: int,
-    deepstack_layers: Sequence[int],
+    deepstack_layers: Optional[Sequence[int]],
     init_std: float,
     attn_implementation: str,
     moe: dict = None,
@@ -159,6 +159,8 @@ def build_config(
     """The tiny Qwen3-VL (or, with `moe`, Qwen3-VL-MoE) config whose token ids are the processor's."""
     name = "tiny qwen3_vl_moe" if moe else "tiny qwen3_vl"
     head_dim = _check_sizes(name, hidden_size, num_heads, num_kv_heads)
+    if deepstack_layers is None:  # every vision block, as many as there are decoder layers to take them
+        deepstack_layers = range(min(vision_depth, num_layers))
     deepstack = [int(i) for i in deepstack_layers]
     if any(i < 0 or i >= vision_depth for i in deepstack) or len(set(deepstack)) != len(deepstack):
         raise ValueError(
@@ -243,7 +245,7 @@ def build(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vision_depth: int = 2,
-    deepstack_layers: Sequence[int] = (0, 1),
+    deepstack_layers: Optional[Sequence[int]] = None,
     init_std: float = 0.1,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
@@ -253,7 +255,8 @@ def build(
     """A randomly initialised `Qwen3VLForConditionalGeneration` (eval mode) and its offline processor.
 
     `deepstack_layers` are the vision blocks whose features DeepStack adds into decoder layers 0, 1, ...
-    (one decoder layer per listed block); `()` turns DeepStack off. Weights are drawn with std `init_std`
+    (one decoder layer per listed block); the default takes every vision block (as many as there are decoder
+    layers), `()` turns DeepStack off. Weights are drawn with std `init_std`
     (0.1: peaked, input-dependent greedy outputs; the checkpoint default 0.02 gives near-flat logits).
     """
     from transformers import Qwen3VLForConditionalGeneration

@@ -9,7 +9,7 @@ keeps 4 experts with 2 active per token so that routing varies between tokens.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -26,7 +26,7 @@ def build(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vision_depth: int = 2,
-    deepstack_layers: Sequence[int] = (0, 1),
+    deepstack_layers: Optional[Sequence[int]] = None,
     num_experts: int = 4,
     num_experts_per_tok: int = 2,
     init_std: float = 0.1,
