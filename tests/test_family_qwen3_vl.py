@@ -6,7 +6,8 @@
 - the MoE variant patched at zero bias equals the stock model (logits and greedy generation);
 - a video's frames are preceded by timestamps in text (`<0.2 seconds>`): they are user text (group 3) by the
   rule of docs/design.md §2, and the groups of a video prompt equal those built piece by piece from the
-  rendered template and the expanded video, and its masses equal the eager maps' sums.
+  rendered template and the expanded video, its masses equal the eager maps' sums, and greedy decoding of it
+  is unchanged by the patch.
 """
 
 import re
@@ -154,7 +155,7 @@ def test_moe_patched_at_zero_bias_equals_stock():
 # --- video timestamps --------------------------------------------------------------------------------------
 
 
-def _expected_video_pieces(processor, batch, metadata, question):
+def _expected_video_pieces(batch, metadata, question):
     """(text, group) pieces of the video prompt, built from the template's layout and the processor's rule:
     per temporal patch of 2 frames, `<T seconds>` with T the mean time of its frames (one decimal), then the
     frame's pads between vision markers, all inside the vision markers the template put around the video."""
@@ -186,7 +187,7 @@ def test_video_timestamps_are_user_text(num_frames):
     model, processor = qwen3_vl.build(seed=0)
     question = "What moves in the video?"
     batch, metadata = _video_batch(processor, num_frames)
-    pieces, stamps = _expected_video_pieces(processor, batch, metadata, question)
+    pieces, stamps = _expected_video_pieces(batch, metadata, question)
     assert len(stamps) == num_frames // 2
     tok = processor.tokenizer
     ids, want = [], []
@@ -209,6 +210,27 @@ def test_video_masses_equal_eager_maps():
     batch, _ = _video_batch(processor, 4)
     groups = _check_masses(model, eager, processor, batch)
     assert set(groups[0].tolist()) == {0, 1, 2, 3}
+
+
+def test_video_generate_matches_stock():
+    """Greedy decoding of a video prompt (timestamps, per-frame markers, MRoPE over frames) is unchanged."""
+    model, processor = qwen3_vl.build(seed=0)
+    batch, _ = _video_batch(processor, 6)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        stock = model.generate(**batch, **kwargs)
+    handle = apply(model, processor)
+    try:
+        with torch.no_grad(), collect_masses(model) as rec:
+            ours = model.generate(**batch, **kwargs)
+    finally:
+        handle.revert()
+    assert torch.equal(ours.sequences, stock.sequences)
+    for a, b in zip(ours.logits, stock.logits):
+        assert testing.rel_err(a, b) <= testing.FP32_MODEL_REL
+    # The last decode step puts mass on the video's pads, the system prompt and the user text (timestamps and
+    # question) of the prompt.
+    assert (rec.steps[-1][0][:, :, 0, 1:] > 0).all()
 
 
 # --- bad arguments of the tiny builders --------------------------------------------------------------------
