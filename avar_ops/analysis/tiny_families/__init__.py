@@ -27,3 +27,10 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
     if builder is None:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(tiny_family_names())}")
     return builder(seed=seed, **kwargs)
+
+
+from avar_ops.analysis.tiny_families import qwen2_vl, qwen3_vl, qwen3_vl_moe  # noqa: E402
+
+TINY_BUILDERS["qwen2_vl"] = qwen2_vl.build
+TINY_BUILDERS["qwen3_vl"] = qwen3_vl.build
+TINY_BUILDERS["qwen3_vl_moe"] = qwen3_vl_moe.build

@@ -101,3 +101,9 @@ def load_pretrained(path, **kwargs):
 from avar_ops.hf.families import qwen2_5_vl  # noqa: E402
 
 register(qwen2_5_vl.Qwen2_5_VL())
+
+from avar_ops.hf.families import qwen_vl  # noqa: E402
+
+register(qwen_vl.Qwen2_VL())
+register(qwen_vl.Qwen3_VL())
+register(qwen_vl.Qwen3_VL_MoE())
