@@ -40,8 +40,8 @@ class ImageAttention:
     visual_share: float  # Σ of every map: the mean share of a query's attention that lands on images
 
 
-def _num_attention_layers(model) -> int:
-    """The softmax-attention layers `capture_attention` counts (every decoder layer but Qwen3.5's linear ones)."""
+def _num_decoder_layers(model) -> int:
+    """The softmax-attention layers (what layer indices count)."""
     return len(attention_layer_indices(model.config))
 
 
@@ -78,8 +78,7 @@ def image_attention(
             groups are the processor's): used as it is, and the maps use the tables it runs with; passing an
             intervention for it is then a RuntimeError, as in `avar_ops.hf.patched`.
         sample: dict or JSONL record with at least one image.
-        layers: attention layers to average over, counted among the softmax-attention layers (all decoder
-            layers but Qwen3.5's linear-attention ones; negative counts from the end).
+        layers: decoder layers to average over (negative counts from the end).
         queries: "user" (the prompt's user-text tokens) or "response" (the sample's "response" if it has one,
             else a greedy generation of up to max_new_tokens tokens).
         intervention: an `avar_ops.method.Intervention` to patch an unpatched model with.
@@ -90,7 +89,7 @@ def image_attention(
     sample = normalize_sample(sample, 0)
     if not sample["images"]:
         raise ValueError("image_attention: the sample has no image")
-    chosen = select_indices(layers, _num_attention_layers(model), "image_attention: layers")
+    chosen = select_indices(layers, _num_decoder_layers(model), "image_attention: layers")
     device = next(model.parameters()).device
 
     with intervened(model, processor, intervention), torch.no_grad():

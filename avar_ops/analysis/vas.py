@@ -26,7 +26,7 @@ import torch
 from avar_ops.analysis import plots
 from avar_ops.core import GROUP_NAMES, select_indices
 from avar_ops.data import build_inputs, check_unique_ids, load_samples, normalize_sample
-from avar_ops.hf import collect_masses, token_groups
+from avar_ops.hf import attention_layer_indices, collect_masses, token_groups
 from avar_ops.method import VASResult, intervened
 from avar_ops.method import vas as vas_metric
 
@@ -323,17 +323,17 @@ def measure(
         raise ValueError(f"measure: batch_size must be a positive int, got {batch_size!r}")
     text_cfg = _text_config(model)
     num_decoder_layers, num_heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
+    # Softmax-attention layers only (Qwen3.5's linear-attention layers have no masses), by decoder index.
+    attention_layers = attention_layer_indices(model.config)
+    num_layers = len(attention_layers)
+    layer_ids = select_indices(layers, num_layers, "measure: layers") or list(range(num_layers))
     device = next(model.parameters()).device
 
+    acc = _Accumulator(len(layer_ids), num_heads)
     per_sample, skipped = [], []
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    with intervened(model, processor, intervention) as handle, torch.no_grad():
-        # Masses come for the softmax-attention layers only, in order; the handle knows their decoder indices.
-        attention_layers = [int(i) for i in getattr(handle, "attention_layers", range(num_decoder_layers))]
-        num_layers = len(attention_layers)
-        layer_ids = select_indices(layers, num_layers, "measure: layers") or list(range(num_layers))
-        acc = _Accumulator(len(layer_ids), num_heads)
-        bar = _progress(len(samples), progress, label)
+    bar = _progress(len(samples), progress, label)
+    with intervened(model, processor, intervention), torch.no_grad():
         for batch in batches:
             inputs = build_inputs(processor, batch, device=device)
             groups = token_groups(inputs["input_ids"], processor, inputs.get("attention_mask"))

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from avar_ops.core import NUM_GROUPS, Group, select_indices
-from avar_ops.hf import apply as apply_patch
+from avar_ops.hf import apply as patch_model
 from avar_ops.hf import attention_layer_indices, patched
 
 MODES = ("weights", "logits", "bias")
@@ -198,7 +198,7 @@ def reweight_probabilities(
 
 
 def _num_layers_heads(model) -> tuple:
-    """(softmax-attention layers, heads): the shape of the patch's tables (Qwen3.5's linear layers have none)."""
+    """(softmax-attention layers, heads): the shape the patch's tables take for this model."""
     cfg = model.config
     text = getattr(cfg, "text_config", None) or cfg
     return len(attention_layer_indices(cfg)), int(text.num_attention_heads)
@@ -224,7 +224,7 @@ def apply(model, intervention: Intervention, *, tokenizer=None):
     """
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention.apply: expected an Intervention, got {type(intervention).__name__}")
-    return apply_patch(model, tokenizer, **patch_tables(model, intervention))
+    return patch_model(model, tokenizer, **patch_tables(model, intervention))
 
 
 @contextlib.contextmanager

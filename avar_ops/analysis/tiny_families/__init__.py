@@ -11,12 +11,10 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from avar_ops.analysis import tiny_qwen
-from avar_ops.analysis.tiny_families import qwen3_5
 
 __all__ = ["TINY_BUILDERS", "build_tiny", "tiny_family_names"]
 
 TINY_BUILDERS: Dict[str, Callable] = {"qwen2_5_vl": tiny_qwen.build_tiny_qwen2_5_vl}
-TINY_BUILDERS["qwen3_5"] = qwen3_5.build
 
 
 def tiny_family_names():
@@ -29,3 +27,11 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
     if builder is None:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(tiny_family_names())}")
     return builder(seed=seed, **kwargs)
+
+
+from avar_ops.analysis.tiny_families import qwen2_vl, qwen3_5, qwen3_vl, qwen3_vl_moe  # noqa: E402
+
+TINY_BUILDERS["qwen2_vl"] = qwen2_vl.build
+TINY_BUILDERS["qwen3_vl"] = qwen3_vl.build
+TINY_BUILDERS["qwen3_vl_moe"] = qwen3_vl_moe.build
+TINY_BUILDERS["qwen3_5"] = qwen3_5.build

@@ -101,7 +101,11 @@ def load_pretrained(path, **kwargs):
 from avar_ops.hf.families import (  # noqa: E402
     qwen2_5_vl,
     qwen3_5,
+    qwen_vl,
 )
 
 register(qwen2_5_vl.Qwen2_5_VL())
+register(qwen_vl.Qwen2_VL())
+register(qwen_vl.Qwen3_VL())
+register(qwen_vl.Qwen3_VL_MoE())
 register(qwen3_5.Qwen3_5())
