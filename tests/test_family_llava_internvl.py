@@ -111,6 +111,10 @@ def test_onevision_newlines_and_tiles_stand_on_image_tokens_and_are_visual(onevi
     groups = token_groups(batch["input_ids"], processor, batch["attention_mask"]).key_group[0]  # [L]
     assert (groups[image] == Group.VISUAL).all() and (groups[newline] == Group.VISUAL).all()
     assert not (groups[~image] == Group.VISUAL).any()
+    # The "\n" the template writes after `<image>` is the template's (group 0); the question is user text.
+    after = int(image.nonzero()[-1]) + 1
+    assert processor.tokenizer.decode(ids[after : after + 1]) == "\n" and groups[after] == Group.OTHER
+    assert (groups[after + 1 :] == Group.USER).any()
 
 
 def test_onevision_masses_equal_eager_maps_on_multi_tile_images(onevision):
@@ -165,7 +169,10 @@ def test_internvl_markers_are_template_tokens_and_context_tokens_visual(intern, 
     groups = token_groups(batch["input_ids"], processor, batch["attention_mask"]).key_group[0]  # [L]
     assert (groups[context] == Group.VISUAL).all() and not (groups[~context] == Group.VISUAL).any()
     assert groups[s] == Group.OTHER and groups[e] == Group.OTHER
-    assert (groups == Group.USER).any()
+    # The "\n" the template writes after the image part is the template's too; the question is user text.
+    assert tok.decode(ids[e + 1 : e + 2]) == "\n" and groups[e + 1] == Group.OTHER
+    question = tok.decode(ids[groups == Group.USER])
+    assert question == "Describe the image.", question
 
 
 def test_internvl_masses_equal_eager_maps(intern):
@@ -180,3 +187,36 @@ def test_internvl_masses_equal_eager_maps(intern):
         groups = _check_masses(model, eager, processor, batch)
         v = batch["attention_mask"].bool()
         assert set(groups[v].tolist()) == {0, 1, 2, 3}
+
+
+# ------------------------------------------------------------------- the template's text around an image part
+
+
+def test_template_text_around_an_image_part_is_learned_and_grouped_as_template():
+    """A template that writes "Picture: <image>\\n" (text before and after the placeholder): the learner finds
+    both from a rendering with and without the image part; in the ids they are group 0 next to a placeholder,
+    while the same words typed by the user elsewhere stay user text. Qwen's template writes no such text."""
+    from avar_ops.analysis.tiny_qwen import build_tiny_processor
+    from avar_ops.hf import template_tokens
+
+    processor = llava_onevision.build_processor()
+    tok = processor.tokenizer
+    processor.chat_template = llava_onevision.CHAT_TEMPLATE.replace("<image>\n", "Picture: <image>\n")
+    t = template_tokens(processor)
+    assert [tok.decode(list(h)) for h in t.part_heads] == ["Picture: "]
+    assert [tok.decode(list(h)) for h in t.part_tails] == ["\n"]
+    qwen = template_tokens(build_tiny_processor())
+    assert qwen.part_heads == () and qwen.part_tails == ()
+
+    question = "Picture: a red square.\nIs it red?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "Picture: <image>\nPicture: a red square." in text
+    batch = processor(text=[text], images=[[_image((56, 56), 0)]], return_tensors="pt")
+    groups = token_groups(batch["input_ids"], processor).key_group[0]  # [L]
+    ids = batch["input_ids"][0]
+    assert tok.decode(ids[groups == Group.USER]) == question
+    image = (ids == processor.image_token_id).nonzero()[:, 0]
+    head = tok.encode("Picture: ", add_special_tokens=False)
+    assert (groups[int(image[0]) - len(head) : int(image[0])] == Group.OTHER).all()
+    assert groups[int(image[-1]) + 1] == Group.OTHER

@@ -101,3 +101,11 @@ def load_pretrained(path, **kwargs):
 from avar_ops.hf.families import qwen2_5_vl  # noqa: E402
 
 register(qwen2_5_vl.Qwen2_5_VL())
+
+from avar_ops.hf.families import llava_onevision  # noqa: E402
+
+register(llava_onevision.LlavaOnevision())
+
+from avar_ops.hf.families import internvl  # noqa: E402
+
+register(internvl.InternVL())
