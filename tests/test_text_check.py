@@ -140,6 +140,32 @@ def test_check_messages_checks_every_text_part_and_names_the_message(family_toke
         check_text("x", where="w", field="f", tokenizer=object())
 
 
+def test_build_inputs_and_the_collator_refuse_the_processors_own_special_tokens(family_tokenizers, tmp_path):
+    """Where text meets the processor (samples for vas/generate/sweep, records for SFT/GRPO/preflight), the
+    family's special tokens are refused: `<image>` is ordinary text to Qwen's tokenizer, an image slot to LLaVA's."""
+    from avar_ops.analysis.tiny_families import llava_onevision
+    from avar_ops.analysis.tiny_qwen import build_tiny_processor
+    from avar_ops.data import build_inputs, normalize_sample, parse_record
+    from avar_train.data.collator import QwenVLCollator
+
+    onevision, qwen = llava_onevision.build_processor(), build_tiny_processor()
+    sample = normalize_sample({"id": "s1", "question": "Is <image> here?"}, 0)
+    with pytest.raises(TextError, match=r"^sample 's1': 'user message 0' contains '<image>'"):
+        build_inputs(onevision, [sample])
+    assert build_inputs(qwen, [sample])["input_ids"].shape[0] == 1
+    record = parse_record(
+        {"id": "r1", "question": "What is it?", "response": "An <image> of a square."},
+        str(tmp_path),
+        check_images=False,
+    )
+    for mode in ("sft", "prompt"):
+        collator = QwenVLCollator(onevision, max_length=512, min_pixels=56 * 56, max_pixels=56 * 56, mode=mode)
+        with pytest.raises(TextError, match=r"^record 'r1': 'assistant message 1' contains '<image>'"):
+            collator.render(record)
+        collator = QwenVLCollator(qwen, max_length=512, min_pixels=56 * 56, max_pixels=56 * 56, mode=mode)
+        assert "<image>" in collator.render(record) or mode == "prompt"
+
+
 # ------------------------------------------------------------------------------------ avar vas/generate/sweep
 
 
