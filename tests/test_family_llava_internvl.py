@@ -220,3 +220,60 @@ def test_template_text_around_an_image_part_is_learned_and_grouped_as_template()
     head = tok.encode("Picture: ", add_special_tokens=False)
     assert (groups[int(image[0]) - len(head) : int(image[0])] == Group.OTHER).all()
     assert groups[int(image[-1]) + 1] == Group.OTHER
+
+
+# ---------------------------------------------------------------------------------------- backbones
+
+
+def test_internvl_qwen3_backbone_zero_bias_logits_and_greedy_generate_are_stock():
+    model, processor = internvl.build(seed=1, backbone="qwen3")
+    assert model.model.language_model.layers[0].self_attn.q_norm is not None  # Qwen3's per-head q/k norms
+    messages = [_user_turn("What is it?"), _user_turn("Compare the two images.", images=2)]
+    batch = _batch(processor, messages, [[_image((56, 112), 4)], [_image((84, 28), 5), _image((56, 56), 6)]])
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        ref = model(**batch).logits  # [B, L, V]
+        ref_seq = model.generate(**batch, **kwargs)
+    handle = apply(model, processor)
+    try:
+        assert handle.attention_layers == list(range(model.config.text_config.num_hidden_layers))
+        with torch.no_grad():
+            out = model(**batch).logits
+            seq = model.generate(**batch, **kwargs)
+    finally:
+        handle.revert()
+    v = batch["attention_mask"].bool()
+    assert testing.rel_err(out[v], ref[v]) <= testing.FP32_MODEL_REL
+    assert torch.equal(seq, ref_seq)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "internvl"])
+def test_an_unchecked_language_backbone_is_refused_in_one_line(family):
+    """Other backbones may route attention differently (GPT-OSS: sinks, sliding windows): refused, not guessed."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    text = dict(
+        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    if family == "internvl":
+        config = InternVLConfig(
+            text_config=text,
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=56, patch_size=14),
+            image_token_id=3,
+        )  # fmt: skip
+        model = InternVLForConditionalGeneration(config)
+    else:
+        config = LlavaOnevisionConfig(
+            text_config=text,
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+            image_token_index=3, video_token_index=4,
+        )  # fmt: skip
+        model = LlavaOnevisionForConditionalGeneration(config)
+    impl = model.config.text_config._attn_implementation
+    with pytest.raises(NotImplementedError, match=r"with a 'llama' language model is not supported \(checked: "):
+        apply(model)
+    assert model.config.text_config._attn_implementation == impl  # nothing was switched
