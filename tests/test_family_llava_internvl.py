@@ -250,8 +250,12 @@ def test_internvl_qwen3_backbone_zero_bias_logits_and_greedy_generate_are_stock(
 @pytest.mark.parametrize("family", ["llava_onevision", "internvl"])
 def test_an_unchecked_language_backbone_is_refused_in_one_line(family):
     """Other backbones may route attention differently (GPT-OSS: sinks, sliding windows): refused, not guessed."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     text = dict(
         model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
