@@ -120,7 +120,8 @@ def test_onevision_newlines_and_tiles_stand_on_image_tokens_and_are_visual(onevi
 def test_onevision_masses_equal_eager_maps_on_multi_tile_images(onevision):
     model, eager, processor = onevision
     messages = [
-        [{"role": "system", "content": "You are a careful visual reasoning assistant."}] + _user_turn("What is it?"),
+        [{"role": "system", "content": [{"type": "text", "text": "You are a careful visual reasoning assistant."}]}]
+        + _user_turn("What is it?"),
         _user_turn("Compare the two images.", images=2),
     ]
     # Images per sample, as the entry points pass them: a single image is tiled (AnyRes), each image of a
@@ -178,7 +179,8 @@ def test_internvl_markers_are_template_tokens_and_context_tokens_visual(intern, 
 def test_internvl_masses_equal_eager_maps(intern):
     model, eager, processor = intern
     messages = [
-        [{"role": "system", "content": "You are a careful visual reasoning assistant."}] + _user_turn("What is it?"),
+        [{"role": "system", "content": [{"type": "text", "text": "You are a careful visual reasoning assistant."}]}]
+        + _user_turn("What is it?"),
         _user_turn("Compare the two images.", images=2),
     ]
     images = [[_image((56, 112), 1)], [_image((84, 28), 2), _image((56, 56), 3)]]
@@ -281,3 +283,19 @@ def test_an_unchecked_language_backbone_is_refused_in_one_line(family):
     with pytest.raises(NotImplementedError, match=r"with a 'llama' language model is not supported \(checked: "):
         apply(model)
     assert model.config.text_config._attn_implementation == impl  # nothing was switched
+
+
+def test_a_template_that_reads_only_lists_of_parts_is_learned():
+    """Like llava-hf's OneVision template, the tiny one renders a plain string content to nothing; the learner
+    then renders its sentinels as text parts and finds the same layout as for a template that takes both."""
+    from avar_ops.hf import template_tokens
+
+    processor = llava_onevision.build_processor()
+    tok = processor.tokenizer
+    dropped = processor.apply_chat_template([{"role": "user", "content": "Walrus"}], tokenize=False)
+    assert "Walrus" not in dropped
+    t = template_tokens(processor)
+    im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert t.openers == (im_start,) and t.closer == im_end
+    assert [tok.decode(list(h)) for h in t.headers] == [f"<|im_start|>{r}" for r in ("system", "user", "assistant")]
+    assert set(t.visual) == {tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>")}

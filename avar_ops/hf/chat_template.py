@@ -140,14 +140,15 @@ def _split_header(tok, special: set, segment: str, role: str) -> Tuple[Tuple[int
 def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
     special = set(_special_ids(tok))
     s = _SENTINELS
-    conversation = [
-        {"role": "system", "content": s["system"]},
-        {"role": "user", "content": s["user"]},
-        {"role": "assistant", "content": s["assistant"]},
-        {"role": "user", "content": s["user2"]},
-    ]
-    text = _render(tok, template, conversation, generation_prompt=True)
-    missing = [v for v in (s["system"], s["user"], s["assistant"], s["user2"]) if v not in text]
+    roles = [("system", s["system"]), ("user", s["user"]), ("assistant", s["assistant"]), ("user", s["user2"])]
+    # Contents as plain strings first, then as lists of text parts: some templates read only one of the two and
+    # silently drop the other (llava-hf's OneVision template iterates the parts of every message).
+    for as_parts in (False, True):
+        conversation = [{"role": r, "content": [{"type": "text", "text": v}] if as_parts else v} for r, v in roles]
+        text = _render(tok, template, conversation, generation_prompt=True)
+        missing = [v for _, v in roles if v not in text]
+        if not missing:
+            break
     if missing:
         raise TemplateError(f"the template dropped the contents {missing} (rendered {text!r})")
     segments = {

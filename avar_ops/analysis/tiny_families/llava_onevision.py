@@ -6,7 +6,8 @@
   of the llava-hf OneVision checkpoints in their order (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, then
   `<image>` and `<video>`, which are not written `<|…|>`);
 - the chat template renders the checkpoints' layout: `<|im_start|>ROLE\\n`, the images of a turn first as
-  `<image>\\n`, then its videos as `<video>\\n`, then its text, `<|im_end|>\\n`; no default system turn;
+  `<image>\\n`, then its videos as `<video>\\n`, then its text, `<|im_end|>\\n`; no default system turn; like
+  the published one it reads contents as lists of parts only (a plain string content renders to nothing);
 - the image processor is the real OneVision one (AnyRes: a base view plus tiles picked from
   `image_grid_pinpoints`) with a 28-pixel tile, so a tile is 2 × 2 SigLIP patches; the processor expands each
   `<image>` into the base view's 4 tokens, the unpadded tile grid and one image-newline token per grid row, all
@@ -26,18 +27,18 @@ __all__ = ["build", "build_processor", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "TILE"
 # llava-hf/llava-onevision-qwen2-*-hf number these 151643..151647.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
-# Content is a string or a list of {"type": "image"|"video"|"text", ...} parts; as in the published template,
-# a turn's images come first, then its videos, then its text.
+# As in the published template: content is a list of {"type": "image"|"video"|"text", ...} parts (a plain string
+# content renders to nothing, as there); a turn's images come first, then its videos, then its text, and the
+# assistant's text is marked for `return_assistant_tokens_mask`.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'video' %}<video>\n{% endif %}{% endfor %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}<video>\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ part['text'] }}{% endgeneration %}"
+    "{% else %}{{ part['text'] }}{% endif %}"
     "{% endfor %}"
-    "{% endif %}"
     "<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
