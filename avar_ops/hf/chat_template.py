@@ -197,7 +197,10 @@ def _part_texts(tok, template, special: set, visual: set) -> Tuple[Tuple[Tuple[i
     """(heads, tails): the ordinary tokens the template writes before / after the special tokens of an image or
     video part, from the difference between a user turn rendered with and without that part."""
     s = _SENTINELS["media"]
-    without = _render(tok, template, [{"role": "user", "content": [{"type": "text", "text": s}]}], False)
+    try:
+        without = _render(tok, template, [{"role": "user", "content": [{"type": "text", "text": s}]}], False)
+    except TemplateError:  # a template refusing a lone user turn: no part text is learned
+        return (), ()
     heads, tails = set(), set()
     for kind in ("image", "video"):
         try:
