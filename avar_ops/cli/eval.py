@@ -26,7 +26,7 @@ from avar_ops.cli.args import (
 )
 from avar_ops.cli.errors import CLIError, DataError, Interrupted
 from avar_ops.cli.out import add_out_flags, open_out, prepare_out
-from avar_ops.data import TextError, check_text
+from avar_ops.data import TextError, check_messages, check_text
 from avar_ops.eval import (
     BENCHMARKS,
     GENERATION_SOURCES,
@@ -99,6 +99,10 @@ def _check_prompt_lengths(args, specs, loaded, limits) -> None:
             )
             content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.prompt}]
             messages.append({"role": "user", "content": content})
+            try:  # the family's own special tokens (`<image>`, `<img>`, …), typed in a question or --system
+                check_messages(messages, where=f"{name} sample {sample.id!r}", tokenizer=processor)
+            except TextError as exc:
+                raise DataError(str(exc)) from None
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             n = len(tokenizer(text, verbose=False)["input_ids"])
             if n + limits[name] > context:
