@@ -199,10 +199,9 @@ def _check_layers(d: dict, where: str) -> None:
     layers = d["layers"]
     if not isinstance(layers, list) or not layers or not all(_is_index(i) and 0 <= i < n for i in layers):
         raise ValueError(f"{where}: layers must be a non-empty list of indices in [0, {n}), got {layers!r}")
-    for name in ("vas",):
-        got = d["per_layer"][name]
-        if not isinstance(got, list) or len(got) != len(layers):
-            raise ValueError(f"{where}: per_layer[{name!r}] must have one value per layer ({len(layers)})")
+    got = d["per_layer"]["vas"]
+    if not isinstance(got, list) or len(got) != len(layers):
+        raise ValueError(f"{where}: per_layer['vas'] must have one value per layer ({len(layers)})")
     attn, total = d.get("attention_layers"), d.get("num_decoder_layers")
     if total is not None and (not _is_index(total) or total < n):
         raise ValueError(f"{where}: num_decoder_layers must be an int >= num_layers ({n}), got {total!r}")
