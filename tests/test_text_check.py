@@ -159,7 +159,7 @@ def test_build_inputs_and_the_collator_refuse_the_processors_own_special_tokens(
         check_images=False,
     )
     for mode in ("sft", "prompt"):
-        collator = QwenVLCollator(onevision, max_length=512, min_pixels=56 * 56, max_pixels=56 * 56, mode=mode)
+        collator = QwenVLCollator(onevision, max_length=512, mode=mode)
         with pytest.raises(TextError, match=r"^record 'r1': 'assistant message 1' contains '<image>'"):
             collator.render(record)
         collator = QwenVLCollator(qwen, max_length=512, min_pixels=56 * 56, max_pixels=56 * 56, mode=mode)
