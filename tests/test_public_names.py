@@ -40,7 +40,13 @@ AVAR_FLAGS = {
     + ["--scoring"],
     "correlate": ["--out", "--confidence"],
 }
-TRAIN_FLAGS = {"sft": ["--config"], "vard": ["--config"], "grpo": ["--config"], "check": ["--command", "--config"]}
+TRAIN_FLAGS = {
+    "sft": ["--config"],
+    "steer": ["--config"],  # added since: learned attention steering
+    "vard": ["--config"],
+    "grpo": ["--config"],
+    "check": ["--command", "--config"],
+}
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict:
