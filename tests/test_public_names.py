@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # avar_ops/analysis/evaluation/commands.py and training/cli.py at 78f12cc).
 _MODEL = ["--model", "--dtype", "--device"]
 _INTERVENTION = ["--mode", "--alpha-img", "--alpha-sys", "--beta-img", "--beta-sys", "--layers", "--heads"]
+_INTERVENTION += ["--steer"]  # added since: a learned steering file
 AVAR_FLAGS = {
     "vas": _MODEL
     + _INTERVENTION
@@ -27,7 +28,7 @@ AVAR_FLAGS = {
     + _INTERVENTION
     + ["--image", "--question", "--system", "--max-new-tokens", "--baseline", "--no-progress"],
     "sweep": _MODEL
-    + ["--mode", "--layers", "--heads"]
+    + ["--mode", "--layers", "--heads", "--steer"]
     + ["--data", "--alphas", "--alpha-sys", "--limit", "--out", "--batch-size", "--max-new-tokens", "--no-progress"]
     + ["--data-format", "--overwrite"],
     "demo": ["--out"],

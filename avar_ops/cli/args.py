@@ -134,7 +134,9 @@ def check_selection(args, ivs, shape) -> None:
                 iv.check_fits(model_type="qwen2_5_vl", num_layers=num_layers, num_heads=num_heads)
             except SteeringError as exc:
                 raise CLIError(f"--steer: {exc}") from None
-    if all(iv is None for iv in ivs) and (args.layers is not None or args.heads is not None):
+    # A steering file sets every layer's and head's tables: --layers / --heads choose for hand-set values only.
+    hand_set = [iv for iv in ivs if not isinstance(iv, Steering)]
+    if all(iv is None for iv in hand_set) and (args.layers is not None or args.heads is not None):
         values = "--beta-img / --beta-sys" if args.mode == "bias" else "--alpha-img / --alpha-sys"
         if args.command == "sweep":
             values = "a non-zero --alphas setting"
