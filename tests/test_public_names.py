@@ -40,6 +40,7 @@ AVAR_FLAGS = {
     + ["--sample", "--sample-seed", "--mathverse-prompt", "--hallusion-instruction", "--judge-retries"]  # added since
     + ["--scoring"],
     "correlate": ["--out", "--confidence"],
+    "steer-report": ["--out", "--top"],  # added since: what a steering file learned
 }
 TRAIN_FLAGS = {
     "sft": ["--config"],

@@ -288,3 +288,43 @@ def test_steer_flag_errors_before_loading(command, steered, tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_steer_report_draws_and_lists(steered, tmp_path, capsys):
+    from avar_ops.cli import main
+
+    out = tmp_path / "report"
+    assert main(["steer-report", steered, "--out", str(out), "--top", "3"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("steering_bias.png", "steering_logit_scale.png"):
+        assert os.path.getsize(out / name) > 5000, name
+    with open(out / "steer_report.json", encoding="utf-8") as f:
+        report = json.load(f)
+    s = load_steering(steered)
+    moved = torch.maximum(s.bias.abs(), (s.logit_scale - 1).abs()).amax(-1)  # [L, H]
+    best = torch.topk(moved.flatten(), 3).values
+    assert [r["moved"] for r in report["moved"]] == pytest.approx(best.tolist(), rel=1e-6)
+    first = report["moved"][0]
+    assert moved[first["layer"], first["head"]] == pytest.approx(best[0].item(), rel=1e-6)
+    assert f"{first['layer']:5d} {first['head']:4d} {first['moved']:7.4f}" in printed
+    assert len([line for line in printed.splitlines() if line[:5].strip().isdigit()]) == 3
+
+
+@pytest.mark.parametrize(
+    "argv, code, expected",
+    [
+        (["steer-report", "absent.safetensors"], 2, "steering file not found"),
+        (["steer-report", "JUNK"], 1, "not a readable safetensors file"),
+        (["steer-report", "FILE", "--top", "0"], 2, "--top: expected a positive number"),
+        (["steer-report", "FILE", "--out", "JUNK"], 2, "--out: "),
+    ],
+)
+def test_steer_report_errors(steered, tmp_path, capsys, argv, code, expected):
+    from avar_ops.cli import main
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("{}")
+    argv = [{"JUNK": str(junk), "FILE": steered}.get(a, a) for a in argv]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
