@@ -22,7 +22,7 @@ INIT_MODES = ("weights", "logits", "bias")
 @dataclass
 class SteerConfig(SFTConfig):
     # A table entry moves by O(learning_rate) per step under Adam: a logit offset needs steps of 1e-2, not 1e-5.
-    learning_rate: float = 0.05
+    learning_rate: float = 0.05  # AdamW's, on the tables (SFT's default, 1e-5, would leave them where they start)
     # which entries train (the others stay at their initial value)
     train_logit_scale: bool = True  # false: only the bias β trains (γ stays at its initial value)
     steer_layers: Optional[List[int]] = None  # decoder layers whose tables train (default all)
@@ -34,12 +34,12 @@ class SteerConfig(SFTConfig):
     init_sys: float = 0.0  # α_sys (weights, logits) or β_sys (bias)
     init_steering: Optional[str] = None  # start from this steering file's tables (excludes init_img / init_sys)
     # regularisation: loss += l2_bias · mean(β²) + l2_logit_scale · mean((γ − 1)²) over the trained entries
-    l2_bias: float = 0.0
-    l2_logit_scale: float = 0.0
+    l2_bias: float = 0.0  # weight of mean(β²) over the trained entries: a pull toward zero bias
+    l2_logit_scale: float = 0.0  # weight of mean((γ − 1)²) over the trained entries: a pull toward unit scale
     # bounds, applied after every optimizer step (and checked on the initial tables)
-    max_abs_bias: float = 10.0
-    logit_scale_min: float = 0.0
-    logit_scale_max: float = 4.0
+    max_abs_bias: float = 10.0  # |β| ≤ this after every step
+    logit_scale_min: float = 0.0  # γ ≥ this after every step
+    logit_scale_max: float = 4.0  # γ ≤ this after every step
 
     def problems(self) -> Problems:
         p = super().problems()
@@ -56,6 +56,8 @@ class SteerConfig(SFTConfig):
                 "for the weights, so ZeRO has nothing to shard; run without it (data parallel: "
                 "training/configs/accelerate_ddp.yaml)",
             )
+        if not self.freeze_vision_tower:
+            p.add("freeze_vision_tower", "steering freezes every model weight; false would train nothing more")
         for name in ("l2_bias", "l2_logit_scale", "max_abs_bias", "logit_scale_min"):
             non_negative(p, self, name)
         if not p.has("max_abs_bias") and self.max_abs_bias == 0:
