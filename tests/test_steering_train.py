@@ -135,6 +135,12 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_dir, train_file, tmp_p
         ("logit_scale_max=0.0", "logit_scale_max: must be a finite number above logit_scale_min"),
         ("max_abs_bias=0", "max_abs_bias: must be > 0"),
         ("init_steering=nothing.safetensors", "init_steering: no such file"),
+        ("freeze_vision_tower=false", "freeze_vision_tower: steering freezes every model weight"),
+        (
+            "init_img=0.15 max_abs_bias=0.1",
+            "init_img: the initial tables of weights α_img=0.15 α_sys=0 have |β| up to 0.1398, above max_abs_bias",
+        ),
+        ("init_mode=logits init_img=4", "have γ in [1, 5], outside [logit_scale_min, logit_scale_max] = [0.0, 4.0]"),
     ],
 )
 def test_bad_recipe_values_are_one_line(tmp_path, train_file, capsys, override, expected):
@@ -147,7 +153,7 @@ def test_bad_recipe_values_are_one_line(tmp_path, train_file, capsys, override, 
         os.path.join(root, "training/configs/steer_tiny.yaml"),
         f"train_file={train_file}",
         f"output_dir={tmp_path / 'out'}",
-        override,
+        *override.split(),
     ]
     assert train_main(argv) == 2
     err = capsys.readouterr().err
@@ -167,6 +173,13 @@ def test_init_steering_for_another_model_is_refused(tmp_path, train_file, capsys
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert "was made for qwen2_5_vl with 2 layers × 4 heads, but this model is qwen2_5_vl with 3 layers" in err
+    wide = str(tmp_path / "wide.safetensors")
+    bias = torch.zeros(3, 4, 4)
+    bias[2, 1, 1] = 12.0
+    save_steering(wide, bias, torch.ones(3, 4, 4), model_type="qwen2_5_vl", num_layers=3, num_heads=4)
+    assert train_main(argv[:-1] + [f"init_steering={wide}"]) == 2
+    err = capsys.readouterr().err
+    assert "init_steering: its tables have |β| up to 12, above max_abs_bias=10.0" in err, err
 
 
 def test_check_tells_steer_and_sft_recipes_apart(tmp_path, train_file, capsys):

@@ -386,11 +386,14 @@ def check_steer(cfg, config_path: Optional[str], overrides=None, *, settings=())
         from avar_ops.hf import SteeringError, load_steering
 
         try:
-            load_steering(cfg.init_steering).check_fits(
-                model_type="qwen2_5_vl", num_layers=model.num_layers, num_heads=model.num_heads
-            )
+            start = load_steering(cfg.init_steering)
+            start.check_fits(model_type="qwen2_5_vl", num_layers=model.num_layers, num_heads=model.num_heads)
         except SteeringError as exc:
             result.problems.append(where.problem("init_steering", str(exc)))
+        else:
+            reason = cfg.outside_bounds(start.bias.flatten().tolist(), start.logit_scale.flatten().tolist())
+            if reason:
+                result.problems.append(where.problem("init_steering", f"its tables {reason}"))
     return result
 
 

@@ -90,12 +90,31 @@ class SteerConfig(SFTConfig):
                 p.add("init_steering", "starts from a file's tables; leave init_img and init_sys at 0 with it")
         if not p.has("init_mode") and not p.has("init_img") and not p.has("init_sys"):
             try:
-                self.init_intervention()
+                iv = self.init_intervention()
             except (TypeError, ValueError) as exc:
                 p.add("init_img", str(exc))
+            else:
+                bounds = ("max_abs_bias", "logit_scale_min", "logit_scale_max")
+                if iv is not None and not any(p.has(b) for b in bounds):
+                    reason = self.outside_bounds(iv.group_bias(), iv.group_logit_scale())
+                    if reason:
+                        p.add("init_img", f"the initial tables of {iv.describe()} {reason}")
         if self.init_steering is not None and os.path.isdir(self.init_steering):
             p.add("init_steering", f"{self.init_steering!r} is a folder; expected a steering .safetensors file")
         return p
+
+    def outside_bounds(self, bias, logit_scale) -> str:
+        """Why tables with these entries lie outside the bounds ("" when they do not)."""
+        bias, logit_scale = [float(v) for v in bias], [float(v) for v in logit_scale]
+        top = max(abs(v) for v in bias)
+        if top > self.max_abs_bias:
+            return f"have |β| up to {top:.4g}, above max_abs_bias={self.max_abs_bias}"
+        if min(logit_scale) < self.logit_scale_min or max(logit_scale) > self.logit_scale_max:
+            return (
+                f"have γ in [{min(logit_scale):.4g}, {max(logit_scale):.4g}], outside "
+                f"[logit_scale_min, logit_scale_max] = [{self.logit_scale_min}, {self.logit_scale_max}]"
+            )
+        return ""
 
     def init_intervention(self):
         """The training-free intervention the tables start from (None: identity or init_steering)."""

@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from avar_ops.core import GROUP_NAMES, NUM_GROUPS, select_indices
 from avar_ops.hf import get_handle, load_steering, model_steering_shape, save_steering
 
+from ..config import ConfigError
 from ..sft.trainer import AGTOTrainer, train_sft
 
 __all__ = ["STEERING_FILE", "SteeringTables", "SteeringTrainer", "steering_tables_for", "train_steer"]
@@ -95,12 +96,9 @@ def steering_tables_for(model, cfg) -> SteeringTables:
         if tables.get("logit_scale") is not None:
             scale = tables["logit_scale"].float()
     max_bias, lo, hi = cfg.max_abs_bias, cfg.logit_scale_min, cfg.logit_scale_max
-    if float(bias.abs().max()) > max_bias or float(scale.min()) < lo or float(scale.max()) > hi:
-        raise ValueError(
-            f"the initial tables (|β| up to {float(bias.abs().max()):.4g}, γ in [{float(scale.min()):.4g}, "
-            f"{float(scale.max()):.4g}]) lie outside the bounds max_abs_bias={max_bias}, "
-            f"logit_scale_min={lo}, logit_scale_max={hi}"
-        )
+    reason = cfg.outside_bounds(bias.flatten().tolist(), scale.flatten().tolist())
+    if reason:
+        raise ConfigError(f"the initial tables {reason}")
     layers = select_indices(cfg.steer_layers, num_layers, "steer_layers")
     heads = select_indices(cfg.steer_heads, num_heads, "steer_heads")
     groups = None if cfg.steer_groups is None else [GROUP_NAMES.index(g) for g in cfg.steer_groups]
