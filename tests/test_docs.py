@@ -463,6 +463,10 @@ MEASURED = [
     ("README.md", "3.6·10⁴–6.6·10⁵", "cpu_rvisual_example.md", "token ratio max", None, 1, ""),
     ("README.md", "1.8·10³–3.4·10⁴", "cpu_rvisual_example.md", "r_visual before gating", _kind("ratio"), 1, ""),
     ("README.md", "1.41–1.46", "cpu_rvisual_example.md", "r_visual before gating", _kind("capped_ratio"), 1, ""),
+    # learned steering against an AGTO SFT step and a forward on the 7B-shaped slice (benchmarks/steer_compare.py)
+    ("README.md", "0.494×", "cpu_steer_compare.md", "steering / AGTO SFT", {"measure": "CPU s"}, 1, "exact"),
+    ("README.md", "0.407×", "cpu_steer_compare.md", "steering / AGTO SFT", {"measure": "process peak MB"}, 1, "exact"),
+    ("README.md", "1.113×", "cpu_steer_compare.md", "steering / forward", {"measure": "process peak MB"}, 1, "exact"),
     ("README.md", "1.00×", "cpu_grpo_step.md", "total vs SDPA", {"L": "960", "method": "avar (fused masses)"}, 1, ""),
     ("README.md", "0.95×", "cpu_grpo_step.md", "peak vs SDPA", {"L": "960", "method": "avar (fused masses)"}, 1, ""),
     ("README.md", "1.08×", "cpu_grpo_step.md", "total vs SDPA", {"L": "960", "method": "eager maps"}, 1, ""),
