@@ -341,3 +341,29 @@ def test_steer_report_errors(steered, tmp_path, capsys, argv, code, expected):
     assert main(argv) == code
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_penalty_is_the_mean_square_over_trained_entries():
+    from avar_train.steer.trainer import SteeringTables
+
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        bias, scale = torch.randn(3, 4, 4, generator=gen), 1 + torch.randn(3, 4, 4, generator=gen)
+        trainable = torch.rand(3, 4, 4, generator=gen) > 0.5
+        tables = SteeringTables(bias, scale, trainable)
+        want = 0.3 * bias[trainable].square().mean() + 0.7 * (scale[trainable] - 1).square().mean()
+        torch.testing.assert_close(tables.penalty(0.3, 0.7), want.float(), rtol=1e-6, atol=0)
+        only_bias = SteeringTables(bias, scale, trainable, train_logit_scale=False)
+        torch.testing.assert_close(only_bias.penalty(0.3, 0.7), (0.3 * bias[trainable].square().mean()).float())
+
+
+def test_l2_pull_keeps_the_tables_near_plain_attention(tiny_dir, train_file, tmp_path):
+    """With a strong pull the tables end much closer to β = 0, γ = 1 than the same run without it."""
+    free = train_steer(_config(tiny_dir, train_file, tmp_path / "free", learning_rate=0.1)).tables
+    held = train_steer(
+        _config(tiny_dir, train_file, tmp_path / "held", learning_rate=0.1, l2_bias=1e3, l2_logit_scale=1e3)
+    ).tables
+    for name, identity in (("bias", 0.0), ("logit_scale", 1.0)):
+        moved_free = (getattr(free, name).detach() - identity).abs().mean()
+        moved_held = (getattr(held, name).detach() - identity).abs().mean()
+        assert moved_held < 0.5 * moved_free, (name, float(moved_held), float(moved_free))

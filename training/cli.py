@@ -6,9 +6,9 @@
                                                      logit-scale tables train (output_dir/steering.safetensors)
     avar-train vard  --config FILE [key=value ...]    VARD data synthesis
     avar-train grpo  --config FILE [key=value ...]    GRPO with the visual-anchored reward (VARS); same launchers
-    avar-train check --config FILE [key=value ...]    everything `sft` / `grpo` / `vard` check before a model loads,
-                                                     and nothing else (`--command` names the trainer when the
-                                                     recipe's keys do not tell)
+    avar-train check --config FILE [key=value ...]    everything `sft` / `steer` / `grpo` / `vard` check before a
+                                                     model loads, and nothing else (`--command` names the trainer
+                                                     when the recipe's keys do not tell)
 
 Overrides are config keys with YAML values (`max_steps=10`, `agto_layers=[0,1]`). Every command first runs the
 checks of `avar_train.preflight` (each setting, the machine, the model's config and processor, every record and
