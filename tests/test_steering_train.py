@@ -367,3 +367,76 @@ def test_l2_pull_keeps_the_tables_near_plain_attention(tiny_dir, train_file, tmp
         moved_free = (getattr(free, name).detach() - identity).abs().mean()
         moved_held = (getattr(held, name).detach() - identity).abs().mean()
         assert moved_held < 0.5 * moved_free, (name, float(moved_held), float(moved_free))
+
+
+# ------------------------------------------------------------------------------------------------------- GRPO
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grpo_train_only_steering_moves_only_the_tables(tmp_path, seed):
+    """GRPO with train_only: steering updates the tables and nothing else, keeps them in their bounds, resumes
+    from its checkpoint, and writes a steering file as its result."""
+    from grpo_fixtures import hash_checker, write_colour_task
+
+    from avar_ops.analysis import build_tiny_qwen2_5_vl
+    from avar_train.grpo.config import load_grpo_config
+    from avar_train.grpo.rewards import accuracy_reward
+    from avar_train.grpo.trainer import GRPOTrainer, train_grpo
+
+    data = write_colour_task(str(tmp_path / "data"), n=6)
+    values = dict(
+        model_name_or_path="tiny",
+        train_file=data,
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=0.05,
+        seed=seed,
+        train_only="steering",
+    )
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = GRPOTrainer(load_grpo_config(None, values), model, processor, accuracy=accuracy_reward(hash_checker))
+    trainer.train()
+    trainer.save_model()
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    trained = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+    assert trained == ["avar_steering.bias", "avar_steering.logit_scale"]
+    for name, value in unwrapped.named_parameters():
+        if name in before:
+            assert torch.equal(value, before[name]), name
+    tables = trainer.tables
+    assert tables.bias.abs().max() > 0 and tables.bias.abs().max() <= 10.0
+    saved = load_steering(str(tmp_path / "out" / STEERING_FILE))
+    assert torch.equal(saved.bias, tables.bias.detach()) and saved.trained["trainer"] == "avar-train grpo"
+
+    # the same recipe through train_grpo, resumed from its step-1 checkpoint, ends with the same tables
+    again = dict(values, output_dir=str(tmp_path / "again"), save_steps=1)
+    model2, processor2 = build_tiny_qwen2_5_vl(seed=0)
+    train_grpo(
+        load_grpo_config(None, again), model=model2, processor=processor2, accuracy=accuracy_reward(hash_checker)
+    )
+    resumed = dict(
+        again, output_dir=str(tmp_path / "again"), resume_from_checkpoint=str(tmp_path / "again" / "checkpoint-1")
+    )
+    model3, processor3 = build_tiny_qwen2_5_vl(seed=0)
+    history = train_grpo(
+        load_grpo_config(None, resumed), model=model3, processor=processor3, accuracy=accuracy_reward(hash_checker)
+    )
+    assert [r["step"] for r in history] == [2]  # it started from the checkpoint's tables, not from identity
+    end = load_steering(str(tmp_path / "again" / STEERING_FILE))
+    torch.testing.assert_close(end.bias, saved.bias, rtol=0, atol=1e-6)
+
+
+def test_grpo_train_only_values():
+    from avar_train.grpo.config import ConfigError, load_grpo_config
+
+    for values, expected in (
+        ({"train_only": "tables"}, "train_only: must be 'model' or 'steering', got 'tables'"),
+        ({"train_only": "steering", "weight_decay": 0.1}, "weight_decay: must be 0 with train_only: steering"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_grpo_config(None, {"train_file": __file__, "output_dir": "x", **values})
+        assert expected in str(err.value), str(err.value)

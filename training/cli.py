@@ -268,6 +268,8 @@ def _run_grpo(args) -> int:
         train_grpo(cfg, records=records)
         if run is not None:
             run.finish()
+    except ConfigError as exc:  # settings only the trainer can check (the launcher's DeepSpeed)
+        return _abandoned(run, str(exc), 2, "grpo")
     except (RecordError, CollateError, FileNotFoundError, RewardError) as exc:
         return _abandoned(run, str(exc), 1, "grpo")
     except Interrupted as exc:
