@@ -102,14 +102,13 @@ def steering_tables_for(model, cfg) -> SteeringTables:
     layers = select_indices(cfg.steer_layers, num_layers, "steer_layers")
     heads = select_indices(cfg.steer_heads, num_heads, "steer_heads")
     groups = None if cfg.steer_groups is None else [GROUP_NAMES.index(g) for g in cfg.steer_groups]
-    trainable = torch.zeros(num_layers, num_heads, NUM_GROUPS, dtype=torch.bool)  # [L, H, 4]
     keep_l = torch.zeros(num_layers, dtype=torch.bool)
     keep_l[layers if layers is not None else slice(None)] = True
     keep_h = torch.zeros(num_heads, dtype=torch.bool)
     keep_h[heads if heads is not None else slice(None)] = True
     keep_g = torch.zeros(NUM_GROUPS, dtype=torch.bool)
     keep_g[groups if groups is not None else slice(None)] = True
-    trainable = keep_l[:, None, None] & keep_h[None, :, None] & keep_g[None, None, :]
+    trainable = keep_l[:, None, None] & keep_h[None, :, None] & keep_g[None, None, :]  # [L, H, 4]
     return SteeringTables(bias, scale, trainable, cfg.train_logit_scale, (max_bias, lo, hi))
 
 
@@ -134,9 +133,9 @@ class SteeringTrainer(AGTOTrainer):
         self.l2 = tuple(float(v) for v in l2)
         self.summary = dict(summary or {})
         self._handle = get_handle(self._patched)
-        frozen = [n for n, p in self._patched.named_parameters() if p.requires_grad and not n.startswith(MODULE_NAME)]
-        if frozen:
-            raise RuntimeError(f"SteeringTrainer: model weights still train: {frozen[:3]}")
+        weights = [n for n, p in self._patched.named_parameters() if p.requires_grad and not n.startswith(MODULE_NAME)]
+        if weights:
+            raise RuntimeError(f"SteeringTrainer: model weights still require grad: {weights[:3]}")
         self.add_callback(_Project(tables))
 
     def _bind(self) -> None:
@@ -147,7 +146,7 @@ class SteeringTrainer(AGTOTrainer):
         self._bind()
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss, rest = (out[0], out[1:]) if return_outputs else (out, ())
-        if any(self.l2):
+        if any(self.l2) and model.training:  # eval_loss stays L_LM + the AGTO terms, as SFT's
             loss = loss + self.tables.penalty(*self.l2).to(loss.dtype)
         return (loss, *rest) if return_outputs else loss
 
