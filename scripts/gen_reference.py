@@ -102,7 +102,16 @@ def _usage(parser: argparse.ArgumentParser) -> str:
 
 
 def _field_comments(cls) -> Dict[str, str]:
-    """name -> the comment ending its line in the class source (or the group comment above it)."""
+    """name -> the comment ending its line in the source of the class that defines it last (a recipe built on
+    another one, such as SteerConfig on SFTConfig, inherits the base's comments)."""
+    out: Dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        out.update(_own_field_comments(base))
+    return out
+
+
+def _own_field_comments(cls) -> Dict[str, str]:
+    """name -> the comment ending its line in the class source."""
     path = sys.modules[cls.__module__].__file__
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()

@@ -94,10 +94,21 @@ _RESUME_2 = (
     "output_dir=runs/sft-resume save_steps=2 max_steps=6 resume=true"
 )
 
+_STEER = (
+    "avar-train steer --config training/configs/steer_tiny.yaml train_file=examples/shapes/train.jsonl "
+    "eval_file=examples/shapes/eval.jsonl output_dir=runs/steer-tiny",
+    "avar steer-report runs/steer-tiny/steering.safetensors --out runs/steer-report",
+    "avar vas --data examples/shapes/eval.jsonl --limit 4 --steer runs/steer-tiny/steering.safetensors "
+    "--out runs/steer-vas",
+    "avar sweep --data examples/shapes/eval.jsonl --limit 4 --alphas 0 0.15 --steer "
+    "runs/steer-tiny/steering.safetensors --max-new-tokens 8 --out runs/steer-sweep",
+)
+
 # Commands run in this file, as written (run folders moved to a temporary folder): command -> test.
 RUN_HERE = {
     _RESUME_1: "test_readme_resume_example_runs",
     _RESUME_2: "test_readme_resume_example_runs",
+    **{command: "test_readme_steering_example_runs" for command in _STEER},
 }
 
 # Commands whose full run (on the tiny model, temporary folders) is another test: command -> that test.
@@ -166,6 +177,14 @@ NOT_RUN = {
     "model: tests/test_train_grpo_launch.py",
     "PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/compare_builds.py --baseline /tmp/avar-old": "a second "
     "built source tree and minutes of timing; the script's arguments: test_compare_builds_runs_as_written",
+    "avar-train steer --config training/configs/steer_qwen2_5_vl_7b.yaml "
+    "model_name_or_path=/models/Qwen2.5-VL-7B-Instruct train_file=vard_out/vard.jsonl output_dir=/runs/steer-7b": (
+        "7B weights and a GPU; the same command on the tiny model: test_readme_steering_example_runs"
+    ),
+    'avar eval ... --steer /runs/steer-7b/steering.safetensors --label "qwen7b+steer" --out runs/qwen7b_steer': (
+        "7B weights, a GPU and the benchmarks' data ('...' stands for the eval command above); --steer on the tiny "
+        "model: tests/test_steering_train.py::test_eval_takes_the_file"
+    ),
     "benchmarks/gpu_check.sh [--dry-run] [LOGDIR]": "a GPU (its stages build and run CUDA kernels); the --dry-run "
     "form runs in tests/test_gpu_check.py::test_dry_run_skips_every_stage_and_writes_the_report",
 }
@@ -220,8 +239,9 @@ def _config_class(command):
     from avar_train.data.vard_config import VARDConfig
     from avar_train.grpo.config import GRPOConfig
     from avar_train.sft.config import SFTConfig
+    from avar_train.steer.config import SteerConfig
 
-    return {"sft": SFTConfig, "grpo": GRPOConfig, "vard": VARDConfig}.get(command)
+    return {"sft": SFTConfig, "steer": SteerConfig, "grpo": GRPOConfig, "vard": VARDConfig}.get(command)
 
 
 def _check_avar_train(words, where):
@@ -309,6 +329,42 @@ def test_readme_resume_example_runs(tmp_path, monkeypatch, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "holds no whole checkpoint" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_readme_steering_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's steering commands on the tiny model, as written, with runs/ moved under tmp_path: the tables
+    are learned and saved, the report draws them and names the heads that moved most, and vas and sweep run with
+    the file (the sweep's last row is the file's)."""
+    from avar_ops.cli import main as avar_main
+    from avar_train.cli import main as train_main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def moved(command):
+        words = shlex.split(command)[1:]
+        return [
+            w.replace("=runs/", f"={tmp_path}/")
+            if "=runs/" in w
+            else w.replace("runs/", f"{tmp_path}/", 1)
+            if w.startswith("runs/")
+            else w
+            for w in words
+        ]
+
+    train, report, vas, sweep = _STEER
+    assert train_main(moved(train)) == 0
+    assert (tmp_path / "steer-tiny" / "steering.safetensors").is_file()
+    assert avar_main(moved(report)) == 0
+    assert "moved most from plain attention" in capsys.readouterr().out
+    assert (tmp_path / "steer-report" / "steering_bias.png").is_file()
+    assert avar_main(moved(vas)) == 0
+    with open(tmp_path / "steer-vas" / "vas.json", encoding="utf-8") as f:
+        assert json.load(f)["intervention"]["format"] == "avar-steering"
+    assert avar_main(moved(sweep) + ["--no-progress"]) == 0
+    with open(tmp_path / "steer-sweep" / "sweep.json", encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    assert [r["mode"] for r in rows] == ["weights", "weights", "steer"]
 
 
 def test_compare_builds_runs_as_written():
@@ -407,6 +463,10 @@ MEASURED = [
     ("README.md", "3.6·10⁴–6.6·10⁵", "cpu_rvisual_example.md", "token ratio max", None, 1, ""),
     ("README.md", "1.8·10³–3.4·10⁴", "cpu_rvisual_example.md", "r_visual before gating", _kind("ratio"), 1, ""),
     ("README.md", "1.41–1.46", "cpu_rvisual_example.md", "r_visual before gating", _kind("capped_ratio"), 1, ""),
+    # learned steering against an AGTO SFT step and a forward on the 7B-shaped slice (benchmarks/steer_compare.py)
+    ("README.md", "0.494×", "cpu_steer_compare.md", "steering / AGTO SFT", {"measure": "CPU s"}, 1, "exact"),
+    ("README.md", "0.407×", "cpu_steer_compare.md", "steering / AGTO SFT", {"measure": "process peak MB"}, 1, "exact"),
+    ("README.md", "1.113×", "cpu_steer_compare.md", "steering / forward", {"measure": "process peak MB"}, 1, "exact"),
     ("README.md", "1.00×", "cpu_grpo_step.md", "total vs SDPA", {"L": "960", "method": "avar (fused masses)"}, 1, ""),
     ("README.md", "0.95×", "cpu_grpo_step.md", "peak vs SDPA", {"L": "960", "method": "avar (fused masses)"}, 1, ""),
     ("README.md", "1.08×", "cpu_grpo_step.md", "total vs SDPA", {"L": "960", "method": "eager maps"}, 1, ""),

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # avar_ops/analysis/evaluation/commands.py and training/cli.py at 78f12cc).
 _MODEL = ["--model", "--dtype", "--device"]
 _INTERVENTION = ["--mode", "--alpha-img", "--alpha-sys", "--beta-img", "--beta-sys", "--layers", "--heads"]
+_INTERVENTION += ["--steer"]  # added since: a learned steering file
 AVAR_FLAGS = {
     "vas": _MODEL
     + _INTERVENTION
@@ -28,7 +29,7 @@ AVAR_FLAGS = {
     + _INTERVENTION
     + ["--image", "--question", "--system", "--max-new-tokens", "--baseline", "--no-progress"],
     "sweep": _MODEL
-    + ["--mode", "--layers", "--heads"]
+    + ["--mode", "--layers", "--heads", "--steer"]
     + ["--data", "--alphas", "--alpha-sys", "--limit", "--out", "--batch-size", "--max-new-tokens", "--no-progress"]
     + ["--data-format", "--overwrite"],
     "demo": ["--family", "--out"],
@@ -40,8 +41,15 @@ AVAR_FLAGS = {
     + ["--sample", "--sample-seed", "--mathverse-prompt", "--hallusion-instruction", "--judge-retries"]  # added since
     + ["--scoring"],
     "correlate": ["--out", "--confidence"],
+    "steer-report": ["--out", "--top"],  # added since: what a steering file learned
 }
-TRAIN_FLAGS = {"sft": ["--config"], "vard": ["--config"], "grpo": ["--config"], "check": ["--command", "--config"]}
+TRAIN_FLAGS = {
+    "sft": ["--config"],
+    "steer": ["--config"],  # added since: learned attention steering
+    "vard": ["--config"],
+    "grpo": ["--config"],
+    "check": ["--command", "--config"],
+}
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict:

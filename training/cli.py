@@ -2,11 +2,13 @@
 
     avar-train sft   --config FILE [key=value ...]    cold-start SFT with AGTO (run under `accelerate launch` or
                                                      `torchrun` for several processes)
+    avar-train steer --config FILE [key=value ...]    learned attention steering: the model frozen, only the bias /
+                                                     logit-scale tables train (output_dir/steering.safetensors)
     avar-train vard  --config FILE [key=value ...]    VARD data synthesis
     avar-train grpo  --config FILE [key=value ...]    GRPO with the visual-anchored reward (VARS); same launchers
-    avar-train check --config FILE [key=value ...]    everything `sft` / `grpo` / `vard` check before a model loads,
-                                                     and nothing else (`--command` names the trainer when the
-                                                     recipe's keys do not tell)
+    avar-train check --config FILE [key=value ...]    everything `sft` / `steer` / `grpo` / `vard` check before a
+                                                     model loads, and nothing else (`--command` names the trainer
+                                                     when the recipe's keys do not tell)
 
 Overrides are config keys with YAML values (`max_steps=10`, `agto_layers=[0,1]`). Every command first runs the
 checks of `avar_train.preflight` (each setting, the machine, the model's config and processor, every record and
@@ -32,10 +34,11 @@ from .config import ConfigError, Problem, parse_overrides, read_config
 from .data.vard_config import VARDConfig
 from .grpo.config import GRPOConfig
 from .sft.config import SFTConfig
+from .steer.config import SteerConfig
 
 __all__ = ["main"]
 
-RECIPES = {"sft": SFTConfig, "grpo": GRPOConfig, "vard": VARDConfig}
+RECIPES = {"sft": SFTConfig, "steer": SteerConfig, "grpo": GRPOConfig, "vard": VARDConfig}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +57,7 @@ def _fail(message: str, code: int, command: str = "") -> int:
 _RESUMABLE = {
     # (Trainer takes logging_steps and save_steps from the checkpoint's state: a change would be ignored.)
     "sft": ("save_total_limit", "report_to", "dataloader_num_workers"),
+    "steer": ("save_total_limit", "report_to", "dataloader_num_workers"),
     "grpo": ("logging_steps", "save_steps", "report_to"),
     "vard": ("base_url", "api_key_env", "timeout", "max_retries", "retry_backoff", "concurrency", "limit"),
 }
@@ -99,7 +103,9 @@ def _abandoned(run, message: str, code: int, command: str = "") -> int:
 
 
 def _detect(path: str, overrides: dict) -> Optional[str]:
-    """The trainer a recipe is for, from its keys: the one recipe that knows them all (None when several do)."""
+    """The trainer a recipe is for, from its keys: the one recipe that knows them all, or the narrowest of those
+    that do when it extends into each other one (an SFT recipe also fits `steer`, which adds keys to SFT's);
+    None when several unrelated recipes fit."""
     import dataclasses
 
     import yaml
@@ -116,6 +122,10 @@ def _detect(path: str, overrides: dict) -> Optional[str]:
         return fits[0]
     if not fits:
         return min(unknown, key=unknown.get)
+    names = {name: {f.name for f in dataclasses.fields(RECIPES[name])} for name in fits}
+    narrowest = min(fits, key=lambda name: len(names[name]))
+    if all(names[narrowest] <= names[other] for other in fits):
+        return narrowest
     return None
 
 
@@ -130,7 +140,9 @@ def preflight(command: str, config: str, overrides_text: List[str]):
     cfg, settings = read_config(RECIPES[command], config, overrides)
     if cfg is None:
         return None, checks.CheckResult(problems=settings)
-    run = {"sft": checks.check_sft, "grpo": checks.check_grpo, "vard": checks.check_vard}[command]
+    run = {"sft": checks.check_sft, "steer": checks.check_steer, "grpo": checks.check_grpo, "vard": checks.check_vard}[
+        command
+    ]
     return cfg, run(cfg, config, overrides, settings=settings)
 
 
@@ -169,7 +181,9 @@ def _run_check(args) -> int:
         command = _detect(args.config, overrides)
         if command is None:
             return _fail(
-                f"{args.config}: its keys fit more than one trainer; say which with --command sft|grpo|vard", 2, "check"
+                f"{args.config}: its keys fit more than one trainer; say which with --command sft|steer|grpo|vard",
+                2,
+                "check",
             )
     cfg, result = preflight(command, args.config, args.overrides)
     _report(f"check ({command})", result)
@@ -179,25 +193,27 @@ def _run_check(args) -> int:
     return result.code
 
 
-def _run_sft(args) -> int:
+def _run_sft(args, command: str = "sft") -> int:
     from avar_ops.data import RecordError
+    from avar_ops.hf import SteeringError
 
     from .data.collator import CollateError
 
-    cfg, records, run = _start("sft", args)
+    cfg, records, run = _start(command, args)
     if cfg is None:
         return records
     from .interrupt import Interrupted
     from .sft.trainer import LaunchError, train_sft
+    from .steer.trainer import train_steer
 
     try:
-        train_sft(cfg, records=records)
+        (train_steer if command == "steer" else train_sft)(cfg, records=records)
         if run is not None:
             run.finish()
     except (LaunchError, ConfigError) as exc:  # settings only the trainer can check (launch, checkpoints)
-        return _abandoned(run, str(exc), 2, "sft")
-    except (RecordError, CollateError, FileNotFoundError) as exc:
-        return _abandoned(run, str(exc), 1, "sft")
+        return _abandoned(run, str(exc), 2, command)
+    except (RecordError, CollateError, FileNotFoundError, SteeringError) as exc:
+        return _abandoned(run, str(exc), 1, command)
     except Interrupted as exc:
         return _stopped(f"interrupted at step {exc.step}; {_RESUME_HINT}")
     except KeyboardInterrupt:
@@ -252,6 +268,8 @@ def _run_grpo(args) -> int:
         train_grpo(cfg, records=records)
         if run is not None:
             run.finish()
+    except ConfigError as exc:  # settings only the trainer can check (the launcher's DeepSpeed)
+        return _abandoned(run, str(exc), 2, "grpo")
     except (RecordError, CollateError, FileNotFoundError, RewardError) as exc:
         return _abandoned(run, str(exc), 1, "grpo")
     except Interrupted as exc:
@@ -275,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="avar-train", description="Attention-guided training of Qwen2.5-VL on avar.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_command(sub, "sft", "cold-start SFT with the AGTO attention losses", _run_sft)
+    _add_command(
+        sub,
+        "steer",
+        "learned attention steering: train only the per-(layer, head, group) bias and logit-scale tables",
+        lambda args: _run_sft(args, "steer"),
+    )
     _add_command(sub, "vard", "synthesise VARD data (describe, reason with reflection, anchor)", _run_vard)
     _add_command(sub, "grpo", "GRPO with the visual-anchored reward (r_acc + λ_v·r_visual + λ_f·r_format)", _run_grpo)
     p = sub.add_parser("check", help="check a recipe, its model and its data without training (exit 0, 1 or 2)")

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .config import Problem, key_lines
 
-__all__ = ["CheckResult", "check_sft", "check_grpo", "check_vard", "TRACKERS", "LAUNCHER_ENV"]
+__all__ = ["CheckResult", "check_sft", "check_steer", "check_grpo", "check_vard", "TRACKERS", "LAUNCHER_ENV"]
 
 # The trackers transformers / accelerate can report to, and the module each one needs.
 TRACKERS = {
@@ -150,6 +150,7 @@ class _Model:
     processor: object
     num_layers: int
     context: int  # max_position_embeddings of the text model
+    num_heads: int = 0  # query heads of the text model (0: not read)
 
 
 @functools.lru_cache(maxsize=4)
@@ -178,7 +179,7 @@ def _model(where: _Where, name: str, min_pixels=None, max_pixels=None) -> Tuple[
         return None, [where.problem(key, str(exc))]
     if family is not None:
         shape = model_shape(name)
-        return _Model(_tiny_processor(family), shape.num_layers, shape.context), []
+        return _Model(_tiny_processor(family), shape.num_layers, shape.context, shape.num_heads), []
     if not os.path.isdir(name):
         return None, [
             where.problem(key, f"no such folder {name!r} (a local checkpoint folder, 'tiny' or 'tiny:FAMILY')")
@@ -199,7 +200,7 @@ def _model(where: _Where, name: str, min_pixels=None, max_pixels=None) -> Tuple[
         processor = _local_processor(os.path.abspath(name), min_pixels, max_pixels)
     except (OSError, ValueError, TypeError) as exc:
         return None, [where.problem(key, f"cannot read the processor of {name!r} ({' '.join(str(exc).split())})")]
-    return _Model(processor, shape.num_layers, shape.context), []
+    return _Model(processor, shape.num_layers, shape.context, shape.num_heads), []
 
 
 def _layers(where: _Where, key: str, value, count: int) -> List[Problem]:
@@ -348,6 +349,42 @@ def check_sft(cfg, config_path: Optional[str], overrides=None, *, settings=()) -
     _finish(result, good, bad, cfg.skip_bad_records, cfg.train_file)
     if not good and not any(p.kind == "data" for p in result.problems):
         result.problems.append(Problem(cfg.train_file, "train_file", "no record is left to train on", "data"))
+    return result
+
+
+def check_steer(cfg, config_path: Optional[str], overrides=None, *, settings=()) -> CheckResult:
+    """Check a steering recipe (`SteerConfig`): everything `check_sft` checks, then the tables' layer and head
+    indices against the model and the steering file it starts from (`init_steering`)."""
+    result = check_sft(cfg, config_path, overrides, settings=settings)
+    where = _Where(config_path, overrides)
+    bad_keys = {p.field.split("[")[0] for p in settings}
+    if "model_name_or_path" in bad_keys:
+        return result
+    model, found = _model(where, cfg.model_name_or_path)
+    if model is None:
+        return result  # check_sft reported it
+    if cfg.steer_layers and "steer_layers" not in bad_keys:
+        result.problems += _layers(where, "steer_layers", cfg.steer_layers, model.num_layers)
+    if cfg.steer_heads and "steer_heads" not in bad_keys and model.num_heads:
+        from avar_ops.core import select_indices
+
+        try:
+            select_indices(cfg.steer_heads, model.num_heads, "steer_heads")
+        except (TypeError, ValueError) as exc:
+            reason = str(exc).removeprefix("steer_heads: ") + f" (the model has {model.num_heads} heads)"
+            result.problems.append(where.problem("steer_heads", reason))
+    if cfg.init_steering and "init_steering" not in bad_keys and model.num_heads:
+        from avar_ops.hf import SteeringError, load_steering
+
+        try:
+            start = load_steering(cfg.init_steering)
+            start.check_fits(model_type="qwen2_5_vl", num_layers=model.num_layers, num_heads=model.num_heads)
+        except SteeringError as exc:
+            result.problems.append(where.problem("init_steering", str(exc)))
+        else:
+            reason = cfg.outside_bounds(start.bias.flatten().tolist(), start.logit_scale.flatten().tolist())
+            if reason:
+                result.problems.append(where.problem("init_steering", f"its tables {reason}"))
     return result
 
 

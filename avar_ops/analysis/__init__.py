@@ -1,7 +1,7 @@
 """Analysis: VAS measurement and reports, per-patch image heatmaps, plots, greedy answers under an
-intervention, the tiny offline models of every family (`build_tiny`), what a model argument names
-(`model_shape`, `load_model_and_processor`) and the demo. Needs the `analysis` extra (matplotlib, pillow, tqdm,
-torchvision).
+intervention, reports of learned steering files, the tiny offline models of every family (`build_tiny`), what a
+model argument names (`model_shape`, `load_model_and_processor`) and the demo. Needs the `analysis` extra
+(matplotlib, pillow, tqdm, torchvision).
 
 Moved: answer extraction and checking (`check_answer`, `check_answers`, `extract_answer`, `AnswerChecker`,
 `AnswerSpec`, `CheckResult`, `Extraction`), the LaTeX checker and the chat client now live in
@@ -14,6 +14,7 @@ from avar_ops.analysis.demo import run_demo
 from avar_ops.analysis.generation import generate_answers
 from avar_ops.analysis.image_attention import ImageAttention, image_attention, save_overlays
 from avar_ops.analysis.models import ModelShape, ModelSpecError, load_model_and_processor, model_shape, tiny_family
+from avar_ops.analysis.steering_report import SteeringMove, moves_table, steering_heatmaps, steering_moves
 from avar_ops.analysis.tiny_families import TINY_BUILDERS, build_tiny, tiny_family_names
 from avar_ops.analysis.tiny_qwen import (
     TINY_MAX_POSITIONS,
@@ -49,6 +50,10 @@ __all__ = [
     "VASReport",
     "compare",
     "measure",
+    "SteeringMove",
+    "moves_table",
+    "steering_heatmaps",
+    "steering_moves",
 ]
 __all__ += _TO_GRADING + _TO_DATA
 

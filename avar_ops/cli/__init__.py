@@ -1,5 +1,5 @@
 """The `avar` command: VAS measurement, generation with the intervention, α sweeps, the demo, and benchmark
-evaluation with the VAS-accuracy correlation.
+evaluation with the VAS-accuracy correlation, and reports of learned steering files.
 
     avar vas      --model DIR --data FILE.jsonl --limit 200 --out DIR [--compare DIR2 ...]
     avar generate --model DIR --image PATH --question "..." [--alpha-img 0.15 --alpha-sys 0.2 --mode weights]
@@ -7,6 +7,7 @@ evaluation with the VAS-accuracy correlation.
     avar demo     [--out DIR]
     avar eval     --model DIR --bench mathvista=PATH mmstar=PATH ... [--limit N] --out RUN
     avar correlate RUN1 RUN2 RUN3 ... --out DIR
+    avar steer-report FILE [--out DIR]
 
 --model is "tiny" (the default: a tiny random Qwen2.5-VL with an offline processor, for trying things out) or a
 local checkpoint directory (e.g. Qwen2.5-VL-7B-Instruct), loaded with local_files_only=True.
@@ -14,9 +15,9 @@ local checkpoint directory (e.g. Qwen2.5-VL-7B-Instruct), loaded with local_file
 Arguments, the output folder, the data and its images are checked before the model loads; a problem is one line
 on stderr and exit status 2 (the command line: values, flags, paths) or 1 (the content of a file it names).
 
-One module per command (`vas`, `generate`, `sweep`, `demo`, `eval` with `correlate`), each adding its parser
-and its `run`; the argument groups they share are in `args`, the model in `loading`, the output folder policy
-in `out`, the errors in `errors`.
+One module per command (`vas`, `generate`, `sweep`, `demo`, `eval` with `correlate`, `steer_report`), each
+adding its parser and its `run`; the argument groups they share are in `args`, the model in `loading`, the output
+folder policy in `out`, the errors in `errors`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from avar_ops.cli import demo, eval, generate, sweep, vas
+from avar_ops.cli import demo, eval, generate, steer_report, sweep, vas
 from avar_ops.cli.args import MAX_NEW_TOKENS, check_counts
 from avar_ops.cli.errors import CLIError, DataError, Interrupted, one_line
 
@@ -46,9 +47,9 @@ _NEGATIVE_PAIR = re.compile(r"^-[0-9.][0-9.eE+-]*:[0-9.eE+-]*$")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="avar", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{vas,generate,sweep,demo,eval,correlate}")
+    sub = parser.add_subparsers(dest="command", metavar="{vas,generate,sweep,demo,eval,correlate,steer-report}")
     sub.required = True
-    for command in (vas, generate, sweep, demo, eval):
+    for command in (vas, generate, sweep, demo, eval, steer_report):
         command.add_parser(sub)
     return parser
 

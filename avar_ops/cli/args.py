@@ -16,6 +16,7 @@ __all__ = [
     "add_intervention_args",
     "intervention",
     "intervention_from_flags",
+    "steering_from_flag",
     "check_selection",
     "check_device",
     "check_batches",
@@ -61,6 +62,13 @@ def add_intervention_args(p: argparse.ArgumentParser, *, with_values: bool = Tru
         p.add_argument("--beta-sys", type=float, default=0.0, help="β on system-key logits (mode bias)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers to act on (default all)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="heads to act on (default all)")
+    p.add_argument(
+        "--steer",
+        metavar="FILE",
+        default=None,
+        help="a steering file (avar-train steer): run with its learned per-(layer, head, group) tables"
+        + (" instead of a hand-set α / β" if with_values else " as one more setting"),
+    )
 
 
 def intervention(args, img: float, sys_: float):
@@ -77,7 +85,34 @@ def intervention(args, img: float, sys_: float):
         raise CLIError(str(exc)) from exc
 
 
+def steering_from_flag(args):
+    """The `Steering` of --steer (None without it), read and checked before any model loads: a missing path is
+    exit 2, a file that is not a usable steering file exit 1 (its fit to --model is checked by check_selection)."""
+    from avar_ops.hf import SteeringError, load_steering
+
+    path = getattr(args, "steer", None)
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise CLIError(f"--steer: steering file not found: {path}")
+    if not os.path.isfile(path):
+        raise CLIError(f"--steer: {path!r} is a folder; expected a steering .safetensors file")
+    try:
+        return load_steering(path)
+    except SteeringError as exc:
+        raise DataError(f"--steer: {exc}") from None
+
+
 def intervention_from_flags(args):
+    """The hand-set `Intervention` of the flags, or the `Steering` of --steer (one or the other), or None."""
+    steering = steering_from_flag(args)
+    if steering is not None:
+        given = [f for f in ("alpha_img", "alpha_sys", "beta_img", "beta_sys") if getattr(args, f, 0.0)]
+        given += [f for f in ("layers", "heads") if getattr(args, f, None) is not None]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise CLIError(f"--steer sets every layer's and head's tables; it excludes {flags}")
+        return steering
     if args.mode == "bias":
         if args.alpha_img or args.alpha_sys:
             raise CLIError("--mode bias reads --beta-img / --beta-sys; --alpha-img / --alpha-sys were given")
@@ -91,9 +126,18 @@ def check_selection(args, ivs, shape) -> None:
     """--layers / --heads (only meaningful with an intervention), --vas-layers and --heatmap-layers against the
     model's layer and head counts, with `avar_ops.core.select_indices`' rule (−n ≤ i < n)."""
     from avar_ops.core import select_indices
+    from avar_ops.hf import Steering, SteeringError
 
     num_layers, num_heads, _ = shape
-    if all(iv is None for iv in ivs) and (args.layers is not None or args.heads is not None):
+    for iv in ivs:
+        if isinstance(iv, Steering):
+            try:
+                iv.check_fits(model_type="qwen2_5_vl", num_layers=num_layers, num_heads=num_heads)
+            except SteeringError as exc:
+                raise CLIError(f"--steer: {exc}") from None
+    # A steering file sets every layer's and head's tables: --layers / --heads choose for hand-set values only.
+    hand_set = [iv for iv in ivs if not isinstance(iv, Steering)]
+    if all(iv is None for iv in hand_set) and (args.layers is not None or args.heads is not None):
         values = "--beta-img / --beta-sys" if args.mode == "bias" else "--alpha-img / --alpha-sys"
         if args.command == "sweep":
             values = "a non-zero --alphas setting"

@@ -17,6 +17,7 @@ from avar_ops.cli.args import (
     check_selection,
     intervention,
     load_data,
+    steering_from_flag,
 )
 from avar_ops.cli.errors import CLIError
 from avar_ops.cli.out import add_out_flags, check_out, open_out
@@ -65,6 +66,10 @@ def run(args) -> int:
     out = check_out(args.out)
     settings = [_parse_alpha(t, args.alpha_sys) for t in args.alphas]
     ivs = [intervention(args, img, sys_) for img, sys_ in settings]  # checks every value before loading
+    steering = steering_from_flag(args)
+    if steering is not None:  # learned tables: one more row, measured the same way
+        settings.append((None, None))
+        ivs.append(steering)
     samples = load_data(args.data, args.limit, args.data_format)
     check_batches(samples, args.batch_size)
     shape = loading.model_shape(args.model)
@@ -98,7 +103,7 @@ def run(args) -> int:
             rows.append(
                 {
                     "setting": name,
-                    "mode": args.mode,
+                    "mode": "steer" if img is None else args.mode,
                     "img": img,
                     "sys": sys_,
                     "vas": report.vas,
@@ -136,6 +141,10 @@ _TABLE_COLUMNS = (
 )
 
 
+def _value(v) -> str:
+    return "—" if v is None else f"{v:g}"  # a steering file's row has no single α
+
+
 def write_sweep_table(rows: List[dict], answers: dict, samples: Sequence[dict], out_dir: str) -> dict:
     """sweep.md (summary and answers), sweep.csv (summary), sweep.json (everything, reports included)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -154,7 +163,7 @@ def write_sweep_table(rows: List[dict], answers: dict, samples: Sequence[dict], 
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['img']:g} | {r['sys']:g} | {r['vas']:.4g} | {r['ratio_of_sums']:.4g} | "
+            f"| {r['setting']} | {_value(r['img'])} | {_value(r['sys'])} | {r['vas']:.4g} | {r['ratio_of_sums']:.4g} | "
             f"{r['image_mass']:.4g} | {r['visual_share']:.4f} | {r['system_share']:.4f} | {r['samples']} | "
             f"{r['answers_changed']} |"
         )

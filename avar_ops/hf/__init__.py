@@ -1,4 +1,5 @@
-"""Hugging Face integration: token groups from the chat template and the patch, for every supported family.
+"""Hugging Face integration: token groups from the chat template, the patch for every supported family, and
+steering files.
 
 The only layer that knows transformers internals. The patch routes the text decoder's attention through the
 core op; `collect_masses` gathers the per-group masses of every layer, `capture_attention` the q, k and lse of
@@ -28,16 +29,27 @@ from avar_ops.hf.patch import (
     patched,
     revert,
 )
+from avar_ops.hf.steering import (
+    MAX_STEERING_VALUE,
+    Steering,
+    SteeringError,
+    load_steering,
+    model_steering_shape,
+    save_steering,
+)
 from avar_ops.hf.token_groups import TemplateError, TemplateTokens, TokenGroups, template_tokens, token_groups
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
+    "MAX_STEERING_VALUE",
     "AttentionCapture",
     "Family",
     "LayerInputs",
     "MassRecord",
     "PatchHandle",
     "TemplateError",
+    "Steering",
+    "SteeringError",
     "TemplateTokens",
     "TokenGroups",
     "apply",
@@ -53,6 +65,11 @@ __all__ = [
     "patched",
     "revert",
     "supported_families",
+    "load_steering",
+    "model_steering_shape",
+    "patched",
+    "revert",
+    "save_steering",
     "template_tokens",
     "token_groups",
 ]

@@ -519,6 +519,32 @@ class PatchHandle:
         if self._hooks is None:
             raise RuntimeError("avar patch: this handle was reverted")
 
+    def load_steering(self, steering):
+        """Run every attention layer with the tables of a steering file (a path or a loaded `Steering`).
+
+        The file must have been made for this model's type, layer and head counts (`SteeringError`, one line,
+        otherwise); it replaces any bias / logit scale set before. Returns the `Steering`.
+        """
+        from avar_ops.hf.steering import Steering, load_steering
+
+        self._require_active()
+        if not isinstance(steering, Steering):
+            steering = load_steering(steering)
+        s = self._state
+        steering.check_fits(
+            model_type=str(getattr(self._model.config, "model_type", "")),
+            num_layers=len(self._text.layers),
+            num_heads=s.num_heads,
+            attention_layers=self.attention_layers,
+        )
+        bias, logit_scale = steering.layer_tables()  # [L, H, 4] each, one row per attention layer
+        self.set_bias(bias=bias, logit_scale=logit_scale)
+        return steering
+
+    def clear_steering(self) -> None:
+        """Back to plain attention (zero bias, unit logit scale) in every layer."""
+        self.set_bias(bias=None, logit_scale=None)
+
 
 def apply(
     model,

@@ -23,8 +23,8 @@ from typing import List, Optional
 import torch
 
 from avar_ops.core import NUM_GROUPS, Group, select_indices
+from avar_ops.hf import Steering, attention_layer_indices, model_steering_shape, patched
 from avar_ops.hf import apply as patch_model
-from avar_ops.hf import attention_layer_indices, patched
 
 MODES = ("weights", "logits", "bias")
 # Bound on |β| and γ in the tables. A logit offset of 1e4 already turns a group's weights into exactly 0 or all
@@ -204,13 +204,22 @@ def _num_layers_heads(model) -> tuple:
     return len(attention_layer_indices(cfg)), int(text.num_attention_heads)
 
 
-def patch_tables(model, intervention: Optional[Intervention]) -> dict:
+def patch_tables(model, intervention) -> dict:
     """Keyword arguments (bias, logit_scale) that make `avar_ops.hf.apply` / `patched` apply
-    the intervention to this model; empty for None."""
+    the intervention to this model; empty for None.
+
+    `intervention` is an `Intervention` (hand-set α / β) or a learned `avar_ops.hf.Steering` (the tables of a
+    steering file, checked against this model's shape: `SteeringError` in one line if made for another)."""
     if intervention is None:
         return {}
+    if isinstance(intervention, Steering):
+        intervention.check_fits(**model_steering_shape(model))
+        bias, logit_scale = intervention.layer_tables()
+        return {"bias": bias, "logit_scale": logit_scale}
     if not isinstance(intervention, Intervention):
-        raise TypeError(f"intervention: expected an Intervention or None, got {type(intervention).__name__}")
+        raise TypeError(
+            f"intervention: expected an Intervention, a Steering or None, got {type(intervention).__name__}"
+        )
     num_layers, num_heads = _num_layers_heads(model)
     t = intervention.tables(num_layers, num_heads)
     return {"bias": t.bias, "logit_scale": t.logit_scale}

@@ -33,6 +33,9 @@ class GRPOConfig:
     max_pixels: Optional[int] = None
     max_prompt_length: Optional[int] = None  # tokens; a longer prompt is an error naming the record
     freeze_vision_tower: bool = True  # the vision tower's weights stay as they are (the paper trains the LLM)
+    # train_only: "steering" starts the tables at identity, trains every entry within avar-train steer's default
+    # bounds, and writes output_dir/steering.safetensors instead of the model
+    train_only: str = "model"  # "model": the weights train; "steering": every weight frozen, only the β / γ tables
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -208,6 +211,11 @@ class GRPOConfig:
                 fail(key, "true or false")
         if self.overwrite and (self.resume or self.resume_from_checkpoint):
             p.add("overwrite", "overwrite=true starts the run again; it excludes resume and resume_from_checkpoint")
+        if self.train_only not in ("model", "steering"):
+            p.add("train_only", f"must be 'model' or 'steering', got {self.train_only!r}")
+        elif self.train_only == "steering":
+            if self.weight_decay:
+                p.add("weight_decay", f"must be 0 with train_only: steering (it pulls γ to 0), got {self.weight_decay}")
         p.raise_any()
         return self
 

@@ -37,10 +37,23 @@ import torch
 
 from avar_ops.core import select_indices
 from avar_ops.data import Record, finish_checkpoint, latest_checkpoint, load_records, staging_folder, truncate_log
-from avar_ops.hf import apply, attention_layer_indices, collect_masses, family_of, get_handle, token_groups
+from avar_ops.hf import (
+    apply,
+    attention_layer_indices,
+    collect_masses,
+    family_of,
+    get_handle,
+    model_steering_shape,
+    save_steering,
+    token_groups,
+)
 
+from ..config import ConfigError
 from ..data.collator import QwenVLCollator
 from ..interrupt import Interrupted, StopRequest
+from ..steer.config import SteerConfig
+from ..steer.trainer import MODULE_NAME as STEERING_MODULE
+from ..steer.trainer import STEERING_FILE, steering_tables_for
 from .config import GRPOConfig
 from .loss import group_advantages, policy_loss
 from .rewards import (
@@ -194,6 +207,16 @@ class GRPOTrainer:
             family = family_of(model)
             for module in family.vision_modules(family.base_model(model)):
                 module.requires_grad_(False)
+        self.tables = None
+        if cfg.train_only == "steering":
+            if acc.state.deepspeed_plugin is not None:
+                raise ConfigError(
+                    "train_only: steering keeps no weight gradient or optimizer state, so ZeRO has nothing to shard; "
+                    "launch without DeepSpeed"
+                )
+            model.requires_grad_(False)
+            self.tables = steering_tables_for(model, SteerConfig())
+            model.add_module(STEERING_MODULE, self.tables)  # the only parameters the optimizer below gets
         if cfg.gradient_checkpointing:
             # Non-reentrant: the patch keeps the first forward's masses and the recomputation matches it.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -212,6 +235,9 @@ class GRPOTrainer:
             _fill_deepspeed_auto(ds.deepspeed_config, cfg, text_config.hidden_size)
             self.zero_stage = int(ds.zero_stage or 0)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        if self.tables is not None:
+            # Handed over once the model sits on its device (the patch slices the tables when they are set).
+            get_handle(model).set_bias(bias=self.tables.bias, logit_scale=self.tables.logit_scale)
 
         self.accuracy = accuracy or accuracy_reward(_load_checker(cfg.accuracy_checker))
         self.format = format_reward(cfg.format_pattern or DEFAULT_FORMAT_PATTERN)
@@ -479,6 +505,8 @@ class GRPOTrainer:
         if acc.sync_gradients and self.zero_stage == 0 and self.cfg.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
+        if self.tables is not None:
+            self.tables.project()
         self.scheduler.step()
         self.optimizer.zero_grad()
         if grad_norm is None and self.zero_stage:
@@ -649,6 +677,18 @@ class GRPOTrainer:
         output_dir itself (`from_pretrained(output_dir)` loads the trained model)."""
         acc = self.accelerator
         path = path or self.cfg.output_dir
+        if self.tables is not None:  # train_only: steering: the result is the steering file
+            if acc.is_main_process:
+                unwrapped = acc.unwrap_model(self.model)
+                save_steering(
+                    os.path.join(path, STEERING_FILE),
+                    self.tables.bias.detach().cpu(),
+                    self.tables.logit_scale.detach().cpu(),
+                    **model_steering_shape(unwrapped, getattr(get_handle(unwrapped), "attention_layers", None)),
+                    trained={"trainer": "avar-train grpo", "train_only": "steering", "step": self.step},
+                )
+            acc.wait_for_everyone()
+            return path
         state_dict = acc.get_state_dict(self.model)
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(path, state_dict=state_dict)

@@ -82,6 +82,11 @@ class SFTConfig:
     def validate(self) -> "SFTConfig":
         """Every value checked on its own and against the others; ConfigError listing all problems found. What
         needs the model, the data or the machine is checked by `avar_train.preflight` before a run."""
+        self.problems().raise_any()
+        return self
+
+    def problems(self) -> Problems:
+        """The problems `validate` raises, collected (recipes built on this one add their own)."""
         p = Problems()
         require(p, self.train_file, "train_file", "the JSONL file of SFT records")
         require(p, self.output_dir, "output_dir", "the folder checkpoints and logs go to")
@@ -165,5 +170,4 @@ class SFTConfig:
                     f"must be 'tiny', 'tiny:FAMILY' or a local checkpoint folder, got {self.model_name_or_path!r} "
                     "(no such folder; nothing is downloaded)",
                 )
-        p.raise_any()
-        return self
+        return p

@@ -422,9 +422,15 @@ def _write_run_info(trainer: AGTOTrainer, output_dir: str) -> None:
             json.dump(info, f, indent=1)
 
 
-def train_sft(cfg, records=None) -> AGTOTrainer:
+def train_sft(
+    cfg, records=None, *, trainer_class=AGTOTrainer, prepare=None, trainer_kwargs=None, command: str = "sft"
+) -> AGTOTrainer:
     """Run SFT with AGTO as `cfg` (an `avar_train.sft.config.SFTConfig`) says; returns the finished trainer.
-    records: the records to train on, already checked (`avar_train.preflight`); default: read cfg.train_file."""
+    records: the records to train on, already checked (`avar_train.preflight`); default: read cfg.train_file.
+
+    Trainers built on this run (`avar-train steer`) pass their `trainer_class` (an AGTOTrainer), `prepare(model)`
+    (called once the model is loaded and patched, before the trainer is made: freezing, extra parameters) and
+    `trainer_kwargs` for their trainer; `command` names the run in its messages."""
     from avar_ops.data import load_records
     from avar_ops.hf import apply, family_of
 
@@ -474,9 +480,11 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
         for module in family.vision_modules(family.base_model(model)):
             module.requires_grad_(False)
     apply(model, processor)
+    if prepare is not None:
+        prepare(model)
     model.train()
     collator = QwenVLCollator(processor, max_length=cfg.max_length, mode="sft", **cfg.pixels(processor))
-    trainer = AGTOTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=RecordDataset(records),
@@ -487,12 +495,13 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
             alpha=cfg.alpha, beta=cfg.beta, eps=cfg.agto_eps, layers=cfg.agto_layers, empty=cfg.agto_empty
         ),
         log_file=os.path.join(cfg.output_dir, "log.jsonl"),
+        **(trainer_kwargs or {}),
     )
     if trainer.is_world_process_zero():
         # One run per log: the steps after the one this run starts from belong to a run that is replaced.
         truncate_log(trainer.log_file, _checkpoint_step(resume) if resume else 0)
     _write_run_info(trainer, cfg.output_dir)
-    request = StopRequest("avar-train sft")
+    request = StopRequest(f"avar-train {command}")
     stop = _StopOnInterrupt(trainer, request)
     trainer.add_callback(stop)
     with request:
