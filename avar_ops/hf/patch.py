@@ -1,14 +1,21 @@
-"""Run Qwen2.5-VL's text attention through `avar_ops.attention`: token groups, per-group bias, attention masses.
+"""Run a vision-language model's text attention through `avar_ops.attention`: token groups, bias, masses.
 
 Public surface (what the VAS measurement, the intervention and the trainers use):
 
-    handle = apply_to_qwen2_5_vl(model, tokenizer=processor, bias=None, logit_scale=None, layers=None)
+    handle = apply(model, processor, bias=None, logit_scale=None, layers=None)   # any supported family
     with collect_masses(model) as rec:        # or collect_masses(model, reduce=fn)
         model(**inputs)
-    rec.masses                                # per layer, in layer order: float32 [B, H, L, 4] (or fn(mass))
+    rec.masses                                # per attention layer, in order: float32 [B, H, L, 4] (or fn(mass))
     handle.revert()                           # or revert(model)
     get_handle(model) / is_patched(model)     # the live handle of a patched model (None / False otherwise)
     handle.tables(layer)                      # (bias [H, 4], logit_scale [H, 4]) that layer runs with
+    handle.attention_layers                   # decoder-layer index of each attention layer
+
+What differs between families (where the decoder and its attention layers are, which layers are softmax
+attention, the placeholder ids) is in `avar_ops.hf.families`, one small module per family; the groups come from
+the layout learned from the processor's chat template (`avar_ops.hf.chat_template`). Layers are counted over the
+softmax-attention layers only: all of them for every family but Qwen3.5, whose linear-attention layers keep their
+own implementation and have no masses.
 
 How it hooks in (transformers >= 5.17, < 6):
 
@@ -18,16 +25,16 @@ How it hooks in (transformers >= 5.17, < 6):
 - Padding travels as key group -1 rather than as a mask: the mask function builds nothing (it only refuses
   mask patterns the kernel does not implement, such as packed sequences), and causality is the kernel's own,
   bottom-right aligned, which serves prefill and decoding alike.
-- A forward pre-hook on the `Qwen2_5_VLModel` sees every forward, including each step of `generate()`. It keeps
-  the input ids of everything in each KV cache, tied to that cache object (held weakly, so the ids go when the
-  cache goes; a cache the model creates inside a forward is picked up by a forward hook), so that two
-  conversations with caches of the same length, used in turn, each get their own groups. On a fresh forward
-  (empty or no cache) a cache's history starts from the forward's ids; on a cached step the new ids are
-  appended to that cache's history (a cache cropped to fewer positions keeps the matching prefix) and the
-  groups of the whole history are recomputed from the tokens and the full attention mask (cheap: a few
-  vectorised passes over [B, L]). A cache with positions the patch never saw is refused. Groups come from
-  `token_groups` when a tokenizer is given, or from groups set with `handle.set_key_groups`; positions past
-  the explicit groups (generated tokens) are group 0.
+- A forward pre-hook on the family's base model (`Qwen2_5_VLModel`, …) sees every forward, including each
+  step of `generate()`. It keeps the input ids of everything in each KV cache, tied to that cache object (held
+  weakly, so the ids go when the cache goes; a cache the model creates inside a forward is picked up by a
+  forward hook), so that two conversations with caches of the same length, used in turn, each get their own
+  groups. On a fresh forward (empty or no cache) a cache's history starts from the forward's ids; on a cached
+  step the new ids are appended to that cache's history (a cache cropped to fewer positions keeps the matching
+  prefix) and the groups of the whole history are recomputed from the tokens and the full attention mask
+  (cheap: a few vectorised passes over [B, L]). A cache with positions the patch never saw is refused. Groups
+  come from `token_groups` when a processor is given, or from groups set with `handle.set_key_groups`;
+  positions past the explicit groups (generated tokens) are group 0.
 - The attention function reads the groups, the layer's bias / logit scale and whether masses are being
   collected from the patch state attached to each attention module. Tables (and groups set with
   `set_key_groups`) given on the host are copied to the model's device once (in the first forward there, so
@@ -61,6 +68,7 @@ from avar_ops.core import NUM_GROUPS, attention, select_indices
 from avar_ops.hf.token_groups import template_tokens, token_groups
 
 __all__ = [
+    "apply",
     "apply_to_qwen2_5_vl",
     "revert",
     "get_handle",
@@ -101,19 +109,6 @@ def _check_transformers_version() -> None:
             f"avar patch supports transformers {','.join(SUPPORTED_TRANSFORMERS)}, found {version}: the attention "
             f"interface and Qwen2.5-VL's modelling code it hooks into are only checked for that range"
         )
-
-
-def _base_model(model):
-    """The Qwen2_5_VLModel inside `model` (the model itself or the conditional-generation wrapper)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
-
-    if isinstance(model, Qwen2_5_VLForConditionalGeneration):
-        return model.model
-    if isinstance(model, Qwen2_5_VLModel):
-        return model
-    raise TypeError(
-        f"avar patch: model must be a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, got {type(model).__name__}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,11 +152,12 @@ class _Collector:
 
 @dataclass
 class _PatchState:
-    num_layers: int
+    num_layers: int  # softmax-attention layers (tables, masses and `layers=` count these, in order)
     num_heads: int
     template: Optional[object]  # groups.TemplateTokens, or None when groups are set explicitly
     bias: List[Optional[torch.Tensor]]
     logit_scale: List[Optional[torch.Tensor]]
+    layer_pos: dict = field(default_factory=dict)  # decoder layer index -> position among the attention layers
     explicit_groups: Optional[torch.Tensor] = None  # int8 [B, N]
     # KV cache object -> int64 [B, P]: the input ids of every position that cache holds.
     histories: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
@@ -250,7 +246,7 @@ def _groups_for_forward(
 
     if state.template is None:
         raise RuntimeError(
-            "avar patch: no token groups for this forward: pass tokenizer= to apply_to_qwen2_5_vl or set them "
+            "avar patch: no token groups for this forward: pass the processor to avar_ops.hf.apply or set them "
             "with handle.set_key_groups(key_group)"
         )
     if input_ids is None:
@@ -317,7 +313,7 @@ def _avar_attention(
     state: Optional[_PatchState] = getattr(module, "_avar_state", None)
     if state is None:
         raise RuntimeError(
-            f"avar attention: {type(module).__name__} is not patched; use avar_ops.hf.apply_to_qwen2_5_vl "
+            f"avar attention: {type(module).__name__} is not patched; use avar_ops.hf.apply "
             "instead of setting attn_implementation='avar' by hand"
         )
     if dropout:
@@ -337,7 +333,7 @@ def _avar_attention(
             f"avar attention: {B}×{Lk} keys but groups for {tuple(groups.shape)}; the layer was called outside "
             "a forward of the patched model, or its cache was changed outside one"
         )
-    layer = module.layer_idx
+    layer = state.layer_pos[module.layer_idx]
     bias = _on_device(state, state.bias[layer], query.device)
     logit_scale = _on_device(state, state.logit_scale[layer], query.device)
     want_mass = bool(state.collectors)
@@ -413,16 +409,31 @@ def _register() -> None:
 
 
 class PatchHandle:
-    """What `apply_to_qwen2_5_vl` returns: read or change bias / groups, or revert the patch."""
+    """What `apply` returns: read or change bias / groups, or revert the patch."""
 
-    def __init__(self, model, base, state: _PatchState, hooks, previous_impl):
-        self._model, self._base, self._state = model, base, state
+    def __init__(self, model, base, text_model, family, attn_modules, state: _PatchState, hooks, previous_impl):
+        self._model, self._base, self._text, self._state = model, base, text_model, state
         self._hooks, self._previous_impl = hooks, previous_impl
-        self._attn_modules = [layer.self_attn for layer in base.language_model.layers]
+        self._attn_modules = attn_modules
+        self.family = family
 
     @property
     def active(self) -> bool:
         return self._hooks is not None
+
+    @property
+    def attention_layers(self) -> List[int]:
+        """Decoder-layer indices of the softmax-attention layers, in the order tables and masses count them."""
+        return sorted(self._state.layer_pos, key=self._state.layer_pos.get)
+
+    @property
+    def num_layers(self) -> int:
+        """The number of softmax-attention layers (the L of [L, H, 4] tables and of the masses list)."""
+        return self._state.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self._state.num_heads
 
     def tables(self, layer: int):
         """(bias, logit_scale) of one decoder layer as its attention uses them: float32 [H, 4] each.
@@ -454,7 +465,7 @@ class PatchHandle:
         logit_scale: Optional[TableLike] = None,
         layers: Optional[Iterable[int]] = None,
     ) -> None:
-        """Replace the bias and logit-scale tables (same shapes and meaning as in `apply_to_qwen2_5_vl`)."""
+        """Replace the bias and logit-scale tables (same shapes and meaning as in `apply`)."""
         self._require_active()
         s = self._state
         layers = select_indices(layers, s.num_layers, "avar patch: layers")
@@ -492,7 +503,7 @@ class PatchHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = None
-        self._base.language_model.config._attn_implementation = self._previous_impl
+        self._text.config._attn_implementation = self._previous_impl
         for module in self._attn_modules:
             del module._avar_state
         for obj in {id(self._model): self._model, id(self._base): self._base}.values():
@@ -509,58 +520,81 @@ class PatchHandle:
             raise RuntimeError("avar patch: this handle was reverted")
 
 
-def apply_to_qwen2_5_vl(
+def apply(
     model,
+    processor=None,
     *,
     tokenizer=None,
     bias: Optional[TableLike] = None,
     logit_scale: Optional[TableLike] = None,
     layers: Optional[Iterable[int]] = None,
 ) -> PatchHandle:
-    """Route the text decoder's attention of a Qwen2.5-VL through `avar_ops.attention`.
+    """Route the text decoder's softmax attention of a supported vision-language model through `avar_ops.attention`.
 
     Args:
-        model: `Qwen2_5_VLForConditionalGeneration` or `Qwen2_5_VLModel` (anything else raises TypeError).
-        tokenizer: the Qwen2.5-VL tokenizer or processor that makes the input ids; groups of every forward are
-            then computed from input_ids. Without it, set groups with `handle.set_key_groups`.
+        model: a model of a supported family (`avar_ops.hf.supported_families()`; the conditional-generation
+            model or its base model), picked from `config.model_type`; anything else raises ValueError naming
+            the supported families.
+        processor: the processor (or tokenizer) that makes the input ids; groups of every forward are then
+            computed from input_ids, by the layout learned from its chat template. Without it, set groups with
+            `handle.set_key_groups`. `tokenizer=` is the same argument under its older name.
         bias: additive logit bias per group, [4], per head and group, [H, 4], or per layer, head and group,
-            [num_layers, H, 4] (float32; a tensor that requires grad is used as is, so it can be trained).
+            [L, H, 4] (float32; a tensor that requires grad is used as is, so it can be trained). L counts the
+            softmax-attention layers only (`handle.attention_layers` maps them to decoder layers; all layers
+            but Qwen3.5's linear-attention ones).
         logit_scale: multiplies the scaled logit, s = scale·q·k·logit_scale[h, g] + bias[h, g]; same shapes.
-        layers: the decoder layers that get bias and logit_scale (default: all).
+        layers: the attention layers (indices among the L) that get bias and logit_scale (default: all).
 
-    Returns a `PatchHandle` (`.revert()`, `.tables(layer)`, `.set_bias(...)`, `.set_key_groups(...)`); later
-    `get_handle(model)` finds it again. Raises RuntimeError if the installed transformers is outside >=5.17,<6
-    or the model is already patched.
+    Returns a `PatchHandle` (`.revert()`, `.tables(layer)`, `.set_bias(...)`, `.set_key_groups(...)`,
+    `.attention_layers`, `.family`); later `get_handle(model)` finds it again. Raises RuntimeError if the
+    installed transformers is outside >=5.17,<6 or the model is already patched.
     """
+    from avar_ops.hf.families import family_of
+
+    if processor is not None and tokenizer is not None and processor is not tokenizer:
+        raise ValueError("avar patch: pass the processor once (processor= or its older name tokenizer=), not both")
+    processor = processor if processor is not None else tokenizer
     _check_transformers_version()
-    base = _base_model(model)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"avar patch: model must be a transformers model, got {type(model).__name__}")
+    family = family_of(model)
+    base = family.base_model(model)
     if getattr(model, "_avar_state", None) is not None or getattr(base, "_avar_state", None) is not None:
         raise RuntimeError("avar patch: the model is already patched; call revert(model) first")
-    text_config = base.language_model.config
-    if getattr(text_config, "use_sliding_window", False) or any(
-        t != "full_attention" for t in getattr(text_config, "layer_types", None) or []
-    ):
-        raise NotImplementedError("avar patch: sliding-window layers are not supported")
-    attn_modules = [layer.self_attn for layer in base.language_model.layers]
+    text_model = family.text_model(base)
+    family.check_model(model, text_model)
+    text_config = text_model.config
+    decoder_layers = family.attention_layers(text_model)
+    if not decoder_layers:
+        raise NotImplementedError(f"avar patch: this {family.title} model has no softmax-attention layer")
+    attn_modules = [family.attention_module(text_model, i) for i in decoder_layers]
     if any(m.config is not text_config for m in attn_modules):
         raise RuntimeError("avar patch: the decoder layers do not share the text config; cannot switch attention")
+    if [m.layer_idx for m in attn_modules] != decoder_layers:
+        raise RuntimeError(
+            f"avar patch: the {family.title} attention modules do not carry their decoder layer index; cannot tell "
+            "which table is whose"
+        )
     num_layers, num_heads = len(attn_modules), text_config.num_attention_heads
     layer_list = select_indices(layers, num_layers, "avar patch: layers")
+    template = None
+    if processor is not None:
+        visual = family.visual_token_ids(model.config)
+        template = template_tokens(processor, visual_ids=None if hasattr(processor, "image_token") else visual)
+        stray = sorted(set(visual) - set(template.visual))
+        if visual and stray:
+            raise ValueError(
+                f"avar patch: the model config's image / video token ids {list(visual)} are not the processor's "
+                f"placeholders {list(template.visual)}; processor and model do not belong together"
+            )
     state = _PatchState(
         num_layers=num_layers,
         num_heads=num_heads,
-        template=template_tokens(tokenizer) if tokenizer is not None else None,
+        layer_pos={idx: pos for pos, idx in enumerate(decoder_layers)},
+        template=template,
         bias=_layer_tables(bias, "bias", num_layers, num_heads, layer_list),
         logit_scale=_layer_tables(logit_scale, "logit_scale", num_layers, num_heads, layer_list),
     )
-    if state.template is not None:
-        expected = {"image_token_id": state.template.image_pad, "video_token_id": state.template.video_pad}
-        for name, tok_id in expected.items():
-            if getattr(base.config, name, tok_id) != tok_id:
-                raise ValueError(
-                    f"avar patch: the tokenizer's {name} is {tok_id} but the model config says "
-                    f"{getattr(base.config, name)}; tokenizer and model do not belong together"
-                )
     _register()
     previous_impl = text_config._attn_implementation
     for module in attn_modules:
@@ -572,26 +606,43 @@ def apply_to_qwen2_5_vl(
         base.register_forward_hook(_post_forward_hook, with_kwargs=True),
     )
     text_config._attn_implementation = ATTN_IMPLEMENTATION
-    handle = PatchHandle(model, base, state, hooks, previous_impl)
+    handle = PatchHandle(model, base, text_model, family, attn_modules, state, hooks, previous_impl)
     model._avar_state = state
     model._avar_handle = handle
     base._avar_handle = handle
     return handle
 
 
+def apply_to_qwen2_5_vl(
+    model,
+    *,
+    tokenizer=None,
+    bias: Optional[TableLike] = None,
+    logit_scale: Optional[TableLike] = None,
+    layers: Optional[Iterable[int]] = None,
+) -> PatchHandle:
+    """`apply` for a Qwen2.5-VL model (`Qwen2_5_VLForConditionalGeneration` or `Qwen2_5_VLModel`; TypeError else)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "qwen2_5_vl":
+        raise TypeError(
+            "avar patch: model must be a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, got "
+            f"{type(model).__name__} (avar_ops.hf.apply patches every supported family)"
+        )
+    return apply(model, tokenizer=tokenizer, bias=bias, logit_scale=logit_scale, layers=layers)
+
+
 def get_handle(model) -> Optional[PatchHandle]:
-    """The `PatchHandle` of a patched model (the conditional-generation model or its `Qwen2_5_VLModel`), or None."""
+    """The `PatchHandle` of a patched model (the conditional-generation model or its base model), or None."""
     handle = getattr(model, "_avar_handle", None)
     return handle if isinstance(handle, PatchHandle) and handle.active else None
 
 
 def is_patched(model) -> bool:
-    """Whether `apply_to_qwen2_5_vl` routes this model's attention through avar (and was not reverted)."""
+    """Whether `apply` routes this model's attention through avar (and was not reverted)."""
     return get_handle(model) is not None
 
 
 def revert(model) -> None:
-    """Undo `apply_to_qwen2_5_vl` on `model` (RuntimeError if it is not patched)."""
+    """Undo `apply` on `model` (RuntimeError if it is not patched)."""
     handle = get_handle(model)
     if handle is None:
         raise RuntimeError(f"avar patch: {type(model).__name__} is not patched")
@@ -641,7 +692,7 @@ def collect_masses(model, reduce: Optional[Callable[[torch.Tensor], object]] = N
     state: Optional[_PatchState] = getattr(model, "_avar_state", None)
     if state is None:
         raise RuntimeError(
-            f"collect_masses: {type(model).__name__} is not patched; call apply_to_qwen2_5_vl(model) first"
+            f"collect_masses: {type(model).__name__} is not patched; call avar_ops.hf.apply(model) first"
         )
     if reduce is not None and not callable(reduce):
         raise TypeError(f"collect_masses: reduce must be callable or None, got {type(reduce).__name__}")
@@ -676,7 +727,7 @@ def patched(
             )
         yield handle
         return
-    handle = apply_to_qwen2_5_vl(model, tokenizer=tokenizer, bias=bias, logit_scale=logit_scale, layers=layers)
+    handle = apply(model, tokenizer, bias=bias, logit_scale=logit_scale, layers=layers)
     try:
         yield handle
     finally:
@@ -714,7 +765,7 @@ def capture_attention(model, layers: Optional[Iterable[int]] = None):
     state: Optional[_PatchState] = getattr(model, "_avar_state", None)
     if state is None:
         raise RuntimeError(
-            f"capture_attention: {type(model).__name__} is not patched; call apply_to_qwen2_5_vl(model) first"
+            f"capture_attention: {type(model).__name__} is not patched; call avar_ops.hf.apply(model) first"
         )
     chosen = select_indices(layers, state.num_layers, "capture_attention: layers")
     capture = AttentionCapture(layers=chosen if chosen is not None else list(range(state.num_layers)))

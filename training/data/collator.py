@@ -127,7 +127,7 @@ class QwenVLCollator:
         expanded = pieces[0] + "".join(pad * n + piece for n, piece in zip(counts, pieces[1:]))
         ids = torch.tensor(self.processor.tokenizer(expanded, verbose=False)["input_ids"], dtype=torch.long)  # [n]
         t = self.template
-        vision = (ids == t.image_pad) | (ids == t.video_pad) | (ids == t.vision_start) | (ids == t.vision_end)
+        vision = torch.isin(ids, torch.tensor(t.vision_ids, dtype=ids.dtype))  # [n]
         groups = token_groups(ids[None], self.template)
         response = torch.nonzero(groups.response_mask[0])
         return Measure(
@@ -155,7 +155,7 @@ class QwenVLCollator:
         ids = out["input_ids"][0]  # [n]
         t = self.template
         if len(ids) > self.max_length:
-            vision = (ids == t.image_pad) | (ids == t.video_pad) | (ids == t.vision_start) | (ids == t.vision_end)
+            vision = torch.isin(ids, torch.tensor(t.vision_ids, dtype=ids.dtype))  # [n]
             last_vision = int(torch.nonzero(vision).max()) if bool(vision.any()) else -1
             if last_vision >= self.max_length:
                 raise CollateError(

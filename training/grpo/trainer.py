@@ -181,7 +181,7 @@ class GRPOTrainer:
         self.eos_ids = sorted({int(i) for i in _as_list(model.generation_config.eos_token_id)})
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
         t = self.collator.template
-        self.vision_ids = [t.image_pad, t.video_pad, t.vision_start, t.vision_end]
+        self.vision_ids = list(t.vision_ids)
         n_layers = model.config.text_config.num_hidden_layers
         # −n ≤ i < n, negative from the end (the rule of every layer selection in avar).
         self.visual_layers = select_indices(cfg.visual_layers, n_layers, "visual_layers")
