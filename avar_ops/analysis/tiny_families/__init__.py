@@ -27,3 +27,9 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
     if builder is None:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(tiny_family_names())}")
     return builder(seed=seed, **kwargs)
+
+
+from avar_ops.analysis.tiny_families import glm4v  # noqa: E402
+
+TINY_BUILDERS["glm4v"] = glm4v.build
+TINY_BUILDERS["glm4v_moe"] = glm4v.build_moe

@@ -98,6 +98,8 @@ def load_pretrained(path, **kwargs):
     return family.model_class().from_pretrained(path, **kwargs)
 
 
-from avar_ops.hf.families import qwen2_5_vl  # noqa: E402
+from avar_ops.hf.families import glm4v, qwen2_5_vl  # noqa: E402
 
 register(qwen2_5_vl.Qwen2_5_VL())
+register(glm4v.Glm4v())
+register(glm4v.Glm4vMoe())
