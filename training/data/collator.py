@@ -6,8 +6,10 @@ known before padding), then the batch is padded. What a batch holds:
     input_ids, attention_mask          [B, L]  (right-padded for SFT, left-padded for prompts)
     pixel_values, image_grid_thw       the processor's, concatenated in record order (absent without images)
     mm_token_type_ids                  [B, L]  when the processor makes them
-    labels                             [B, L]  SFT only: the assistant turns' tokens (content and closing
-                                               <|im_end|>), -100 elsewhere
+    labels                             [B, L]  SFT only: the assistant turns' tokens (content and the token
+                                               ending the turn: Qwen's <|im_end|>; in a template with no closing
+                                               token the next opener, and `turn_end` appended after the last
+                                               answer), -100 elsewhere
     key_group                          int8 [B, L], -1..3, and the bool [B, L] masks user_mask, image_mask,
     user_mask, image_mask, ...         system_mask, response_mask: `avar_ops` token groups of input_ids, as the
                                        patch computes them during the forward
@@ -93,9 +95,14 @@ class QwenVLCollator:
         if self.mode == "sft":
             if not record.has_target:
                 raise CollateError(f"record {record.id!r}: SFT needs a final assistant turn, the record has none")
-            return self.processor.apply_chat_template(
+            text = self.processor.apply_chat_template(
                 list(record.messages), tokenize=False, add_generation_prompt=False
             )
+            if self.template.closer is None:
+                # No closing token after the last answer (GLM): the token that would open the next turn, which
+                # is what the model writes to stop, becomes the last target.
+                text += self.processor.tokenizer.convert_ids_to_tokens(self.template.turn_end)
+            return text
         return self.processor.apply_chat_template(record.prompt_messages, tokenize=False, add_generation_prompt=True)
 
     def image_tokens(self, width: int, height: int) -> int:
