@@ -179,3 +179,167 @@ def test_build_refuses_bad_shapes():
         glm4v.build(0, hidden_size=48, num_heads=4)
     with pytest.raises(ValueError, match="experts_per_token"):
         glm4v.build_moe(0, num_experts=2, experts_per_token=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Groups and the response rule (a template with no closing token)
+
+
+def _hand_groups(processor, ids, assistant_newline: bool):
+    """A second reading of GLM's layout, written without the learned template: one loop over the tokens.
+
+    A turn starts at a role token and runs to the next one; its header is the role token and the "\\n" after it
+    (GLM-4.5V's assistant header is `<|assistant|>` alone: `assistant_newline=False`). Returns (key groups,
+    response mask) as lists: visual 1 wherever; the whole system turn 2; a user turn's content without special
+    tokens 3; the response is an assistant turn's content plus the role token that ends it.
+    """
+    tok = processor.tokenizer
+    roles = {tok.convert_tokens_to_ids(f"<|{r}|>"): r for r in ("system", "user", "assistant", "observation")}
+    image = tok.convert_tokens_to_ids("<|image|>")
+    special = set(tok.all_special_ids)
+    newline = tok.convert_tokens_to_ids("Ċ")
+    groups, response = [0] * len(ids), [False] * len(ids)
+    role, header_end = None, -1
+    for i, t in enumerate(ids):
+        if t in roles:
+            if role == "assistant":
+                response[i] = True  # what the model writes to end its turn
+            role = roles[t]
+            with_newline = role != "assistant" or assistant_newline
+            header_end = i + 1 if with_newline and i + 1 < len(ids) and ids[i + 1] == newline else i
+        if t == image:
+            groups[i] = 1
+        elif role == "system":
+            groups[i] = 2
+        elif role == "user" and i > header_end and t not in special:
+            groups[i] = 3
+        if role == "assistant" and i > header_end:
+            response[i] = True
+    return groups, response
+
+
+CONVERSATIONS = [
+    [SYSTEM, USER_IMAGE, ANSWER, USER_TEXT],
+    [USER_IMAGE, ANSWER, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}],
+    [USER_TEXT, {"role": "assistant", "content": "<answer>yes</answer>"}],
+]
+
+
+@pytest.mark.parametrize("which", ["4.1V", "4.5V"])
+@pytest.mark.parametrize("prompt", [True, False])
+def test_groups_match_a_hand_reading(tiny41, tiny45, which, prompt):
+    """System / user / visual groups and the response mask equal the loop's reading on multi-turn conversations
+    with images and think blocks, rendered with and without the generation prompt."""
+    from avar_ops.hf import token_groups
+
+    _, proc = tiny41 if which == "4.1V" else tiny45
+    for k, messages in enumerate(CONVERSATIONS):
+        text = _render(proc, messages, add_generation_prompt=prompt)
+        n_images = sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if "image" in p)
+        kwargs = {"images": synthetic_images(n_images, seed=k)} if n_images else {}
+        ids = proc(text=[text], return_tensors="pt", **kwargs)["input_ids"]  # [1, L]
+        tg = token_groups(ids, proc)
+        groups, response = _hand_groups(proc, ids[0].tolist(), assistant_newline=which == "4.1V")
+        assert tg.key_group[0].tolist() == groups, (which, k, text)
+        assert tg.response_mask[0].tolist() == response, (which, k, text)
+        assert tg.user_mask[0].tolist() == [g == 3 for g in groups]
+
+
+def test_response_ends_with_the_next_opener(tiny41, tiny45):
+    """No closing token: the response of an answered turn is its content and the `<|user|>` that follows it
+    (GLM stops generating on `<|user|>`), never the next user's text; GLM-4.5V's response starts with the
+    "\\n<think>" the model writes after its `<|assistant|>` prompt."""
+    from avar_ops.hf import token_groups
+
+    for (_, proc), first in ((tiny41, "<think>"), (tiny45, "Ċ")):
+        tok = proc.tokenizer
+        text = _render(proc, [USER_TEXT, ANSWER, USER_TEXT])
+        ids = proc(text=[text], return_tensors="pt")["input_ids"]
+        tg = token_groups(ids, proc)
+        response = tok.convert_ids_to_tokens(ids[0][tg.response_mask[0]])
+        assert response[0] == first and response[-1] == "<|user|>", response
+        assert response.count("<|user|>") == 1 and "<|assistant|>" not in response
+        assert tok.decode(ids[0][tg.response_mask[0]][:-1]).strip().endswith("<answer>red</answer>")
+
+
+def test_generated_tokens_are_response_up_to_the_stop_token(tiny41, tiny45):
+    """After the generation prompt, whatever the model writes is response, up to and including the EOS id it
+    stops on (each of GLM's three); a think block with reasoning included."""
+    from avar_ops.hf import token_groups
+
+    for _, proc in (tiny41, tiny45):
+        tok = proc.tokenizer
+        prompt = proc(text=[_render(proc, [SYSTEM, USER_TEXT], add_generation_prompt=True)], return_tensors="pt")
+        written = tok("\n<think>the square is red</think>\n<answer>red</answer>", add_special_tokens=False)
+        for stop in glm4v.EOS_TOKENS:
+            new = torch.tensor([written["input_ids"] + [tok.convert_tokens_to_ids(stop)]])
+            ids = torch.cat([prompt["input_ids"], new], dim=1)  # [1, L0 + n]
+            tg = token_groups(ids, proc)
+            n0 = prompt["input_ids"].shape[1]
+            assert tg.response_mask[0, n0:].all(), stop
+            assert not tg.response_mask[0, :n0].any(), stop
+            assert (tg.key_group[0, n0:] == 0).all(), stop
+
+
+def test_sft_labels_end_with_the_stop_token(tiny41, tiny45):
+    """The SFT collator appends `turn_end` (GLM: `<|user|>`, one of its EOS ids, as GLM's own fine-tuning does)
+    after the final answer, and the labels are exactly every answer plus the `<|user|>` ending it: without it
+    the model would never be taught to stop."""
+    from avar_ops.data.records import Record
+    from avar_ops.hf import template_tokens
+    from avar_train.data.collator import QwenVLCollator
+
+    for model, proc in (tiny41, tiny45):
+        tok = proc.tokenizer
+        user_id = tok.convert_tokens_to_ids("<|user|>")
+        assert template_tokens(proc).closer is None and template_tokens(proc).turn_end == user_id
+        assert user_id in model.generation_config.eos_token_id
+        messages = (
+            {"role": "user", "content": [{"type": "text", "text": "Is it red?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "<think>look</think>sure"}]},
+        )
+        record = Record(id="r0", images=(), messages=messages, answer=None, meta=None)
+        collator = QwenVLCollator(proc, max_length=256, min_pixels=56 * 56, max_pixels=112 * 112, mode="sft")
+        batch = collator([record])
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        assert ids[-1] == user_id and labels[-1] == user_id
+        kept = labels[labels != -100]
+        pieces = tok.decode(kept).replace("\n", "").split("<|user|>")
+        assert pieces[-1] == "" and len(pieces) == 3, pieces
+        assert pieces[0].replace("<think></think>", "") == "yes"
+        assert pieces[1] == "<think>look</think>sure"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@pytest.mark.parametrize("builder", ["build", "build_moe"])
+@pytest.mark.parametrize("stop", glm4v.EOS_TOKENS)
+def test_greedy_generate_stops_at_glm_eos_as_stock(builder, stop):
+    """Patched at zero bias, greedy generate writes what stock writes and stops where stock stops, on each of
+    GLM's EOS ids. Construction: the stop token's output row is 1.05 × the row of the token stock greedy writes
+    fifth, so greedy reaches the stop token by step 5 (the tiny model is random: it stops on nothing by itself)."""
+    from avar_ops.hf import apply
+
+    model, proc = getattr(glm4v, builder)(0, num_layers=2)
+    tok = proc.tokenizer
+    text = _render(proc, [USER_IMAGE], add_generation_prompt=True)
+    batch = proc(text=[text], images=synthetic_images(1, seed=2), return_tensors="pt")
+    n0 = batch["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        free = model.generate(**batch, **kwargs)[0, n0:]
+        assert len(free) == 12 and not set(free.tolist()) & set(model.generation_config.eos_token_id)
+        stop_id = tok.convert_tokens_to_ids(stop)
+        model.lm_head.weight[stop_id] = 1.05 * model.lm_head.weight[int(free[4])]
+        stock = model.generate(**batch, **kwargs)[0, n0:]
+        handle = apply(model, proc)
+        try:
+            ours = model.generate(**batch, **kwargs)[0, n0:]
+        finally:
+            handle.revert()
+    assert torch.equal(ours, stock)
+    assert int(ours[-1]) == stop_id and len(ours) <= 5, tok.convert_ids_to_tokens(ours)
