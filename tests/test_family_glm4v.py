@@ -387,3 +387,62 @@ def test_greedy_generate_stops_at_glm_eos_as_stock(builder, stop):
             handle.revert()
     assert torch.equal(ours, stock)
     assert int(ours[-1]) == stop_id and len(ours) <= 5, tok.convert_ids_to_tokens(ours)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training through the patch
+
+
+def _agto_run(builder: str, seed: int, alpha: float, beta: float, steps: int = 5):
+    """User tokens' mean image mass before and after `steps` AdamW steps (lr 1e-3) of L_LM + α·L_enhance_img +
+    β·L_suppress_sys on two system + image + question + answer conversations, labels from the response mask."""
+    from avar_ops.hf import apply, collect_masses, token_groups
+    from avar_ops.method import agto_losses, vas
+
+    model, proc = getattr(glm4v, builder)(seed, num_layers=2)
+    model.train()
+    conversations = [
+        [SYSTEM, USER_IMAGE, {"role": "assistant", "content": "<think>the square</think><answer>red</answer>"}],
+        [
+            {"role": "system", "content": "Look at the picture."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]},
+            {"role": "assistant", "content": "<answer>two</answer>"},
+        ],
+    ]
+    texts = [_render(proc, c) + "<|user|>" for c in conversations]  # the collator's turn_end
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(text=texts, images=synthetic_images(2, seed=seed + 7), padding=True, return_tensors="pt")
+    groups = token_groups(inputs["input_ids"], proc, inputs["attention_mask"])
+    labels = inputs["input_ids"].masked_fill(~groups.response_mask, -100)  # [B, L]
+    decoder = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+    opt = torch.optim.AdamW(decoder, lr=1e-3, weight_decay=0.0)
+    handle = apply(model, proc)
+    masses = []
+    try:
+        for step in range(steps + 1):
+            with collect_masses(model) as rec:
+                out = model(**inputs, labels=labels, use_cache=False)
+            masses.append(float(vas([m.detach() for m in rec.masses], groups.user_mask).image_mass.overall))
+            if step == steps:
+                break
+            enhance, suppress = agto_losses(rec.masses, groups.user_mask, groups.image_mask, groups.system_mask)
+            opt.zero_grad()
+            (out.loss + alpha * enhance + beta * suppress).backward()
+            opt.step()
+    finally:
+        handle.revert()
+    return masses[0], masses[-1]
+
+
+@pytest.mark.parametrize("builder", ["build", "build_moe"])
+def test_agto_steps_raise_image_mass(builder):
+    """Over seeds 0-2 (model and images): five AGTO steps raise the user tokens' image mass, and by more than five
+    steps of L_LM alone from the same start, in every seed."""
+    numbers = {}
+    for seed in (0, 1, 2):
+        start, agto = _agto_run(builder, seed, 0.15, 0.15)
+        start_lm, lm_only = _agto_run(builder, seed, 0.0, 0.0)
+        assert start == start_lm
+        numbers[seed] = {"start": round(start, 5), "agto": round(agto, 5), "lm_only": round(lm_only, 5)}
+    for n in numbers.values():
+        assert n["agto"] > n["start"] and n["agto"] - n["start"] > n["lm_only"] - n["start"], numbers
