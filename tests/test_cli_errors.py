@@ -128,6 +128,9 @@ CASES = [
     (VAS + ["--compare", "BROKEN"], 1, "--compare: "),
     (VAS + ["--compare", "OTHER"], 1, "not a VAS report (missing fields"),
     (VAS + ["--compare", "/nonexistent/ckpt"], 2, "--compare: '/nonexistent/ckpt' does not exist"),
+    # model families
+    (VAS + ["--model", "tiny:gemma3"], 2, "no tiny model of family 'gemma3'; known: "),
+    (GEN + ["--model", "tiny:"], 2, "no tiny model of family ''"),
 ]
 
 

@@ -9,13 +9,14 @@ located in the decoded text, independently of the learned layout).
 
 import pytest
 import torch
+import transformers
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
 from avar_ops.analysis.tiny_families import build_tiny, tiny_family_names
 from avar_ops.analysis.tiny_qwen import synthetic_images
 from avar_ops.core import testing
-from avar_ops.hf import apply, collect_masses, family_of, supported_families, token_groups
+from avar_ops.hf import apply, collect_masses, family_of, load_pretrained, revert, supported_families, token_groups
 
 G = 4
 FAMILIES = tiny_family_names()
@@ -24,6 +25,31 @@ REF_IMPL = "avar_test_family_eager_bias"
 
 def test_every_supported_family_has_a_tiny_model():
     assert sorted(f.name for f in supported_families()) == FAMILIES
+
+
+def test_an_unknown_family_is_refused_naming_the_supported_ones():
+    cfg = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(ValueError, match=r"model type 'qwen2' \(Qwen2ForCausalLM\) is not a supported family; "):
+        apply(transformers.Qwen2ForCausalLM(cfg))
+    with pytest.raises(ValueError, match="Qwen2.5-VL \\(qwen2_5_vl\\)"):
+        apply(transformers.Qwen2ForCausalLM(cfg))
+
+
+def test_the_checkpoint_config_decides_the_family(tmp_path):
+    """A saved checkpoint of each family loads as that family, and its shape is read without its weights."""
+    from avar_ops.analysis import model_shape
+
+    for name in FAMILIES:
+        model, processor = build_tiny(name, seed=0)
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        shape = model_shape(str(folder))
+        assert shape.family == name and shape.num_layers == len(apply(model).attention_layers)
+        revert(model)
+        assert family_of(load_pretrained(str(folder))).name == name
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -219,12 +245,13 @@ def test_generate_matches_stock_and_keeps_cached_groups(tiny):
                 assert step_mass.shape[2] == 1
                 err = testing.max_abs_err(step_mass[:, :, 0], full_mass[:, :, L0 + t - 1])
                 assert err <= testing.FP32_MASS_ABS, (t, layer, err)
-        # Decode steps see every group the prompt has, and nothing of a group it has not (no default system
-        # prompt in some templates: GLM's).
-        tg = token_groups(batch["input_ids"], processor, batch["attention_mask"])
-        present = torch.stack([(tg.key_group == g).any(-1) for g in range(1, G)], dim=-1)  # [B, 3]
+        # A decode step puts mass on exactly the visual, system and user groups its row's prompt has (a family
+        # without a default system prompt, Qwen3-VL, has no system keys in a conversation without one).
+        prompt_groups = token_groups(batch["input_ids"], processor, batch["attention_mask"]).key_group  # [B, L0]
+        present = torch.stack([(prompt_groups == g).any(-1) for g in (1, 2, 3)], dim=-1)  # [B, 3]
+        assert present.all(-1).any(), "some row must have visual, system and user keys"
         seen = steps[-1][0][:, :, 0, 1:] > 0  # [B, H, 3]
-        assert torch.equal(seen, present[:, None].expand_as(seen)), "decode steps must see the prompt's groups"
+        assert torch.equal(seen, present[:, None, :].expand_as(seen)), "decode steps must see the prompt's groups"
     finally:
         handle.revert()
 

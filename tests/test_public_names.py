@@ -30,7 +30,7 @@ AVAR_FLAGS = {
     + ["--mode", "--layers", "--heads"]
     + ["--data", "--alphas", "--alpha-sys", "--limit", "--out", "--batch-size", "--max-new-tokens", "--no-progress"]
     + ["--data-format", "--overwrite"],
-    "demo": ["--out"],
+    "demo": ["--family", "--out"],
     "eval": _MODEL
     + _INTERVENTION
     + ["--bench", "--out", "--label", "--limit", "--batch-size", "--max-new-tokens", "--system", "--min-pixels"]

@@ -153,10 +153,10 @@ class _Model:
 
 
 @functools.lru_cache(maxsize=4)
-def _tiny_processor():
-    from avar_ops.analysis import build_tiny_processor
+def _tiny_processor(family: str):
+    from avar_ops.analysis import build_tiny
 
-    return build_tiny_processor()
+    return build_tiny(family, seed=0)[1]
 
 
 @functools.lru_cache(maxsize=4)
@@ -169,16 +169,20 @@ def _local_processor(path: str, min_pixels: Optional[int], max_pixels: Optional[
 
 def _model(where: _Where, name: str, min_pixels=None, max_pixels=None) -> Tuple[Optional[_Model], List[Problem]]:
     """The model's processor, layer count and context length, read without its weights."""
-    if name == "tiny":
-        import inspect
+    from avar_ops.analysis import ModelSpecError, model_shape, tiny_family
 
-        from avar_ops.analysis import TINY_MAX_POSITIONS, build_tiny_qwen2_5_vl
-
-        layers = inspect.signature(build_tiny_qwen2_5_vl).parameters["num_layers"].default
-        return _Model(_tiny_processor(), int(layers), TINY_MAX_POSITIONS), []
     key = "model_name_or_path"
+    try:
+        family = tiny_family(name)
+    except ModelSpecError as exc:
+        return None, [where.problem(key, str(exc))]
+    if family is not None:
+        shape = model_shape(name)
+        return _Model(_tiny_processor(family), shape.num_layers, shape.context), []
     if not os.path.isdir(name):
-        return None, [where.problem(key, f"no such folder {name!r} (a local checkpoint folder, or 'tiny')")]
+        return None, [
+            where.problem(key, f"no such folder {name!r} (a local checkpoint folder, 'tiny' or 'tiny:FAMILY')")
+        ]
     config_path = os.path.join(name, "config.json")
     if not os.path.isfile(config_path):
         return None, [where.problem(key, f"{name!r} has no config.json; it is not a Hugging Face checkpoint folder")]
@@ -186,23 +190,16 @@ def _model(where: _Where, name: str, min_pixels=None, max_pixels=None) -> Tuple[
     if not any(f.endswith(_WEIGHTS) for f in files):
         return None, [where.problem(key, f"{name!r} holds no weights (no *.safetensors or *.bin file)")]
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        return None, [where.problem(key, f"{config_path} is not valid JSON ({exc})")]
-    if not isinstance(config, dict) or config.get("model_type") != "qwen2_5_vl":
-        got = config.get("model_type") if isinstance(config, dict) else None
-        return None, [where.problem(key, f"{name!r} holds a {got!r} model; avar trains Qwen2.5-VL ('qwen2_5_vl')")]
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
-    context = text.get("max_position_embeddings", config.get("max_position_embeddings"))
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (layers, context)):
+        shape = model_shape(name, key)
+    except ModelSpecError as exc:
+        return None, [where.problem(key, str(exc).removeprefix(f"{key}: "))]
+    if shape.context is None:
         return None, [where.problem(key, f"{config_path} has no positive num_hidden_layers / max_position_embeddings")]
     try:
         processor = _local_processor(os.path.abspath(name), min_pixels, max_pixels)
     except (OSError, ValueError, TypeError) as exc:
         return None, [where.problem(key, f"cannot read the processor of {name!r} ({' '.join(str(exc).split())})")]
-    return _Model(processor, layers, context), []
+    return _Model(processor, shape.num_layers, shape.context), []
 
 
 def _layers(where: _Where, key: str, value, count: int) -> List[Problem]:
@@ -307,9 +304,7 @@ def check_sft(cfg, config_path: Optional[str], overrides=None, *, settings=()) -
     from .data.collator import QwenVLCollator
 
     try:
-        collator = QwenVLCollator(
-            model.processor, max_length=cfg.max_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
-        )
+        collator = QwenVLCollator(model.processor, max_length=cfg.max_length, **cfg.pixels(model.processor))
     except (TypeError, ValueError) as exc:
         result.problems.append(where.problem("model_name_or_path", _one_line(exc)))
         return result
@@ -397,15 +392,9 @@ def check_grpo(cfg, config_path: Optional[str], overrides=None, *, settings=()) 
         return result
     from .data.collator import QwenVLCollator
 
-    ip = model.processor.image_processor
-    size = getattr(ip, "size", None) or {}
     try:
         collator = QwenVLCollator(
-            model.processor,
-            mode="prompt",
-            max_length=1 << 30,
-            min_pixels=cfg.min_pixels or getattr(ip, "min_pixels", None) or size.get("shortest_edge"),
-            max_pixels=cfg.max_pixels or getattr(ip, "max_pixels", None) or size.get("longest_edge"),
+            model.processor, mode="prompt", max_length=1 << 30, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
         )
     except (TypeError, ValueError) as exc:
         result.problems.append(where.problem("min_pixels", _one_line(exc)))

@@ -1,5 +1,6 @@
 """Analysis: VAS measurement and reports, per-patch image heatmaps, plots, greedy answers under an
-intervention, the tiny offline Qwen2.5-VL and the demo. Needs the `analysis` extra (matplotlib, pillow, tqdm,
+intervention, the tiny offline models of every family (`build_tiny`), what a model argument names
+(`model_shape`, `load_model_and_processor`) and the demo. Needs the `analysis` extra (matplotlib, pillow, tqdm,
 torchvision).
 
 Moved: answer extraction and checking (`check_answer`, `check_answers`, `extract_answer`, `AnswerChecker`,
@@ -12,6 +13,8 @@ Moved: answer extraction and checking (`check_answer`, `check_answers`, `extract
 from avar_ops.analysis.demo import run_demo
 from avar_ops.analysis.generation import generate_answers
 from avar_ops.analysis.image_attention import ImageAttention, image_attention, save_overlays
+from avar_ops.analysis.models import ModelShape, ModelSpecError, load_model_and_processor, model_shape, tiny_family
+from avar_ops.analysis.tiny_families import TINY_BUILDERS, build_tiny, tiny_family_names
 from avar_ops.analysis.tiny_qwen import (
     TINY_MAX_POSITIONS,
     build_tiny_processor,
@@ -26,6 +29,14 @@ _TO_GRADING += "ChatClient ChatClientError LatexChecker".split()
 _TO_DATA = "build_inputs chat_messages load_images load_samples normalize_sample".split()
 
 __all__ = [
+    "ModelShape",
+    "ModelSpecError",
+    "load_model_and_processor",
+    "model_shape",
+    "tiny_family",
+    "TINY_BUILDERS",
+    "build_tiny",
+    "tiny_family_names",
     "ImageAttention",
     "image_attention",
     "save_overlays",

@@ -1,6 +1,7 @@
-"""The avar demo: a tiny random Qwen2.5-VL, offline and on CPU, measured and steered in about half a minute.
+"""The avar demo: a tiny random Qwen2.5-VL (or another family's), offline and on CPU, measured and steered in
+about half a minute.
 
-    avar demo [--out DIR]          or          python -m avar_ops.analysis.demo [DIR]
+    avar demo [--out DIR] [--family NAME]          or          python -m avar_ops.analysis.demo [DIR]
 
 It builds the tiny model with its offline processor and a few synthetic images, patches the model, measures
 VAS and the lazy-attention split, generates with and without the intervention (the paper's α_img = 0.15,
@@ -39,25 +40,30 @@ def demo_samples(seed: int = 0) -> list:
     return samples
 
 
-def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
-    """Run the demo, print what changed, write figures to out_dir; returns the numbers it printed."""
+def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True, family: str = "qwen2_5_vl") -> dict:
+    """Run the demo on the tiny model of `family`, print what changed, write figures to out_dir; returns the
+    numbers it printed. Per-patch heatmaps are drawn for families whose processor reports image grids."""
     import torch
 
     from avar_ops.analysis import vas
     from avar_ops.analysis.generation import generate_answers
     from avar_ops.analysis.image_attention import image_attention, save_overlays
-    from avar_ops.analysis.tiny_qwen import build_tiny_qwen2_5_vl
+    from avar_ops.analysis.tiny_families import build_tiny
+    from avar_ops.data import build_inputs
+    from avar_ops.hf import attention_layer_indices, get_family
     from avar_ops.method import Intervention
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    print("avar demo: building a tiny random Qwen2.5-VL and its offline processor ...")
-    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    title = get_family(family).title
+    print(f"avar demo: building a tiny random {title} and its offline processor ...")
+    model, processor = build_tiny(family, seed=0)
     samples = demo_samples()
-    cfg = model.config.text_config
+    cfg = getattr(model.config, "text_config", None) or model.config
+    attn = attention_layer_indices(model.config)
     print(
-        f"  {cfg.num_hidden_layers} decoder layers, {cfg.num_attention_heads} heads "
-        f"({cfg.num_key_value_heads} kv heads), {len(samples)} synthetic samples"
+        f"  {cfg.num_hidden_layers} decoder layers ({len(attn)} with softmax attention), {cfg.num_attention_heads} "
+        f"heads ({cfg.num_key_value_heads} kv heads), {len(samples)} synthetic samples"
     )
 
     iv = Intervention(mode="weights", alpha_img=DEMO_ALPHA_IMG, alpha_sys=DEMO_ALPHA_SYS)
@@ -97,9 +103,12 @@ def run_demo(out_dir: str = "avar_demo_out", *, progress: bool = True) -> dict:
         print(f"    intervention: {b['answer']!r}")
 
     overlays = []
-    for label, intervention in (("baseline", None), ("intervention", iv)):
-        res = image_attention(model, processor, samples[0], layers=[-1], intervention=intervention)
-        overlays += save_overlays(res, samples[0], out_dir, prefix=f"attention_{label}")
+    if "image_grid_thw" in build_inputs(processor, samples[:1]):  # per-patch maps need the image grids
+        for label, intervention in (("baseline", None), ("intervention", iv)):
+            res = image_attention(model, processor, samples[0], layers=[-1], intervention=intervention)
+            overlays += save_overlays(res, samples[0], out_dir, prefix=f"attention_{label}")
+    else:
+        print(f"\nPer-patch heatmaps: skipped, the {title} processor reports no image grid (image_grid_thw).")
     elapsed = time.perf_counter() - t0
     print(f"\n{changed} of {len(samples)} answers changed. Figures in {os.path.abspath(out_dir)}:")
     for p in [

@@ -22,7 +22,7 @@ import torch
 from avar_ops.analysis import plots
 from avar_ops.core import attention_key_mass, select_indices
 from avar_ops.data import build_inputs, inside, load_images, normalize_sample, safe_name
-from avar_ops.hf import capture_attention, token_groups
+from avar_ops.hf import attention_layer_indices, capture_attention, token_groups
 from avar_ops.method import intervened
 
 __all__ = ["ImageAttention", "image_attention", "save_overlays"]
@@ -41,8 +41,8 @@ class ImageAttention:
 
 
 def _num_decoder_layers(model) -> int:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    return int(cfg.num_hidden_layers)
+    """The softmax-attention layers (what layer indices count)."""
+    return len(attention_layer_indices(model.config))
 
 
 def _split_images(received: torch.Tensor, image_mask: torch.Tensor, grid_thw: torch.Tensor, merge: int):

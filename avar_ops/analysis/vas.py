@@ -26,7 +26,7 @@ import torch
 from avar_ops.analysis import plots
 from avar_ops.core import GROUP_NAMES, select_indices
 from avar_ops.data import build_inputs, check_unique_ids, load_samples, normalize_sample
-from avar_ops.hf import collect_masses, token_groups
+from avar_ops.hf import attention_layer_indices, collect_masses, token_groups
 from avar_ops.method import VASResult, intervened
 from avar_ops.method import vas as vas_metric
 
@@ -211,7 +211,8 @@ def measure(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"measure: batch_size must be a positive int, got {batch_size!r}")
     text_cfg = _text_config(model)
-    num_layers, num_heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
+    # Softmax-attention layers only (Qwen3.5's linear-attention layers have no masses).
+    num_layers, num_heads = len(attention_layer_indices(model.config)), int(text_cfg.num_attention_heads)
     layer_ids = select_indices(layers, num_layers, "measure: layers") or list(range(num_layers))
     device = next(model.parameters()).device
 

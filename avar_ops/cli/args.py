@@ -34,7 +34,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="tiny",
-        help="'tiny' (default: a tiny random Qwen2.5-VL, offline) or a local checkpoint directory",
+        help="'tiny' (default: a tiny random Qwen2.5-VL, offline), 'tiny:FAMILY' (the tiny model of another "
+        "supported family, e.g. tiny:glm4v) or a local checkpoint directory of a supported family",
     )
     p.add_argument(
         "--dtype",

@@ -1,11 +1,9 @@
-"""The model of `--model`: "tiny" or a local Qwen2.5-VL checkpoint, its shape read from config.json before any
-weights load (so indices and dtypes are checked first), and the loading itself."""
+"""The model of `--model`: "tiny", "tiny:FAMILY" or a local checkpoint of a supported family, its shape read from
+config.json before any weights load (so indices and dtypes are checked first), and the loading itself."""
 
 from __future__ import annotations
 
 import functools
-import inspect
-import json
 import os
 from typing import Optional, Tuple
 
@@ -23,66 +21,40 @@ def _dtype(name: str):
     return table[name]
 
 
-def model_shape(spec: Optional[str], arg: str = "--model") -> Tuple[int, int, str]:
-    """(decoder layers, attention heads, weights dtype name) of "tiny" / None or a checkpoint folder, read from
-    its config.json without loading weights, so that indices and dtypes are checked before the model loads."""
-    if spec in (None, "tiny"):
-        from avar_ops.analysis import build_tiny_qwen2_5_vl
+def _shape(spec: Optional[str], arg: str):
+    from avar_ops.analysis import ModelSpecError
+    from avar_ops.analysis import model_shape as shape_of
 
-        params = inspect.signature(build_tiny_qwen2_5_vl).parameters
-        return int(params["num_layers"].default), int(params["num_heads"].default), "float32"
-    if not os.path.exists(spec):
-        raise CLIError(f"{arg}: {spec!r} does not exist (expected 'tiny' or a local checkpoint directory)")
-    if not os.path.isdir(spec):
-        raise CLIError(f"{arg}: {spec!r} is a file; expected 'tiny' or a checkpoint directory with config.json")
-    config_path = os.path.join(spec, "config.json")
-    if not os.path.isfile(config_path):
-        raise CLIError(f"{arg}: {spec!r} has no config.json; it is not a Hugging Face checkpoint directory")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{arg}: {config_path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("model_type") != "qwen2_5_vl":
-        model_type = config.get("model_type") if isinstance(config, dict) else None
-        raise CLIError(f"{arg}: {spec!r} holds a {model_type!r} model; avar supports Qwen2.5-VL ('qwen2_5_vl')")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    # Older checkpoints keep the text model's numbers at the top level.
-    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
-    heads = text.get("num_attention_heads", config.get("num_attention_heads"))
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (layers, heads)):
-        raise DataError(f"{arg}: {config_path} has no positive num_hidden_layers / num_attention_heads")
-    dtype = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
-    return layers, heads, str(dtype or "float32")
+        return shape_of(spec, arg)
+    except ModelSpecError as exc:
+        message = str(exc)
+        # A config that cannot be read is the data's fault; a wrong argument is the caller's.
+        raise (DataError if "JSON" in message or "no positive" in message else CLIError)(message) from None
+
+
+def model_shape(spec: Optional[str], arg: str = "--model") -> Tuple[int, int, str]:
+    """(attention layers, attention heads, weights dtype name) of "tiny", "tiny:FAMILY" or a checkpoint folder of a
+    supported family, read from its config.json without loading weights, so that indices and dtypes are checked
+    before the model loads. Layers count the softmax-attention layers (all but Qwen3.5's linear ones)."""
+    shape = _shape(spec, arg)
+    return shape.num_layers, shape.num_heads, shape.dtype
 
 
 def context_length(spec: Optional[str], arg: str = "--model") -> int:
     """The text model's context length (max_position_embeddings) from config.json, without loading weights."""
-    if spec in (None, "tiny"):
-        from avar_ops.analysis import TINY_MAX_POSITIONS
-
-        return TINY_MAX_POSITIONS
-    model_shape(spec, arg)
-    with open(os.path.join(spec, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    value = text.get("max_position_embeddings", config.get("max_position_embeddings"))
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    context = _shape(spec, arg).context
+    if context is None:
         raise DataError(f"{arg}: {spec}/config.json has no positive max_position_embeddings")
-    return value
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny_processor():
-    from avar_ops.analysis import build_tiny_processor
-
-    return build_tiny_processor()
+    return context
 
 
 def load_processor(spec: Optional[str]):
-    """The processor of "tiny" / None or a local checkpoint directory, without the model's weights."""
-    if spec in (None, "tiny"):
-        return _tiny_processor()
+    """The processor of "tiny" / "tiny:FAMILY" or a local checkpoint directory, without the model's weights."""
+
+    family = _tiny_family(spec)
+    if family is not None:
+        return _tiny_processor(family)
     from transformers import AutoProcessor
 
     try:
@@ -91,24 +63,33 @@ def load_processor(spec: Optional[str]):
         raise CLIError(f"--model: cannot read the processor of {spec!r}: {exc}") from exc
 
 
-def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu"):
-    """(model, processor, label) for "tiny" / None or a local Qwen2.5-VL checkpoint directory."""
-    import torch
-
-    if spec in (None, "tiny"):
-        from avar_ops.analysis import build_tiny_qwen2_5_vl
-
-        dt = _dtype(dtype)
-        model, processor = build_tiny_qwen2_5_vl(seed=0, dtype=torch.float32 if dt == "auto" else dt)
-        return model.to(device), processor, "tiny"
-    model_shape(spec)
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+def _tiny_family(spec):
+    from avar_ops.analysis import ModelSpecError, tiny_family
 
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            spec, local_files_only=True, dtype=_dtype(dtype), attn_implementation="sdpa"
-        )
-        processor = AutoProcessor.from_pretrained(spec, local_files_only=True)
+        return tiny_family(spec)
+    except ModelSpecError as exc:
+        raise CLIError(f"--model: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_processor(family: str):
+    from avar_ops.analysis import build_tiny
+
+    return build_tiny(family, seed=0)[1]
+
+
+def load_model(spec: Optional[str], *, dtype: str = "auto", device: str = "cpu"):
+    """(model, processor, label) for "tiny", "tiny:FAMILY" or a local checkpoint directory of a supported family."""
+    from avar_ops.analysis import load_model_and_processor
+
+    family = _tiny_family(spec)
+    model_shape(spec)
+    try:
+        model, processor = load_model_and_processor(spec, dtype=_dtype(dtype), seed=0)
     except OSError as exc:
         raise CLIError(f"--model: cannot load {spec!r}: {exc}") from exc
-    return model.to(device).eval(), processor, os.path.basename(os.path.normpath(spec))
+    label = (
+        "tiny" if spec in (None, "tiny") else spec if family is not None else os.path.basename(os.path.normpath(spec))
+    )
+    return model.to(device).eval(), processor, label

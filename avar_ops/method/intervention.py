@@ -23,7 +23,8 @@ from typing import List, Optional
 import torch
 
 from avar_ops.core import NUM_GROUPS, Group, select_indices
-from avar_ops.hf import apply_to_qwen2_5_vl, patched
+from avar_ops.hf import apply as patch_model
+from avar_ops.hf import attention_layer_indices, patched
 
 MODES = ("weights", "logits", "bias")
 # Bound on |β| and γ in the tables. A logit offset of 1e4 already turns a group's weights into exactly 0 or all
@@ -197,13 +198,14 @@ def reweight_probabilities(
 
 
 def _num_layers_heads(model) -> tuple:
+    """(softmax-attention layers, heads): the shape the patch's tables take for this model."""
     cfg = model.config
     text = getattr(cfg, "text_config", None) or cfg
-    return int(text.num_hidden_layers), int(text.num_attention_heads)
+    return len(attention_layer_indices(cfg)), int(text.num_attention_heads)
 
 
 def patch_tables(model, intervention: Optional[Intervention]) -> dict:
-    """Keyword arguments (bias, logit_scale) that make `avar_ops.hf.apply_to_qwen2_5_vl` / `patched` apply
+    """Keyword arguments (bias, logit_scale) that make `avar_ops.hf.apply` / `patched` apply
     the intervention to this model; empty for None."""
     if intervention is None:
         return {}
@@ -215,14 +217,14 @@ def patch_tables(model, intervention: Optional[Intervention]) -> dict:
 
 
 def apply(model, intervention: Intervention, *, tokenizer=None):
-    """Patch `model` (Qwen2.5-VL) so that every forward and generate() runs with this intervention.
+    """Patch `model` (any supported family) so that every forward and generate() runs with this intervention.
 
     Returns the patch handle (call `.revert()` to undo). An identity intervention still patches, so that
     masses are collected the same way with and without it.
     """
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention.apply: expected an Intervention, got {type(intervention).__name__}")
-    return apply_to_qwen2_5_vl(model, tokenizer=tokenizer, **patch_tables(model, intervention))
+    return patch_model(model, tokenizer, **patch_tables(model, intervention))
 
 
 @contextlib.contextmanager

@@ -1,10 +1,12 @@
-"""Batches of `Record`s for Qwen2.5-VL: chat template, image processing, labels, token groups and masks.
+"""Batches of `Record`s for any supported family: chat template, image processing, labels, token groups, masks.
 
 Each record is rendered by the processor's chat template and processed on its own (so that its token count is
 known before padding), then the batch is padded. What a batch holds:
 
     input_ids, attention_mask          [B, L]  (right-padded for SFT, left-padded for prompts)
-    pixel_values, image_grid_thw       the processor's, concatenated in record order (absent without images)
+    pixel_values, image_grid_thw, …    the processor's image outputs, concatenated in record order (absent without
+                                       images; zero-padded past dim 0 where records differ, e.g. LLaVA-OneVision's
+                                       AnyRes patches, which the model cuts back by image_sizes)
     mm_token_type_ids                  [B, L]  when the processor makes them
     labels                             [B, L]  SFT only: the assistant turns' tokens (content and the token
                                                ending the turn: Qwen's <|im_end|>; in a template with no closing
@@ -33,7 +35,7 @@ import torch
 from avar_ops.data import Record
 from avar_ops.hf import template_tokens, token_groups
 
-__all__ = ["QwenVLCollator", "CollateError", "Measure", "MODES"]
+__all__ = ["QwenVLCollator", "CollateError", "Measure", "MODES", "has_pixel_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,35 @@ class Measure:
     has_user: bool
 
 
+_EDGES = ("shortest_edge", "longest_edge")
+_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def has_pixel_budget(processor) -> bool:
+    """Whether the processor resizes images into a min / max pixel budget (Qwen2-VL's smart resize and its kin)."""
+    return _has_pixel_budget(getattr(processor, "image_processor", None))
+
+
+def _has_pixel_budget(image_processor) -> bool:
+    size = getattr(image_processor, "size", None)
+    edges = [getattr(size, k, None) if not isinstance(size, dict) else size.get(k) for k in _EDGES]
+    return all(e is not None for e in edges) and hasattr(image_processor, "merge_size")
+
+
+def _cat_padded(parts):
+    """Concatenate along dim 0, zero-padding the other dims to the largest (records with different tile counts)."""
+    if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return torch.cat(parts)
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    out = []
+    for p in parts:
+        pad = []
+        for d in reversed(range(1, p.dim())):
+            pad += [0, shape[d - 1] - p.shape[d]]
+        out.append(torch.nn.functional.pad(p, pad))
+    return torch.cat(out)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"QwenVLCollator: {name} must be a positive int, got {value!r}")
@@ -68,20 +99,40 @@ class QwenVLCollator:
 
     mode "sft": the whole conversation, labels on assistant tokens, right padding. mode "prompt": the
     conversation without its final assistant turn plus the generation header, left padding (for generate).
-    min_pixels / max_pixels: the image budget each image is resized into (Qwen2-VL's smart resize).
+    min_pixels / max_pixels: the image budget each image is resized into, for image processors with a pixel
+    budget (Qwen2-VL's smart resize: Qwen2/2.5/3-VL, GLM-4.1V); None keeps the processor's own sizes, and is
+    the only choice for the others (LLaVA-OneVision's AnyRes grid, InternVL's tiles).
     """
 
-    def __init__(self, processor, *, max_length: int, min_pixels: int, max_pixels: int, mode: str = "sft"):
+    def __init__(
+        self,
+        processor,
+        *,
+        max_length: int,
+        min_pixels: Optional[int] = None,
+        max_pixels: Optional[int] = None,
+        mode: str = "sft",
+    ):
         if mode not in MODES:
             raise ValueError(f"QwenVLCollator: mode must be one of {MODES}, got {mode!r}")
         if not hasattr(processor, "tokenizer") or not hasattr(processor, "apply_chat_template"):
-            raise TypeError(f"QwenVLCollator: processor must be a Qwen2.5-VL processor, got {type(processor).__name__}")
+            raise TypeError(
+                f"QwenVLCollator: processor must be a multimodal processor with a chat template, got "
+                f"{type(processor).__name__}"
+            )
         self.processor = processor
         self.max_length = _positive_int("max_length", max_length)
-        self.min_pixels = _positive_int("min_pixels", min_pixels)
-        self.max_pixels = _positive_int("max_pixels", max_pixels)
-        if self.min_pixels > self.max_pixels:
+        self.budget = _has_pixel_budget(getattr(processor, "image_processor", None))
+        if not self.budget and (min_pixels is not None or max_pixels is not None):
+            raise ValueError(
+                f"QwenVLCollator: min_pixels / max_pixels set, but the image processor "
+                f"{type(getattr(processor, 'image_processor', None)).__name__} has no pixel budget; leave them unset"
+            )
+        self.min_pixels = None if min_pixels is None else _positive_int("min_pixels", min_pixels)
+        self.max_pixels = None if max_pixels is None else _positive_int("max_pixels", max_pixels)
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"QwenVLCollator: min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+        self._expansions: dict = {}
         self.mode = mode
         self.template = template_tokens(processor)
         pad = processor.tokenizer.pad_token_id
@@ -105,13 +156,35 @@ class QwenVLCollator:
             return text
         return self.processor.apply_chat_template(record.prompt_messages, tokenize=False, add_generation_prompt=True)
 
-    def image_tokens(self, width: int, height: int) -> int:
-        """The number of image-pad tokens an image of width × height pixels becomes under this pixel budget."""
+    def _size_kwargs(self) -> dict:
+        if not self.budget or (self.min_pixels is None and self.max_pixels is None):
+            return {}
         ip = self.processor.image_processor
-        patches = ip.get_number_of_image_patches(
-            height, width, {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
-        )
-        return patches // (ip.merge_size**2)
+        size = {k: getattr(ip.size, k, None) if not isinstance(ip.size, dict) else ip.size.get(k) for k in _EDGES}
+        if self.min_pixels is not None:
+            size["shortest_edge"] = self.min_pixels
+        if self.max_pixels is not None:
+            size["longest_edge"] = self.max_pixels
+        return {"size": size}
+
+    def expansion(self, width: int, height: int) -> list:
+        """The token ids the processor puts in place of one image placeholder for a width × height image (the
+        placeholders, and the markers some families add around them), found once per size on a blank image."""
+        key = (int(width), int(height))
+        if key not in self._expansions:
+            from PIL import Image
+
+            pad = self.processor.image_token
+            out = self.processor(
+                text=[pad], images=[[Image.new("RGB", key)]], return_tensors="pt", **self._size_kwargs()
+            )
+            self._expansions[key] = [int(i) for i in out["input_ids"][0]]
+        return self._expansions[key]
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """The number of image placeholder tokens an image of width × height pixels becomes under these settings."""
+        visual = set(self.template.visual)
+        return sum(1 for i in self.expansion(width, height) if i in visual)
 
     def measure(self, record: Record) -> Measure:
         """The record's token counts and which token groups it has, from its rendered text and its images' sizes
@@ -127,12 +200,13 @@ class QwenVLCollator:
                 f"record {record.id!r}: the rendered prompt has {len(pieces) - 1} image slots for "
                 f"{len(record.images)} images"
             )
-        counts = []
-        for path in record.images:
+        tok = self.processor.tokenizer
+        ids_list = [int(i) for i in tok(pieces[0], verbose=False, add_special_tokens=False)["input_ids"]]
+        for path, piece in zip(record.images, pieces[1:]):
             with Image.open(path) as img:
-                counts.append(self.image_tokens(*img.size))
-        expanded = pieces[0] + "".join(pad * n + piece for n, piece in zip(counts, pieces[1:]))
-        ids = torch.tensor(self.processor.tokenizer(expanded, verbose=False)["input_ids"], dtype=torch.long)  # [n]
+                ids_list += self.expansion(*img.size)
+            ids_list += [int(i) for i in tok(piece, verbose=False, add_special_tokens=False)["input_ids"]]
+        ids = torch.tensor(ids_list, dtype=torch.long)  # [n]
         t = self.template
         vision = torch.isin(ids, torch.tensor(t.vision_ids, dtype=ids.dtype))  # [n]
         groups = token_groups(ids[None], self.template)
@@ -157,7 +231,7 @@ class QwenVLCollator:
                 with Image.open(path) as img:
                     images.append(img.convert("RGB"))
             kwargs["images"] = [images]
-            kwargs["size"] = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+            kwargs.update(self._size_kwargs())
         out = self.processor(text=[text], return_tensors="pt", **kwargs)
         ids = out["input_ids"][0]  # [n]
         t = self.template
@@ -183,8 +257,9 @@ class QwenVLCollator:
         if "mm_token_type_ids" in out:
             row["mm_token_type_ids"] = out["mm_token_type_ids"][0, :n]  # [n]
         if record.images:
-            row["pixel_values"] = out["pixel_values"]  # [patches, C·T·P·P]
-            row["image_grid_thw"] = out["image_grid_thw"]  # [images, 3]
+            # The image outputs: Qwen's pixel_values [patches, C·T·P·P] and image_grid_thw [images, 3], LLaVA's
+            # pixel_values [1, tiles, C, H, W] and image_sizes, InternVL's tiles, ...
+            row["images"] = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         return row
 
     def _encode_or_fail(self, record: Record) -> dict:
@@ -222,10 +297,9 @@ class QwenVLCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if with_types:
             batch["mm_token_type_ids"] = types
-        with_images = [r for r in rows if "pixel_values" in r]
-        if with_images:
-            batch["pixel_values"] = torch.cat([r["pixel_values"] for r in with_images])  # [patches, C·T·P·P]
-            batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in with_images])  # [images, 3]
+        with_images = [r["images"] for r in rows if "images" in r]
+        for name in with_images[0] if with_images else ():
+            batch[name] = _cat_padded([r[name] for r in with_images])
         if self.mode == "sft":
             labels = input_ids.masked_fill(~groups.response_mask, -100)  # [B, L]
             empty = [records[b].id for b in range(B) if not bool(groups.response_mask[b].any())]

@@ -192,8 +192,10 @@ class HFGenerator:
     def from_config(cls, cfg) -> "HFGenerator":
         from ..sft.trainer import load_model_and_processor
 
-        if cfg.model != "tiny" and not os.path.isdir(cfg.model):
-            raise VARDError(f"model: generator 'hf' needs 'tiny' or a local checkpoint folder, got {cfg.model!r}")
+        if not str(cfg.model).startswith("tiny") and not os.path.isdir(cfg.model):
+            raise VARDError(
+                f"model: generator 'hf' needs 'tiny', 'tiny:FAMILY' or a local checkpoint folder, got {cfg.model!r}"
+            )
         model, processor = load_model_and_processor(cfg.model, bf16=False, seed=0)
         return cls(model.eval(), processor, cfg.max_new_tokens, cfg.temperature)
 

@@ -22,7 +22,7 @@ __all__ = ["GRPOConfig", "load_grpo_config"]
 @dataclass
 class GRPOConfig:
     # model and data
-    model_name_or_path: str = "tiny"  # a Qwen2.5-VL checkpoint folder, or "tiny" for the embedded random model
+    model_name_or_path: str = "tiny"  # a checkpoint folder of a supported family, "tiny" or "tiny:FAMILY"
     train_file: str = ""  # JSONL records (avar_ops.data.records, use "rl"): prompt, images and the reference answer
     data_format: str = "auto"  # layout of train_file / eval_file: avar | sharegpt | openai | auto
     eval_file: Optional[str] = None  # held-out records: greedy accuracy and VAS, logged as eval_*

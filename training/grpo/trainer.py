@@ -37,7 +37,7 @@ import torch
 
 from avar_ops.core import select_indices
 from avar_ops.data import Record, finish_checkpoint, latest_checkpoint, load_records, staging_folder, truncate_log
-from avar_ops.hf import apply_to_qwen2_5_vl, collect_masses, get_handle, token_groups
+from avar_ops.hf import apply, attention_layer_indices, collect_masses, family_of, get_handle, token_groups
 
 from ..data.collator import QwenVLCollator
 from ..interrupt import Interrupted, StopRequest
@@ -169,20 +169,19 @@ class GRPOTrainer:
         elif processor is None:
             raise ValueError("GRPOTrainer: a model given without its processor")
         self.processor = processor
-        image_processor = processor.image_processor
         self.collator = QwenVLCollator(
             processor,
             mode="prompt",
             max_length=cfg.max_prompt_length or _NO_PROMPT_LIMIT,
-            min_pixels=cfg.min_pixels or _pixels(image_processor, "min_pixels", "shortest_edge"),
-            max_pixels=cfg.max_pixels or _pixels(image_processor, "max_pixels", "longest_edge"),
+            min_pixels=cfg.min_pixels,  # None: the processor's own sizes
+            max_pixels=cfg.max_pixels,
         )
         tok = processor.tokenizer
         self.eos_ids = sorted({int(i) for i in _as_list(model.generation_config.eos_token_id)})
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
         t = self.collator.template
         self.vision_ids = list(t.vision_ids)
-        n_layers = model.config.text_config.num_hidden_layers
+        n_layers = len(attention_layer_indices(model.config))  # softmax-attention layers
         # −n ≤ i < n, negative from the end (the rule of every layer selection in avar).
         self.visual_layers = select_indices(cfg.visual_layers, n_layers, "visual_layers")
         self.ref_model = None
@@ -190,9 +189,11 @@ class GRPOTrainer:
             # A frozen copy taken before the patch (the reference needs no masses) and before any update.
             self.ref_model = _frozen_copy(model).to(acc.device)
         if get_handle(model) is None:
-            apply_to_qwen2_5_vl(model, tokenizer=processor)
+            apply(model, processor)
         if cfg.freeze_vision_tower:
-            model.model.visual.requires_grad_(False)
+            family = family_of(model)
+            for module in family.vision_modules(family.base_model(model)):
+                module.requires_grad_(False)
         if cfg.gradient_checkpointing:
             # Non-reentrant: the patch keeps the first forward's masses and the recomputation matches it.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -207,7 +208,8 @@ class GRPOTrainer:
         ds = acc.state.deepspeed_plugin
         self.zero_stage = 0
         if ds is not None:
-            _fill_deepspeed_auto(ds.deepspeed_config, cfg, model.config.text_config.hidden_size)
+            text_config = getattr(model.config, "text_config", None) or model.config
+            _fill_deepspeed_auto(ds.deepspeed_config, cfg, text_config.hidden_size)
             self.zero_stage = int(ds.zero_stage or 0)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
 
@@ -719,16 +721,6 @@ def _fill_deepspeed_auto(ds_config: dict, cfg: GRPOConfig, hidden: int) -> None:
             zero[key] = value
 
 
-def _pixels(image_processor, name: str, size_key: str) -> int:
-    """The processor's own pixel budget (Qwen2-VL image processors keep it in `size` or as an attribute)."""
-    value = getattr(image_processor, name, None)
-    if value is None:
-        value = getattr(getattr(image_processor, "size", None), size_key, None)
-    if not isinstance(value, int):
-        raise ValueError(f"config: {name} is not set and the processor has no {name}; set it in the recipe")
-    return value
-
-
 def _load_checker(spec: Optional[str]):
     return None if spec is None else load_reward_function(spec)
 
@@ -751,23 +743,15 @@ def _scheduler(optimizer, cfg: GRPOConfig):
 
 
 def _load_model(cfg: GRPOConfig):
-    if cfg.model_name_or_path == "tiny":
-        from avar_ops.analysis import build_tiny_qwen2_5_vl
-
-        kwargs = {}
-        if cfg.min_pixels is not None:
-            kwargs["min_pixels"] = cfg.min_pixels
-        if cfg.max_pixels is not None:
-            kwargs["max_pixels"] = cfg.max_pixels
-        return build_tiny_qwen2_5_vl(seed=cfg.seed, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **kwargs)
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from avar_ops.analysis import load_model_and_processor
 
     kwargs = {k: getattr(cfg, k) for k in ("min_pixels", "max_pixels") if getattr(cfg, k) is not None}
-    processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, **kwargs)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        cfg.model_name_or_path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32
+    return load_model_and_processor(
+        cfg.model_name_or_path,
+        dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        seed=cfg.seed,
+        processor_kwargs=kwargs,
     )
-    return model, processor
 
 
 def _frozen_copy(model):

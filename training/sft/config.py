@@ -10,13 +10,16 @@ from typing import List, Optional
 
 from ..config import MAX_SEED, Problems, data_format, existing_file, non_negative, positive, positive_float, require
 
+DEFAULT_MIN_PIXELS = 3136  # 56 × 56
+DEFAULT_MAX_PIXELS = 1003520  # 28 × 28 × 1280
+
 __all__ = ["SFTConfig"]
 
 
 @dataclass
 class SFTConfig:
     # model and data
-    model_name_or_path: str = "tiny"  # a local Qwen2.5-VL checkpoint folder, or "tiny" (the embedded random model)
+    model_name_or_path: str = "tiny"  # a checkpoint folder of a supported family, "tiny" or "tiny:FAMILY"
     train_file: str = ""  # JSONL records with a target (see avar_ops.data.records)
     data_format: str = "auto"  # layout of train_file / eval_file: avar | sharegpt | openai | auto
     eval_file: Optional[str] = None  # held-out records: L_LM, AGTO terms, VAS and image mass, logged as eval_*
@@ -24,8 +27,10 @@ class SFTConfig:
     output_dir: str = ""
     skip_bad_records: bool = False  # False: a bad record stops the run; True: skipped into output_dir/rejects.jsonl
     max_length: int = 8192  # token budget per sample; never cuts image tokens
-    min_pixels: int = 3136  # 56 × 56
-    max_pixels: int = 1003520  # 28 × 28 × 1280
+    # Image budget of processors with one (Qwen-VL, GLM-4.1V): None gives 3136 (56 × 56) / 1003520 (28 × 28 × 1280);
+    # other families (LLaVA-OneVision, InternVL) keep their processor's sizes and refuse a value.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     freeze_vision_tower: bool = True
     # AGTO: L = L_LM + alpha·L_enhance_img + beta·L_suppress_sys
     alpha: float = 0.15
@@ -62,6 +67,18 @@ class SFTConfig:
     overwrite: bool = False  # remove the run in output_dir and start again
     report_to: List[str] = field(default_factory=list)  # trackers as TrainingArguments takes them
 
+    def pixels(self, processor=None) -> dict:
+        """min_pixels / max_pixels for the collator: the defaults filled in for a processor with a pixel budget
+        (or when no processor is given), the values as set otherwise (None: the processor's own sizes)."""
+        from ..data.collator import has_pixel_budget
+
+        if processor is not None and not has_pixel_budget(processor):
+            return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        return {
+            "min_pixels": DEFAULT_MIN_PIXELS if self.min_pixels is None else self.min_pixels,
+            "max_pixels": DEFAULT_MAX_PIXELS if self.max_pixels is None else self.max_pixels,
+        }
+
     def validate(self) -> "SFTConfig":
         """Every value checked on its own and against the others; ConfigError listing all problems found. What
         needs the model, the data or the machine is checked by `avar_train.preflight` before a run."""
@@ -70,15 +87,17 @@ class SFTConfig:
         require(p, self.output_dir, "output_dir", "the folder checkpoints and logs go to")
         for name in (
             "max_length",
-            "min_pixels",
-            "max_pixels",
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
             "logging_steps",
         ):
             positive(p, self, name)
-        if not p.has("min_pixels") and not p.has("max_pixels") and self.min_pixels > self.max_pixels:
-            p.add("min_pixels", f"{self.min_pixels} must not exceed max_pixels ({self.max_pixels})")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None:
+                positive(p, self, name)
+        lo, hi = self.pixels().values()
+        if not p.has("min_pixels") and not p.has("max_pixels") and lo > hi:
+            p.add("min_pixels", f"{lo} must not exceed max_pixels ({hi})")
         for name in ("alpha", "beta", "weight_decay", "warmup_ratio", "max_grad_norm"):
             non_negative(p, self, name)
         positive_float(p, self, "agto_eps")
@@ -133,11 +152,18 @@ class SFTConfig:
             existing_file(p, self.eval_file, "eval_file")
         if self.deepspeed is not None:
             existing_file(p, self.deepspeed, "deepspeed")
-        if self.model_name_or_path != "tiny" and not os.path.isdir(self.model_name_or_path):
-            p.add(
-                "model_name_or_path",
-                f"must be 'tiny' or a local checkpoint folder, got {self.model_name_or_path!r} "
-                "(no such folder; nothing is downloaded)",
-            )
+        from avar_ops.analysis import ModelSpecError, tiny_family
+
+        try:
+            tiny = tiny_family(self.model_name_or_path)
+        except ModelSpecError as exc:
+            p.add("model_name_or_path", str(exc))
+        else:
+            if tiny is None and not os.path.isdir(self.model_name_or_path):
+                p.add(
+                    "model_name_or_path",
+                    f"must be 'tiny', 'tiny:FAMILY' or a local checkpoint folder, got {self.model_name_or_path!r} "
+                    "(no such folder; nothing is downloaded)",
+                )
         p.raise_any()
         return self

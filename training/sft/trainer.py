@@ -99,7 +99,7 @@ class _LayerReduction:
 class AGTOTrainer(Trainer):
     """`Trainer` whose loss adds the AGTO attention terms, computed from the patch's fused masses.
 
-    `model` must be patched (`avar_ops.hf.apply_to_qwen2_5_vl`) and the batches must come from
+    `model` must be patched (`avar_ops.hf.apply`) and the batches must come from
     `avar_train.data.collator.QwenVLCollator` in "sft" mode (they carry the token groups and masks).
     `log_file`: a JSONL file that gets every log entry (main process only).
     """
@@ -113,8 +113,8 @@ class AGTOTrainer(Trainer):
             raise ValueError(f"AGTOTrainer: agto empty must be 'error' or 'skip', got {agto.empty!r}")
         handle = get_handle(self._patched)
         if handle is None:
-            raise RuntimeError("AGTOTrainer: the model is not patched; call apply_to_qwen2_5_vl(model, ...) first")
-        num_layers = len(self._patched.model.language_model.layers)
+            raise RuntimeError("AGTOTrainer: the model is not patched; call avar_ops.hf.apply(model, ...) first")
+        num_layers = handle.num_layers  # softmax-attention layers (what agto_layers counts)
         chosen = select_indices(agto.layers, num_layers, "agto_layers")  # −n ≤ i < n, negative from the end
         self._layers = list(range(num_layers)) if chosen is None else chosen
         if self.args.gradient_checkpointing:
@@ -326,19 +326,11 @@ class RecordDataset(torch.utils.data.Dataset):
 
 
 def load_model_and_processor(name_or_path: str, bf16: bool, seed: int):
-    """The Qwen2.5-VL model and processor to train: the embedded tiny random one, or a local checkpoint."""
-    if name_or_path == "tiny":
-        from avar_ops.analysis import build_tiny_qwen2_5_vl
+    """The model and processor to train: "tiny" / "tiny:FAMILY" (tiny random models) or a local checkpoint of a
+    supported family."""
+    from avar_ops.analysis import load_model_and_processor as load
 
-        model, processor = build_tiny_qwen2_5_vl(seed=seed, dtype=torch.bfloat16 if bf16 else torch.float32)
-        return model, processor
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32, local_files_only=True
-    )
-    processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
-    return model, processor
+    return load(name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32, seed=seed)
 
 
 def training_arguments(cfg):
@@ -434,7 +426,7 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
     """Run SFT with AGTO as `cfg` (an `avar_train.sft.config.SFTConfig`) says; returns the finished trainer.
     records: the records to train on, already checked (`avar_train.preflight`); default: read cfg.train_file."""
     from avar_ops.data import load_records
-    from avar_ops.hf import apply_to_qwen2_5_vl
+    from avar_ops.hf import apply, family_of
 
     from ..data.collator import QwenVLCollator
 
@@ -478,13 +470,12 @@ def train_sft(cfg, records=None) -> AGTOTrainer:
         ).records
     model, processor = load_model_and_processor(cfg.model_name_or_path, cfg.bf16, cfg.seed)
     if cfg.freeze_vision_tower:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
-    apply_to_qwen2_5_vl(model, tokenizer=processor)
+        family = family_of(model)
+        for module in family.vision_modules(family.base_model(model)):
+            module.requires_grad_(False)
+    apply(model, processor)
     model.train()
-    collator = QwenVLCollator(
-        processor, max_length=cfg.max_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, mode="sft"
-    )
+    collator = QwenVLCollator(processor, max_length=cfg.max_length, mode="sft", **cfg.pixels(processor))
     trainer = AGTOTrainer(
         model=model,
         args=args,

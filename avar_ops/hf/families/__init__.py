@@ -103,3 +103,9 @@ from avar_ops.hf.families import glm4v, qwen2_5_vl  # noqa: E402
 register(qwen2_5_vl.Qwen2_5_VL())
 register(glm4v.Glm4v())
 register(glm4v.Glm4vMoe())
+
+from avar_ops.hf.families import qwen_vl  # noqa: E402
+
+register(qwen_vl.Qwen2_VL())
+register(qwen_vl.Qwen3_VL())
+register(qwen_vl.Qwen3_VL_MoE())
