@@ -18,10 +18,7 @@ a second user turn, and a user turn holding an image and a video) and reads the 
 - the **visual** ids are the image / video placeholders the processor expands (`processor.image_token` /
   `video_token`, or ids the caller gives from the model config);
 - the **special** ids are the tokenizer's special tokens: inside a user turn they are template tokens
-  (`<|vision_start|>`, `<img>`, …), never the user's text;
-- the **vision brackets** are the markers right before / after a placeholder in a rendered image or video part
-  (`<|begin_of_video|>` / `<|end_of_video|>`): the processor expands the part between them, and what it writes
-  there besides placeholders (GLM's frame timestamps) is not the user's text either.
+  (`<|vision_start|>`, `<img>`, …), never the user's text.
 
 What it trusts: the ids alone, as `token_groups` does. Text must be checked before it is rendered
 (`avar_ops.data.check_text`).
@@ -53,9 +50,6 @@ class TemplateTokens:
     visual: Tuple[int, ...]  # image / video placeholder ids (group 1 wherever they are)
     markers: Tuple[int, ...]  # special ids around the placeholders in a rendered image / video part
     special: Tuple[int, ...]  # every special id of the tokenizer (template tokens inside a user turn)
-    # markers opening / closing an image or video part: what the processor writes between them is not user text
-    vision_open: Tuple[int, ...] = ()
-    vision_close: Tuple[int, ...] = ()
 
     @property
     def turn_end(self) -> int:
@@ -175,29 +169,6 @@ def _split_tail(tok, header) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     return tuple(header), tuple(tail)
 
 
-def _vision_brackets(tok, template, visual: set, markers: set) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """(opening, closing) markers of image / video parts: those the template puts right before / right after a
-    placeholder, read from a user turn holding one image (then one video) between two words. Empty when a marker
-    would be both, or when nothing brackets the placeholders."""
-    opening, closing = set(), set()
-    for kind in ("image", "video"):
-        media = [{"type": "text", "text": _SENTINELS["media"]}, {"type": kind}, {"type": "text", "text": "Ibis"}]
-        try:
-            rendered = _render(tok, template, [{"role": "user", "content": media}], generation_prompt=False)
-        except TemplateError:
-            continue
-        if _SENTINELS["media"] not in rendered or "Ibis" not in rendered:
-            continue
-        part = [int(i) for i in tok.encode(_between(rendered, _SENTINELS["media"], "Ibis"), add_special_tokens=False)]
-        where = [i for i, t in enumerate(part) if t in visual]
-        if where:
-            opening |= {t for t in part[: where[0]] if t in markers}
-            closing |= {t for t in part[where[-1] + 1 :] if t in markers}
-    if opening & closing or not (opening and closing):
-        return (), ()
-    return tuple(sorted(opening)), tuple(sorted(closing))
-
-
 def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
     special = set(_special_ids(tok))
     s = _SENTINELS
@@ -242,7 +213,6 @@ def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
             markers = {int(i) for i in tok.encode(part, add_special_tokens=False) if int(i) in special}
             break
     markers -= set(visual) | {closer} | {h[0] for h in headers.values()}
-    vision_open, vision_close = _vision_brackets(tok, template, set(visual), markers)
     return TemplateTokens(
         openers=tuple(sorted({h[0] for h in headers.values()})),
         headers=tuple(headers[r] for r in ROLES),
@@ -251,8 +221,6 @@ def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
         visual=visual,
         markers=tuple(sorted(markers)),
         special=tuple(sorted(special)),
-        vision_open=vision_open,
-        vision_close=vision_close,
     )
 
 

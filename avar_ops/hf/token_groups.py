@@ -10,10 +10,9 @@ Group ids (`avar_ops.core.Group`; one int8 per position, the key groups of `avar
         header and closing token included, not the newline after it; GLM `<|system|>\n …` up to the next turn)
      3  user text: the content of user turns, without their template tokens. The turn header (`<|im_start|>user\n`,
         `<|user|>\n`), the closing token and every special token inside the turn (`<|vision_start|>` /
-        `<|vision_end|>`, `<img>` / `</img>` around images) are group 0, and so is what a processor writes inside
-        an image / video part besides placeholders (GLM's frame timestamps between `<|begin_of_video|>` and
-        `<|end_of_video|>`); placeholders are group 1. These are the paper's "user-prompt query tokens": VAS and
-        the AGTO losses take their queries where key_group == 3 (== `user_mask`).
+        `<|vision_end|>`, `<img>` / `</img>` around images) are group 0, and placeholders are group 1. These are
+        the paper's "user-prompt query tokens": VAS and the AGTO losses take their queries where key_group == 3
+        (== `user_mask`).
 
 Masks (bool [B, L]): `image_mask` (group 1), `system_mask` (group 2), `user_mask` (group 3) and
 `response_mask`: the tokens an assistant turn produces, i.e. its content and the token that ends it (without the
@@ -142,11 +141,7 @@ def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[to
     image_mask = _isin(ids, t.visual)  # [B, L]
     template_token = _isin(ids, t.special)  # [B, L]
     system_mask = (role == _ROLE_SYSTEM) & ~image_mask  # [B, L]
-    # Inside an image / video part (between its opening and closing markers, nested GLM frames counted), what is
-    # not a placeholder is the processor's writing, such as GLM's frame timestamps: template, not user text.
-    depth = _isin(ids, t.vision_open).long().cumsum(1) - _isin(ids, t.vision_close).long().cumsum(1)  # [B, L]
-    in_visual_part = depth > 0  # [B, L]
-    user_mask = (role == _ROLE_USER) & body & ~image_mask & ~template_token & ~in_visual_part  # [B, L]
+    user_mask = (role == _ROLE_USER) & body & ~image_mask & ~template_token  # [B, L]
     response_mask = (role == _ROLE_ASSISTANT) & in_turn & ~header  # [B, L]
     if t.closer is None:
         # No closing token: the model ends its turn by writing the next turn's opener (GLM stops generating on
