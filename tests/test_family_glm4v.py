@@ -402,3 +402,46 @@ def test_agto_steps_raise_image_mass(builder):
         numbers[seed] = {"start": round(start, 5), "agto": round(agto, 5), "lm_only": round(lm_only, 5)}
     for n in numbers.values():
         assert n["agto"] > n["start"] and n["agto"] - n["start"] > n["lm_only"] - n["start"], numbers
+
+
+@pytest.mark.parametrize("which", ["4.1V", "4.5V"])
+def test_video_groups_match_a_hand_reading(tiny41, tiny45, which):
+    """A video's frames (`<|image|>` blocks) are visual and its markers template (group 0); the frame timestamps
+    the processor writes after each block are user text, group 3, like the user's words around the video (the
+    rule docs/design.md gives for processor-inserted timestamps); a second turn with an image and the answer
+    between them read as the hand reading says."""
+    from transformers.video_utils import VideoMetadata
+
+    from avar_ops.hf import token_groups
+
+    _, proc = tiny41 if which == "4.1V" else tiny45
+    video = {"type": "video"}
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "See "}, video, {"type": "text", "text": "What happens?"}],
+        },
+        ANSWER,
+        USER_IMAGE,
+    ]
+    text = _render(proc, messages, add_generation_prompt=True)
+    frames = np.random.default_rng(1).integers(0, 255, (6, 56, 56, 3), dtype=np.uint8)
+    meta = VideoMetadata(total_num_frames=6, fps=2, duration=3.0, frames_indices=list(range(6)))
+    out = proc(
+        text=[text],
+        videos=[frames],
+        images=synthetic_images(1, seed=3),
+        video_metadata=[meta],
+        do_sample_frames=False,
+        return_tensors="pt",
+    )
+    ids = out["input_ids"]
+    tg = token_groups(ids, proc)
+    groups, response = _hand_groups(proc, ids[0].tolist(), assistant_newline=which == "4.1V")
+    assert tg.key_group[0].tolist() == groups
+    assert tg.response_mask[0].tolist() == response
+    toks = proc.tokenizer.convert_ids_to_tokens(ids[0])
+    stamps = [i for i, t in enumerate(toks) if t in ("0", "1", "2")]
+    assert len(stamps) == 3 and all(groups[i] == 3 for i in stamps)
+    assert [toks[i - 1] for i in stamps] == ["<|end_of_image|>"] * 3
+    assert proc.tokenizer.decode(ids[0][tg.user_mask[0]]) == "See 012What happens?What colour?"
