@@ -18,6 +18,10 @@ each with an offline processor, built in seconds on CPU with nothing downloaded.
   same markers, an assistant turn written `<|assistant|>` + `\\n<think>…</think>` (empty for turns before the
   last user turn) + `\\n` + the stripped answer, `/nothink` appended to user turns and an empty think block to
   the generation prompt when `enable_thinking=False`, and `<|assistant|>` alone as the generation prompt.
+  One deliberate difference: every role here takes a string or a list of parts, while the published GLM-4.1V
+  template reads parts only in user turns and prints a system or assistant content list as its Python repr
+  (`<|system|>\n[{'type': 'text', …}]`); avar builds such lists, so with the real GLM-4.1V template those turns
+  need string content. For string content both render the same text.
 - The image and video processors are the real GLM-4.1V ones with small pixel budgets, so an image becomes 4
   (56×56 pixels) to 16 (112×112) visual tokens; the processor expands a video into one
   `<|begin_of_image|><|image|>…<|end_of_image|>` block per two frames, each followed by its timestamp.
