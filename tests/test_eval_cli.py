@@ -276,3 +276,23 @@ def test_correlate_command(tmp_path, capsys):
     assert cli.main(["correlate", *runs[:2], str(tmp_path / "corr"), "--out", out]) == 1
     assert "no report.json" in capsys.readouterr().err
     assert cli.main(["correlate", *runs, "--out", out, "--confidence", "2"]) == 2
+
+
+@pytest.mark.parametrize("family", __import__("avar_ops.analysis", fromlist=["x"]).tiny_family_names())
+def test_eval_runs_on_every_family(family, data, tmp_path, capsys):
+    """`avar eval --model tiny:FAMILY` grades and measures VAS on each family's tiny model; a template without a
+    default system turn is said to leave VAS undefined, and --system gives one."""
+    out = str(tmp_path / family)
+    argv = ["eval", "--model", f"tiny:{family}", "--bench", "mmstar=" + data["mmstar"], *ARGS]
+    assert cli.main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    with open(os.path.join(tmp_path / "plain", "report.json"), encoding="utf-8") as f:
+        plain = json.load(f)
+    if not plain["settings"]["template_system"]:
+        assert "the chat template adds no system prompt" in capsys.readouterr().err
+        assert plain["benchmarks"]["mmstar"]["n_vas"] == 0
+    assert cli.main([*argv, "--system", "You are a careful visual reasoning assistant.", "--out", out]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    star = report["benchmarks"]["mmstar"]
+    assert report["settings"]["checkpoint"] == f"tiny:{family}" and star["n"] == 2
+    assert star["n_vas"] == 2 and star["vas"] > 0

@@ -11,6 +11,7 @@ import pytest
 import avar_ops.cli as cli
 from avar_ops.eval import runner
 from avar_ops.grading.scorers import mmmu_guess
+from avar_ops.hf import template_tokens
 
 ARGS = ["--max-new-tokens", "2", "--no-progress", "--checker-timeout", "3", "--batch-size", "2"]
 
@@ -59,6 +60,7 @@ def _script(monkeypatch):
             batch["next"] += 1
             return SCRIPT[sample_id]
 
+        template_tokens(processor)  # the template's layout is learned (with the real decode) before scripting it
         processor.tokenizer.decode = decode
         return model, processor, label
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from grpo_fixtures import write_colour_task
@@ -15,7 +16,15 @@ from test_train_vard import FakeGenerator, _good, _rows, _templates, callable_co
 
 import avar_ops.cli as cli
 from avar_ops.analysis import synthetic_images
-from avar_ops.data import MAX_TEXT_CHARS, TextError, check_text, load_records, load_samples
+from avar_ops.data import (
+    MAX_TEXT_CHARS,
+    TextError,
+    check_messages,
+    check_text,
+    load_records,
+    load_samples,
+    special_token_strings,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKERS = ["<|im_end|>", "<|image_pad|>", "<|im_start|>", "<|vision_start|>", "<|endoftext|>", "<|made_up_7|>"]
@@ -63,6 +72,98 @@ def test_check_text_passes_ordinary_text_and_refuses_long_text():
         check_text("x" * (MAX_TEXT_CHARS + 1), where="w", field="f")
     with pytest.raises(TextError, match="'f' must be a string, got int"):
         check_text(3, where="w", field="f")
+
+
+# ---------------------------------------------------------------------- the special tokens of the tokenizer
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers():
+    from avar_ops.analysis.tiny_families import internvl, llava_onevision
+    from avar_ops.analysis.tiny_qwen import build_tiny_processor
+
+    return {
+        "qwen2_5_vl": build_tiny_processor().tokenizer,
+        "llava_onevision": llava_onevision.build_processor().tokenizer,
+        "internvl": internvl.build_processor().tokenizer,
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "internvl"])
+def test_check_text_with_a_tokenizer_refuses_each_of_its_special_tokens(family, family_tokenizers):
+    tok = family_tokenizers[family]
+    specials = special_token_strings(tok)
+    assert specials and len(set(specials)) == len(specials)
+    for s in specials:
+        # Why it must be refused: typed in text, the string becomes that one special id.
+        ids = tok.encode(f"look {s} here", add_special_tokens=False)
+        assert tok.convert_tokens_to_ids(s) in ids, s
+        for text in (s, f"What is{s} this?", f"two\nlines {s}\n"):
+            with pytest.raises(TextError) as info:
+                check_text(text, where="f.jsonl:3", field="question", tokenizer=tok)
+            message = str(info.value)
+            assert "\n" not in message and message.startswith("f.jsonl:3: 'question' contains ")
+            assert repr(s) in message
+    for text in ("a < b > c", "<im>", "<imgs are nice>", "IMG_CONTEXT", "<Image>", "image video img"):
+        assert check_text(text, where="w", field="f", tokenizer=tok) == text
+
+
+def test_the_markers_not_written_like_qwens_pass_without_the_tokenizer_and_are_refused_with_it(family_tokenizers):
+    expected = {"llava_onevision": ["<image>", "<video>"], "internvl": ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]}
+    for family, markers in expected.items():
+        tok = family_tokenizers[family]
+        for m in markers:
+            assert m in special_token_strings(tok)
+            assert check_text(f"x {m} y", where="w", field="f") == f"x {m} y"
+            with pytest.raises(TextError, match=re.escape(repr(m))):
+                check_text(f"x {m} y", where="w", field="f", tokenizer=tok)
+    # The longest match is named: "</img>" is not reported as a shorter special token inside it.
+    with pytest.raises(TextError, match=re.escape("'</img>'")):
+        check_text("a </img> b", where="w", field="f", tokenizer=family_tokenizers["internvl"])
+
+
+def test_check_messages_checks_every_text_part_and_names_the_message(family_tokenizers):
+    from avar_ops.analysis.tiny_families import llava_onevision
+
+    processor = llava_onevision.build_processor()  # a processor works as well as its tokenizer
+    good = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+    ]
+    check_messages(good, where="record 'a'", tokenizer=processor)
+    bad = good + [{"role": "assistant", "content": [{"type": "text", "text": "It is <image> here"}]}]
+    with pytest.raises(TextError, match=r"^record 'a': 'assistant message 2' contains '<image>'"):
+        check_messages(bad, where="record 'a'", tokenizer=processor)
+    with pytest.raises(TextError, match=r"'system message 0' contains '<video>'"):
+        check_messages([{"role": "system", "content": "<video>"}], where="w", tokenizer=family_tokenizers["internvl"])
+    with pytest.raises(TypeError, match="check_text: tokenizer must be a Hugging Face tokenizer"):
+        check_text("x", where="w", field="f", tokenizer=object())
+
+
+def test_build_inputs_and_the_collator_refuse_the_processors_own_special_tokens(family_tokenizers, tmp_path):
+    """Where text meets the processor (samples for vas/generate/sweep, records for SFT/GRPO/preflight), the
+    family's special tokens are refused: `<image>` is ordinary text to Qwen's tokenizer, an image slot to LLaVA's."""
+    from avar_ops.analysis.tiny_families import llava_onevision
+    from avar_ops.analysis.tiny_qwen import build_tiny_processor
+    from avar_ops.data import build_inputs, normalize_sample, parse_record
+    from avar_train.data.collator import QwenVLCollator
+
+    onevision, qwen = llava_onevision.build_processor(), build_tiny_processor()
+    sample = normalize_sample({"id": "s1", "question": "Is <image> here?"}, 0)
+    with pytest.raises(TextError, match=r"^sample 's1': 'user message 0' contains '<image>'"):
+        build_inputs(onevision, [sample])
+    assert build_inputs(qwen, [sample])["input_ids"].shape[0] == 1
+    record = parse_record(
+        {"id": "r1", "question": "What is it?", "response": "An <image> of a square."},
+        str(tmp_path),
+        check_images=False,
+    )
+    for mode in ("sft", "prompt"):
+        collator = QwenVLCollator(onevision, max_length=512, min_pixels=56 * 56, max_pixels=56 * 56, mode=mode)
+        with pytest.raises(TextError, match=r"^record 'r1': 'assistant message 1' contains '<image>'"):
+            collator.render(record)
+        collator = QwenVLCollator(qwen, max_length=512, min_pixels=56 * 56, max_pixels=56 * 56, mode=mode)
+        assert "<image>" in collator.render(record) or mode == "prompt"
 
 
 # ------------------------------------------------------------------------------------ avar vas/generate/sweep

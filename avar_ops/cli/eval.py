@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from typing import List, Optional, Tuple
 
 from avar_ops.cli import loading
@@ -25,7 +26,7 @@ from avar_ops.cli.args import (
 )
 from avar_ops.cli.errors import CLIError, DataError, Interrupted
 from avar_ops.cli.out import add_out_flags, open_out, prepare_out
-from avar_ops.data import TextError, check_text
+from avar_ops.data import TextError, check_messages, check_text
 from avar_ops.eval import (
     BENCHMARKS,
     GENERATION_SOURCES,
@@ -64,6 +65,26 @@ def _bench_specs(tokens: List[str]) -> List[Tuple[str, Optional[str], str]]:
 MAX_SEED = 2**64 - 1
 
 
+def _template_adds_system(spec) -> bool:
+    """Whether the model's chat template renders a system turn for a conversation that has none (Qwen2.5-VL's
+    does; Qwen3-VL's and Qwen3.5's do not, and VAS is then undefined unless --system gives one)."""
+    from avar_ops.hf import token_groups
+
+    processor = loading.load_processor(spec)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], add_generation_prompt=True, tokenize=False
+    )
+    ids = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # [1, n]
+    added = bool(token_groups(ids, processor).system_mask.any())
+    if not added:
+        print(
+            "avar eval: note: the chat template adds no system prompt, so VAS (a ratio to system attention) is "
+            "undefined for every sample; pass --system TEXT to measure it",
+            file=sys.stderr,
+        )
+    return added
+
+
 def _check_prompt_lengths(args, specs, loaded, limits) -> None:
     """Every prompt's text, rendered by the chat template, tokenized and measured against the model's context with
     room for its benchmark's generation limit (`limits`), before the model loads (image tokens come on top of the
@@ -78,6 +99,10 @@ def _check_prompt_lengths(args, specs, loaded, limits) -> None:
             )
             content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.prompt}]
             messages.append({"role": "user", "content": content})
+            try:  # the family's own special tokens (`<image>`, `<img>`, …), typed in a question or --system
+                check_messages(messages, where=f"{name} sample {sample.id!r}", tokenizer=processor)
+            except TextError as exc:
+                raise DataError(str(exc)) from None
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             n = len(tokenizer(text, verbose=False)["input_ids"])
             if n + limits[name] > context:
@@ -245,8 +270,9 @@ def _cmd_eval(args) -> int:
     limits = {name: args.max_new_tokens or BENCHMARKS[name].max_new_tokens for name, _, _ in specs}
     _check_prompt_lengths(args, specs, loaded, limits)
     settings = runner.EvalSettings(
-        checkpoint=args.model if args.model == "tiny" else os.path.abspath(args.model),
-        label=args.label or (args.model if args.model == "tiny" else os.path.basename(os.path.normpath(args.model))),
+        checkpoint=args.model if str(args.model).startswith("tiny") else os.path.abspath(args.model),
+        label=args.label
+        or (args.model if str(args.model).startswith("tiny") else os.path.basename(os.path.normpath(args.model))),
         benchmarks={
             name: {
                 "path": os.path.abspath(path),
@@ -265,6 +291,7 @@ def _cmd_eval(args) -> int:
         sample_seed=args.sample_seed,
         seed=args.seed,
         system_prompt=args.system,
+        template_system=args.system is not None or _template_adds_system(args.model),
         intervention=iv.to_dict() if iv is not None else None,
         extraction=judge.mode if judge is not None else runner.RULE_BASED,
         judge_url=judge.client.url if judge is not None else None,

@@ -39,7 +39,14 @@ from avar_ops.data.samples import (
     normalize_sample,
     sample_from_record,
 )
-from avar_ops.data.text import MAX_TEXT_CHARS, TEMPLATE_MARKER, TextError, check_text
+from avar_ops.data.text import (
+    MAX_TEXT_CHARS,
+    TEMPLATE_MARKER,
+    TextError,
+    check_messages,
+    check_text,
+    special_token_strings,
+)
 
 __all__ = [
     "append_rejects",
@@ -68,6 +75,7 @@ __all__ = [
     "chat_messages",
     "check_image_size",
     "check_images",
+    "check_messages",
     "check_text",
     "check_unique_ids",
     "detect_format",
@@ -80,5 +88,6 @@ __all__ = [
     "parse_record",
     "safe_name",
     "sample_from_record",
+    "special_token_strings",
     "unique_safe_names",
 ]

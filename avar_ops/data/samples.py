@@ -35,7 +35,7 @@ import torch
 
 from avar_ops.data.images import MAX_ASPECT_RATIO, check_image_size
 from avar_ops.data.records import conversation
-from avar_ops.data.text import check_text
+from avar_ops.data.text import check_messages, check_text
 
 __all__ = [
     "load_samples",
@@ -308,9 +308,10 @@ def build_inputs(
     for i, s in enumerate(samples):
         resp = None if responses is None else responses[i]
         add_prompt = resp is None
-        texts.append(
-            processor.apply_chat_template(chat_messages(s, resp), add_generation_prompt=add_prompt, tokenize=False)
-        )
+        messages = chat_messages(s, resp)
+        # The processor's own special tokens (`<image>`, `<img>`, …) typed in text would open image slots.
+        check_messages(messages, where=f"sample {s.get('id', i)!r}", tokenizer=processor)
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=False))
         images.append(load_images(s))
     kwargs = {}
     if any(images):

@@ -62,10 +62,11 @@ class EvalSettings:
     sample_seed: int = 0
     judge_url: Optional[str] = None
     scoring: str = "official"  # the scorers' mode (avar_ops.grading.MODES): official rule, or strict
+    template_system: bool = True  # the chat template renders a system turn when no system prompt is given
 
     # settings that may differ between a run and its continuation (they change no answer; records are per id, and
     # a larger --sample keeps the smaller one's questions); each record keeps the batch size it was answered with
-    RESUMABLE = ("batch_size", "limit", "sample", "versions", "effective_pixels", "judge_url")
+    RESUMABLE = ("batch_size", "limit", "sample", "versions", "effective_pixels", "judge_url", "template_system")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -404,7 +405,13 @@ def write_report(out: str, settings: EvalSettings, rows: Dict[str, dict], titles
         "- min_pixels / max_pixels: %s"
         % (settings.effective_pixels or {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}),
         "- system prompt: %s"
-        % ("the chat template's default" if settings.system_prompt is None else json.dumps(settings.system_prompt)),
+        % (
+            json.dumps(settings.system_prompt)
+            if settings.system_prompt is not None
+            else "the chat template's default"
+            if settings.template_system
+            else "none (the chat template adds none): VAS, a ratio to system attention, is undefined; pass --system"
+        ),
         "- limit: %s" % (("the first %d samples" % settings.limit) if settings.limit else "none"),
         "- sample: %s"
         % (

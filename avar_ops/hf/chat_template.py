@@ -18,7 +18,10 @@ a second user turn, and a user turn holding an image and a video) and reads the 
 - the **visual** ids are the image / video placeholders the processor expands (`processor.image_token` /
   `video_token`, or ids the caller gives from the model config);
 - the **special** ids are the tokenizer's special tokens: inside a user turn they are template tokens
-  (`<|vision_start|>`, `<img>`, …), never the user's text.
+  (`<|vision_start|>`, `<img>`, …), never the user's text;
+- the **part texts** are the ordinary tokens the template writes around a placeholder, found by rendering a user
+  turn with and without an image (or video) part: LLaVA-OneVision writes `<image>\n`, InternVL `<IMG_CONTEXT>\n`,
+  and that "\n" is the template's, not the user's (Qwen writes none).
 
 What it trusts: the ids alone, as `token_groups` does. Text must be checked before it is rendered
 (`avar_ops.data.check_text`).
@@ -50,6 +53,8 @@ class TemplateTokens:
     visual: Tuple[int, ...]  # image / video placeholder ids (group 1 wherever they are)
     markers: Tuple[int, ...]  # special ids around the placeholders in a rendered image / video part
     special: Tuple[int, ...]  # every special id of the tokenizer (template tokens inside a user turn)
+    part_heads: Tuple[Tuple[int, ...], ...] = ()  # ordinary tokens the template writes before an image / video part
+    part_tails: Tuple[Tuple[int, ...], ...] = ()  # ordinary tokens the template writes after one (LLaVA's "\n")
 
     @property
     def turn_end(self) -> int:
@@ -172,14 +177,15 @@ def _split_tail(tok, header) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
 def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
     special = set(_special_ids(tok))
     s = _SENTINELS
-    conversation = [
-        {"role": "system", "content": s["system"]},
-        {"role": "user", "content": s["user"]},
-        {"role": "assistant", "content": s["assistant"]},
-        {"role": "user", "content": s["user2"]},
-    ]
-    text = _render(tok, template, conversation, generation_prompt=True)
-    missing = [v for v in (s["system"], s["user"], s["assistant"], s["user2"]) if v not in text]
+    roles = [("system", s["system"]), ("user", s["user"]), ("assistant", s["assistant"]), ("user", s["user2"])]
+    # Contents as plain strings first, then as lists of text parts: some templates read only one of the two and
+    # silently drop the other (llava-hf's OneVision template iterates the parts of every message).
+    for as_parts in (False, True):
+        conversation = [{"role": r, "content": [{"type": "text", "text": v}] if as_parts else v} for r, v in roles]
+        text = _render(tok, template, conversation, generation_prompt=True)
+        missing = [v for _, v in roles if v not in text]
+        if not missing:
+            break
     if missing:
         raise TemplateError(f"the template dropped the contents {missing} (rendered {text!r})")
     segments = {
@@ -213,6 +219,7 @@ def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
             markers = {int(i) for i in tok.encode(part, add_special_tokens=False) if int(i) in special}
             break
     markers -= set(visual) | {closer} | {h[0] for h in headers.values()}
+    part_heads, part_tails = _part_texts(tok, template, special, set(visual))
     return TemplateTokens(
         openers=tuple(sorted({h[0] for h in headers.values()})),
         headers=tuple(headers[r] for r in ROLES),
@@ -221,7 +228,43 @@ def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
         visual=visual,
         markers=tuple(sorted(markers)),
         special=tuple(sorted(special)),
+        part_heads=part_heads,
+        part_tails=part_tails,
     )
+
+
+def _part_texts(tok, template, special: set, visual: set) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
+    """(heads, tails): the ordinary tokens the template writes before / after the special tokens of an image or
+    video part, from the difference between a user turn rendered with and without that part."""
+    s = _SENTINELS["media"]
+    try:
+        without = _render(tok, template, [{"role": "user", "content": [{"type": "text", "text": s}]}], False)
+    except TemplateError:  # a template refusing a lone user turn: no part text is learned
+        return (), ()
+    heads, tails = set(), set()
+    for kind in ("image", "video"):
+        try:
+            content = [{"type": kind}, {"type": "text", "text": s}]
+            with_part = _render(tok, template, [{"role": "user", "content": content}], False)
+        except TemplateError:  # a template without video
+            continue
+        # The part is what the longest common prefix and suffix leave of the rendering with it.
+        prefix = 0
+        while prefix < len(without) and without[prefix] == with_part[prefix]:
+            prefix += 1
+        suffix = 0
+        while suffix < len(without) - prefix and without[-1 - suffix] == with_part[-1 - suffix]:
+            suffix += 1
+        part = with_part[prefix : len(with_part) - suffix]
+        ids = [int(i) for i in tok.encode(part, add_special_tokens=False)]
+        marks = [i for i, t in enumerate(ids) if t in special]
+        if not any(t in visual for t in ids) or not marks:
+            continue  # the difference is not a placeholder part (the template changed something else)
+        if marks[0] > 0:
+            heads.add(tuple(ids[: marks[0]]))
+        if marks[-1] < len(ids) - 1:
+            tails.add(tuple(ids[marks[-1] + 1 :]))
+    return tuple(sorted(heads)), tuple(sorted(tails))
 
 
 def template_tokens(tokenizer, visual_ids: Optional[Iterable[int]] = None) -> TemplateTokens:

@@ -9,8 +9,9 @@ Group ids (`avar_ops.core.Group`; one int8 per position, the key groups of `avar
      2  system: the whole system turn as the template renders it (Qwen `<|im_start|>system\n … <|im_end|>`,
         header and closing token included, not the newline after it; GLM `<|system|>\n …` up to the next turn)
      3  user text: the content of user turns, without their template tokens. The turn header (`<|im_start|>user\n`,
-        `<|user|>\n`), the closing token and every special token inside the turn (`<|vision_start|>` /
-        `<|vision_end|>`, `<img>` / `</img>` around images) are group 0, and placeholders are group 1. These are
+        `<|user|>\n`), the closing token, every special token inside the turn (`<|vision_start|>` /
+        `<|vision_end|>`, `<img>` / `</img>` around images) and the text the template writes around an image
+        part (the "\n" of LLaVA's `<image>\n`) are group 0, and placeholders are group 1. These are
         the paper's "user-prompt query tokens": VAS and the AGTO losses take their queries where key_group == 3
         (== `user_mask`).
 
@@ -86,6 +87,24 @@ def _last_index(flag: torch.Tensor) -> torch.Tensor:
     return torch.where(flag, pos, torch.full_like(pos, -1)).cummax(dim=1).values
 
 
+def _part_text(ids: torch.Tensor, t: TemplateTokens, marked: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: the template's own text around image / video parts (`part_heads` right before a placeholder
+    or special token, `part_tails` right after one)."""
+    B, L = ids.shape
+    out = torch.zeros(B, L, dtype=torch.bool, device=ids.device)
+    before = torch.nn.functional.pad(marked, (1, 0), value=False)[:, :L]  # [B, L]: the previous token is marked
+    for pattern, anchor in [(p, "tail") for p in t.part_tails] + [(p, "head") for p in t.part_heads]:
+        n = len(pattern)
+        if anchor == "tail":
+            hit = _follows(ids, pattern, 0) & before  # [B, L]
+        else:
+            after = torch.nn.functional.pad(marked, (0, n), value=False)[:, n : n + L]  # [B, L]: token t + n marked
+            hit = _follows(ids, pattern, 0) & after
+        for k in range(n):  # over the pattern's few tokens
+            out[:, k:] |= hit[:, : L - k]
+    return out
+
+
 def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[torch.Tensor] = None) -> TokenGroups:
     """Groups and masks of every position of `input_ids` [B, L] (see the module docstring).
 
@@ -140,8 +159,9 @@ def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[to
 
     image_mask = _isin(ids, t.visual)  # [B, L]
     template_token = _isin(ids, t.special)  # [B, L]
+    part_text = _part_text(ids, t, image_mask | template_token)  # [B, L]
     system_mask = (role == _ROLE_SYSTEM) & ~image_mask  # [B, L]
-    user_mask = (role == _ROLE_USER) & body & ~image_mask & ~template_token  # [B, L]
+    user_mask = (role == _ROLE_USER) & body & ~image_mask & ~template_token & ~part_text  # [B, L]
     response_mask = (role == _ROLE_ASSISTANT) & in_turn & ~header  # [B, L]
     if t.closer is None:
         # No closing token: the model ends its turn by writing the next turn's opener (GLM stops generating on

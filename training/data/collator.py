@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from avar_ops.data import Record
+from avar_ops.data import Record, check_messages
 from avar_ops.hf import template_tokens, token_groups
 
 __all__ = ["QwenVLCollator", "CollateError", "Measure", "MODES", "has_pixel_budget"]
@@ -142,7 +142,11 @@ class QwenVLCollator:
         self.truncated = 0
 
     def render(self, record: Record) -> str:
-        """The chat-template text of one record as this collator feeds it to the processor."""
+        """The chat-template text of one record as this collator feeds it to the processor.
+
+        TextError when a text holds a special token of the processor's tokenizer (`<image>`, `<img>`, …).
+        """
+        check_messages(record.messages, where=f"record {record.id!r}", tokenizer=self.processor)
         if self.mode == "sft":
             if not record.has_target:
                 raise CollateError(f"record {record.id!r}: SFT needs a final assistant turn, the record has none")

@@ -134,7 +134,7 @@ class GRPOTrainer:
         from accelerate.utils import set_seed
 
         self.cfg = cfg
-        if model is None and cfg.model_name_or_path == "tiny":
+        if model is None and str(cfg.model_name_or_path).startswith("tiny"):
             # Built before the accelerator: under ZeRO-3 with zero3_init_flag, a model constructed later is
             # initialised inside deepspeed.zero.Init, which draws other random weights than a plain run.
             model, processor = _load_model(cfg)

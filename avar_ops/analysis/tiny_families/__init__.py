@@ -11,10 +11,13 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from avar_ops.analysis import tiny_qwen
+from avar_ops.analysis.tiny_families import internvl, llava_onevision
 
 __all__ = ["TINY_BUILDERS", "build_tiny", "tiny_family_names"]
 
 TINY_BUILDERS: Dict[str, Callable] = {"qwen2_5_vl": tiny_qwen.build_tiny_qwen2_5_vl}
+TINY_BUILDERS["llava_onevision"] = llava_onevision.build
+TINY_BUILDERS["internvl"] = internvl.build
 
 
 def tiny_family_names():

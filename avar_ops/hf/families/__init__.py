@@ -109,3 +109,11 @@ from avar_ops.hf.families import qwen_vl  # noqa: E402
 register(qwen_vl.Qwen2_VL())
 register(qwen_vl.Qwen3_VL())
 register(qwen_vl.Qwen3_VL_MoE())
+
+from avar_ops.hf.families import llava_onevision  # noqa: E402
+
+register(llava_onevision.LlavaOnevision())
+
+from avar_ops.hf.families import internvl  # noqa: E402
+
+register(internvl.InternVL())
