@@ -22,7 +22,8 @@ AVAR_FLAGS = {
     + _INTERVENTION
     + ["--data", "--limit", "--out", "--label", "--compare", "--batch-size", "--vas-layers", "--heatmaps"]
     + ["--heatmap-layers", "--heatmap-queries", "--max-new-tokens", "--no-progress", "--overwrite"]
-    + ["--data-format"],  # added since: the layout of --data
+    + ["--data-format"]  # added since: the layout of --data
+    + ["--compare-depth"],  # added since: the x axis of cross-family comparisons
     "generate": _MODEL
     + _INTERVENTION
     + ["--image", "--question", "--system", "--max-new-tokens", "--baseline", "--no-progress"],

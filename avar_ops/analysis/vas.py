@@ -30,16 +30,16 @@ from avar_ops.hf import attention_layer_indices, collect_masses, token_groups
 from avar_ops.method import VASResult, intervened
 from avar_ops.method import vas as vas_metric
 
-__all__ = ["VASReport", "measure", "compare"]
+__all__ = ["VASReport", "measure", "compare", "comparison", "DEPTH_AXES"]
 _STATS = ("vas", "ratio_of_sums", "image_mass")
 
 
 @dataclass
 class VASReport:
     label: str
-    num_layers: int
+    num_layers: int  # the model's softmax-attention layers (all decoder layers but in hybrid decoders)
     num_heads: int
-    layers: List[int]  # the decoder layers the numbers are over
+    layers: List[int]  # the attention layers the numbers are over, counted among the attention layers
     num_samples: int  # samples that entered the means
     vas: float
     ratio_of_sums: float
@@ -52,10 +52,43 @@ class VASReport:
     skipped: List[dict] = field(default_factory=list)  # {"id", "reason"}
     eps: float = 0.0
     intervention: Optional[dict] = None
+    # The decoder-layer index of each of the model's attention layers ([num_layers]; reports written before
+    # hybrid decoders were measured have none: there every decoder layer is an attention layer).
+    attention_layers: Optional[List[int]] = None
+    num_decoder_layers: Optional[int] = None
+    model_type: Optional[str] = None  # the checkpoint config's model_type ("qwen2_5_vl", "qwen3_5", ...)
 
     @property
     def vas_layer_head(self) -> np.ndarray:
         return np.asarray(self.per_layer_head["vas"], dtype=np.float64)  # [NL, H]
+
+    @property
+    def decoder_layers(self) -> List[int]:
+        """The decoder-layer index of each layer the numbers are over (`layers` mapped to the decoder)."""
+        table = self.attention_layers if self.attention_layers is not None else range(self.num_layers)
+        return [int(table[i]) for i in self.layers]
+
+    def relative_depth(self, axis: str = "attention") -> List[float]:
+        """Where each measured layer sits in the model, in (0, 1]: (index + 1) / count.
+
+        `axis="attention"` counts among the attention layers (the k-th of n attention layers is at k / n);
+        `axis="decoder"` places each at its decoder layer (decoder layer d of D at (d + 1) / D), which for a
+        hybrid decoder (Qwen3.5: one softmax layer in four) says how deep the layer really is. Either way the
+        last layer is at 1, so models of different depths overlay on one axis.
+        """
+        if axis == "attention":
+            return [(i + 1) / self.num_layers for i in self.layers]
+        if axis == "decoder":
+            total = self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+            return [(d + 1) / total for d in self.decoder_layers]
+        raise ValueError(f"VASReport.relative_depth: axis must be 'attention' or 'decoder', got {axis!r}")
+
+    def layers_text(self) -> str:
+        """Which layers the numbers are over, in words (for figures and summaries)."""
+        text = f"attention layers {_index_list(self.layers)} of {self.num_layers}"
+        if self.decoder_layers != list(self.layers) or (self.num_decoder_layers or self.num_layers) != self.num_layers:
+            text += f" (decoder layers {_index_list(self.decoder_layers)} of {self.num_decoder_layers})"
+        return text
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +111,7 @@ class VASReport:
                 raise ValueError(f"{where}: field {name!r} must be an object, got {type(d[name]).__name__}")
         if "vas" not in d["per_layer"] or any(g not in d["split_per_layer"] for g in GROUP_NAMES):
             raise ValueError(f"{where}: per_layer needs 'vas' and split_per_layer needs {list(GROUP_NAMES)}")
+        _check_layers(d, where)
         return cls(**d)
 
     @classmethod
@@ -94,10 +128,20 @@ class VASReport:
             raise ValueError(f"{path}: not a VAS report (invalid JSON at line {exc.lineno}: {exc.msg})") from None
         return cls.from_dict(data, where=path)
 
-    def plot_data(self) -> dict:
+    def plot_data(self, depth: str = "attention") -> dict:
+        """What the comparison figure draws of this report, the layers included (see `compare`)."""
         return {
             "label": self.label,
+            "model_type": self.model_type,
             "vas": self.vas,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "num_decoder_layers": self.num_decoder_layers or self.num_layers,
+            "layers": list(self.layers),
+            "decoder_layers": self.decoder_layers,
+            "layers_text": self.layers_text(),
+            "depth_axis": depth,
+            "depth": self.relative_depth(depth),
             "vas_per_layer": self.per_layer["vas"],
             "split_per_layer": self.split_per_layer,
         }
@@ -112,12 +156,15 @@ class VASReport:
             paths["heatmap"] = plots.vas_heatmap(
                 self.vas_layer_head,
                 os.path.join(out_dir, "vas_heatmap.png"),
-                title=f"VAS per layer and head: {self.label} (VAS {self.vas:.3g}, n={self.num_samples})",
+                title=f"VAS per layer and head: {self.label} (VAS {self.vas:.3g}, n={self.num_samples})\n"
+                f"{self.layers_text()}",
+                layer_labels=self.decoder_layers,
             )
             paths["lazy_attention"] = plots.lazy_attention_split(
                 self.split_per_layer,
                 os.path.join(out_dir, "lazy_attention.png"),
-                title=f"Where user tokens attend, per layer: {self.label}",
+                title=f"Where user tokens attend, per layer: {self.label}\n{self.layers_text()}",
+                layer_labels=self.decoder_layers,
             )
         return paths
 
@@ -126,13 +173,75 @@ class VASReport:
         return (
             f"{self.label}: VAS {self.vas:.4g} | ratio of sums {self.ratio_of_sums:.4g} | image mass "
             f"{self.image_mass:.4g} | user-token attention: visual {s['visual']:.3f}, system {s['system']:.3f},"
-            f" user {s['user']:.3f}, other {s['other']:.3f} | {self.num_samples} samples"
+            f" user {s['user']:.3f}, other {s['other']:.3f} | {self.num_samples} samples | {self.layers_text()}"
         )
 
 
-def compare(reports: Sequence[VASReport], path: str) -> str:
-    """One figure with every report's per-layer VAS and visual / system shares overlaid."""
-    return plots.compare_reports([r.plot_data() for r in reports], path)
+def _index_list(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 3] -> "0-3", [3, 7, 11, 15] -> "3-15 every 4", [1, 5] -> "1, 5"."""
+    idx = [int(i) for i in indices]
+    steps = {b - a for a, b in zip(idx, idx[1:])}
+    if len(idx) > 2 and len(steps) == 1 and next(iter(steps)) > 0:
+        step = next(iter(steps))
+        return f"{idx[0]}-{idx[-1]}" + (f" every {step}" if step > 1 else "")
+    return ", ".join(str(i) for i in idx)
+
+
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_layers(d: dict, where: str) -> None:
+    """The layer fields of a report agree with each other and with its per-layer lists."""
+    n = d["num_layers"]
+    if not _is_index(n) or n <= 0:
+        raise ValueError(f"{where}: num_layers must be a positive int, got {n!r}")
+    layers = d["layers"]
+    if not isinstance(layers, list) or not layers or not all(_is_index(i) and 0 <= i < n for i in layers):
+        raise ValueError(f"{where}: layers must be a non-empty list of indices in [0, {n}), got {layers!r}")
+    got = d["per_layer"]["vas"]
+    if not isinstance(got, list) or len(got) != len(layers):
+        raise ValueError(f"{where}: per_layer['vas'] must have one value per layer ({len(layers)})")
+    attn, total = d.get("attention_layers"), d.get("num_decoder_layers")
+    if total is not None and (not _is_index(total) or total < n):
+        raise ValueError(f"{where}: num_decoder_layers must be an int >= num_layers ({n}), got {total!r}")
+    if attn is not None:
+        bound = total if total is not None else n
+        ok = isinstance(attn, list) and len(attn) == n and all(_is_index(i) and 0 <= i < bound for i in attn)
+        if not ok or any(b <= a for a, b in zip(attn, attn[1:])):
+            raise ValueError(
+                f"{where}: attention_layers must list {n} increasing decoder-layer indices in [0, {bound}), "
+                f"got {attn!r}"
+            )
+
+
+DEPTH_AXES = ("attention", "decoder")
+
+
+def comparison(reports: Sequence[VASReport], depth: str = "attention") -> dict:
+    """What `compare` draws, as JSON-ready data: per report its layers, their relative depth and the curves."""
+    if depth not in DEPTH_AXES:
+        raise ValueError(f"compare: depth must be one of {list(DEPTH_AXES)}, got {depth!r}")
+    if not reports:
+        raise ValueError("compare: expected at least one report, got none")
+    return {"depth_axis": depth, "reports": [r.plot_data(depth) for r in reports]}
+
+
+def compare(
+    reports: Sequence[VASReport], path: str, *, depth: str = "attention", json_path: Optional[str] = None
+) -> str:
+    """One figure with every report's per-layer VAS and visual / system shares overlaid on relative depth.
+
+    Models of different families differ in layer and head counts, so curves are placed by relative depth
+    (`VASReport.relative_depth`): `depth="attention"` by position among the attention layers, `"decoder"` by
+    decoder depth (they differ only for hybrid decoders such as Qwen3.5's). The legend names the layers each
+    curve is over; `json_path`, if given, gets the same data (`comparison`). Returns the figure's path.
+    """
+    data = comparison(reports, depth)
+    if json_path is not None:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+    return plots.compare_reports(data["reports"], path)
 
 
 def _text_config(model):
@@ -192,7 +301,8 @@ def measure(
         processor: its processor (chat template, tokenizer, image processor).
         samples: dicts / JSONL records (see `avar_ops.data.samples`), or a path to a JSONL file.
         limit: use the first `limit` samples.
-        layers: decoder layers to average over (default all; negative indices count from the end).
+        layers: attention layers to average over, counted among the softmax-attention layers (default all;
+            negative indices count from the end); the report's `attention_layers` maps them to decoder layers.
         batch_size: samples per forward (left-padded); the result does not depend on it.
         intervention: an `avar_ops.method.Intervention` to measure the model under.
         eps: see `avar_ops.method.vas` (0 = the paper's ratio).
@@ -211,8 +321,10 @@ def measure(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"measure: batch_size must be a positive int, got {batch_size!r}")
     text_cfg = _text_config(model)
-    # Softmax-attention layers only (Qwen3.5's linear-attention layers have no masses).
-    num_layers, num_heads = len(attention_layer_indices(model.config)), int(text_cfg.num_attention_heads)
+    num_decoder_layers, num_heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
+    # Softmax-attention layers only (Qwen3.5's linear-attention layers have no masses), by decoder index.
+    attention_layers = attention_layer_indices(model.config)
+    num_layers = len(attention_layers)
     layer_ids = select_indices(layers, num_layers, "measure: layers") or list(range(num_layers))
     device = next(model.parameters()).device
 
@@ -230,7 +342,10 @@ def measure(
                 model(**inputs, use_cache=False)
             masses = [rec.masses[i] for i in layer_ids]  # each [B, H, L', G]
             query = user.index_select(1, columns).cpu()  # [B, L']
-            result = vas_metric(masses, query, eps=eps, empty="skip") if bool(query.any()) else None
+            # A batch in which no sample has both user text and a system turn has nothing to measure (vas would
+            # refuse it); its samples are skipped below with the reason.
+            measurable = bool((query.any(1) & groups.system_mask.any(1).cpu()).any()) or eps > 0
+            result = vas_metric(masses, query, eps=eps, empty="skip") if measurable and bool(query.any()) else None
             valid = result.valid if result is not None else torch.zeros(len(batch), dtype=torch.bool)
             stacked = torch.stack(masses).to(torch.float64)  # [NL, B, H, L', G]
             qw = query.to(torch.float64)  # [B, L']
@@ -251,7 +366,13 @@ def measure(
                         {"id": s["id"], **{k: float(getattr(result, k).per_sample[b]) for k in _STATS}, **counts}
                     )
                 else:
-                    reason = "no user-text token" if counts["user_tokens"] == 0 else "zero system mass on a query"
+                    if counts["user_tokens"] == 0:
+                        reason = "no user-text token"
+                    elif counts["system_tokens"] == 0:
+                        # VAS divides by the system mass; templates such as Qwen3.5's add no default system turn.
+                        reason = "no system turn (give the sample a system prompt)"
+                    else:
+                        reason = "zero system mass on a query"
                     skipped.append({"id": s["id"], "reason": reason, **counts})
             bar.update(len(batch))
     bar.close()
@@ -277,6 +398,9 @@ def measure(
         skipped=skipped,
         eps=float(eps),
         intervention=intervention.to_dict() if intervention is not None else None,
+        attention_layers=attention_layers,
+        num_decoder_layers=num_decoder_layers,
+        model_type=getattr(model.config, "model_type", None),
     )
 
 

@@ -37,7 +37,15 @@ def add_parser(sub) -> None:
         "--compare",
         nargs="+",
         default=None,
-        help="other checkpoints (or saved report folders) to overlay in compare.png",
+        help="other checkpoints (or saved report folders) to overlay in compare.png / compare.json; models of "
+        "any family and depth, placed by relative depth",
+    )
+    p.add_argument(
+        "--compare-depth",
+        choices=["attention", "decoder"],
+        default="attention",
+        help="x axis of the comparison: position among the softmax-attention layers, or decoder depth (they "
+        "differ for hybrid decoders such as Qwen3.5's)",
     )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--vas-layers", type=int, nargs="+", default=None, help="layers to average VAS over (default all)")
@@ -96,7 +104,10 @@ def run(args) -> int:
                 reports.append(_measure(value, args, samples, inside(out, "compare", folder))[2])
             print(reports[-1].summary())
         if len(reports) > 1:
-            paths["compare"] = analysis.compare(reports, inside(out, "compare.png"))
+            paths["compare_json"] = inside(out, "compare.json")
+            paths["compare"] = analysis.compare(
+                reports, inside(out, "compare.png"), depth=args.compare_depth, json_path=paths["compare_json"]
+            )
         for name, p in paths.items():
             print(f"  {name}: {p}")
         run_folder.finish()

@@ -6,8 +6,9 @@ template on a small conversation whose contents are sentinel words (a system tur
 a second user turn, and a user turn holding an image and a video) and reads the token layout off the result:
 
 - a role's **header** is what the template puts right before that role's content, from the last special token
-  there (the one that opens the turn: `<|im_start|>` or `<|user|>`) on; its trailing whitespace tokens (the "\\n"
-  after `<|im_start|>user`) are kept apart, because a content starting with whitespace can merge with them;
+  there (the one that opens the turn: `<|im_start|>` or `<|user|>`) on, up to its first whitespace tokens (the
+  "\\n" after `<|im_start|>user`), which are kept apart because a content starting with whitespace can merge
+  with them; anything the template writes after them (a `<think>` block in every assistant turn) is content;
 - the **openers** are the first tokens of the headers: a turn starts at any of them, and one whose following
   tokens match no known header opens a turn of no known role (a tool turn, say);
 - the **closer** is the special token the template puts right after a turn's content (`<|im_end|>`), or none
@@ -141,8 +142,18 @@ def _split_header(tok, special: set, segment: str, role: str) -> Tuple[Tuple[int
     # `<|im_start|>` names no role; GLM's `<|user|>` does, and a `<think>` after it must not be taken).
     naming = [i for i in starts if role in tok.convert_ids_to_tokens(ids[i]).lower()]
     first = naming[-1] if naming else starts[-1]
-    header, tail = _split_tail(tok, ids[first:])
-    return header, tail, ids[:first]
+    header = ids[first:]
+    # The header ends at its first whitespace after the opener (the "\n" after `<|im_start|>assistant`); what a
+    # template puts after that belongs to the content. A template that writes a think block into every assistant
+    # turn (`<|im_start|>assistant\n<think>\n\n</think>\n\n` + content) would otherwise make the block part of
+    # the header, which a generation prompt (`…\n<think>\n`) or a turn with reasoning never matches.
+    blank = [k for k in range(1, len(header)) if not tok.decode([header[k]]).strip()]
+    if not blank:
+        return tuple(header), (), ids[:first]
+    end = blank[0]
+    while end < len(header) and not tok.decode([header[end]]).strip():
+        end += 1
+    return tuple(header[: blank[0]]), tuple(header[blank[0] : end]), ids[:first]
 
 
 def _prompted_header(tok, template, conversation, rendered: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:

@@ -32,11 +32,12 @@ def build_tiny(family: str, seed: int = 0, **kwargs):
     return builder(seed=seed, **kwargs)
 
 
-from avar_ops.analysis.tiny_families import qwen2_vl, qwen3_vl, qwen3_vl_moe  # noqa: E402
+from avar_ops.analysis.tiny_families import qwen2_vl, qwen3_5, qwen3_vl, qwen3_vl_moe  # noqa: E402
 
 TINY_BUILDERS["qwen2_vl"] = qwen2_vl.build
 TINY_BUILDERS["qwen3_vl"] = qwen3_vl.build
 TINY_BUILDERS["qwen3_vl_moe"] = qwen3_vl_moe.build
+TINY_BUILDERS["qwen3_5"] = qwen3_5.build
 
 from avar_ops.analysis.tiny_families import glm4v  # noqa: E402
 

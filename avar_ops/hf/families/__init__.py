@@ -98,17 +98,20 @@ def load_pretrained(path, **kwargs):
     return family.model_class().from_pretrained(path, **kwargs)
 
 
-from avar_ops.hf.families import glm4v, qwen2_5_vl  # noqa: E402
+from avar_ops.hf.families import (  # noqa: E402
+    glm4v,
+    qwen2_5_vl,
+    qwen3_5,
+    qwen_vl,
+)
 
 register(qwen2_5_vl.Qwen2_5_VL())
 register(glm4v.Glm4v())
 register(glm4v.Glm4vMoe())
-
-from avar_ops.hf.families import qwen_vl  # noqa: E402
-
 register(qwen_vl.Qwen2_VL())
 register(qwen_vl.Qwen3_VL())
 register(qwen_vl.Qwen3_VL_MoE())
+register(qwen3_5.Qwen3_5())
 
 from avar_ops.hf.families import llava_onevision  # noqa: E402
 
