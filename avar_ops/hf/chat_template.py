@@ -12,7 +12,10 @@ a second user turn, and a user turn holding an image and a video) and reads the 
 - the **openers** are the first tokens of the headers: a turn starts at any of them, and one whose following
   tokens match no known header opens a turn of no known role (a tool turn, say);
 - the **closer** is the special token the template puts right after a turn's content (`<|im_end|>`), or none
-  (GLM): a turn then runs to the next opener;
+  (GLM): a turn then runs to the next opener, and an assistant turn ends with that opener (`turn_end`);
+- the assistant header is cut to what the **generation prompt** ends with: what comes after the prompt is the
+  model's to write, even where the template renders more before a past turn's content (GLM-4.5V's empty
+  `<think></think>`);
 - the **visual** ids are the image / video placeholders the processor expands (`processor.image_token` /
   `video_token`, or ids the caller gives from the model config);
 - the **special** ids are the tokenizer's special tokens: inside a user turn they are template tokens
@@ -53,6 +56,14 @@ class TemplateTokens:
     special: Tuple[int, ...]  # every special id of the tokenizer (template tokens inside a user turn)
     part_heads: Tuple[Tuple[int, ...], ...] = ()  # ordinary tokens the template writes before an image / video part
     part_tails: Tuple[Tuple[int, ...], ...] = ()  # ordinary tokens the template writes after one (LLaVA's "\n")
+
+    @property
+    def turn_end(self) -> int:
+        """The token that ends an assistant turn: the closer, or in a template without one the user header's opener
+        (what follows an assistant turn when the conversation goes on; GLM's generation stops on `<|user|>`, and
+        GLM's own fine-tuning appends it after the last answer). SFT data whose template renders no closer ends
+        with it, so the model learns to stop."""
+        return self.closer if self.closer is not None else self.headers[ROLES.index("user")][0]
 
     @property
     def vision_ids(self) -> Tuple[int, ...]:
@@ -145,6 +156,35 @@ def _split_header(tok, special: set, segment: str, role: str) -> Tuple[Tuple[int
     return tuple(header[: blank[0]]), tuple(header[blank[0] : end]), ids[:first]
 
 
+def _prompted_header(tok, template, conversation, rendered: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(header, trailing whitespace) of the assistant role: the part of `rendered` (what the template puts before
+    an assistant content, from the opener on) that the generation prompt also ends with.
+
+    Everything after the generation prompt is the model's to write, even where the template renders more before a
+    past turn's content: GLM-4.5V renders `<|assistant|>\\n<think></think>\\n` before an old answer but prompts
+    with `<|assistant|>` alone, and the model writes the think block itself.
+    """
+    with_prompt = _render(tok, template, conversation, generation_prompt=True)
+    without = _render(tok, template, conversation, generation_prompt=False)
+    if not with_prompt.startswith(without):
+        return _split_tail(tok, rendered)
+    prompt = [int(i) for i in tok.encode(with_prompt[len(without) :], add_special_tokens=False)]
+    if rendered[0] not in prompt:
+        return _split_tail(tok, rendered)
+    prompt = prompt[len(prompt) - 1 - prompt[::-1].index(rendered[0]) :]  # from the last opener on
+    n = 0
+    while n < min(len(prompt), len(rendered)) and prompt[n] == rendered[n]:
+        n += 1
+    return _split_tail(tok, rendered[:n])
+
+
+def _split_tail(tok, header) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    header, tail = list(header), []
+    while len(header) > 1 and not tok.decode([header[-1]]).strip():
+        tail.insert(0, header.pop())
+    return tuple(header), tuple(tail)
+
+
 def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
     special = set(_special_ids(tok))
     s = _SENTINELS
@@ -167,6 +207,9 @@ def _learn(obj, tok, template, visual_ids) -> TemplateTokens:
     headers, tails, before = {}, {}, {}
     for role in ROLES:
         headers[role], tails[role], before[role] = _split_header(tok, special, segments[role], role)
+    headers["assistant"], tails["assistant"] = _prompted_header(
+        tok, template, conversation[:2], headers["assistant"] + tails["assistant"]
+    )
     # What closes a turn: the special token right after the user's content, before the next header (if any).
     closers = [t for t in before["assistant"] if t in special]
     closer = closers[0] if closers else None

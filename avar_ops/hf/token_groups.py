@@ -16,9 +16,12 @@ Group ids (`avar_ops.core.Group`; one int8 per position, the key groups of `avar
         (== `user_mask`).
 
 Masks (bool [B, L]): `image_mask` (group 1), `system_mask` (group 2), `user_mask` (group 3) and
-`response_mask`: the tokens an assistant turn produces, i.e. its content and its closing token when the template
-has one (without the header). A turn with no closing token yet (a generation prompt and what has been generated
-so far, or any turn of a template without closing tokens) runs to the next turn's opener or to the end.
+`response_mask`: the tokens an assistant turn produces, i.e. its content and the token that ends it (without the
+header): its closing token when the template has one (Qwen `<|im_end|>`); in a template without closing tokens
+(GLM) the next turn's opener, which is what the model writes to end its turn (GLM's generation stops on
+`<|user|>`; `TemplateTokens.turn_end` is the token SFT data appends after a final assistant turn). A turn with no
+closing token yet (a generation prompt and what has been generated so far, or any turn of a template without
+closing tokens) runs to the next turn's opener, included as above, or to the end.
 
 The layout of turns (openers, each role's header, the closing token, placeholders) is learned from the
 tokenizer's chat template by `template_tokens` (avar_ops/hf/chat_template.py). A turn starts at an opener; its
@@ -160,6 +163,11 @@ def token_groups(input_ids: torch.Tensor, tokenizer, attention_mask: Optional[to
     system_mask = (role == _ROLE_SYSTEM) & ~image_mask  # [B, L]
     user_mask = (role == _ROLE_USER) & body & ~image_mask & ~template_token & ~part_text  # [B, L]
     response_mask = (role == _ROLE_ASSISTANT) & in_turn & ~header  # [B, L]
+    if t.closer is None:
+        # No closing token: the model ends its turn by writing the next turn's opener (GLM stops generating on
+        # <|user|>), so the opener right after an assistant turn is the turn's last response token.
+        after_assistant = torch.nn.functional.pad((role == _ROLE_ASSISTANT) & in_turn, (1, 0))[:, :L]  # [B, L]
+        response_mask = response_mask | (is_start & after_assistant)
 
     # masked_fill rather than boolean indexing: no device sync on GPU.
     key_group = torch.zeros(B, L, dtype=torch.int8, device=device)  # [B, L]

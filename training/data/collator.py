@@ -8,8 +8,10 @@ known before padding), then the batch is padded. What a batch holds:
                                        images; zero-padded past dim 0 where records differ, e.g. LLaVA-OneVision's
                                        AnyRes patches, which the model cuts back by image_sizes)
     mm_token_type_ids                  [B, L]  when the processor makes them
-    labels                             [B, L]  SFT only: the assistant turns' tokens (content and closing token
-                                               when the template has one, e.g. <|im_end|>), -100 elsewhere
+    labels                             [B, L]  SFT only: the assistant turns' tokens (content and the token
+                                               ending the turn: Qwen's <|im_end|>; in a template with no closing
+                                               token the next opener, and `turn_end` appended after the last
+                                               answer), -100 elsewhere
     key_group                          int8 [B, L], -1..3, and the bool [B, L] masks user_mask, image_mask,
     user_mask, image_mask, ...         system_mask, response_mask: `avar_ops` token groups of input_ids, as the
                                        patch computes them during the forward
@@ -148,9 +150,14 @@ class QwenVLCollator:
         if self.mode == "sft":
             if not record.has_target:
                 raise CollateError(f"record {record.id!r}: SFT needs a final assistant turn, the record has none")
-            return self.processor.apply_chat_template(
+            text = self.processor.apply_chat_template(
                 list(record.messages), tokenize=False, add_generation_prompt=False
             )
+            if self.template.closer is None:
+                # No closing token after the last answer (GLM): the token that would open the next turn, which
+                # is what the model writes to stop, becomes the last target.
+                text += self.processor.tokenizer.convert_ids_to_tokens(self.template.turn_end)
+            return text
         return self.processor.apply_chat_template(record.prompt_messages, tokenize=False, add_generation_prompt=True)
 
     def _size_kwargs(self) -> dict:

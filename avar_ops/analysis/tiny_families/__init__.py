@@ -38,3 +38,8 @@ TINY_BUILDERS["qwen2_vl"] = qwen2_vl.build
 TINY_BUILDERS["qwen3_vl"] = qwen3_vl.build
 TINY_BUILDERS["qwen3_vl_moe"] = qwen3_vl_moe.build
 TINY_BUILDERS["qwen3_5"] = qwen3_5.build
+
+from avar_ops.analysis.tiny_families import glm4v  # noqa: E402
+
+TINY_BUILDERS["glm4v"] = glm4v.build
+TINY_BUILDERS["glm4v_moe"] = glm4v.build_moe

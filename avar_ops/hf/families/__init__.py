@@ -99,12 +99,15 @@ def load_pretrained(path, **kwargs):
 
 
 from avar_ops.hf.families import (  # noqa: E402
+    glm4v,
     qwen2_5_vl,
     qwen3_5,
     qwen_vl,
 )
 
 register(qwen2_5_vl.Qwen2_5_VL())
+register(glm4v.Glm4v())
+register(glm4v.Glm4vMoe())
 register(qwen_vl.Qwen2_VL())
 register(qwen_vl.Qwen3_VL())
 register(qwen_vl.Qwen3_VL_MoE())
