@@ -35,6 +35,7 @@ from avar_ops.eval import (
     JudgeError,
     get_benchmark,
 )
+from avar_ops.hf import render_chat
 
 __all__ = ["add_parser"]
 
@@ -103,7 +104,7 @@ def _check_prompt_lengths(args, specs, loaded, limits) -> None:
                 check_messages(messages, where=f"{name} sample {sample.id!r}", tokenizer=processor)
             except TextError as exc:
                 raise DataError(str(exc)) from None
-            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_chat(processor, messages, add_generation_prompt=True)
             n = len(tokenizer(text, verbose=False)["input_ids"])
             if n + limits[name] > context:
                 limit = ("--max-new-tokens is %d" if args.max_new_tokens else "the generation limit is %d") % limits[

@@ -36,6 +36,7 @@ import torch
 from avar_ops.data.images import MAX_ASPECT_RATIO, check_image_size
 from avar_ops.data.records import conversation
 from avar_ops.data.text import check_messages, check_text
+from avar_ops.hf import render_chat
 
 __all__ = [
     "load_samples",
@@ -311,7 +312,7 @@ def build_inputs(
         messages = chat_messages(s, resp)
         # The processor's own special tokens (`<image>`, `<img>`, …) typed in text would open image slots.
         check_messages(messages, where=f"sample {s.get('id', i)!r}", tokenizer=processor)
-        texts.append(processor.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=False))
+        texts.append(render_chat(processor, messages, add_generation_prompt=add_prompt))
         images.append(load_images(s))
     kwargs = {}
     if any(images):

@@ -6,6 +6,7 @@ core op; `collect_masses` gathers the per-group masses of every layer, `capture_
 chosen layers (for per-key maps), and `patched` scopes a patch to a block.
 """
 
+from avar_ops.hf.chat_template import render_chat
 from avar_ops.hf.families import (
     Family,
     attention_layer_indices,
@@ -63,12 +64,11 @@ __all__ = [
     "is_patched",
     "load_pretrained",
     "patched",
+    "render_chat",
     "revert",
     "supported_families",
     "load_steering",
     "model_steering_shape",
-    "patched",
-    "revert",
     "save_steering",
     "template_tokens",
     "token_groups",

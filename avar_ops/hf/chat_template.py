@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
-__all__ = ["TemplateTokens", "TemplateError", "template_tokens"]
+__all__ = ["TemplateTokens", "TemplateError", "template_tokens", "render_chat"]
 
 ROLES = ("system", "user", "assistant")
 _SENTINELS = {"system": "Kestrel", "user": "Walrus", "assistant": "Pelican", "user2": "Marmot", "media": "Osprey"}
@@ -305,3 +305,50 @@ def template_tokens(tokenizer, visual_ids: Optional[Iterable[int]] = None) -> Te
         raise TemplateError(f"token_groups: cannot read the turns of this chat template: {exc}") from exc
     _CACHE[key] = (tokenizer, result)
     return result
+
+
+_RAW_LISTS: Dict[int, Tuple[object, frozenset]] = {}
+
+
+def _roles_printing_lists(processor) -> frozenset:
+    """The roles whose turns the chat template prints with `{{ content }}` as it comes: a list of text parts
+    then appears as its Python repr (GLM-4.1V's published template does this for system and assistant turns)."""
+    cached = _RAW_LISTS.get(id(processor))
+    if cached is not None and cached[0] is processor:
+        return cached[1]
+    tok = _tokenizer_of(processor)
+    template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+    probe = _SENTINELS["user"]
+    raw = set()
+    for role in ROLES:
+        turns = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}] if role == "assistant" else []
+        turns.append({"role": role, "content": [{"type": "text", "text": probe}]})
+        try:
+            text = _render(tok, template, turns, generation_prompt=False)
+        except TemplateError:
+            continue
+        if f"'text': '{probe}'" in text or f'"text": "{probe}"' in text:
+            raw.add(role)
+    result = frozenset(raw)
+    _RAW_LISTS[id(processor)] = (processor, result)
+    return result
+
+
+def render_chat(processor, messages, *, add_generation_prompt: bool) -> str:
+    """The processor's chat template applied to `messages` (avar writes contents as lists of parts).
+
+    For roles whose template prints a content list as it comes (its Python repr), a content made only of text
+    parts is passed as their joined text instead; every other template gets the messages unchanged (some, such
+    as LLaVA-OneVision's, read contents only as lists).
+    """
+    raw = _roles_printing_lists(processor) if messages else frozenset()
+    if raw:
+        messages = [
+            {**m, "content": "".join(p.get("text", "") for p in m["content"])}
+            if m.get("role") in raw
+            and isinstance(m.get("content"), list)
+            and all(isinstance(p, dict) and p.get("type") == "text" for p in m["content"])
+            else m
+            for m in messages
+        ]
+    return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)

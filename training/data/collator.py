@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from avar_ops.data import Record, check_messages
-from avar_ops.hf import template_tokens, token_groups
+from avar_ops.hf import render_chat, template_tokens, token_groups
 
 __all__ = ["QwenVLCollator", "CollateError", "Measure", "MODES", "has_pixel_budget"]
 
@@ -150,15 +150,13 @@ class QwenVLCollator:
         if self.mode == "sft":
             if not record.has_target:
                 raise CollateError(f"record {record.id!r}: SFT needs a final assistant turn, the record has none")
-            text = self.processor.apply_chat_template(
-                list(record.messages), tokenize=False, add_generation_prompt=False
-            )
+            text = render_chat(self.processor, list(record.messages), add_generation_prompt=False)
             if self.template.closer is None:
                 # No closing token after the last answer (GLM): the token that would open the next turn, which
                 # is what the model writes to stop, becomes the last target.
                 text += self.processor.tokenizer.convert_ids_to_tokens(self.template.turn_end)
             return text
-        return self.processor.apply_chat_template(record.prompt_messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.processor, record.prompt_messages, add_generation_prompt=True)
 
     def _size_kwargs(self) -> dict:
         if not self.budget or (self.min_pixels is None and self.max_pixels is None):

@@ -46,6 +46,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Dict, List, Optional, Sequence
 
 from avar_ops.data import Record, TextError, check_text, load_records
+from avar_ops.hf import render_chat
 
 __all__ = [
     "VARDError",
@@ -202,7 +203,7 @@ class HFGenerator:
     def __call__(self, messages: List[dict], images: list) -> str:
         import torch
 
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(self.processor, messages, add_generation_prompt=True)
         kwargs = {"images": [images]} if images else {}
         inputs = self.processor(text=[text], return_tensors="pt", **kwargs)
         sample = self.temperature > 0
