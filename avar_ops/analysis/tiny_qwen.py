@@ -20,6 +20,21 @@ from typing import List, Tuple
 
 import torch
 
+from avar_ops.analysis.tiny_common import (
+    ROLES,
+    SENTENCES,
+    SYMBOLS,
+    TINY_MAX_POSITIONS,
+    build_model,
+    image_processor_class,
+    qwen2_tokenizer,
+    qwen2_vl_text_config,
+    qwen_ids,
+    qwen_vision_ids,
+    video_processor_class,
+    vision_config,
+)
+
 __all__ = [
     "build_tiny_qwen2_5_vl",
     "build_tiny_processor",
@@ -47,8 +62,6 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-# The tiny model's context length (max_position_embeddings), known without building it.
-TINY_MAX_POSITIONS = 4096
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Qwen2.5-VL's chat format. Content is a string or a list of {"type": "image"|"video"|"text", ...} parts.
@@ -81,74 +94,16 @@ CHAT_TEMPLATE = (
 
 # Small corpus for the BPE: chat roles, the default system prompt and the kind of questions the demo asks.
 _CORPUS = [
-    "system",
-    "user",
-    "assistant",
+    *ROLES,
     DEFAULT_SYSTEM_PROMPT,
-    "You are a careful visual reasoning assistant. Look at the image before answering.",
-    "Describe the image. What colour is the square? How many circles are there?",
-    "What is shown in the picture? Answer with a single word.",
-    "The image shows a red square, a blue circle and a green triangle on a white background.",
-    "Let me look back at the image to check my answer. The answer is 3.",
-    "Compare the two images and tell me which one has more shapes.",
-    "First, I describe the image. Then I reason step by step, and finally I give the answer.",
-    "Wait, let me check the image again: the circle is on the left, the square on the right.",
+    *SENTENCES,
     "Picture 1: Picture 2: Video 1: yes no left right top bottom large small one two three four five",
-    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) . , ; : ? !",
+    SYMBOLS,
 ]
-
-_VOCAB_SIZE = 512  # trained vocabulary (bytes, merges and the special tokens); the embedding matches it
-
-
-def _train_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
-
-    # Train with exactly the normaliser and pre-tokenizer Qwen2Tokenizer uses, so that the trained merges
-    # mean the same thing when handed to it.
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
-
-    import json
-
-    bpe = json.loads(backend.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
-    tokenizer = Qwen2Tokenizer(
-        vocab=bpe["vocab"],
-        merges=merges,
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=SPECIAL_TOKENS,
-        model_max_length=32768,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    for tok in SPECIAL_TOKENS:
-        if tokenizer.convert_tokens_to_ids(tok) != bpe["vocab"][tok]:
-            raise RuntimeError(f"special token {tok} did not keep its trained id")
-    return tokenizer
 
 
 def _image_processor(min_pixels: int, max_pixels: int):
-    # The PIL backend needs no torchvision; both backends implement the same Qwen2-VL resizing and patching.
-    try:
-        from transformers import Qwen2VLImageProcessorPil as cls
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as cls
+    cls = image_processor_class("Qwen2VLImageProcessor")
     return cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
 
 
@@ -159,15 +114,13 @@ def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112)
     """
     from transformers import Qwen2_5_VLProcessor
 
-    tokenizer = _train_tokenizer()
-    try:
-        from transformers import Qwen2VLVideoProcessor
-    except ImportError as exc:  # the processor class insists on a video processor, which needs torchvision
-        raise ImportError(
-            "build_tiny_processor needs torchvision: Qwen2_5_VLProcessor requires Qwen2VLVideoProcessor, "
-            "which is built on torchvision"
-        ) from exc
-    video_processor = Qwen2VLVideoProcessor(
+    # The trained vocabulary (bytes, merges and the special tokens) has 512 ids; the embedding matches it.
+    tokenizer = qwen2_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", corpus=_CORPUS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    video_cls = video_processor_class(
+        "Qwen2VLVideoProcessor", who="build_tiny_processor", processor="Qwen2_5_VLProcessor"
+    )
+    video_processor = video_cls(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2
     )
     return Qwen2_5_VLProcessor(
@@ -202,65 +155,31 @@ def build_tiny_qwen2_5_vl(
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"build_tiny_qwen2_5_vl: need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, "
-            f"got hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
-        )
-    head_dim = hidden_size // num_heads
-    if head_dim % 4:
-        raise ValueError(f"build_tiny_qwen2_5_vl: head_dim = {head_dim} must be a multiple of 4 (3D rotary split)")
     processor = build_tiny_processor(min_pixels, max_pixels)
     tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    half = head_dim // 2
-    # Qwen splits the rotary frequencies into temporal, height and width sections (16/24/24 of 64 for 7B).
-    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
+        text_config=qwen2_vl_text_config(
+            "build_tiny_qwen2_5_vl",
+            tok,
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            initializer_range=init_std,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            init_std=init_std,
         ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=hidden_size,
+        vision_config=vision_config(
+            vision_depth,
+            hidden_size,
+            init_std,
             patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
             window_size=56,
             fullatt_block_indexes=[vision_depth - 1],
-            initializer_range=init_std,
         ),
         initializer_range=init_std,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_vision_ids(tok),
         attn_implementation=attn_implementation,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model = model.to(dtype).eval()
-    gen = model.generation_config
-    gen.eos_token_id = ids["<|im_end|>"]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = ids["<|endoftext|>"]
-    gen.do_sample = False
+    model = build_model(Qwen2_5_VLForConditionalGeneration, config, seed=seed, dtype=dtype, **qwen_ids(tok))
     return model, processor
 
 

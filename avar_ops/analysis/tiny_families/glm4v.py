@@ -32,10 +32,23 @@ What ends a response: the checkpoints' generation configs stop on `<|endoftext|>
 
 from __future__ import annotations
 
-import json
 from typing import Tuple
 
 import torch
+
+from avar_ops.analysis.tiny_common import (
+    ROLES,
+    SENTENCES,
+    TINY_MAX_POSITIONS,
+    build_model,
+    check_heads,
+    check_token_ids,
+    decoder_config,
+    image_processor_class,
+    train_byte_level_bpe,
+    video_processor_class,
+    vision_config,
+)
 
 __all__ = [
     "build",
@@ -73,8 +86,6 @@ SPECIAL_TOKENS = [
 EXTRA_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>"]
 # The tokens the checkpoints' generation_config.json stops on.
 EOS_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
-
-TINY_MAX_POSITIONS = 4096
 
 # Content is a string or a list of {"type": "image"|"video"|"text", ...} parts; an image or video part renders its
 # markers wherever it stands among the text parts. Written for this module; it renders GLM-4.1V's layout
@@ -146,18 +157,11 @@ _PRETOKENIZE = (
 
 # Small corpus for the BPE: roles, the demo's kind of questions and GLM-style reasoning answers.
 _CORPUS = [
-    "system",
-    "user",
-    "assistant",
+    *ROLES,
     "You are a helpful assistant.",
-    "You are a careful visual reasoning assistant. Look at the image before answering.",
-    "Describe the image. What colour is the square? How many circles are there?",
-    "What is shown in the picture? Answer with a single word.",
-    "The image shows a red square, a blue circle and a green triangle on a white background.",
+    *SENTENCES[:4],
     "<think>Let me look back at the image to check my answer.</think><answer>The answer is 3.</answer>",
-    "Compare the two images and tell me which one has more shapes.",
-    "First, I describe the image. Then I reason step by step, and finally I give the answer.",
-    "Wait, let me check the image again: the circle is on the left, the square on the right.",
+    *SENTENCES[5:],
     "What happens in the video? The ball rolls from left to right. /nothink",
     "yes no left right top bottom large small one two three four five",
     "0 1 2 3 4 5 6 7 8 9 10 12 24 100 + - * / = ( ) . , ; : ? !",
@@ -167,27 +171,19 @@ _VOCAB_SIZE = 600  # trained vocabulary (bytes, merges and the special tokens); 
 
 
 def _train_tokenizer(chat_template: str):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     # GLM-4's tokenizer.json: no normaliser, the split pattern, then byte-level without its own regex.
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    backend = train_byte_level_bpe(
+        _CORPUS,
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        split_pattern=_PRETOKENIZE,
         vocab_size=_VOCAB_SIZE,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        nfc=False,
     )
-    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
-    vocab = json.loads(backend.to_str())["model"]["vocab"]
+    vocab = backend.get_vocab()
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -199,9 +195,7 @@ def _train_tokenizer(chat_template: str):
         extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>",)],
     )
     tokenizer.chat_template = chat_template
-    for tok in SPECIAL_TOKENS:
-        if tokenizer.convert_tokens_to_ids(tok) != vocab[tok]:
-            raise RuntimeError(f"special token {tok} did not keep its trained id")
+    check_token_ids("glm4v", tokenizer, vocab, SPECIAL_TOKENS)
     for tok in EXTRA_TOKENS:
         if len(tokenizer.encode(tok, add_special_tokens=False)) != 1:
             raise RuntimeError(f"{tok} is not one token")
@@ -216,17 +210,8 @@ def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, *, c
     """
     from transformers import Glm4vProcessor
 
-    try:
-        from transformers import Glm4vImageProcessorPil as image_cls
-    except ImportError:
-        from transformers import Glm4vImageProcessor as image_cls
-    try:
-        from transformers import Glm4vVideoProcessor
-    except ImportError as exc:  # the processor class insists on a video processor, which needs torchvision
-        raise ImportError(
-            "glm4v.build_processor needs torchvision: Glm4vProcessor requires Glm4vVideoProcessor, which is built "
-            "on torchvision"
-        ) from exc
+    image_cls = image_processor_class("Glm4vImageProcessor")
+    video_cls = video_processor_class("Glm4vVideoProcessor", who="glm4v.build_processor", processor="Glm4vProcessor")
     if not 0 < min_pixels <= max_pixels:
         raise ValueError(
             f"glm4v.build_processor: need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, "
@@ -234,7 +219,7 @@ def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, *, c
         )
     size = {"shortest_edge": 2 * min_pixels, "longest_edge": 2 * max_pixels}
     image_processor = image_cls(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
-    video_processor = Glm4vVideoProcessor(
+    video_processor = video_cls(
         size=size, max_image_size={"longest_edge": 2 * max_pixels}, patch_size=14, temporal_patch_size=2, merge_size=2
     )
     tokenizer = _train_tokenizer(chat_template)
@@ -247,12 +232,7 @@ def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, *, c
 
 
 def _check_shape(fn: str, hidden_size: int, num_heads: int, num_kv_heads: int) -> int:
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"{fn}: need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, got "
-            f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
-        )
-    head_dim = hidden_size // num_heads
+    head_dim = check_heads(fn, hidden_size, num_heads, num_kv_heads)
     if head_dim % 8:
         raise ValueError(f"{fn}: head_dim = {head_dim} must be a multiple of 8 (half of it is rotated, in pairs)")
     return head_dim
@@ -273,32 +253,24 @@ def _rope(head_dim: int) -> dict:
 
 
 def _vision_config(vision_depth: int, hidden_size: int, init_std: float) -> dict:
-    return dict(
-        depth=vision_depth,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=hidden_size,
-        image_size=112,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        initializer_range=init_std,
-    )
+    return vision_config(vision_depth, hidden_size, init_std, patch_size=14, image_size=112)
 
 
 def _ids(tok) -> dict:
     return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
 
-def _finish(model, dtype: torch.dtype, ids: dict):
-    model = model.to(dtype).eval()
-    gen = model.generation_config
-    gen.eos_token_id = [ids[t] for t in EOS_TOKENS]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = None
-    gen.do_sample = False
-    return model
+def _build_model(model_cls, config, seed: int, dtype: torch.dtype, ids: dict):
+    eos = [ids[t] for t in EOS_TOKENS]
+    return build_model(
+        model_cls,
+        config,
+        seed=seed,
+        dtype=dtype,
+        eos_token_id=eos,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+    )
 
 
 def build(
@@ -327,15 +299,13 @@ def build(
     processor = build_processor(min_pixels, max_pixels)
     ids = _ids(processor.tokenizer)
     config = Glm4vConfig(
-        text_config=dict(
-            vocab_size=len(processor.tokenizer),
+        text_config=decoder_config(
+            processor.tokenizer,
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            initializer_range=init_std,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            init_std=init_std,
             rope_parameters=_rope(head_dim),
             pad_token_id=ids["<|endoftext|>"],
         ),
@@ -349,10 +319,7 @@ def build(
         initializer_range=init_std,
         attn_implementation=attn_implementation,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Glm4vForConditionalGeneration(config)
-    return _finish(model, dtype, ids), processor
+    return _build_model(Glm4vForConditionalGeneration, config, seed, dtype, ids), processor
 
 
 def build_moe(
@@ -385,21 +352,19 @@ def build_moe(
     processor = build_processor(min_pixels, max_pixels, chat_template=CHAT_TEMPLATE_45V)
     ids = _ids(processor.tokenizer)
     config = Glm4vMoeConfig(
-        text_config=dict(
-            vocab_size=len(processor.tokenizer),
+        text_config=decoder_config(
+            processor.tokenizer,
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            init_std=init_std,
             moe_intermediate_size=hidden_size // 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
             head_dim=head_dim,
             n_routed_experts=num_experts,
             num_experts_per_tok=experts_per_token,
             n_shared_experts=1,
             first_k_dense_replace=1,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            initializer_range=init_std,
             rope_parameters=_rope(head_dim),
             pad_token_id=ids["<|endoftext|>"],
             eos_token_id=[ids[t] for t in EOS_TOKENS],
@@ -414,7 +379,4 @@ def build_moe(
         initializer_range=init_std,
         attn_implementation=attn_implementation,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Glm4vMoeForConditionalGeneration(config)
-    return _finish(model, dtype, ids), processor
+    return _build_model(Glm4vMoeForConditionalGeneration, config, seed, dtype, ids), processor

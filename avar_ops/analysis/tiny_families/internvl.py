@@ -22,7 +22,15 @@ from typing import Tuple
 
 import torch
 
-from avar_ops.analysis.tiny_families.qwen_bpe import train_qwen2_tokenizer
+from avar_ops.analysis.tiny_common import (
+    build_model,
+    check_heads,
+    decoder_config,
+    image_processor_class,
+    qwen2_tokenizer,
+    qwen_ids,
+    video_processor_class,
+)
 from avar_ops.analysis.tiny_qwen import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
 
 __all__ = ["build", "build_processor", "special_tokens", "CHAT_TEMPLATE", "INTERNVL_TOKENS", "TILE", "BACKBONES"]
@@ -74,19 +82,11 @@ def build_processor(backbone: str = "qwen2", max_patches: int = 4):
     """InternVL processor with a freshly trained Qwen tokenizer and 56-pixel tiles (4 tokens each)."""
     from transformers import InternVLProcessor
 
-    try:
-        from transformers import GotOcr2ImageProcessorPil as image_cls
-    except ImportError:
-        from transformers import GotOcr2ImageProcessor as image_cls
-    try:
-        from transformers import InternVLVideoProcessor
-    except ImportError as exc:  # the processor class insists on a video processor, which needs torchvision
-        raise ImportError(
-            "internvl.build_processor needs torchvision: InternVLProcessor requires InternVLVideoProcessor, "
-            "which is built on torchvision"
-        ) from exc
-
-    tokenizer = train_qwen2_tokenizer(
+    image_cls = image_processor_class("GotOcr2ImageProcessor")
+    video_cls = video_processor_class(
+        "InternVLVideoProcessor", who="internvl.build_processor", processor="InternVLProcessor"
+    )
+    tokenizer = qwen2_tokenizer(
         special_tokens(backbone), eos_token="<|im_end|>", pad_token="<|endoftext|>", named_tokens=NAMED_TOKENS
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -98,7 +98,7 @@ def build_processor(backbone: str = "qwen2", max_patches: int = 4):
     return InternVLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=InternVLVideoProcessor(size=size),
+        video_processor=video_cls(size=size),
         image_seq_length=TOKENS_PER_TILE,
         chat_template=CHAT_TEMPLATE,
     )
@@ -126,30 +126,21 @@ def build(
     """
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"internvl.build: need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, "
-            f"got hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
-        )
+    head_dim = check_heads("internvl.build", hidden_size, num_heads, num_kv_heads)
     processor = build_processor(backbone, max_patches)
     tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in special_tokens(backbone)}
-    text_config = dict(
-        model_type=backbone,
-        vocab_size=len(tok),
+    text_config = decoder_config(
+        tok,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
-        max_position_embeddings=4096,
-        initializer_range=init_std,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        init_std=init_std,
+        model_type=backbone,
+        head_dim=head_dim,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
+        **qwen_ids(tok),
     )
     config = InternVLConfig(
         text_config=text_config,
@@ -162,7 +153,7 @@ def build(
             patch_size=PATCH,
             initializer_range=init_std,
         ),
-        image_token_id=ids["<IMG_CONTEXT>"],
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=TOKENS_PER_TILE,
         downsample_ratio=DOWNSAMPLE,
         vision_feature_select_strategy="default",
@@ -171,13 +162,5 @@ def build(
         attn_implementation=attn_implementation,
     )
     config.initializer_range = init_std
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
-    model = model.to(dtype).eval()
-    gen = model.generation_config
-    gen.eos_token_id = ids["<|im_end|>"]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = ids["<|endoftext|>"]
-    gen.do_sample = False
+    model = build_model(InternVLForConditionalGeneration, config, seed=seed, dtype=dtype, **qwen_ids(tok))
     return model, processor

@@ -20,7 +20,15 @@ from typing import Tuple
 
 import torch
 
-from avar_ops.analysis.tiny_families.qwen_bpe import train_qwen2_tokenizer
+from avar_ops.analysis.tiny_common import (
+    build_model,
+    check_heads,
+    decoder_config,
+    image_processor_class,
+    qwen2_tokenizer,
+    qwen_ids,
+    video_processor_class,
+)
 
 __all__ = ["build", "build_processor", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "TILE", "GRID_PINPOINTS"]
 
@@ -54,26 +62,18 @@ def build_processor(grid_pinpoints=None):
     """LLaVA-OneVision processor with a freshly trained Qwen2 tokenizer and 28-pixel AnyRes tiles."""
     from transformers import LlavaOnevisionProcessor
 
-    try:
-        from transformers import LlavaOnevisionImageProcessorPil as image_cls
-    except ImportError:
-        from transformers import LlavaOnevisionImageProcessor as image_cls
-    try:
-        from transformers import LlavaOnevisionVideoProcessor
-    except ImportError as exc:  # the processor class insists on a video processor, which needs torchvision
-        raise ImportError(
-            "llava_onevision.build_processor needs torchvision: LlavaOnevisionProcessor requires "
-            "LlavaOnevisionVideoProcessor, which is built on torchvision"
-        ) from exc
-
-    tokenizer = train_qwen2_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    image_cls = image_processor_class("LlavaOnevisionImageProcessor")
+    video_cls = video_processor_class(
+        "LlavaOnevisionVideoProcessor", who="llava_onevision.build_processor", processor="LlavaOnevisionProcessor"
+    )
+    tokenizer = qwen2_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     pinpoints = [list(p) for p in (grid_pinpoints or GRID_PINPOINTS)]
     size = {"height": TILE, "width": TILE}
     return LlavaOnevisionProcessor(
         image_processor=image_cls(size=size, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tokenizer=tokenizer,
-        video_processor=LlavaOnevisionVideoProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        video_processor=video_cls(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3),
         num_image_tokens=(TILE // PATCH) ** 2,
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
@@ -104,30 +104,22 @@ def build(
     """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"llava_onevision.build: need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, "
-            f"got hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
-        )
+    check_heads("llava_onevision.build", hidden_size, num_heads, num_kv_heads)
     processor = build_processor(grid_pinpoints)
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = LlavaOnevisionConfig(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tok),
+        text_config=decoder_config(
+            tok,
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            max_position_embeddings=4096,
-            initializer_range=init_std,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            init_std=init_std,
+            model_type="qwen2",
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=False,
+            **qwen_ids(tok),
         ),
         vision_config=dict(
             model_type="siglip_vision_model",
@@ -150,15 +142,12 @@ def build(
     config.text_config.initializer_range = init_std
     config.vision_config.initializer_range = init_std
     config.initializer_range = init_std
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config)
+
+    def init(model):
         with torch.no_grad():  # the class scales image_newline by 1/sqrt(hidden), far below the other weights
             model.model.image_newline.normal_(0.0, init_std)
-    model = model.to(dtype).eval()
-    gen = model.generation_config
-    gen.eos_token_id = ids["<|im_end|>"]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = ids["<|endoftext|>"]
-    gen.do_sample = False
+
+    model = build_model(
+        LlavaOnevisionForConditionalGeneration, config, seed=seed, dtype=dtype, init=init, **qwen_ids(tok)
+    )
     return model, processor

@@ -14,7 +14,8 @@ from typing import Tuple
 
 import torch
 
-from avar_ops.analysis.tiny_qwen import CHAT_TEMPLATE, SPECIAL_TOKENS, TINY_MAX_POSITIONS, build_tiny_processor
+from avar_ops.analysis.tiny_common import build_model, qwen2_vl_text_config, qwen_ids, qwen_vision_ids
+from avar_ops.analysis.tiny_qwen import CHAT_TEMPLATE, build_tiny_processor
 
 __all__ = ["build", "build_processor"]
 
@@ -53,34 +54,17 @@ def build(
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"tiny qwen2_vl: need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, got "
-            f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
-        )
-    head_dim = hidden_size // num_heads
-    if head_dim % 4:
-        raise ValueError(f"tiny qwen2_vl: head_dim = {head_dim} must be a multiple of 4 (3D rotary split)")
     processor = build_processor(min_pixels, max_pixels)
     tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    half = head_dim // 2
-    # Contiguous temporal / height / width sections of the rotary frequencies (16/24/24 of 64 for 7B).
-    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
+        text_config=qwen2_vl_text_config(
+            "tiny qwen2_vl",
+            tok,
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            initializer_range=init_std,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            init_std=init_std,
         ),
         vision_config=dict(
             depth=vision_depth,
@@ -94,19 +78,8 @@ def build(
             initializer_range=init_std,
         ),
         initializer_range=init_std,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_vision_ids(tok),
         attn_implementation=attn_implementation,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    model = model.to(dtype).eval()
-    gen = model.generation_config
-    gen.eos_token_id = ids["<|im_end|>"]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = ids["<|endoftext|>"]
-    gen.do_sample = False
+    model = build_model(Qwen2VLForConditionalGeneration, config, seed=seed, dtype=dtype, **qwen_ids(tok))
     return model, processor

@@ -22,10 +22,24 @@ Built in seconds on CPU with nothing downloaded, for the family tests and `avar 
 
 from __future__ import annotations
 
-import json
 from typing import List, Tuple
 
 import torch
+
+from avar_ops.analysis.tiny_common import (
+    ROLES,
+    SENTENCES,
+    SYMBOLS,
+    bpe_tokenizer,
+    build_model,
+    check_token_ids,
+    decoder_config,
+    image_processor_class,
+    qwen_vision_ids,
+    train_byte_level_bpe,
+    video_processor_class,
+    vision_config,
+)
 
 __all__ = ["build", "build_processor", "SPECIAL_TOKENS", "ADDED_TOKENS", "CHAT_TEMPLATE", "layer_types"]
 
@@ -124,20 +138,11 @@ CHAT_TEMPLATE = (
 
 # Small corpus for the BPE: chat roles, think markers and the kind of questions the demo asks.
 _CORPUS = [
-    "system",
-    "user",
-    "assistant",
-    "You are a careful visual reasoning assistant. Look at the image before answering.",
-    "Describe the image. What colour is the square? How many circles are there?",
-    "What is shown in the picture? Answer with a single word.",
-    "The image shows a red square, a blue circle and a green triangle on a white background.",
-    "Let me look back at the image to check my answer. The answer is 3.",
-    "Compare the two images and tell me which one has more shapes.",
-    "First, I describe the image. Then I reason step by step, and finally I give the answer.",
-    "Wait, let me check the image again: the circle is on the left, the square on the right.",
+    *ROLES,
+    *SENTENCES,
     "Picture 1: Picture 2: Video 1: yes no left right top bottom large small one two three four five",
     "<0.5 seconds> <1.5 seconds> <2.5 seconds>",
-    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) . , ; : ? !",
+    SYMBOLS,
 ]
 
 _VOCAB_SIZE = 512  # trained vocabulary (bytes, merges and the added tokens); the embedding matches it
@@ -145,34 +150,18 @@ _PATCH, _MERGE, _TEMPORAL = 16, 2, 2  # Qwen3.5's vision patching
 
 
 def _train_tokenizer():
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX, Qwen3_5Tokenizer
 
-    # Train with exactly the normaliser and pre-tokenizer Qwen3_5Tokenizer builds, so that the trained merges
-    # mean the same thing when handed to it.
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    backend = train_byte_level_bpe(
+        _CORPUS,
+        [tok for tok, _ in ADDED_TOKENS],  # ids 0.. in the published order
+        split_pattern=PRETOKENIZE_REGEX,
         vocab_size=_VOCAB_SIZE,
-        special_tokens=[tok for tok, _ in ADDED_TOKENS],  # ids 0.. in the published order
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
     )
-    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
-
-    bpe = json.loads(backend.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
-    tokenizer = Qwen3_5Tokenizer(
-        vocab=bpe["vocab"],
-        merges=merges,
-        unk_token=None,
+    tokenizer, vocab = bpe_tokenizer(
+        Qwen3_5Tokenizer,
+        backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens=SPECIAL_TOKENS,
@@ -183,11 +172,9 @@ def _train_tokenizer():
         [AddedToken(tok, special=False, normalized=False) for tok, special in ADDED_TOKENS if not special]
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    for tok, _ in ADDED_TOKENS:
-        if tokenizer.convert_tokens_to_ids(tok) != bpe["vocab"][tok]:
-            raise RuntimeError(f"added token {tok} did not keep its trained id")
-    if len(tokenizer) != len(bpe["vocab"]):
-        raise RuntimeError(f"tokenizer has {len(tokenizer)} ids, the trained vocabulary {len(bpe['vocab'])}")
+    check_token_ids("qwen3_5", tokenizer, vocab, [tok for tok, _ in ADDED_TOKENS])
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} ids, the trained vocabulary {len(vocab)}")
     return tokenizer
 
 
@@ -199,17 +186,10 @@ def build_processor(min_pixels: int = 64 * 64, max_pixels: int = 128 * 128):
     from transformers import Qwen3VLProcessor
 
     tokenizer = _train_tokenizer()
-    try:
-        from transformers import Qwen2VLImageProcessorPil as image_cls
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as image_cls
-    try:
-        from transformers import Qwen3VLVideoProcessor
-    except ImportError as exc:  # the processor class insists on a video processor, which needs torchvision
-        raise ImportError(
-            "the tiny Qwen3.5 processor needs torchvision: Qwen3VLProcessor requires Qwen3VLVideoProcessor, "
-            "which is built on torchvision"
-        ) from exc
+    image_cls = image_processor_class("Qwen2VLImageProcessor")
+    video_cls = video_processor_class(
+        "Qwen3VLVideoProcessor", who="the tiny Qwen3.5 processor", processor="Qwen3VLProcessor"
+    )
     # Qwen3.5 normalises pixels to [-1, 1] (mean = std = 0.5), unlike Qwen2-VL's CLIP statistics.
     norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     image_processor = image_cls(
@@ -220,7 +200,7 @@ def build_processor(min_pixels: int = 64 * 64, max_pixels: int = 128 * 128):
         merge_size=_MERGE,
         **norm,
     )
-    video_processor = Qwen3VLVideoProcessor(
+    video_processor = video_cls(
         size={"shortest_edge": min_pixels, "longest_edge": 4 * max_pixels},
         patch_size=_PATCH,
         temporal_patch_size=_TEMPORAL,
@@ -290,22 +270,20 @@ def build(
     # Interleaved MRoPE over the rotated half: temporal, height, width sections (11/11/10 of 32 in the real one).
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
 
-    text_config = dict(
-        vocab_size=len(tok),
+    text_config = decoder_config(
+        tok,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        init_std=init_std,
         layer_types=layer_types(num_layers, full_attention_interval),
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
         linear_key_head_dim=16,
         linear_value_head_dim=16,
         linear_conv_kernel_dim=4,
-        max_position_embeddings=4096,
-        initializer_range=init_std,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
@@ -324,25 +302,18 @@ def build(
             moe_intermediate_size=hidden_size,
             shared_expert_intermediate_size=hidden_size,
         )
-    vision_config = dict(
-        depth=vision_depth,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=hidden_size,
-        patch_size=_PATCH,
-        spatial_merge_size=_MERGE,
-        temporal_patch_size=_TEMPORAL,
-        num_position_embeddings=64,  # an 8 × 8 learned grid, resampled to each image's
-        initializer_range=init_std,
-    )
     common = dict(
         text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=vision_config(
+            vision_depth,
+            hidden_size,
+            init_std,
+            patch_size=_PATCH,
+            merge_size=_MERGE,
+            temporal_patch_size=_TEMPORAL,
+            num_position_embeddings=64,  # an 8 × 8 learned grid, resampled to each image's
+        ),
+        **qwen_vision_ids(tok),
         initializer_range=init_std,
         attn_implementation=attn_implementation,
     )
@@ -352,13 +323,13 @@ def build(
     else:
         config_cls, model_cls = Qwen3_5Config, Qwen3_5ForConditionalGeneration
     config = config_cls(**common)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    model = model.to(dtype).eval()
-    gen = model.generation_config
-    gen.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = None
-    gen.do_sample = False
+    model = build_model(
+        model_cls,
+        config,
+        seed=seed,
+        dtype=dtype,
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+    )
     return model, processor

@@ -32,7 +32,16 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from avar_ops.analysis.tiny_qwen import SPECIAL_TOKENS, TINY_MAX_POSITIONS, build_tiny_processor
+from avar_ops.analysis.tiny_common import (
+    build_model,
+    check_heads,
+    decoder_config,
+    image_processor_class,
+    qwen_ids,
+    qwen_vision_ids,
+    vision_config,
+)
+from avar_ops.analysis.tiny_qwen import build_tiny_processor
 
 __all__ = ["build", "build_processor", "build_config", "tiny_video", "CHAT_TEMPLATE", "ADDED_TOKENS"]
 
@@ -73,11 +82,7 @@ TEMPORAL_PATCH_SIZE = 2
 
 
 def _image_processor(min_pixels: int, max_pixels: int):
-    try:
-        from transformers import Qwen2VLImageProcessorPil as cls
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as cls
-    return cls(
+    return image_processor_class("Qwen2VLImageProcessor")(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
         patch_size=PATCH_SIZE,
@@ -125,12 +130,7 @@ def build_processor(
 
 
 def _check_sizes(name: str, hidden_size: int, num_heads: int, num_kv_heads: int) -> int:
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"{name}: need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, got "
-            f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
-        )
-    head_dim = hidden_size // num_heads
+    head_dim = check_heads(name, hidden_size, num_heads, num_kv_heads)
     if head_dim % 2 or head_dim < 16:
         raise ValueError(f"{name}: head_dim = hidden_size / num_heads must be even and >= 16, got {head_dim}")
     return head_dim
@@ -171,49 +171,38 @@ def build_config(
             f"{name}: {len(deepstack)} DeepStack feature maps need at least as many decoder layers, got {num_layers}"
         )
     tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(
-        vocab_size=len(tok),
+    text = decoder_config(
+        tok,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        init_std=init_std,
         head_dim=head_dim,
-        max_position_embeddings=TINY_MAX_POSITIONS,
-        initializer_range=init_std,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": _mrope_section(head_dim),
             "mrope_interleaved": True,
         },
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        **qwen_ids(tok),
     )
     if moe:
         text.update(moe)
-    vision = dict(
-        depth=vision_depth,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=hidden_size,
+    vision = vision_config(
+        vision_depth,
+        hidden_size,
+        init_std,
         patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
+        merge_size=MERGE_SIZE,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         num_position_embeddings=64,  # an 8×8 learned grid, resampled to each image's patch grid
         deepstack_visual_indexes=deepstack,
-        initializer_range=init_std,
     )
     common = dict(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_vision_ids(tok),
         attn_implementation=attn_implementation,
     )
     if moe:
@@ -223,18 +212,6 @@ def build_config(
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(**common)
-
-
-def finish(model, processor, dtype: torch.dtype):
-    """Eval mode, `dtype`, and generation settings (greedy, Qwen's eos / pad ids) for a tiny model."""
-    model = model.to(dtype).eval()
-    tok = processor.tokenizer
-    gen = model.generation_config
-    gen.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
-    gen.pad_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
-    gen.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
-    gen.do_sample = False
-    return model
 
 
 def build(
@@ -273,10 +250,10 @@ def build(
         init_std=init_std,
         attn_implementation=attn_implementation,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
-    return finish(model, processor, dtype), processor
+    model = build_model(
+        Qwen3VLForConditionalGeneration, config, seed=seed, dtype=dtype, **qwen_ids(processor.tokenizer)
+    )
+    return model, processor
 
 
 def tiny_video(num_frames: int = 4, seed: int = 0, side: int = 64):

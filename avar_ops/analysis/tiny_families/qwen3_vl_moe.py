@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from avar_ops.analysis.tiny_families.qwen3_vl import build_config, build_processor, finish
+from avar_ops.analysis.tiny_common import build_model, qwen_ids
+from avar_ops.analysis.tiny_families.qwen3_vl import build_config, build_processor
 
 __all__ = ["build"]
 
@@ -65,7 +66,7 @@ def build(
             decoder_sparse_step=1,
         ),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLMoeForConditionalGeneration(config)
-    return finish(model, processor, dtype), processor
+    model = build_model(
+        Qwen3VLMoeForConditionalGeneration, config, seed=seed, dtype=dtype, **qwen_ids(processor.tokenizer)
+    )
+    return model, processor
