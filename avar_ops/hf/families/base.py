@@ -26,6 +26,10 @@ class Family:
     name: str = ""  # registry key, e.g. "qwen2_5_vl"
     title: str = ""  # e.g. "Qwen2.5-VL"
     model_types: Tuple[str, ...] = ()  # config.model_type values of the top-level config
+    # Language-model types the family is checked with, for families whose checkpoints pair a vision tower with
+    # one of several decoders; () accepts any. Another backbone may route its attention differently (sinks,
+    # sliding windows) and is refused until it is checked.
+    backbones: Tuple[str, ...] = ()
 
     def base_model(self, model) -> nn.Module:
         """The multimodal base model inside `model`: its forward gets input_ids, attention_mask, past_key_values."""
@@ -72,6 +76,12 @@ class Family:
     def check_model(self, model, text_model) -> None:
         """Refuse, in one line, a model setting avar cannot run."""
         cfg = text_model.config
+        backbone = getattr(cfg, "model_type", None)
+        if self.backbones and backbone not in self.backbones:
+            raise NotImplementedError(
+                f"avar patch: {self.title} with a {backbone!r} language model is not supported (checked: "
+                f"{', '.join(self.backbones)})"
+            )
         if getattr(cfg, "use_sliding_window", False):
             raise NotImplementedError(f"avar patch: sliding-window layers are not supported ({self.title})")
         kinds = set(getattr(cfg, "layer_types", None) or [])

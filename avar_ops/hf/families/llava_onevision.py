@@ -12,12 +12,4 @@ class LlavaOnevision(Family):
     name = "llava_onevision"
     title = "LLaVA-OneVision"
     model_types = ("llava_onevision",)
-
-    def check_model(self, model, text_model) -> None:
-        backbone = getattr(text_model.config, "model_type", None)
-        if backbone not in BACKBONES:
-            raise NotImplementedError(
-                f"avar patch: {self.title} with a {backbone!r} language model is not supported (checked: "
-                f"{', '.join(BACKBONES)})"
-            )
-        super().check_model(model, text_model)
+    backbones = BACKBONES
