@@ -27,6 +27,7 @@ __all__ = [
     "qwen_vision_ids",
     "image_processor_class",
     "video_processor_class",
+    "qwen2_vl_image_processor",
     "check_heads",
     "contiguous_mrope_section",
     "decoder_config",
@@ -181,6 +182,20 @@ def video_processor_class(name: str, *, who: str, processor: str):
         raise ImportError(
             f"{who} needs torchvision: {processor} requires {name}, which is built on torchvision"
         ) from exc
+
+
+def qwen2_vl_image_processor(
+    min_pixels: int, max_pixels: int, *, patch_size: int, merge_size: int = 2, temporal_patch_size: int = 2, **extra
+):
+    """The real Qwen2-VL image processor (which Qwen2.5-VL, Qwen3-VL and Qwen3.5 use) with small pixel budgets."""
+    return image_processor_class("Qwen2VLImageProcessor")(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=patch_size,
+        temporal_patch_size=temporal_patch_size,
+        merge_size=merge_size,
+        **extra,
+    )
 
 
 def check_heads(fn: str, hidden_size: int, num_heads: int, num_kv_heads: int) -> int:

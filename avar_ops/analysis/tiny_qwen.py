@@ -26,8 +26,8 @@ from avar_ops.analysis.tiny_common import (
     SYMBOLS,
     TINY_MAX_POSITIONS,
     build_model,
-    image_processor_class,
     qwen2_tokenizer,
+    qwen2_vl_image_processor,
     qwen2_vl_text_config,
     qwen_ids,
     qwen_vision_ids,
@@ -102,11 +102,6 @@ _CORPUS = [
 ]
 
 
-def _image_processor(min_pixels: int, max_pixels: int):
-    cls = image_processor_class("Qwen2VLImageProcessor")
-    return cls(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
-
-
 def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112):
     """Qwen2.5-VL processor with a freshly trained tokenizer and small image budgets.
 
@@ -124,7 +119,7 @@ def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112)
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2
     )
     return Qwen2_5_VLProcessor(
-        image_processor=_image_processor(min_pixels, max_pixels),
+        image_processor=qwen2_vl_image_processor(min_pixels, max_pixels, patch_size=14),
         tokenizer=tokenizer,
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,

@@ -34,7 +34,7 @@ from avar_ops.analysis.tiny_common import (
     build_model,
     check_token_ids,
     decoder_config,
-    image_processor_class,
+    qwen2_vl_image_processor,
     qwen_vision_ids,
     train_byte_level_bpe,
     video_processor_class,
@@ -186,19 +186,13 @@ def build_processor(min_pixels: int = 64 * 64, max_pixels: int = 128 * 128):
     from transformers import Qwen3VLProcessor
 
     tokenizer = _train_tokenizer()
-    image_cls = image_processor_class("Qwen2VLImageProcessor")
     video_cls = video_processor_class(
         "Qwen3VLVideoProcessor", who="the tiny Qwen3.5 processor", processor="Qwen3VLProcessor"
     )
     # Qwen3.5 normalises pixels to [-1, 1] (mean = std = 0.5), unlike Qwen2-VL's CLIP statistics.
     norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    image_processor = image_cls(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        patch_size=_PATCH,
-        temporal_patch_size=_TEMPORAL,
-        merge_size=_MERGE,
-        **norm,
+    image_processor = qwen2_vl_image_processor(
+        min_pixels, max_pixels, patch_size=_PATCH, merge_size=_MERGE, temporal_patch_size=_TEMPORAL, **norm
     )
     video_processor = video_cls(
         size={"shortest_edge": min_pixels, "longest_edge": 4 * max_pixels},

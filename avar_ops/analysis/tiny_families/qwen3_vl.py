@@ -36,7 +36,7 @@ from avar_ops.analysis.tiny_common import (
     build_model,
     check_heads,
     decoder_config,
-    image_processor_class,
+    qwen2_vl_image_processor,
     qwen_ids,
     qwen_vision_ids,
     vision_config,
@@ -82,12 +82,12 @@ TEMPORAL_PATCH_SIZE = 2
 
 
 def _image_processor(min_pixels: int, max_pixels: int):
-    return image_processor_class("Qwen2VLImageProcessor")(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
+    return qwen2_vl_image_processor(
+        min_pixels,
+        max_pixels,
         patch_size=PATCH_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
         merge_size=MERGE_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
