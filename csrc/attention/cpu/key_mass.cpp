@@ -7,7 +7,8 @@
 //
 // Against a cache (a sequence of at most kDecodeMaxQueries queries) the few rows would not pay for the transposed
 // copy and a GEMM per key block: the scores come from the decode's dot products over the K rows where they lie
-// (decode_dot.h), masked keys' scores set to 0 (their K may hold anything; γ = 0 and β = −inf make P = 0).
+// (decode_dot.h). A masked key's score is computed from whatever its K holds and then dropped: its β = −inf makes
+// probs_from_lse write P = 0 without reading the score.
 #include "cpu_kernels.h"
 #include "decode_dot.h"
 #include "grad_row_ops.h"
@@ -110,9 +111,6 @@ void key_mass_impl(const KeyMassParams& kp) {
                 widen_rows(kr, p.k_row_stride, nk, D, kw.data());
                 dot_all_rows(rows, qs.data(), D, kw.data(), D, nk, D, sbuf.data(), Bk);
               }
-              for (int64_t c = 0; c < nk; ++c)
-                if (grp[c0 + c] < 0)
-                  for (int64_t r = 0; r < rows; ++r) sbuf[r * Bk + c] = 0.f;
             }
           } else {
             gemm(rows, nk, D, qs.data(), D, kt.data() + c0 * D, Bk, sbuf.data(), Bk, /*accumulate=*/false);
