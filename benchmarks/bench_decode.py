@@ -177,7 +177,13 @@ def main(argv=None) -> None:
     print(report)
     if args.quick:
         return
-    payload = {"environment": env, "bandwidth": bandwidth, "results": rows, "generate": generate}
+    payload = {
+        "environment": env,
+        "high_load": harness.high_load(env),
+        "bandwidth": bandwidth,
+        "results": rows,
+        "generate": generate,
+    }
     paths = harness.write_report(harness.RESULTS, args.name, payload, report)
     print("wrote " + " and ".join(paths))
 
@@ -190,6 +196,7 @@ def markdown(env, rows, bw, generate, methods) -> str:
         f"- Read bandwidth (torch.sum over 256 MB, all threads), at the start and the end of the run: "
         f"{bw[0]:.1f} and {bw[-1]:.1f} GB/s (sorted); the last column compares avar's K + V read rate with "
         "the higher one",
+        *harness.high_load_lines(env),
         "",
         "Medians of perf_counter-timed calls. avar: bias and masses; avar_plain: neither; avar_tiled: the avar "
         "call through the tiled prefill forward (the path decode took before); sdpa: enable_gqa=True, no bias. "

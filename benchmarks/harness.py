@@ -372,6 +372,29 @@ def environment_lines(env: dict) -> list:
     ]
 
 
+def high_load(env: dict) -> bool:
+    """Whether other work held at least half the machine's logical CPUs during the run: a 1-minute load average
+    above half of them at the start, or above that plus the run's own threads at the end. Timings taken then
+    are comparable only within the run."""
+    half = env["cpu"]["logical_cpus"] / 2
+    start = env["load_average_start"][0] > half
+    end = "load_average_end" in env and env["load_average_end"][0] > env["threads"] + half
+    return start or end
+
+
+def high_load_lines(env: dict) -> list:
+    """A warning paragraph for a report measured under high load (see `high_load`), else nothing."""
+    if not high_load(env):
+        return []
+    return [
+        "",
+        f"**Measured at high load** (1-minute load average {env['load_average_start'][0]} at the start, "
+        f"{env.get('load_average_end', ['?'])[0]} at the end, on {env['cpu']['logical_cpus']} logical CPUs): other "
+        "work shared the cores and the memory bus, so absolute times and rates are not the machine's; only ratios "
+        "measured in this same run compare.",
+    ]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> list:
     """A Markdown table; align holds one letter per column, l (text) or r (numbers), default l then r's."""
     align = align or "l" + "r" * (len(headers) - 1)

@@ -72,6 +72,25 @@ def test_environment_records_commit_machine_and_command(tmp_path):
     assert open(md_path).read() == "# title\n"
 
 
+@pytest.mark.parametrize(
+    "start, end, flagged",
+    [
+        (0.4, 2.3, False),  # quiet: the run's own 2 threads make the end load
+        (1.5, 2.0, True),  # others held more than half the 2 CPUs when it started
+        (0.2, 3.6, True),  # ... or joined during the run
+        (14.6, 15.1, True),
+    ],
+)
+def test_high_load_is_flagged_in_the_report(start, end, flagged):
+    env = {"cpu": {"logical_cpus": 2}, "threads": 2, "load_average_start": [start, 1.0, 1.0]}
+    env["load_average_end"] = [end, 1.0, 1.0]
+    assert harness.high_load(env) is flagged
+    lines = harness.high_load_lines(env)
+    assert (any("high load" in line for line in lines)) is flagged
+    if flagged:
+        assert str(start) in lines[-1] and str(end) in lines[-1]
+
+
 def test_markdown_table_aligns_columns():
     lines = harness.markdown_table(["a", "b", "c"], [[1, 2, 3]], "lrl")
     assert lines == ["| a | b | c |", "|---|---:|---|", "| 1 | 2 | 3 |"]

@@ -65,9 +65,15 @@ def test_decode_fp32_matches_reference(case, seed):
     _check_fp32(kw, got, ref)
 
 
+# bf16 keys go through the AVX512-BF16 dot product where the CPU has it, and are widened to fp32 otherwise;
+# AVAR_CPU_BF16_DOT=0 forces the second path, so both are tested on a CPU that has the instruction (on one that
+# lacks it, or on an AVX2 / scalar build, both settings run the widened path).
+@pytest.mark.parametrize("bf16_dot", ["auto", "off"])
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
-def test_decode_bf16_within_twice_torch_error(case, seed):
+def test_decode_bf16_within_twice_torch_error(case, seed, bf16_dot, monkeypatch):
+    if bf16_dot == "off":
+        monkeypatch.setenv("AVAR_CPU_BF16_DOT", "0")
     kw = make_inputs(case, torch.bfloat16, seed=seed)
     got = avar_ops.attention(**kw, return_mass=True)
     ref = avar_ops.attention_reference(**kw, return_mass=True)

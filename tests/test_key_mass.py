@@ -3,6 +3,7 @@
 import pytest
 import torch
 from cases import CASES, Case, key_mass_of, key_mass_op_args, key_mass_reference_of, make_inputs
+from test_cpu_decode import DECODE_CASES, SEEDS
 
 import avar_ops
 from avar_ops.core import testing
@@ -34,6 +35,49 @@ def test_key_mass_matches_reference(case, dtype, per_head):
     # bf16 inputs are read exactly and everything after is fp32 (no bf16 output rounding), so both dtypes
     # are held to the fp32 bound; the reference reads the same bf16 values.
     err = testing.rel_err(got, ref)
+    assert err <= testing.FP32_OUT_REL, f"relative error {err:.2e}"
+
+
+# Against a cache (at most 4 queries per sequence) the CPU kernel scores the keys where they lie with the decode's dot
+# products instead of a transposed copy and a GEMM: the decode grid (GQA groups of 1-7 heads, caches off the 4-key
+# and 32-key steps, head dims off the vector width, ragged varlen batches, dead rows) through that path.
+@pytest.mark.parametrize("path", ["fp32", "bf16", "bf16_widened"])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
+def test_key_mass_against_a_cache_matches_reference(case, seed, path, monkeypatch):
+    dtype = torch.float32 if path == "fp32" else torch.bfloat16
+    if path == "bf16_widened":  # bf16 keys widened to fp32 instead of the AVX512-BF16 dot product
+        monkeypatch.setenv("AVAR_CPU_BF16_DOT", "0")
+    kw = make_inputs(case, dtype, seed=seed)
+    lse = avar_ops.attention(**kw).lse
+    w = _weights(kw, per_head=seed % 2 == 0, seed=seed + 100)
+    err = testing.rel_err(key_mass_of(kw, lse, w), key_mass_reference_of(kw, w))
+    assert err <= testing.FP32_OUT_REL, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_key_mass_against_a_cache_ignores_masked_garbage(dtype):
+    """Masked cache rows (group −1) holding NaN and huge values get mass 0 and leave the other keys' masses as the
+    reference computes them with those rows zeroed."""
+    gen = torch.Generator().manual_seed(3)
+    case = Case("pad", batch=3, len_q=1, len_k=300, heads=14, kv_heads=2, head_dim=128, logit_scale="random")
+    kw = make_inputs(case, dtype, seed=4)
+    kg = kw["key_group"].clone()  # [B, Lk]
+    clean_k = kw["k"].detach().clone()
+    with torch.no_grad():
+        for b, n in enumerate([0, 7, 150]):
+            kg[b, :n] = -1
+            clean_k[b, :n] = 0
+            junk = torch.randn(n, 2, 128, generator=gen) * 3e38
+            junk[::2] = float("nan")
+            kw["k"][b, :n] = junk.to(dtype)
+    kw["key_group"] = kg
+    lse = avar_ops.attention(**kw).lse
+    w = _weights(kw, per_head=True, seed=5)
+    got = key_mass_of(kw, lse, w)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[2, :, :150], torch.zeros_like(got[2, :, :150]))
+    err = testing.rel_err(got, key_mass_reference_of({**kw, "k": clean_k}, w))
     assert err <= testing.FP32_OUT_REL, f"relative error {err:.2e}"
 
 

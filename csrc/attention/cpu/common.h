@@ -232,9 +232,9 @@ constexpr int64_t kKeyBlock = 128;
 
 // Runs tasks [0, n) on all threads, claimed dynamically (a causal mask makes their costs very uneven).
 // `per_thread(claim)` runs once per thread, so it can own its scratch buffers; `claim()` returns the next
-// task index, or -1 when none is left.
+// task index, or -1 when none is left. `uses_gemm`: release the threads' GEMM state at the end.
 template <typename Fn>
-inline void parallel_tasks(int64_t n, const Fn& per_thread) {
+inline void parallel_tasks(int64_t n, const Fn& per_thread, bool uses_gemm = true) {
   if (n <= 0) return;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   std::atomic<int64_t> next{0};
@@ -244,7 +244,7 @@ inline void parallel_tasks(int64_t n, const Fn& per_thread) {
       return t < n ? t : -1;
     };
     per_thread(claim);
-    gemm_release();
+    if (uses_gemm) gemm_release();
   });
 }
 

@@ -4,17 +4,22 @@
 // before it starts (a second copy of the cache, written and read again), which a prefill amortises over many
 // query blocks but a decode step does not. Here K and V are read where they lie, once per kv head: one task =
 // (sequence, kv head, range of keys), and the rep = H / H_kv query heads of the GQA group times the Lq queries
-// are the rows that every loaded key and value serve. Scores are row dot products (no transposed copy of K),
-// P·V broadcasts p over rows of V held in registers, all in fp32 (bf16 K and V are widened in the L1-sized chunk
-// being used, so products are exact and P is not rounded).
+// are the rows that every loaded key and value serve. Scores are dot products of several rows with several keys
+// per pass (decode_dot.h: no transposed copy of K, bf16 keys through the bf16 dot product where the CPU has it,
+// widened to fp32 otherwise); P·V broadcasts p over rows of V held in registers, in fp32 (bf16 V is widened in
+// registers, so P is not rounded).
 //
 // When B · H_kv tasks are too few to keep every thread busy, the keys are split into ranges (split-K): each task
-// leaves its unnormalised (max, group sums, out) per row in a scratch buffer and a second pass merges the ranges
-// by their maxima, as the CUDA decode does. Masked keys (group −1) never enter: not their K (the score is set to
-// −inf, not computed from garbage) and not their V (skipped in P·V).
+// leaves its unnormalised (max, group sums, out) per row in a scratch buffer, and the task that finishes the last
+// range of a (sequence, kv head) merges its ranges by their maxima, as the CUDA decode does, within the same
+// parallel region. A call whose cache is small runs on the calling thread alone. Masked keys (group −1) never
+// enter: not their K (the score is set to −inf, not computed from garbage) and not their V (skipped in P·V).
 #include <ATen/cpu/vec/functional.h>
 
+#include <memory>
+
 #include "cpu_kernels.h"
+#include "decode_dot.h"
 #include "row_ops.h"
 
 namespace avar::cpu {
@@ -27,47 +32,6 @@ constexpr int64_t kRowTile = W >= 16 ? 8 : 4;  // rows per register tile: 2 accu
 constexpr int64_t kMinSplitKeys = 512;         // a key range shorter than this costs more to merge than it saves
 static_assert(kChunk % W == 0, "the key chunk must be whole vectors");
 
-// Two vectors' worth (2W elements, or n < 2W with zeros past them) of a row, as float.
-inline void load_pair(const float* src, int64_t n, Vec& lo, Vec& hi) {
-  if (n >= 2 * W) {
-    lo = Vec::loadu(src);
-    hi = Vec::loadu(src + W);
-  } else {
-    lo = Vec::loadu(src, std::min<int64_t>(n, W));
-    hi = n > W ? Vec::loadu(src + W, n - W) : Vec(0.f);
-  }
-}
-inline void load_pair(const at::BFloat16* src, int64_t n, Vec& lo, Vec& hi) {
-  using BVec = at::vec::Vectorized<at::BFloat16>;
-  static_assert(BVec::size() == 2 * W, "a bf16 vector widens to two float vectors");
-  const BVec b = n >= 2 * W ? BVec::loadu(src) : BVec::loadu(src, n);
-  std::tie(lo, hi) = at::vec::convert_to_float<at::BFloat16>(b);
-}
-
-// s[r · lds + c] = q[r] · k[c] for R rows of q ([R, D] float, row stride ldq) and nk keys (row stride ldk, read
-// where they lie: bf16 keys are widened in registers).
-template <int R, typename scalar_t>
-void dot_rows(const float* q, int64_t ldq, const scalar_t* k, int64_t ldk, int64_t nk, int64_t D, float* s,
-              int64_t lds) {
-  for (int64_t c = 0; c < nk; ++c) {
-    const scalar_t* kc = k + c * ldk;
-    Vec acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = Vec(0.f);
-    for (int64_t d = 0; d < D; d += 2 * W) {
-      const int64_t n = std::min<int64_t>(2 * W, D - d);
-      Vec lo, hi;
-      load_pair(kc + d, n, lo, hi);
-      for (int r = 0; r < R; ++r) {
-        Vec qlo, qhi;
-        load_pair(q + r * ldq + d, n, qlo, qhi);  // zeros past D
-        acc[r] = at::vec::fmadd(qhi, hi, at::vec::fmadd(qlo, lo, acc[r]));
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      s[r * lds + c] = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc[r]);
-  }
-}
-
 // acc[r] += Σ_c p[r · ldp + c] · v[c] over the live keys, for R rows of acc ([R, D], row stride ldacc). Slices of
 // 2W columns keep R × 2 accumulators in registers while the chunk's V rows stream from L1.
 template <int R, typename scalar_t>
@@ -76,17 +40,20 @@ void accumulate_pv(float* acc, int64_t ldacc, const float* p, int64_t ldp, const
   for (int64_t d = 0; d < D; d += 2 * W) {
     const int64_t n = std::min<int64_t>(2 * W, D - d);
     Vec lo[R], hi[R];
+    AVAR_UNROLL
     for (int r = 0; r < R; ++r) load_pair(acc + r * ldacc + d, n, lo[r], hi[r]);
     for (int64_t c = 0; c < nk; ++c) {
       if (!live[c]) continue;
       Vec vlo, vhi;
       load_pair(v + c * ldv + d, n, vlo, vhi);
+      AVAR_UNROLL
       for (int r = 0; r < R; ++r) {
         const Vec pc(p[r * ldp + c]);
         lo[r] = at::vec::fmadd(pc, vlo, lo[r]);
         hi[r] = at::vec::fmadd(pc, vhi, hi[r]);
       }
     }
+    AVAR_UNROLL
     for (int r = 0; r < R; ++r) {
       float* a = acc + r * ldacc + d;
       if (n == 2 * W) {
@@ -134,15 +101,6 @@ void for_row_tiles(int64_t rows, Args... args) {
 }
 
 template <int R>
-struct DotRows {
-  template <typename scalar_t>
-  static void run(int64_t r0, const float* q, int64_t ldq, const scalar_t* k, int64_t ldk, int64_t nk, int64_t D,
-                  float* s, int64_t lds) {
-    dot_rows<R>(q + r0 * ldq, ldq, k, ldk, nk, D, s + r0 * lds, lds);
-  }
-};
-
-template <int R>
 struct AccumulatePV {
   template <typename scalar_t>
   static void run(int64_t r0, float* acc, int64_t ldacc, const float* p, int64_t ldp, const scalar_t* v, int64_t ldv,
@@ -154,6 +112,7 @@ struct AccumulatePV {
 struct DecodeTask {
   int64_t b, kvh, k0, k1;  // keys [k0, k1) of sequence b, kv head kvh
   int64_t part;            // index of its partial-result slot
+  int64_t pair;            // index of its (sequence, kv head)
 };
 
 // Per row of a task, the running state, stored [max | group sums (G) | out (D)]: one row of the scratch buffer.
@@ -191,42 +150,52 @@ void write_row(const AttnFwdParams& p, int64_t b, int64_t row, int64_t h, bool a
     for (int g = 0; g < kNumGroups; ++g) ms[g] = sums[g] * inv;
 }
 
+// Below this many bytes of K and V a call runs on the calling thread alone: waking a second thread costs more than
+// it saves, and on a busy machine the call then waits for whichever thread is descheduled.
+constexpr int64_t kMinParallelBytes = int64_t{1} << 20;
+
 template <typename scalar_t>
 void decode_impl(const AttnFwdParams& p) {
   const SeqLayout& s = p.seq;
   const int64_t rep = s.heads / s.kv_heads, D = s.head_dim, G = kNumGroups;
   const int64_t RW = RowState::width(D);
-  const int64_t threads = at::get_num_threads();
   const std::vector<int64_t> first_live = first_live_keys(p);  // [B]
+  // bf16 keys: through the bf16 dot product (q kept in bf16, the softmax scale moved into γ), or widened to fp32.
+  constexpr bool is_bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+  const bool bf16_dot = is_bf16 && bf16_dot_available();
+  const int64_t Dq = (D + kBf16DotAlign - 1) / kBf16DotAlign * kBf16DotAlign;  // bf16 q rows, zero-padded
 
-  // Key ranges: enough tasks for the threads to share (dynamic claiming evens out the rest), none shorter than
-  // kMinSplitKeys. The ranges of one (sequence, kv head) are consecutive tasks and partial slots.
-  int64_t max_rows = 0;
-  std::vector<int64_t> kv_end(s.batch), splits(s.batch);
-  int64_t live_pairs = 0;
+  int64_t max_rows = 0, live_pairs = 0, kv_bytes = 0;
+  std::vector<int64_t> kv_end(s.batch), splits(s.batch, 0);
   for (int64_t b = 0; b < s.batch; ++b) {
     const SeqBounds sb = seq_bounds(s, b);
     kv_end[b] = sb.len_q > 0 ? visible_end(s, sb, sb.len_q - 1) : 0;
     max_rows = std::max(max_rows, rep * sb.len_q);
     if (sb.len_q > 0) live_pairs += s.kv_heads;
+    kv_bytes += 2 * kv_end[b] * s.kv_heads * D * static_cast<int64_t>(sizeof(scalar_t));
   }
+  const bool one_thread = kv_bytes < kMinParallelBytes;
+  const int64_t threads = one_thread ? 1 : at::get_num_threads();
+  // Key ranges: enough tasks for the threads to share (dynamic claiming evens out the rest), none shorter than
+  // kMinSplitKeys. The ranges of one (sequence, kv head) are consecutive tasks and partial slots.
   const int64_t wanted = (4 * threads + std::max<int64_t>(live_pairs, 1) - 1) / std::max<int64_t>(live_pairs, 1);
   std::vector<DecodeTask> tasks;
+  std::vector<int64_t> first_task;  // [pairs]  first task of each (sequence, kv head): its ranges follow it
   int64_t n_parts = 0;
-  bool any_split = false;
   for (int64_t b = 0; b < s.batch; ++b) {
     if (seq_bounds(s, b).len_q == 0) continue;
     const int64_t by_len = std::max<int64_t>(1, kv_end[b] / kMinSplitKeys);
-    splits[b] = std::min(wanted, by_len);
-    any_split = any_split || splits[b] > 1;
+    splits[b] = one_thread ? 1 : std::min(wanted, by_len);
     // Range bounds on chunk multiples.
     const int64_t chunks = (kv_end[b] + kChunk - 1) / kChunk;
-    for (int64_t kvh = 0; kvh < s.kv_heads; ++kvh)
+    for (int64_t kvh = 0; kvh < s.kv_heads; ++kvh) {
+      first_task.push_back(static_cast<int64_t>(tasks.size()));
       for (int64_t sp = 0; sp < splits[b]; ++sp) {
         const int64_t k0 = std::min(kv_end[b], (chunks * sp / splits[b]) * kChunk);
         const int64_t k1 = std::min(kv_end[b], (chunks * (sp + 1) / splits[b]) * kChunk);
-        tasks.push_back({b, kvh, k0, k1, n_parts++});
+        tasks.push_back({b, kvh, k0, k1, n_parts++, static_cast<int64_t>(first_task.size()) - 1});
       }
+    }
   }
   if (tasks.empty()) return;
   // Longest ranges first, so that dynamic claiming balances the threads.
@@ -235,20 +204,27 @@ void decode_impl(const AttnFwdParams& p) {
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t c) { return tasks[a].k1 - tasks[a].k0 > tasks[c].k1 - tasks[c].k0; });
   std::vector<float> parts(static_cast<size_t>(n_parts * max_rows * RW));  // [parts, rows, RW]
+  // Ranges of each pair still running: the task that finishes a pair's last range merges the pair's ranges, in the
+  // same parallel region.
+  std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[first_task.size()]);
+  for (size_t i = 0; i < first_task.size(); ++i) pending[i].store(splits[tasks[first_task[i]].b]);
 
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
 
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](const auto& claim) {
-    std::vector<float> qs(max_rows * D);                      // [rows, D]  q · scale
-    std::vector<float> gam(max_rows * G), bet(max_rows * G);  // [rows, G]  logit scale and bias of each row's head
-    std::vector<int8_t> uniform(max_rows);                    // [rows]  the same γ and β for every group
-    std::vector<int64_t> vis_end(max_rows);                   // [rows]  keys [0, vis_end) visible
-    std::vector<float> sbuf(max_rows * kChunk);               // [rows, kChunk]  scores, then p
-    std::vector<Vec> vsums(max_rows * G);                     // [rows, G]  per-lane group sums, reduced at the end
-    alignas(64) float is_group[kNumGroups][kChunk];           // all-ones bits where the key is in group g
-    alignas(64) float is_live[kChunk];                        // all-ones bits where the key is live (group ≥ 0)
+  auto per_thread = [&](const auto& claim) {
+    std::vector<float> qs(bf16_dot ? 0 : max_rows * D);            // [rows, D]  q · scale
+    std::vector<at::BFloat16> qb(bf16_dot ? max_rows * Dq : 0);    // [rows, Dq]  q as given, zeros past D
+    std::vector<float> kw(is_bf16 && !bf16_dot ? kChunk * D : 0);  // [kChunk, D]  the chunk's keys widened
+    std::vector<float> gam(max_rows * G), bet(max_rows * G);       // [rows, G]  logit scale and bias of each row's head
+    std::vector<int8_t> uniform(max_rows);                         // [rows]  the same γ and β for every group
+    std::vector<int64_t> vis_end(max_rows);                        // [rows]  keys [0, vis_end) visible
+    std::vector<float> sbuf(max_rows * kChunk);                    // [rows, kChunk]  scores, then p
+    std::vector<Vec> vsums(max_rows * G);                          // [rows, G]  per-lane group sums, reduced at the end
+    std::vector<float> merged(RW);
+    alignas(64) float is_group[kNumGroups][kChunk];  // all-ones bits where the key is in group g
+    alignas(64) float is_live[kChunk];               // all-ones bits where the key is live (group ≥ 0)
     int8_t live[kChunk];
 
     for (int64_t t = claim(); t >= 0; t = claim()) {
@@ -262,11 +238,19 @@ void decode_impl(const AttnFwdParams& p) {
         const int64_t h = kvh * rep + hh;
         for (int64_t qi = 0; qi < nq; ++qi) {
           const int64_t r = hh * nq + qi;
-          load_row(row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, sb.q_start + qi, h),
-                   qs.data() + r * D, D, static_cast<float>(s.scale));
+          const scalar_t* qr = row_ptr(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, sb.q_start + qi, h);
+          if (bf16_dot) {
+            if constexpr (is_bf16) {
+              std::copy(qr, qr + D, qb.data() + r * Dq);
+              std::fill(qb.data() + r * Dq + D, qb.data() + (r + 1) * Dq, at::BFloat16(0.f));
+            }
+          } else {
+            load_row(qr, qs.data() + r * D, D, static_cast<float>(s.scale));
+          }
+          const float gamma_mul = bf16_dot ? static_cast<float>(s.scale) : 1.f;
           bool same = true;
           for (int64_t g = 0; g < G; ++g) {
-            gam[r * G + g] = p.logit_scale[h * G + g];
+            gam[r * G + g] = p.logit_scale[h * G + g] * gamma_mul;
             bet[r * G + g] = p.bias[h * G + g];
             same = same && gam[r * G + g] == gam[r * G] && bet[r * G + g] == bet[r * G];
           }
@@ -298,7 +282,16 @@ void decode_impl(const AttnFwdParams& p) {
 
         const scalar_t* kr = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, sb.k_start + j0, kvh);
         const scalar_t* vr = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, sb.k_start + j0, kvh);
-        for_row_tiles<DotRows>(rows, qs.data(), D, kr, p.k_row_stride, nk, D, sbuf.data(), kChunk);
+        if constexpr (is_bf16) {
+          if (bf16_dot) {
+            dot_all_rows(rows, qb.data(), Dq, kr, p.k_row_stride, nk, D, sbuf.data(), kChunk);
+          } else {
+            widen_rows(kr, p.k_row_stride, nk, D, kw.data());
+            dot_all_rows(rows, qs.data(), D, kw.data(), D, nk, D, sbuf.data(), kChunk);
+          }
+        } else {
+          dot_all_rows(rows, qs.data(), D, kr, p.k_row_stride, nk, D, sbuf.data(), kChunk);
+        }
 
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = sbuf.data() + r * kChunk;
@@ -355,46 +348,44 @@ void decode_impl(const AttnFwdParams& p) {
           st[r * RW + RowState::kSums + g] =
               at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, vsums[r * G + g]);
 
-      if (!any_split) {
+      if (splits[b] == 1) {
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t hh = r / nq, qi = r % nq;
           const float* sr = st + r * RW;
           write_row<scalar_t>(p, b, sb.q_start + qi, kvh * rep + hh, vis_end[r] > first_live[b], sr[RowState::kMax],
                               sr + RowState::kSums, sr + RowState::out_offset());
         }
+        continue;
       }
-    }
-  });
-  if (!any_split) return;
-
-  // Merge the key ranges of each (sequence, kv head): rescale every range's sums to the common max.
-  std::vector<int64_t> first_task;  // first task of each (sequence, kv head): its ranges follow it
-  for (size_t i = 0; i < tasks.size(); i += splits[tasks[i].b]) first_task.push_back(static_cast<int64_t>(i));
-  parallel_tasks(static_cast<int64_t>(first_task.size()), [&](const auto& claim) {
-    std::vector<float> merged(RW);
-    for (int64_t t = claim(); t >= 0; t = claim()) {
-      const DecodeTask& t0 = tasks[first_task[t]];
-      const int64_t b = t0.b, n_split = splits[b];
-      const SeqBounds sb = seq_bounds(s, b);
-      const int64_t nq = sb.len_q;
-      for (int64_t r = 0; r < rep * nq; ++r) {
+      // The last range of its pair to finish merges them: every range's sums rescaled to the common max. The
+      // acquire-release count makes the other ranges' partial results visible here.
+      if (pending[task.pair].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
+      const DecodeTask& t0 = tasks[first_task[task.pair]];
+      for (int64_t r = 0; r < rows; ++r) {
         const int64_t hh = r / nq, qi = r % nq;
         float m = neg_inf<float>();
-        for (int64_t sp = 0; sp < n_split; ++sp) m = max_nan(m, parts[((t0.part + sp) * max_rows + r) * RW]);
+        for (int64_t sp = 0; sp < splits[b]; ++sp) m = max_nan(m, parts[((t0.part + sp) * max_rows + r) * RW]);
         std::fill(merged.begin(), merged.end(), 0.f);
         if (std::isfinite(m)) {
-          for (int64_t sp = 0; sp < n_split; ++sp) {
+          for (int64_t sp = 0; sp < splits[b]; ++sp) {
             const float* sr = parts.data() + ((t0.part + sp) * max_rows + r) * RW;
             if (sr[RowState::kMax] == neg_inf<float>()) continue;  // the range showed this row no key
             const float w = std::exp(sr[RowState::kMax] - m);
             for (int64_t i = 1; i < RW; ++i) merged[i] += w * sr[i];
           }
         }
-        write_row<scalar_t>(p, b, sb.q_start + qi, t0.kvh * rep + hh, visible_end(s, sb, qi) > first_live[b], m,
+        write_row<scalar_t>(p, b, sb.q_start + qi, kvh * rep + hh, vis_end[r] > first_live[b], m,
                             merged.data() + RowState::kSums, merged.data() + RowState::out_offset());
       }
     }
-  });
+  };
+  if (one_thread) {
+    int64_t next = 0;
+    const int64_t n = static_cast<int64_t>(tasks.size());
+    per_thread([&]() -> int64_t { return next < n ? next++ : -1; });
+  } else {
+    parallel_tasks(static_cast<int64_t>(tasks.size()), per_thread, /*uses_gemm=*/false);
+  }
 }
 
 }  // namespace

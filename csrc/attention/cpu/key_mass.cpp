@@ -4,7 +4,13 @@
 // One task = (sequence b, kv head, chunk of keys), so every output element belongs to exactly one task. The
 // chunk's Kᵀ is converted once; the task walks the query blocks that can see the chunk (rep heads stacked
 // as rows) and adds w_i · P[i, :] into per-head accumulators.
+//
+// Against a cache (a sequence of at most kDecodeMaxQueries queries) the few rows would not pay for the transposed
+// copy and a GEMM per key block: the scores come from the decode's dot products over the K rows where they lie
+// (decode_dot.h). A masked key's score is computed from whatever its K holds and then dropped: its β = −inf makes
+// probs_from_lse write P = 0 without reading the score.
 #include "cpu_kernels.h"
+#include "decode_dot.h"
 #include "grad_row_ops.h"
 
 namespace avar::cpu {
@@ -31,6 +37,7 @@ void key_mass_impl(const KeyMassParams& kp) {
   const int64_t D = s.head_dim, Bq = query_block_rows(rep), Bk = kKeyBlock, Kc = kKeyChunk;
   const int64_t max_rows = rep * Bq;
   const acc_t scale = static_cast<acc_t>(s.scale);
+  constexpr bool kDirect = std::is_same_v<acc_t, float>;  // fp32 work: the decode's dot products apply
 
   std::vector<KeyChunk> chunks;
   for (int64_t b = 0; b < s.batch; ++b) {
@@ -49,21 +56,24 @@ void key_mass_impl(const KeyMassParams& kp) {
     std::vector<acc_t> gam(rep * Kc), bet(rep * Kc);  // [rep, Kc]
     std::vector<acc_t> km(rep * Kc);                  // [rep, Kc]  accumulated key mass
     std::vector<int8_t> grp(Kc);
-    std::vector<acc_t> qs(max_rows * D);                // [rows, D]  q · scale
-    std::vector<acc_t> lse_r(max_rows), w_r(max_rows);  // [rows]
-    std::vector<acc_t> sbuf(max_rows * Bk);             // [rows, Bk]  scores, then P
+    std::vector<acc_t> qs(max_rows * D);                                              // [rows, D]  q · scale
+    std::vector<acc_t> lse_r(max_rows), w_r(max_rows);                                // [rows]
+    std::vector<acc_t> sbuf(max_rows * Bk);                                           // [rows, Bk]  scores, then P
+    std::vector<float> kw(kDirect && !std::is_same_v<scalar_t, float> ? Bk * D : 0);  // [Bk, D]  bf16 keys widened
 
     for (int64_t t = claim(); t >= 0; t = claim()) {
       const KeyChunk& ch = chunks[t / s.kv_heads];
       const int64_t kvh = t % s.kv_heads, b = ch.b;
       const SeqBounds sb = seq_bounds(s, b);
       const int64_t nc = std::min(Kc, sb.len_k - ch.j0);
+      const bool direct = kDirect && sb.len_q <= kDecodeMaxQueries;
 
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t row = sb.k_start + ch.j0 + c;
+        grp[c] = static_cast<int8_t>(key_group_of(p, b, row));
+        if (direct) continue;
         const scalar_t* kr = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, row, kvh);
         acc_t* ktc = kt.data() + (c / Bk) * D * Bk + c % Bk;
-        grp[c] = static_cast<int8_t>(key_group_of(p, b, row));
         // A masked key's K is taken as 0 (it has P = 0 whatever it holds).
         for (int64_t d = 0; d < D; ++d) ktc[d * Bk] = grp[c] >= 0 ? static_cast<acc_t>(kr[d]) : acc_t(0);
       }
@@ -91,7 +101,20 @@ void key_mass_impl(const KeyMassParams& kp) {
         const int64_t first_row_end = visible_end(s, sb, q0) - ch.j0;
         for (int64_t c0 = 0; c0 < kv_end; c0 += Bk) {
           const int64_t nk = std::min(Bk, kv_end - c0);
-          gemm(rows, nk, D, qs.data(), D, kt.data() + c0 * D, Bk, sbuf.data(), Bk, /*accumulate=*/false);
+          if (direct) {
+            if constexpr (kDirect) {
+              const scalar_t* kr =
+                  row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, sb.k_start + ch.j0 + c0, kvh);
+              if constexpr (std::is_same_v<scalar_t, float>) {
+                dot_all_rows(rows, qs.data(), D, kr, p.k_row_stride, nk, D, sbuf.data(), Bk);
+              } else {
+                widen_rows(kr, p.k_row_stride, nk, D, kw.data());
+                dot_all_rows(rows, qs.data(), D, kw.data(), D, nk, D, sbuf.data(), Bk);
+              }
+            }
+          } else {
+            gemm(rows, nk, D, qs.data(), D, kt.data() + c0 * D, Bk, sbuf.data(), Bk, /*accumulate=*/false);
+          }
           const bool all_visible = c0 + nk <= first_row_end;
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t hh = r / nq, qi = r % nq;
