@@ -419,43 +419,26 @@ def _memory_row(length):
     return lambda r: r["L"] == length and "dtype" not in r
 
 
-def _decode_small(r):
-    """cpu_decode.md's cells that two threads on the loaded machine run below SDPA (B = 1 with a 1k cache, fp32
-    B = 1 with 4k)."""
-    return r["B"] == "1" and (r["cache"] == "1024" or (r["dtype"] == "float32" and r["cache"] == "4096"))
-
-
-def _decode_other(dtype=None, tiled=False):
-    def keep(r):
-        if _decode_small(r) or (dtype and r["dtype"] != dtype):
-            return False
-        return not (tiled and r["dtype"] == "bfloat16" and r["B"] == "1" and r["cache"] == "4096")
-
-    return keep
+def _B8_16K(dtype=None):
+    """The decode cells at B = 8 with a 16k cache (of one dtype)."""
+    return lambda r: r["B"] == "8" and r["cache"] == "16384" and (dtype is None or r["dtype"] == dtype)
 
 
 # (doc, quoted text, result file, column(s), row filter, scale, kind). kind: "exact" (a range's ends, or every
 # value, equal the quote at its precision), "about" (the quote lies within the rounded values), "bound" (every
 # value's distance from 1, in %, is at most the quote).
 MEASURED = [
-    # design.md's decode-step paragraph: one thread, then two threads on the loaded machine
-    ("docs/design.md", "1.6–6.8×", "cpu_decode_1thread.md", "sdpa / avar", {"dtype": "float32"}, 1, "exact"),
-    ("docs/design.md", "7.7–74×", "cpu_decode_1thread.md", "sdpa / avar", {"dtype": "bfloat16"}, 1, "exact"),
-    ("docs/design.md", "1.1–6.5×", "cpu_decode_1thread.md", "avar_tiled / avar", None, 1, "exact"),
-    ("docs/design.md", "3.2–6.5×", "cpu_decode_1thread.md", "avar_tiled / avar", {"cache": "16384"}, 1, "exact"),
-    ("docs/design.md", "56–76 ms", "cpu_decode.md", ("avar ms", "avar_plain ms"), {"B": "1", "cache": "1024"}, 1, ""),
-    ("docs/design.md", "1.1–5.2×", "cpu_decode.md", "sdpa / avar", _decode_other("float32"), 1, "exact"),
-    ("docs/design.md", "2.3–9.9×", "cpu_decode.md", "sdpa / avar", _decode_other("bfloat16"), 1, "exact"),
-    ("docs/design.md", "1.7–5.3×", "cpu_decode.md", "avar_tiled / avar", _decode_other(tiled=True), 1, "exact"),
-    (
-        "docs/design.md",
-        "0.97×",
-        "cpu_decode.md",
-        "avar_tiled / avar",
-        {"dtype": "bfloat16", "B": "1", "cache": "4096"},
-        1,
-        "exact",
-    ),
+    # design.md's decode-step paragraph: two threads, then one
+    ("docs/design.md", "2.0–6.0×", "cpu_decode.md", "sdpa / avar", {"dtype": "float32"}, 1, "exact"),
+    ("docs/design.md", "14–21×", "cpu_decode.md", "sdpa / avar", {"dtype": "bfloat16"}, 1, "exact"),
+    ("docs/design.md", "2.1–4.7×", "cpu_decode_1thread.md", "sdpa / avar", {"dtype": "float32"}, 1, "exact"),
+    ("docs/design.md", "15–28×", "cpu_decode_1thread.md", "sdpa / avar", {"dtype": "bfloat16"}, 1, "exact"),
+    ("docs/design.md", "2.9–8.3×", "cpu_decode.md", "avar_tiled / avar", None, 1, "exact"),
+    ("docs/design.md", "2.6–6.5×", "cpu_decode_1thread.md", "avar_tiled / avar", None, 1, "exact"),
+    ("docs/design.md", "11.1 GB", "cpu_decode.md", "avar K+V GB/s", _B8_16K("float32"), 1, "exact"),
+    ("docs/design.md", "10.6 GB", "cpu_decode.md", "avar K+V GB/s", _B8_16K("bfloat16"), 1, "exact"),
+    ("docs/design.md", "30–32%", "cpu_decode.md", "of bandwidth", _B8_16K(), 1, "exact"),
+    ("docs/design.md", "28–34%", "cpu_decode_1thread.md", "of bandwidth", _B8_16K(), 1, "exact"),
     ("README.md", "0.4–5 %", "cpu_checks.md", "checks / op", None, 100, "exact"),
     ("README.md", "22–68 µs", "cpu_checks.md", "value checks (µs)", None, 1, "exact"),
     # the README's first run, benchmarks/rvisual_example.py: per-token ratios and the steps' mean r_visual
