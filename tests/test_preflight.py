@@ -409,3 +409,20 @@ def test_max_steps_zero_trains_the_epochs(capsys, sft_recipe, tmp_path):
     with open(out / "trainer_state.json", encoding="utf-8") as f:
         state = json.load(f)
     assert state["global_step"] == state["max_steps"] == 2  # 4 records, 2 per step, 1 epoch
+
+
+def test_a_tiny_family_in_a_recipe_is_not_a_path(capsys, sft_data, tmp_path):
+    """`model_name_or_path: tiny:FAMILY` in a recipe file names a tiny model (not a folder next to the file); a
+    pixel budget for a processor without one is refused naming min_pixels; a family whose template adds no
+    system prompt is told to give one."""
+    base = dict(train_file=sft_data, output_dir=str(tmp_path / "out"), max_steps=1, max_length=1024)
+    ok = _recipe(str(tmp_path), "ok.yaml", model_name_or_path="tiny:llava_onevision", agto_empty="skip", **base)
+    assert _run(capsys, "check", "--command", "sft", "--config", ok) == (0, [])
+    bad = _recipe(str(tmp_path), "bad.yaml", model_name_or_path="tiny:llava_onevision", min_pixels=3136, **base)
+    _one_line(capsys, ["check", "--command", "sft", "--config", bad], 2, "min_pixels", "has no pixel budget")
+    unknown = _recipe(str(tmp_path), "unknown.yaml", model_name_or_path="tiny:gemma3", **base)
+    _one_line(capsys, ["check", "--command", "sft", "--config", unknown], 2, "model_name_or_path", "'gemma3'")
+    shapes = os.path.join(REPO, "examples", "shapes", "train.jsonl")  # some records have no system prompt
+    glm = _recipe(str(tmp_path), "glm.yaml", model_name_or_path="tiny:glm4v", **{**base, "train_file": shapes})
+    code, lines = _run(capsys, "check", "--command", "sft", "--config", glm)
+    assert code == 1 and lines and all("give it a system prompt (this chat template adds none)" in x for x in lines)

@@ -247,6 +247,7 @@ def read_config(
             and isinstance(value, str)
             and value
             and value not in ("tiny", "latest")
+            and not value.startswith("tiny:")  # the tiny model of a family, not a path
             and not os.path.isabs(value)
             and key not in overrides
         ):

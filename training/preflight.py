@@ -203,6 +203,10 @@ def _model(where: _Where, name: str, min_pixels=None, max_pixels=None) -> Tuple[
     return _Model(processor, shape.num_layers, shape.context, shape.num_heads), []
 
 
+# What a record lacking a group needs, for the AGTO terms to measure it.
+_GIVE = {"image": "an image", "system": "a system prompt (this chat template adds none)", "user": "a question"}
+
+
 def _layers(where: _Where, key: str, value, count: int) -> List[Problem]:
     from avar_ops.core import select_indices
 
@@ -307,7 +311,8 @@ def check_sft(cfg, config_path: Optional[str], overrides=None, *, settings=()) -
     try:
         collator = QwenVLCollator(model.processor, max_length=cfg.max_length, **cfg.pixels(model.processor))
     except (TypeError, ValueError) as exc:
-        result.problems.append(where.problem("model_name_or_path", _one_line(exc)))
+        key = "min_pixels" if "pixels" in str(exc) else "model_name_or_path"
+        result.problems.append(where.problem(key, _one_line(exc)))
         return result
 
     def judge(record, m):
@@ -340,7 +345,8 @@ def check_sft(cfg, config_path: Optional[str], overrides=None, *, settings=()) -
                 (
                     "agto_empty",
                     f"record {record.id!r} has no {' and no '.join(missing)} tokens, so the AGTO attention terms "
-                    "have nothing to measure; give it an image, or set agto_empty: skip to train it on L_LM alone",
+                    f"have nothing to measure; give it {' and '.join(_GIVE[name] for name in missing)}, or set "
+                    "agto_empty: skip to train it on L_LM alone",
                 )
             )
         return out
