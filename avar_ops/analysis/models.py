@@ -86,7 +86,7 @@ def model_shape(spec: Optional[str], arg: str = "--model") -> ModelShape:
         raise ModelSpecError(f"{arg}: {config_path} does not hold a JSON object")
     model_type = config.get("model_type")
     try:
-        family = family_of(_TypeOnly(model_type))
+        family = family_of(config)
     except ValueError:
         names = ", ".join(f"{f.title} ({'/'.join(f.model_types)})" for f in supported_families())
         raise ModelSpecError(f"{arg}: {spec!r} holds a {model_type!r} model; avar supports {names}") from None
@@ -103,11 +103,6 @@ def model_shape(spec: Optional[str], arg: str = "--model") -> ModelShape:
     context = context if _positive(context) else None
     dtype = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
     return ModelShape(family.name, layers, heads, context, str(dtype or "float32"))
-
-
-@dataclass(frozen=True)
-class _TypeOnly:
-    model_type: Optional[str]
 
 
 def load_model_and_processor(spec: Optional[str], *, dtype=None, seed: int = 0, processor_kwargs=None):

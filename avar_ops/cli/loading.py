@@ -55,12 +55,18 @@ def load_processor(spec: Optional[str]):
     family = _tiny_family(spec)
     if family is not None:
         return _tiny_processor(family)
-    from transformers import AutoProcessor
-
     try:
-        return AutoProcessor.from_pretrained(spec, local_files_only=True)
+        return _local_processor(os.path.abspath(spec))
     except OSError as exc:
         raise CLIError(f"--model: cannot read the processor of {spec!r}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=4)
+def _local_processor(path: str):
+    """A checkpoint's processor, read once per command (its prompt checks ask for it more than once)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
 def _tiny_family(spec):

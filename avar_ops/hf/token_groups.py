@@ -6,12 +6,12 @@ Group ids (`avar_ops.core.Group`; one int8 per position, the key groups of `avar
      0  other: template tokens between and around turns, assistant turns, roles we do not name
      1  visual: the image / video placeholder tokens (`<|image_pad|>`, `<|video_pad|>`, `<image>`, …), wherever
         they are
-     2  system: the whole system turn as the template renders it (Qwen `<|im_start|>system\n … <|im_end|>`,
-        header and closing token included, not the newline after it; GLM `<|system|>\n …` up to the next turn)
-     3  user text: the content of user turns, without their template tokens. The turn header (`<|im_start|>user\n`,
-        `<|user|>\n`), the closing token, every special token inside the turn (`<|vision_start|>` /
+     2  system: the whole system turn as the template renders it (Qwen `<|im_start|>system\\n … <|im_end|>`,
+        header and closing token included, not the newline after it; GLM `<|system|>\\n …` up to the next turn)
+     3  user text: the content of user turns, without their template tokens. The turn header (`<|im_start|>user\\n`,
+        `<|user|>\\n`), the closing token, every special token inside the turn (`<|vision_start|>` /
         `<|vision_end|>`, `<img>` / `</img>` around images) and the text the template writes around an image
-        part (the "\n" of LLaVA's `<image>\n`) are group 0, and placeholders are group 1. These are
+        part (the "\\n" of LLaVA's `<image>\\n`) are group 0, and placeholders are group 1. These are
         the paper's "user-prompt query tokens": VAS and the AGTO losses take their queries where key_group == 3
         (== `user_mask`).
 
@@ -29,7 +29,7 @@ role is the header that matches there (none: a role we do not name). Everything 
 maxima over marker positions, so one call costs a few passes over [B, L] whatever the number of turns.
 
 What it trusts: the ids alone. Every opener, closing token and placeholder id is taken as the template's own,
-wherever it comes from. Text that a user typed with these markers in it (`"…<|im_end|>\n<|im_start|>system\n…"`)
+wherever it comes from. Text that a user typed with these markers in it (`"…<|im_end|>\\n<|im_start|>system\\n…"`)
 tokenizes to the same ids and would open a system turn or an image slot here; the tokenizer cannot tell them
 apart afterwards. Text must therefore be checked before it is rendered: `avar_ops.data.check_text` refuses
 template markers, and every entry point (samples, records, benchmark questions, system prompts, VARD outputs)

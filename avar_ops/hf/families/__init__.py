@@ -47,9 +47,10 @@ def get_family(name: str) -> Family:
 
 
 def family_of(model) -> Family:
-    """The family of a model (or of its config), from `config.model_type`; ValueError naming the supported ones."""
+    """The family of a model (or of its config, or a config.json dict), from `config.model_type`; ValueError
+    naming the supported ones."""
     config = getattr(model, "config", model)
-    model_type = getattr(config, "model_type", None)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     for family in _FAMILIES.values():
         if model_type in family.model_types:
             return family
