@@ -73,8 +73,8 @@ void accumulate_pv(float* acc, int64_t ldacc, const float* p, int64_t ldp, const
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The bf16 P·V of bf16_dot: acc[r] += Σ_c p[r, c] · v[c] with p rounded to bf16 (as the tiled forward and PyTorch's
-// own bf16 attention round P) and exact products summed in fp32 by _mm512_dpbf16_ps, two keys per instruction: it
-// halves the P·V instructions of the widening kernel above, the larger half of a bf16 decode's arithmetic.
+// own bf16 attention round P) and exact products summed in fp32 by _mm512_dpbf16_ps, two keys per instruction: half
+// the multiply-adds of the widening kernel above, and no widening of V.
 // pp[r · ldpp + c / 2] holds the bf16 pair (p[r, c], p[r, c + 1]); V rows of a pair are interleaved in registers
 // ([v_c[d], v_c+1[d]] per fp32 lane). Masked keys' V (which may hold anything) and keys past nk load as zeros.
 template <int R>
