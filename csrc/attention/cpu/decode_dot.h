@@ -87,6 +87,8 @@ inline void lane_sums4(DotVec va, DotVec vb, DotVec vc, DotVec vd, float* out) {
 static_assert(kDotKeys == 4, "lane_sums4 reduces four keys at a time");
 
 // s[r · lds + c] = q[r] · k[c] for R rows of q ([R, D] float, row stride ldq) and nk fp32 keys (row stride ldk).
+// Each pass stores its kDotKeys sums at once, so a row of s holds nk rounded up to kDotKeys (past nk: the last
+// key's score again).
 template <int R>
 void dot_rows_f32(const float* q, int64_t ldq, const float* k, int64_t ldk, int64_t nk, int64_t D, float* s,
                   int64_t lds, const RowPrefetch& pf) {
@@ -124,13 +126,8 @@ void dot_rows_f32(const float* q, int64_t ldq, const float* k, int64_t ldk, int6
         for (int j = 0; j < kDotKeys; ++j) acc[r][j] = at::vec::fmadd(qv, kv[j], acc[r][j]);
       }
     }
-    const int64_t n_out = std::min<int64_t>(kDotKeys, nk - c0);
     AVAR_UNROLL
-    for (int r = 0; r < R; ++r) {
-      alignas(16) float sums[kDotKeys];
-      lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], sums);
-      for (int64_t j = 0; j < n_out; ++j) s[r * lds + c0 + j] = sums[j];
-    }
+    for (int r = 0; r < R; ++r) lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s + r * lds + c0);
   }
 }
 
@@ -144,7 +141,7 @@ inline bool bf16_dot_available() {
 }
 
 // s[r · lds + c] = q[r] · k[c] for R rows of bf16 q (row stride ldq, zeros from D up to a multiple of
-// kBf16DotAlign) and nk bf16 keys (row stride ldk): exact products, fp32 sums.
+// kBf16DotAlign) and nk bf16 keys (row stride ldk): exact products, fp32 sums. Rows of s as for dot_rows_f32.
 template <int R>
 __attribute__((target("avx512bf16"))) void dot_rows_bf16(const at::BFloat16* q, int64_t ldq, const at::BFloat16* k,
                                                          int64_t ldk, int64_t nk, int64_t D, float* s, int64_t lds,
@@ -172,13 +169,8 @@ __attribute__((target("avx512bf16"))) void dot_rows_bf16(const at::BFloat16* q, 
         for (int j = 0; j < kDotKeys; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)qv, (__m512bh)kv[j]);
       }
     }
-    const int64_t n_out = std::min<int64_t>(kDotKeys, nk - c0);
     AVAR_UNROLL
-    for (int r = 0; r < R; ++r) {
-      alignas(16) float sums[kDotKeys];
-      lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], sums);
-      for (int64_t j = 0; j < n_out; ++j) s[r * lds + c0 + j] = sums[j];
-    }
+    for (int r = 0; r < R; ++r) lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s + r * lds + c0);
   }
 }
 #else
@@ -211,6 +203,7 @@ inline void load_pair(const at::BFloat16* src, int64_t n, DotVec& lo, DotVec& hi
 template <typename key_t>
 void dot_all_rows(int64_t rows, const void* q, int64_t ldq, const key_t* k, int64_t ldk, int64_t nk, int64_t D,
                   float* s, int64_t lds, const RowPrefetch& pf = RowPrefetch()) {
+  TORCH_CHECK(lds % kDotKeys == 0 && lds >= nk, "avar: score rows of ", lds, " for ", nk, " keys");
   for (int64_t r0 = 0; r0 < rows; r0 += kDotRows) {
     const int64_t n = std::min<int64_t>(kDotRows, rows - r0);
     const RowPrefetch pf_tile = r0 == 0 ? pf : RowPrefetch();
