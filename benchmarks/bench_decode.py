@@ -60,6 +60,28 @@ def decode_inputs(batch: int, cache: int, dtype, seed: int = 0):
     return q, k, v, key_groups(batch, cache), bias
 
 
+def read_in_turns(avar_fn, k, v, repeat: int) -> dict:
+    """avar's time over that of plainly reading the same K and V (torch.sum of each cache, all threads), the two
+    timed in turns so that the machine's load falls on both: the median of the per-turn ratios is the share of the
+    read rate these very bytes allow at that moment that avar reaches."""
+    kc, vc = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, L, D]  the caches as allocated, contiguous
+
+    def read():
+        return kc.sum(), vc.sum()
+
+    read(), avar_fn()
+    reads, shares = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        read()
+        t1 = time.perf_counter()
+        avar_fn()
+        t2 = time.perf_counter()
+        reads.append(t1 - t0)
+        shares.append((t1 - t0) / (t2 - t1))
+    return {"read_seconds": statistics.median(reads), "share": statistics.median(shares), "shares": shares}
+
+
 def method_fn(method: str, q, k, v, kg, bias):
     if method == "sdpa":
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), L, D], as HF holds them
@@ -173,6 +195,9 @@ def main(argv=None) -> None:
                     tag=f"{dtype_name} B={batch} L={cache}",
                 )
                 row["read_gb_per_s"] = {m: kv_bytes / t / 1e9 for m, t in row["seconds"].items()}
+                if "avar" in args.methods:
+                    row["kv_read"] = read_in_turns(method_fn("avar", *inputs), inputs[1], inputs[2], args.repeat)
+                    row["kv_read"]["gb_per_s"] = kv_bytes / row["kv_read"]["read_seconds"] / 1e9
                 rows.append(row)
     bandwidth.append(read_bandwidth(args.repeat))  # the load may have changed during the run
     rounds = 1 if args.quick else args.generate_rounds
@@ -201,8 +226,11 @@ def markdown(env, rows, bw, generate, methods) -> str:
         "",
         *harness.environment_lines(env),
         f"- Read bandwidth (torch.sum over 256 MB, all threads), at the start and the end of the run: "
-        f"{bw[0]:.1f} and {bw[-1]:.1f} GB/s (sorted); the last column compares avar's K + V read rate with "
+        f"{bw[0]:.1f} and {bw[-1]:.1f} GB/s (sorted); `of bandwidth` compares avar's K + V read rate with "
         "the higher one",
+        "- `K+V sum GB/s`: torch.sum over the cell's own K and V caches (all threads), timed in turns with the avar "
+        "call; `of K+V sum`: the median over those turns of the sum's time over avar's (the load of the moment "
+        "falls on both)",
         *harness.high_load_lines(env),
         "",
         "Medians of perf_counter-timed calls. avar: bias and masses; avar_plain: neither; avar_tiled: the avar "
@@ -212,7 +240,7 @@ def markdown(env, rows, bw, generate, methods) -> str:
     ]
     headers = ["dtype", "B", "cache"] + [f"{m} ms" for m in methods]
     headers += [f"{m} / avar" for m in methods if m != "avar"]
-    headers += ["avar K+V GB/s", "of bandwidth"]
+    headers += ["avar K+V GB/s", "of bandwidth", "K+V sum GB/s", "of K+V sum"]
     table = []
     for r in rows:
         sec, sp = r["seconds"], r["speedup"]
@@ -221,6 +249,9 @@ def markdown(env, rows, bw, generate, methods) -> str:
         line += [harness.fmt(sp.get(m), ".2f") for m in methods if m != "avar"]
         rate = r["read_gb_per_s"].get("avar")
         line += [harness.fmt(rate, ".1f"), harness.fmt(None if rate is None else rate / bw[-1], ".0%")]
+        kv = r.get("kv_read")
+        line += [harness.fmt(None if kv is None else kv["gb_per_s"], ".1f")]
+        line += [harness.fmt(None if kv is None else kv["share"], ".0%")]
         table.append(line)
     lines += harness.markdown_table(headers, table, align="lrr" + "r" * (len(headers) - 3))
     errors = [(r["dtype"], r["batch"], r["cache"], m, e) for r in rows for m, e in r["errors"].items()]
