@@ -61,7 +61,7 @@ def decode_inputs(batch: int, cache: int, dtype, seed: int = 0):
 
 
 def read_in_turns(avar_fn, k, v, repeat: int) -> dict:
-    """avar's time over that of plainly reading the same K and V (torch.sum of each cache, all threads), the two
+    """The time of plainly reading the same K and V (torch.sum of each cache, all threads) over avar's, the two
     timed in turns so that the machine's load falls on both: the median of the per-turn ratios is the share of the
     read rate these very bytes allow at that moment that avar reaches."""
     kc, vc = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, L, D]  the caches as allocated, contiguous

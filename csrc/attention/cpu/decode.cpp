@@ -7,15 +7,16 @@
 // are the rows that every loaded key and value serve. Scores are dot products of several rows with several keys
 // per pass (decode_dot.h: no transposed copy of K, bf16 keys through the bf16 dot product where the CPU has it,
 // widened to fp32 otherwise); P·V broadcasts p over rows of V held in registers, in fp32, or with bf16 V where the
-// bf16 dot product runs, two keys per bf16 dot-product instruction with p rounded to bf16 (as the tiled forward).
-// K and V are prefetched into L2 a chunk or more ahead (decode_dot.h: the hardware prefetcher alone left the core
-// waiting on memory).
+// bf16 dot product runs, two keys per bf16 dot-product instruction with p rounded to bf16 for P·V only (as GPU
+// kernels do: the normaliser, the lse and the masses keep the fp32 sums). K is prefetched into L2 16 KB of rows
+// ahead and V a chunk ahead (decode_dot.h: the hardware prefetcher alone left the core waiting on memory).
 //
 // When B · H_kv tasks are too few to keep every thread busy, the keys are split into ranges (split-K): each task
 // leaves its unnormalised (max, group sums, out) per row in a scratch buffer, and the task that finishes the last
 // range of a (sequence, kv head) merges its ranges by their maxima, as the CUDA decode does, within the same
 // parallel region. A call whose cache is small runs on the calling thread alone. Masked keys (group −1) never
-// enter: not their K (the score is set to −inf, not computed from garbage) and not their V (skipped in P·V).
+// enter: not their K (their score is set to −inf whatever the product with their K gave) and not their V (skipped
+// in P·V, or loaded as zeros).
 #include <ATen/cpu/vec/functional.h>
 
 #include <memory>
@@ -75,8 +76,8 @@ void accumulate_pv(float* acc, int64_t ldacc, const float* p, int64_t ldp, const
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The bf16 P·V of bf16_dot: acc[r] += Σ_c p[r, c] · v[c] with p rounded to bf16 (as the tiled forward and PyTorch's
-// own bf16 attention round P) and exact products summed in fp32 by _mm512_dpbf16_ps, two keys per instruction: half
+// The bf16 P·V of bf16_dot: acc[r] += Σ_c p[r, c] · v[c] with p rounded to bf16 (as GPU kernels and PyTorch's own
+// bf16 attention round P before P·V; the row's normaliser stays the sum of the unrounded p) and exact products summed in fp32 by _mm512_dpbf16_ps, two keys per instruction: half
 // the multiply-adds of the widening kernel above, and no widening of V.
 // pp[r · ldpp + c / 2] holds the bf16 pair (p[r, c], p[r, c + 1]); V rows of a pair are interleaved in registers
 // ([v_c[d], v_c+1[d]] per fp32 lane). Masked keys' V (which may hold anything) and keys past nk load as zeros.

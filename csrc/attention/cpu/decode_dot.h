@@ -31,7 +31,7 @@ constexpr int64_t kBf16DotAlign = 32;                   // bf16 elements per dot
 // Software prefetch into L2 of the cache rows a later pass will read. A decode step streams the cache once, and on
 // the machine measured (AMD EPYC, AVX-512) the hardware prefetcher alone left the core waiting on memory for most of
 // each key: 7 GB/s of K + V per thread, where a plain read reaches 20+ GB/s. One prefetch per cache line (every other
-// line halves the gain), a chunk or more ahead and spread over the passes rather than issued in bursts, doubles it.
+// line halves the gain), 16 KB of rows ahead and spread over the passes rather than issued in bursts, doubles it.
 // Not into L1 (measured slower): the chunk being worked on fills it.
 constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the K stream is prefetched
 
@@ -39,6 +39,7 @@ constexpr int64_t kPrefetchBytes = 16 << 10;  // how far ahead the K stream is p
 // const (it writes nothing) and drops its calls.
 __attribute__((always_inline)) inline void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
+  bytes += static_cast<int64_t>(reinterpret_cast<uintptr_t>(c) & 63);  // an unaligned range's last line too
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, /*rw=*/0, /*locality: L2=*/2);
 }
 
@@ -96,7 +97,7 @@ void dot_rows_f32(const float* q, int64_t ldq, const float* k, int64_t ldk, int6
   const int64_t d_full = D - D % W;
   for (int64_t c0 = 0; c0 < nk; c0 += kDotKeys) {
     pf(c0);
-    const float* kp[kDotKeys];  // past nk: the last key again (its sums are not stored)
+    const float* kp[kDotKeys];  // past nk: the last key again (its sums land in the row's padding)
     AVAR_UNROLL
     for (int j = 0; j < kDotKeys; ++j) kp[j] = k + std::min<int64_t>(c0 + j, nk - 1) * ldk;
     DotVec acc[R][kDotKeys];
@@ -150,7 +151,7 @@ __attribute__((target("avx512bf16"))) void dot_rows_bf16(const at::BFloat16* q, 
   const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (D - d_full)) - 1);
   for (int64_t c0 = 0; c0 < nk; c0 += kDotKeys) {
     pf(c0);
-    const at::BFloat16* kp[kDotKeys];  // past nk: the last key again (its sums are not stored)
+    const at::BFloat16* kp[kDotKeys];  // past nk: the last key again (its sums land in the row's padding)
     AVAR_UNROLL
     for (int j = 0; j < kDotKeys; ++j) kp[j] = k + std::min<int64_t>(c0 + j, nk - 1) * ldk;
     __m512 acc[R][kDotKeys];
