@@ -259,6 +259,8 @@ def markdown(env, rows, bw, generate, methods) -> str:
         lines += ["", "Errors:", ""] + [f"- {d} B={b} L={c} {m}: {e}" for d, b, c, m, e in errors]
     if generate is not None:
         tps, ratios = generate["tokens_per_s"], generate["round_speedups"]
+        cache_tokens = generate["prompt_tokens"] + generate["new_tokens"]
+        cache_mb = cache_tokens * 2 * 2 * KV_HEADS * DIM * 4 / 1e6  # 2 layers, K and V, fp32
         lines += [
             "",
             f"`generate` on the 7B-shaped slice (2 decoder layers, fp32, greedy, batch 1, "
@@ -267,9 +269,8 @@ def markdown(env, rows, bw, generate, methods) -> str:
             f"{len(generate['decode_seconds']['avar'])} rounds in turns): stock SDPA {tps['sdpa']:.1f} tokens/s, "
             f"patched avar {tps['avar']:.1f} tokens/s; avar's speed-up within a round: median "
             f"{generate['median_round_speedup']:.2f}×, range {ratios[0]:.2f}–{ratios[-1]:.2f}×. A step of this slice "
-            f"reads all {generate['weight_bytes'] / 1e9:.2f} GB of its weights and at most "
-            f"{(generate['prompt_tokens'] + generate['new_tokens']) * 2 * 2 * KV_HEADS * DIM * 4 / 1e6:.0f} MB of KV cache, so "
-            "the attention kernel moves these figures little and the machine's noise shows in the range.",
+            f"reads all {generate['weight_bytes'] / 1e9:.2f} GB of its weights and at most {cache_mb:.0f} MB of KV "
+            "cache, so the attention kernel moves these figures little and the machine's noise shows in the range.",
         ]
     return "\n".join(lines)
 

@@ -77,18 +77,19 @@ void accumulate_pv(float* acc, int64_t ldacc, const float* p, int64_t ldp, const
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The bf16 P·V of bf16_dot: acc[r] += Σ_c p[r, c] · v[c] with p rounded to bf16 (as GPU kernels and PyTorch's own
-// bf16 attention round P before P·V; the row's normaliser stays the sum of the unrounded p) and exact products summed in fp32 by _mm512_dpbf16_ps, two keys per instruction: half
-// the multiply-adds of the widening kernel above, and no widening of V.
-// pp[r · ldpp + c / 2] holds the bf16 pair (p[r, c], p[r, c + 1]); V rows of a pair are interleaved in registers
-// ([v_c[d], v_c+1[d]] per fp32 lane). Masked keys' V (which may hold anything) and keys past nk load as zeros.
+// bf16 attention round P before P·V; the row's normaliser stays the sum of the unrounded p) and exact products summed
+// in fp32 by _mm512_dpbf16_ps, two keys per instruction: half the multiply-adds of the widening kernel above, and no
+// widening of V. pp[r · ldpp + c / 2] holds the bf16 pair (p[r, c], p[r, c + 1]); the V rows of a pair are
+// interleaved in registers ([v_c[d], v_c+1[d]] per fp32 lane). Masked keys' V (which may hold anything) and keys past
+// nk load as zeros.
 template <int R>
 __attribute__((target("avx512bf16"))) void accumulate_pv_bf16(float* acc, int64_t ldacc, const uint32_t* pp,
-                                                               int64_t ldpp, const at::BFloat16* v, int64_t ldv,
-                                                               const int8_t* live, int64_t nk, int64_t D,
-                                                               const at::BFloat16* v_next, int64_t n_next) {
+                                                              int64_t ldpp, const at::BFloat16* v, int64_t ldv,
+                                                              const int8_t* live, int64_t nk, int64_t D,
+                                                              const at::BFloat16* v_next, int64_t n_next) {
   // Lanes 2i and 2i + 1 of the interleaved vector take element i of a and of b; lo: i < 16, hi: i ≥ 16.
-  alignas(64) static constexpr int16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                                  8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr int16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static constexpr int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
@@ -135,7 +136,7 @@ __attribute__((target("avx512bf16"))) void accumulate_pv_bf16(float* acc, int64_
 
 // p ([rows, n] fp32, row stride ldp, n a multiple of 2W) rounded to bf16 pairs for accumulate_pv_bf16.
 __attribute__((target("avx512bf16"))) inline void round_p_pairs(const float* p, int64_t ldp, int64_t rows, int64_t n,
-                                                                 uint32_t* pp, int64_t ldpp) {
+                                                                uint32_t* pp, int64_t ldpp) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < n; c += 2 * W) {
       const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * ldp + c + W), _mm512_loadu_ps(p + r * ldp + c));
@@ -146,8 +147,7 @@ __attribute__((target("avx512bf16"))) inline void round_p_pairs(const float* p, 
 template <int R>
 struct AccumulatePVBf16 {
   static void run(int64_t r0, float* acc, int64_t ldacc, const uint32_t* pp, int64_t ldpp, const at::BFloat16* v,
-                  int64_t ldv, const int8_t* live, int64_t nk, int64_t D, const at::BFloat16* v_next,
-                  int64_t n_next) {
+                  int64_t ldv, const int8_t* live, int64_t nk, int64_t D, const at::BFloat16* v_next, int64_t n_next) {
     accumulate_pv_bf16<R>(acc + r0 * ldacc, ldacc, pp + r0 * ldpp, ldpp, v, ldv, live, nk, D, v_next,
                           r0 == 0 ? n_next : 0);
   }
@@ -312,8 +312,8 @@ void decode_impl(const AttnFwdParams& p) {
     std::vector<int8_t> uniform(max_rows);                         // [rows]  the same γ and β for every group
     std::vector<int64_t> vis_end(max_rows);                        // [rows]  keys [0, vis_end) visible
     std::vector<float> sbuf(max_rows * kChunk);                    // [rows, kChunk]  scores, then p
-    std::vector<uint32_t> pairs(bf16_dot ? max_rows * kChunk / 2 : 0);  // [rows, kChunk / 2]  p as bf16 pairs
-    std::vector<Vec> vsums(max_rows * G);                          // [rows, G]  per-lane group sums, reduced at the end
+    std::vector<uint32_t> pairs(bf16_dot ? max_rows * kChunk / 2 : 0);  // [rows, kChunk / 2]  bf16 pairs of p
+    std::vector<Vec> vsums(max_rows * G);  // [rows, G]  per-lane group sums, reduced at the end
     std::vector<float> merged(RW);
     alignas(64) float is_group[kNumGroups][kChunk];  // all-ones bits where the key is in group g
     alignas(64) float is_live[kChunk];               // all-ones bits where the key is live (group ≥ 0)
@@ -414,8 +414,8 @@ void decode_impl(const AttnFwdParams& p) {
           }
           for (int64_t c = n_vis; c < kChunk; ++c) sr[c] = neg_inf<float>();  // causally hidden, or past the range
           for (int64_t c = 0; c < kChunk; c += W) vmax = at::vec::maximum(vmax, Vec::loadu(sr + c));  // keeps NaN
-          const float tile_max = at::vec::vec_reduce_all<float>(
-              [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+          const float tile_max =
+              at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
           const float m_old = state[RowState::kMax];
           const float m_new = max_nan(m_old, tile_max);
           if (m_new == neg_inf<float>()) {  // nothing visible yet
