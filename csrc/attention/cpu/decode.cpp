@@ -62,16 +62,7 @@ void accumulate_pv(float* acc, int64_t ldacc, const float* p, int64_t ldp, const
       }
     }
     AVAR_UNROLL
-    for (int r = 0; r < R; ++r) {
-      float* a = acc + r * ldacc + d;
-      if (n == 2 * W) {
-        lo[r].store(a);
-        hi[r].store(a + W);
-      } else {
-        lo[r].store(a, std::min<int64_t>(n, W));
-        if (n > W) hi[r].store(a + W, n - W);
-      }
-    }
+    for (int r = 0; r < R; ++r) store_pair(lo[r], hi[r], n, acc + r * ldacc + d);
   }
 }
 
@@ -96,14 +87,9 @@ __attribute__((target("avx512bf16"))) void accumulate_pv_bf16(float* acc, int64_
   for (int64_t d = 0; d < D; d += 2 * W) {
     const int64_t n = std::min<int64_t>(2 * W, D - d);
     const __mmask32 cols = static_cast<__mmask32>((uint64_t{1} << n) - 1);
-    __m512 lo[R], hi[R];
+    Vec lo[R], hi[R];
     AVAR_UNROLL
-    for (int r = 0; r < R; ++r) {
-      Vec a, b;
-      load_pair(acc + r * ldacc + d, n, a, b);
-      lo[r] = a;
-      hi[r] = b;
-    }
+    for (int r = 0; r < R; ++r) load_pair(acc + r * ldacc + d, n, lo[r], hi[r]);
     for (int64_t c = 0; c < nk; c += 2) {
       if (c < n_next) prefetch_l2(v_next + c * ldv + d, n * static_cast<int64_t>(sizeof(at::BFloat16)));
       if (c + 1 < n_next) prefetch_l2(v_next + (c + 1) * ldv + d, n * static_cast<int64_t>(sizeof(at::BFloat16)));
@@ -121,16 +107,7 @@ __attribute__((target("avx512bf16"))) void accumulate_pv_bf16(float* acc, int64_
       }
     }
     AVAR_UNROLL
-    for (int r = 0; r < R; ++r) {
-      float* a = acc + r * ldacc + d;
-      if (n == 2 * W) {
-        _mm512_storeu_ps(a, lo[r]);
-        _mm512_storeu_ps(a + W, hi[r]);
-      } else {
-        Vec(lo[r]).store(a, std::min<int64_t>(n, W));
-        if (n > W) Vec(hi[r]).store(a + W, n - W);
-      }
-    }
+    for (int r = 0; r < R; ++r) store_pair(lo[r], hi[r], n, acc + r * ldacc + d);
   }
 }
 
@@ -253,8 +230,6 @@ void decode_impl(const AttnFwdParams& p) {
   const bool bf16_dot = is_bf16 && bf16_dot_available();
   TORCH_CHECK(kChunk == (bf16_dot ? kChunkBf16Dot : kChunkWide), "avar: decode chunk of ", kChunk, " keys");
   const int64_t Dq = (D + kBf16DotAlign - 1) / kBf16DotAlign * kBf16DotAlign;  // bf16 q rows, zero-padded
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t ahead = prefetch_ahead(row_bytes);  // keys between a pass and the K rows it prefetches
 
   int64_t max_rows = 0, live_pairs = 0, kv_bytes = 0;
   std::vector<int64_t> kv_end(s.batch), splits(s.batch, 0);
@@ -374,13 +349,7 @@ void decode_impl(const AttnFwdParams& p) {
 
         const scalar_t* kr = row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, sb.k_start + j0, kvh);
         const scalar_t* vr = row_ptr(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, sb.k_start + j0, kvh);
-        RowPrefetch pf;  // the K rows `ahead` keys on, up to the end of the range
-        if (j0 + ahead < task.k1) {
-          pf.rows = reinterpret_cast<const char*>(kr + ahead * p.k_row_stride);
-          pf.stride = p.k_row_stride * static_cast<int64_t>(sizeof(scalar_t));
-          pf.n = task.k1 - j0 - ahead;
-          pf.row_bytes = row_bytes;
-        }
+        const RowPrefetch pf = rows_ahead(kr, p.k_row_stride, task.k1 - j0, D);
         if constexpr (is_bf16) {
           if (bf16_dot) {
             dot_all_rows(rows, qb.data(), Dq, kr, p.k_row_stride, nk, D, sbuf.data(), kChunk, pf);

@@ -56,9 +56,20 @@ struct RowPrefetch {
   }
 };
 
-// Keys ahead that K is prefetched, for rows of row_bytes bytes.
-inline int64_t prefetch_ahead(int64_t row_bytes) {
-  return std::max<int64_t>(kDotKeys, kPrefetchBytes / std::max<int64_t>(row_bytes, 1));
+// The prefetches of a chunk whose first row is rows[0] (D elements per row, `stride` elements between rows), with
+// `left` rows from there to the end of the range: the rows kPrefetchBytes on, none past the range.
+template <typename scalar_t>
+RowPrefetch rows_ahead(const scalar_t* rows, int64_t stride, int64_t left, int64_t D) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t ahead = std::max<int64_t>(kDotKeys, kPrefetchBytes / std::max<int64_t>(row_bytes, 1));
+  RowPrefetch pf;
+  if (ahead < left) {
+    pf.rows = reinterpret_cast<const char*>(rows + ahead * stride);
+    pf.stride = stride * static_cast<int64_t>(sizeof(scalar_t));
+    pf.n = left - ahead;
+    pf.row_bytes = row_bytes;
+  }
+  return pf;
 }
 
 // out = the sums of the lanes of a, b, c and d. By value: an accumulator whose address is taken stays in memory.
@@ -230,6 +241,18 @@ void dot_all_rows(int64_t rows, const void* q, int64_t ldq, const key_t* k, int6
   }
 }
 
+// The first n (≤ 2W) elements of lo, hi to dst: the inverse of load_pair on float rows.
+inline void store_pair(const DotVec& lo, const DotVec& hi, int64_t n, float* dst) {
+  constexpr int64_t W = DotVec::size();
+  if (n >= 2 * W) {
+    lo.store(dst);
+    hi.store(dst + W);
+  } else {
+    lo.store(dst, std::min<int64_t>(n, W));
+    if (n > W) hi.store(dst + W, n - W);
+  }
+}
+
 // dst[c · D + d] = float(src[c · lds + d]): nk bf16 rows widened for the fp32 kernels.
 inline void widen_rows(const at::BFloat16* src, int64_t lds, int64_t nk, int64_t D, float* dst) {
   constexpr int64_t W = DotVec::size();
@@ -238,13 +261,7 @@ inline void widen_rows(const at::BFloat16* src, int64_t lds, int64_t nk, int64_t
       const int64_t n = std::min<int64_t>(2 * W, D - d);
       DotVec lo, hi;
       load_pair(src + c * lds + d, n, lo, hi);
-      if (n == 2 * W) {
-        lo.store(dst + c * D + d);
-        hi.store(dst + c * D + d + W);
-      } else {
-        lo.store(dst + c * D + d, std::min<int64_t>(n, W));
-        if (n > W) hi.store(dst + c * D + d + W, n - W);
-      }
+      store_pair(lo, hi, n, dst + c * D + d);
     }
   }
 }

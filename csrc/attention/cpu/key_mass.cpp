@@ -105,16 +105,8 @@ void key_mass_impl(const KeyMassParams& kp) {
             if constexpr (kDirect) {
               const scalar_t* kr =
                   row_ptr(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, sb.k_start + ch.j0 + c0, kvh);
-              // K read where it lies, as the decode reads it: prefetched into L2 `ahead` keys on, within the chunk.
-              const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-              const int64_t ahead = prefetch_ahead(row_bytes);
-              RowPrefetch pf;
-              if (c0 + ahead < kv_end) {
-                pf.rows = reinterpret_cast<const char*>(kr + ahead * p.k_row_stride);
-                pf.stride = p.k_row_stride * static_cast<int64_t>(sizeof(scalar_t));
-                pf.n = kv_end - c0 - ahead;
-                pf.row_bytes = row_bytes;
-              }
+              // K read where it lies, as the decode reads it: prefetched into L2 ahead, within the chunk.
+              const RowPrefetch pf = rows_ahead(kr, p.k_row_stride, kv_end - c0, D);
               if constexpr (std::is_same_v<scalar_t, float>) {
                 dot_all_rows(rows, qs.data(), D, kr, p.k_row_stride, nk, D, sbuf.data(), Bk, pf);
               } else {
